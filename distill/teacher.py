@@ -1,0 +1,166 @@
+"""Teacher logits, computed once per (teacher, dataset, max_seq_length) and cached for every trial and worker.
+
+The cache entry holds the tokenized train and eval splits and the teacher's logits for each row, in one
+safetensors file plus ``meta.json``. One process builds it under a file lock while others wait; it is written to
+a temporary directory and renamed into place, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.data import DataError, TokenizedSplit, length_bucketed_batches, load_split, subsample, tokenize
+from search_space import StudySpec, looks_local
+from storage import ArtifactLayout
+
+CACHE_FORMAT = 1
+SUBSET_SEED = 0  # fixed, so studies that differ only in their search seed share one cache entry
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``owner/name@rev`` → (``owner/name``, ``rev``); local paths are returned as they are."""
+    if looks_local(ref) or "@" not in ref:
+        return ref, None
+    name, revision = ref.split("@", 1)
+    return name, revision
+
+
+def load_teacher(ref: str):  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    name, revision = split_revision(ref)
+    config = AutoConfig.from_pretrained(name, revision=revision)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise DataError(f"teacher {ref!r} is not a sequence classifier (architectures: {architectures})")
+    model = AutoModelForSequenceClassification.from_pretrained(name, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    return model, tokenizer
+
+
+def _fingerprint(ref: str) -> str:
+    """Identity of a model reference: hub id (with revision) or a local directory's file sizes and times."""
+    if not looks_local(ref):
+        return ref
+    path = Path(ref)
+    parts = [str(path.resolve())]
+    for item in sorted(path.iterdir()):
+        if item.is_file():
+            stat = item.stat()
+            parts.append(f"{item.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return "|".join(parts)
+
+
+def cache_key(spec: StudySpec) -> str:
+    payload = {
+        "format": CACHE_FORMAT,
+        "teacher": _fingerprint(spec.teacher),
+        "dataset": spec.dataset.model_dump(),
+        "subset_seed": SUBSET_SEED,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def predict_logits(model, split: TokenizedSplit, batch_size: int, device: torch.device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Logits for every row, in row order; batches of similar length so little is padded."""
+    model.eval().to(device)
+    out = torch.empty(len(split), model.config.num_labels, dtype=torch.float32)
+    for idx in length_bucketed_batches(split.lengths, batch_size):
+        ids, mask = split.batch(idx)
+        out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+    return out
+
+
+@dataclasses.dataclass
+class TeacherCache:
+    key: str
+    train: TokenizedSplit
+    train_logits: torch.Tensor
+    eval: TokenizedSplit
+    eval_logits: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def teacher_accuracy(self) -> float:
+        return float(self.meta["teacher_eval_accuracy"])
+
+
+def _save(directory: Path, cache: dict[str, TokenizedSplit | torch.Tensor], meta: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("train", "eval"):
+        split = cache[name]
+        assert isinstance(split, TokenizedSplit)
+        tensors[f"{name}.input_ids"] = split.input_ids.to(torch.int32)  # vocab ids fit; halves the file
+        tensors[f"{name}.lengths"] = split.lengths
+        tensors[f"{name}.labels"] = split.labels
+        tensors[f"{name}.teacher_logits"] = cache[f"{name}_logits"]  # type: ignore[assignment]
+    save_file(tensors, str(directory / "data.safetensors"))
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _load(directory: Path, key: str) -> TeacherCache:
+    tensors = load_file(str(directory / "data.safetensors"))
+    meta = json.loads((directory / "meta.json").read_text())
+
+    def split(name: str) -> TokenizedSplit:
+        return TokenizedSplit(tensors[f"{name}.input_ids"].long(), tensors[f"{name}.lengths"],
+                              tensors[f"{name}.labels"], meta["pad_id"])
+
+    return TeacherCache(key, split("train"), tensors["train.teacher_logits"], split("eval"),
+                        tensors["eval.teacher_logits"], meta)
+
+
+def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.device,
+                        batch_size: int = 128, log=print) -> TeacherCache:  # type: ignore[no-untyped-def]
+    key = cache_key(spec)
+    with layout.locked(key) as directory:
+        if (directory / "meta.json").is_file():
+            return _load(directory, key)
+        log(f"building teacher-logit cache {key} for {spec.teacher}")
+        started = time.perf_counter()
+        model, tokenizer = load_teacher(spec.teacher)
+        num_labels = model.config.num_labels
+        splits = {}
+        for name, split_name in (("train", spec.dataset.train_split), ("eval", spec.dataset.eval_split)):
+            text = load_split(spec.dataset, split_name)
+            if name == "train":
+                text = subsample(text, spec.dataset.max_train_samples, SUBSET_SEED)
+            bad = (text.labels < 0) | (text.labels >= num_labels)
+            if bad.any():
+                raise DataError(f"split {split_name!r} has labels outside the teacher's 0..{num_labels - 1}")
+            splits[name] = tokenize(tokenizer, text, spec.dataset.max_seq_length)
+        # The costly part: one teacher forward over every train and eval row, done once for all trials.
+        logits = {f"{name}_logits": predict_logits(model, split, batch_size, device) for name, split in splits.items()}
+        teacher_acc = (logits["eval_logits"].argmax(-1) == splits["eval"].labels).float().mean().item()
+        meta = {
+            "format": CACHE_FORMAT,
+            "teacher": spec.teacher,
+            "dataset": spec.dataset.model_dump(),
+            "num_labels": num_labels,
+            "id2label": {str(k): v for k, v in model.config.id2label.items()},
+            "pad_id": splits["train"].pad_id,
+            "n_train": len(splits["train"]),
+            "n_eval": len(splits["eval"]),
+            "teacher_eval_accuracy": teacher_acc,
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "device": str(device),
+        }
+        tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _save(tmp, {**splits, **logits}, meta)
+        tmp.rename(directory)
+        log(f"teacher-logit cache {key}: {meta['n_train']} train / {meta['n_eval']} eval rows in "
+            f"{meta['build_seconds']} s, teacher eval accuracy {teacher_acc:.4f}")
+        return _load(directory, key)

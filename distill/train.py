@@ -1,0 +1,143 @@
+"""One distillation trial: train a student on cached teacher logits, evaluating after every epoch.
+
+Run it directly on a cache entry (what a worker does, minus the queue)::
+
+    from distill import DistillationEngine, TrainConfig
+    engine = DistillationEngine(artifacts="./artifacts", device="cpu")
+    prepared = engine.prepare(spec)                      # builds or loads the teacher-logit cache
+    result = engine.run_trial(prepared, {"learning_rate": 7e-4, "temperature": 4, "alpha": 0.5,
+                                         "num_train_epochs": 3, "batch_size": 128}, seed=33)
+
+The loop reads straight down: no Trainer, no DataLoader, one host sync per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from distill.data import TokenizedSplit, length_bucketed_batches
+from distill.loss import distillation_loss
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    learning_rate: float
+    temperature: float
+    alpha: float
+    num_train_epochs: int
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 33
+    max_grad_norm: float = 1.0  # as transformers.Trainer, which the seed used
+    eval_batch_size: int = 256
+
+
+@dataclasses.dataclass
+class EpochResult:
+    epoch: int
+    step: int
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    seconds: float
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[EpochResult]
+    best_epoch: int
+    best_accuracy: float
+    best_state: dict[str, torch.Tensor]
+    stopped: str | None  # why training ended early (pruned, cancelled...), None when all epochs ran
+    train_seconds: float
+    train_samples: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.train_samples / max(self.train_seconds, 1e-9)
+
+
+# Called after each epoch's evaluation; returns a reason to stop early, or None to go on.
+EpochCallback = Callable[[EpochResult], str | None]
+
+
+@torch.inference_mode()
+def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a split; batches sorted by length."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    loss_sum = torch.zeros((), device=split.labels.device)
+    for idx in length_bucketed_batches(split.lengths, batch_size):
+        idx = idx.to(split.labels.device)
+        ids, mask = split.batch(idx)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        correct += (logits.argmax(-1) == split.labels[idx]).sum()
+        loss_sum += torch.nn.functional.cross_entropy(logits, split.labels[idx], reduction="sum")
+    n = len(split)
+    return correct.item() / n, loss_sum.item() / n  # the epoch's one host sync
+
+
+def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Trainer's grouping: no weight decay on biases and LayerNorm weights.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
+
+
+def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
+                  eval_split: TokenizedSplit, cfg: TrainConfig,
+                  on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    device = train.input_ids.device
+    model.to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)  # batch order: reproducible per trial seed
+    torch.manual_seed(cfg.seed)  # dropout
+    optimizer = _adamw(model, cfg, device)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.num_train_epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    history: list[EpochResult] = []
+    best_accuracy, best_epoch, best_state = -1.0, 0, {}
+    stopped: str | None = None
+    step, train_seconds, samples = 0, 0.0, 0
+    for epoch in range(1, cfg.num_train_epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for idx in length_bucketed_batches(train.lengths, cfg.batch_size, generator):
+            idx = idx.to(device, non_blocking=True)
+            ids, mask = train.batch(idx)
+            with autocast:
+                logits = model(input_ids=ids, attention_mask=mask).logits  # the costly line: student forward
+            loss = distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha, cfg.temperature)
+            loss.backward()  # the other costly line
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()  # no .item() here: that would sync the device every step
+            step += 1
+        with autocast:
+            accuracy, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size)
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
+        samples += len(train)
+        result = EpochResult(epoch, step, loss_sum.item() / steps_per_epoch, eval_loss, accuracy, seconds)
+        history.append(result)
+        if accuracy > best_accuracy:
+            # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.
+            best_accuracy, best_epoch = accuracy, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch_end is not None and (stopped := on_epoch_end(result)):
+            break
+    return TrainResult(history, best_epoch, best_accuracy, best_state, stopped, train_seconds, samples)

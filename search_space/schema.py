@@ -1,0 +1,186 @@
+"""The study spec a user submits: teacher, student, dataset, search space and budget.
+
+Every rule here is a 422 at the API, naming the field (pydantic puts the field path in ``loc``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamRange(_Strict):
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParamRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
+        return self
+
+
+class ParamChoices(_Strict):
+    choices: list[float] = Field(min_length=1)
+
+
+ParamSpec = Annotated[float | ParamRange | ParamChoices, Field(union_mode="left_to_right")]
+
+
+def values_of(spec: float | ParamRange | ParamChoices) -> list[float]:
+    """The extreme values a parameter spec can take (enough to check bounds)."""
+    if isinstance(spec, ParamRange):
+        return [spec.low, spec.high]
+    if isinstance(spec, ParamChoices):
+        return list(spec.choices)
+    return [spec]
+
+
+def _check(name: str, spec: float | ParamRange | ParamChoices, ok: Any, rule: str, integer: bool = False):
+    for value in values_of(spec):
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name} must be {rule} (got {value})")
+        if integer and value != int(value):
+            raise ValueError(f"{name} must be an integer (got {value})")
+    if integer and isinstance(spec, ParamRange) and spec.step is not None and spec.step != int(spec.step):
+        raise ValueError(f"{name} step must be an integer")
+    return spec
+
+
+class SearchSpace(_Strict):
+    """Each parameter is a fixed value, a range ``{low, high, log?, step?}`` or ``{choices: [...]}``.
+
+    Defaults are the seed search's (tiny-bert-sst2-distilled).
+    """
+
+    learning_rate: ParamSpec = ParamRange(low=1e-5, high=1e-3, log=True)
+    temperature: ParamSpec = ParamRange(low=2.0, high=30.0)
+    alpha: ParamSpec = ParamRange(low=0.0, high=1.0)
+    num_train_epochs: ParamSpec = ParamRange(low=2, high=10)
+    batch_size: ParamSpec = 128
+    weight_decay: ParamSpec = 0.0
+    warmup_ratio: ParamSpec = 0.0
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: Any) -> Any:
+        return _check("learning_rate", v, lambda x: x > 0, "> 0")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: Any) -> Any:
+        return _check("temperature", v, lambda x: x > 0, "> 0")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: Any) -> Any:
+        return _check("alpha", v, lambda x: 0 <= x <= 1, "within [0, 1]")
+
+    @field_validator("num_train_epochs")
+    @classmethod
+    def _epochs(cls, v: Any) -> Any:
+        return _check("num_train_epochs", v, lambda x: x >= 1, ">= 1", integer=True)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        return _check("batch_size", v, lambda x: x >= 1, ">= 1", integer=True)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, v: Any) -> Any:
+        return _check("weight_decay", v, lambda x: x >= 0, ">= 0")
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup(cls, v: Any) -> Any:
+        return _check("warmup_ratio", v, lambda x: 0 <= x < 1, "within [0, 1)")
+
+
+class StudentArchitecture(_Strict):
+    num_hidden_layers: int = Field(ge=1, le=48)
+    hidden_size: int = Field(ge=8, le=8192)
+    num_attention_heads: int = Field(ge=1, le=128)
+    intermediate_size: int = Field(ge=8, le=32768)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> StudentArchitecture:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        return self
+
+
+class TruncateTeacher(_Strict):
+    num_layers: int = Field(ge=1, le=48)
+
+
+class StudentSpec(_Strict):
+    """Exactly one of: a pretrained ``model``, a fresh ``config``, or ``truncate_teacher``."""
+
+    model: str | None = Field(None, min_length=1)
+    config: StudentArchitecture | None = None
+    truncate_teacher: TruncateTeacher | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentSpec:
+        given = [k for k in ("model", "config", "truncate_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model, config, truncate_teacher (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("model", "config", "truncate_teacher") if getattr(self, k) is not None)
+
+
+class DatasetSpec(_Strict):
+    """``{"hub": "glue", "config": "sst2"}`` or ``{"path": DIR}`` holding ``<split>.tsv|.csv|.jsonl|.parquet``."""
+
+    hub: str | None = Field(None, min_length=1)
+    config: str | None = None
+    path: str | None = Field(None, min_length=1)
+    text_column: str = "sentence"
+    label_column: str = "label"
+    train_split: str = Field("train", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    eval_split: str = Field("validation", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_seq_length: int = Field(128, ge=8, le=512)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.hub is None) == (self.path is None):
+            raise ValueError("give exactly one of hub, path")
+        if self.config is not None and self.hub is None:
+            raise ValueError("config is only for hub datasets")
+        return self
+
+
+class StudySpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    teacher: str = Field(min_length=1)
+    student: StudentSpec
+    dataset: DatasetSpec
+    search_space: SearchSpace = SearchSpace()
+    n_trials: int = Field(20, ge=1, le=10000)
+    timeout_s: float | None = Field(None, gt=0)
+    sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seed: int = Field(33, ge=0, le=2**31 - 1)
+    priority: int = Field(0, ge=-1000, le=1000)

@@ -1,0 +1,123 @@
+"""Cheap checks made before a study is queued, so a user hears of a bad spec at once, not from a worker.
+
+Local paths are made absolute (workers may run from another directory). Hub ids are left as they are: whether
+they exist is only known online, and a worker that cannot load them fails the study with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from search_space.schema import StudySpec
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?(@[A-Za-z0-9_./-]+)?$")
+DATA_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".parquet")
+# Sentences that exercise casing, punctuation, numbers, accents and word pieces.
+TOKENIZER_PROBES = (
+    "A gorgeous, witty, seductive movie.",
+    "It's not THAT bad -- 3 1/2 stars out of 5!",
+    "the film's unhurried pace is démodé yet oddly mesmerizing",
+    "unbelievably overwrought and self-indulgent",
+)
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; ``field`` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def looks_local(ref: str) -> bool:
+    """A reference is a local path if it exists or is written like one (not like ``owner/name``)."""
+    return os.path.exists(ref) or ref.startswith(("/", ".", "~")) or HUB_ID.match(ref) is None
+
+
+def split_file(directory: Path, split: str) -> Path | None:
+    for ext in DATA_EXTENSIONS:
+        candidate = directory / f"{split}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve_model_dir(field: str, ref: str) -> str:
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise SpecError(field, f"local model directory {ref!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise SpecError(field, f"{ref!r} holds no config.json: not a Hugging Face model directory")
+    return str(path.resolve())
+
+
+def normalize_spec(spec: StudySpec) -> StudySpec:
+    """Check local paths and make them absolute; returns a new spec."""
+    update: dict = {}
+    if looks_local(spec.teacher):
+        update["teacher"] = _resolve_model_dir("teacher", spec.teacher)
+    student = spec.student
+    if student.model is not None and looks_local(student.model):
+        student = student.model_copy(update={"model": _resolve_model_dir("student.model", student.model)})
+    update["student"] = student
+    dataset = spec.dataset
+    if dataset.path is not None:
+        directory = Path(dataset.path).expanduser()
+        if not directory.is_dir():
+            raise SpecError("dataset.path", f"directory {dataset.path!r} does not exist")
+        for field, split in (("dataset.train_split", dataset.train_split), ("dataset.eval_split", dataset.eval_split)):
+            if split_file(directory, split) is None:
+                raise SpecError(field, f"no {split}{{{','.join(DATA_EXTENSIONS)}}} in {dataset.path!r}")
+        dataset = dataset.model_copy(update={"path": str(directory.resolve())})
+    update["dataset"] = dataset
+    return spec.model_copy(update=update)
+
+
+def _load_tokenizer(ref: str):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref)
+
+
+def tokenizers_compatible(teacher_tok, student_tok) -> str | None:  # type: ignore[no-untyped-def]
+    """None when both tokenizers give identical token ids, else a sentence saying how they differ."""
+    if len(teacher_tok) != len(student_tok):
+        return f"vocabulary sizes differ (teacher {len(teacher_tok)}, student {len(student_tok)})"
+    for text in TOKENIZER_PROBES:
+        t_ids = teacher_tok(text)["input_ids"]
+        s_ids = student_tok(text)["input_ids"]
+        if t_ids != s_ids:
+            return f"token ids differ for {text!r}: teacher {t_ids[:12]}..., student {s_ids[:12]}..."
+    return None
+
+
+def check_tokenizers(spec: StudySpec) -> None:
+    """A pretrained student must tokenize exactly like the teacher: distillation feeds both the same ids.
+
+    Only checked here when both tokenizers load without the network; a worker checks again before training.
+    """
+    if spec.student.model is None:
+        return  # fresh and truncated students use the teacher's own tokenizer
+    try:
+        teacher_tok = _load_tokenizer(spec.teacher)
+        student_tok = _load_tokenizer(spec.student.model)
+    except Exception as exc:
+        if looks_local(spec.teacher) and looks_local(spec.student.model):
+            raise SpecError("student.model", f"cannot load tokenizers: {exc}") from exc
+        return
+    problem = tokenizers_compatible(teacher_tok, student_tok)
+    if problem:
+        raise SpecError(
+            "student.model",
+            f"teacher and student tokenizers differ: {problem}. Distillation needs identical inputs; "
+            "pick a student on the teacher's vocabulary, or use student.config / student.truncate_teacher.",
+        )
+
+
+def validate_spec(spec: StudySpec) -> StudySpec:
+    spec = normalize_spec(spec)
+    check_tokenizers(spec)
+    return spec

@@ -1,0 +1,1 @@
+"""kdsearch service: FastAPI app, dashboard, worker runner and CLI."""

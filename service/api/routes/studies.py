@@ -1,0 +1,159 @@
+"""Studies: launch, list, inspect, list trials, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import optuna
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.concurrency import run_in_threadpool
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
+
+from search_space import SpecError, StudySpec, validate_spec
+from service.api.deps import DbDep, OptunaStorageDep, SessionDep, TokenDep
+from service.api.schemas import BestTrial, EpochOut, StudyDetailOut, StudyOut, TrialCounts, TrialOut, TrialPage
+from storage import (
+    SlotState,
+    StudyExistsError,
+    StudyRow,
+    cancel_study,
+    create_study,
+    ensure_optuna_study,
+    get_study,
+    optuna_study_exists,
+    slot_counts,
+    trial_summaries,
+)
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+
+def spec_error(exc: SpecError) -> HTTPException:
+    loc = ["body", *exc.field.split(".")]
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                         [{"type": "value_error", "loc": loc, "msg": exc.message, "input": None}])
+
+
+def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore[no-untyped-def]
+    optuna_side = trial_summaries(session, [r.name for r in rows])
+    slots = slot_counts(session, [r.id for r in rows])
+    out = []
+    for row in rows:
+        states, best = optuna_side[row.name]
+        counts = TrialCounts(
+            complete=states.get("COMPLETE", 0),
+            pruned=states.get("PRUNED", 0),
+            running=states.get("RUNNING", 0),
+            # Trials still to run: slots nobody has claimed yet (plus any enqueued Optuna trials).
+            waiting=slots[row.id].get(SlotState.PENDING, 0) + states.get("WAITING", 0),
+            failed=states.get("FAIL", 0),
+        )
+        out.append(StudyOut(
+            id=row.id, name=row.name, status=row.status, priority=row.priority, n_trials=row.n_trials,
+            counts=counts, finished=counts.complete + counts.pruned, best_value=best, error=row.error,
+            created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
+            finished_at=row.finished_at,
+        ))
+    return out
+
+
+def _load(session, id_or_name: str) -> StudyRow:  # type: ignore[no-untyped-def]
+    row = get_study(session, id_or_name)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {id_or_name!r}")
+    return row
+
+
+def _trial_out(trial: FrozenTrial) -> TrialOut:
+    attrs = trial.user_attrs
+    epochs = [EpochOut(**{k: e.get(k) for k in EpochOut.model_fields}) for e in attrs.get("epochs", [])]
+    if not epochs:
+        epochs = [EpochOut(epoch=step, eval_accuracy=v) for step, v in sorted(trial.intermediate_values.items())]
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return TrialOut(
+        number=trial.number, state=trial.state.name, params=attrs.get("params", trial.params),
+        value=trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+        intermediate=dict(trial.intermediate_values), epochs=epochs, best_epoch=attrs.get("best_epoch"),
+        duration_s=duration, worker=attrs.get("worker"), started_at=trial.datetime_start,
+        completed_at=trial.datetime_complete, stop_reason=attrs.get("stop_reason"),
+        fail_reason=attrs.get("fail_reason") or trial.system_attrs.get("fail_reason"),
+    )
+
+
+def _optuna_trials(storage: optuna.storages.RDBStorage, name: str) -> list[FrozenTrial]:
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return []
+    return storage.get_all_trials(study_id, deepcopy=False)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut)
+async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
+                       _auth: TokenDep) -> StudyDetailOut:
+    """Queue a study. Local paths are checked and made absolute; a pretrained student's tokenizer is compared
+    with the teacher's (distillation needs identical token ids)."""
+    try:
+        spec = await run_in_threadpool(validate_spec, spec)  # loads tokenizers: keep it off the event loop
+    except SpecError as exc:
+        raise spec_error(exc) from exc
+    if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists")
+    try:
+        row = create_study(db, name=spec.name, spec=spec.model_dump(mode="json"), n_trials=spec.n_trials,
+                           priority=spec.priority, timeout_s=spec.timeout_s)
+    except StudyExistsError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists") from exc
+    ensure_optuna_study(optuna_storage, spec.name, {"kdsearch_spec": spec.model_dump(mode="json")})
+    return _detail(session, optuna_storage, row)
+
+
+@router.get("", response_model=list[StudyOut])
+def list_studies(session: SessionDep) -> list[StudyOut]:
+    rows = list(session.scalars(select(StudyRow).order_by(StudyRow.priority.desc(), StudyRow.id)).all())
+    return _summaries(session, rows)
+
+
+def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[no-untyped-def]
+    summary = _summaries(session, [row])[0]
+    best_trial, teacher_accuracy = None, None
+    if summary.best_value is not None:
+        study = optuna.load_study(study_name=row.name, storage=storage)
+        best = study.best_trial
+        best_trial = BestTrial(number=best.number, params=best.user_attrs.get("params", best.params),
+                               value=float(best.value), epoch=best.user_attrs.get("best_epoch"))
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.name))
+        teacher_accuracy = attrs.get("teacher_accuracy")
+    except KeyError:
+        pass
+    return StudyDetailOut(**summary.model_dump(), spec=row.spec, best_trial=best_trial,
+                          teacher_accuracy=teacher_accuracy)
+
+
+@router.get("/{id_or_name}", response_model=StudyDetailOut)
+def read_study(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep) -> StudyDetailOut:
+    return _detail(session, optuna_storage, _load(session, id_or_name))
+
+
+@router.get("/{id_or_name}/trials", response_model=TrialPage)
+def list_trials(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep,
+                offset: Annotated[int, Query(ge=0)] = 0,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> TrialPage:
+    row = _load(session, id_or_name)
+    trials = _optuna_trials(optuna_storage, row.name)
+    page = trials[offset : offset + limit]
+    return TrialPage(total=len(trials), offset=offset, limit=limit, trials=[_trial_out(t) for t in page])
+
+
+@router.post("/{id_or_name}/cancel", response_model=StudyDetailOut)
+def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
+           _auth: TokenDep) -> StudyDetailOut:
+    """No new trials start; running ones stop at their next epoch boundary."""
+    row = _load(session, id_or_name)
+    cancel_study(db, row.id)
+    session.expire_all()
+    return _detail(session, optuna_storage, _load(session, str(row.id)))
+
+

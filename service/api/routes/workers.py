@@ -1,0 +1,24 @@
+"""Workers: who is connected, on which device, running what."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from service.api.deps import SessionDep
+from service.api.schemas import WorkerOut
+from storage import WorkerRow, utcnow
+
+router = APIRouter(prefix="/workers", tags=["workers"])
+
+
+@router.get("", response_model=list[WorkerOut])
+def list_workers(session: SessionDep) -> list[WorkerOut]:
+    now = utcnow()
+    rows = session.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())).all()
+    return [
+        WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=r.status,
+                  current_study_id=r.current_study_id, current_trial_number=r.current_trial_number,
+                  heartbeat_at=r.heartbeat_at, heartbeat_age_s=round((now - r.heartbeat_at).total_seconds(), 1))
+        for r in rows
+    ]

@@ -1,0 +1,94 @@
+"""Response schemas (request bodies are ``search_space.StudySpec``); separate from the table models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class TrialCounts(BaseModel):
+    complete: int = 0
+    pruned: int = 0
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0
+
+
+class BestTrial(BaseModel):
+    number: int
+    params: dict[str, Any]
+    value: float
+    epoch: int | None
+
+
+class StudyOut(BaseModel):
+    id: int
+    name: str
+    status: str
+    priority: int
+    n_trials: int
+    counts: TrialCounts
+    finished: int
+    best_value: float | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class StudyDetailOut(StudyOut):
+    spec: dict[str, Any]
+    best_trial: BestTrial | None
+    teacher_accuracy: float | None
+
+
+class EpochOut(BaseModel):
+    epoch: int
+    eval_accuracy: float
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    seconds: float | None = None
+
+
+class TrialOut(BaseModel):
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None
+    intermediate: dict[int, float]
+    epochs: list[EpochOut]
+    best_epoch: int | None
+    duration_s: float | None
+    worker: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    stop_reason: str | None
+    fail_reason: str | None
+
+
+class TrialPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    trials: list[TrialOut]
+
+
+class WorkerOut(BaseModel):
+    id: str
+    host: str
+    pid: int
+    device: str
+    status: str
+    current_study_id: int | None
+    current_trial_number: int | None
+    heartbeat_at: datetime
+    heartbeat_age_s: float
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    version: str

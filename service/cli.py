@@ -1,0 +1,198 @@
+"""The ``kdsearch`` command line: serve, worker, submit, status, export-best, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = os.environ.get("KDSEARCH_URL", "http://127.0.0.1:8000")
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"kdsearch: error: {message}", file=sys.stderr)
+    return code
+
+
+def _client_headers() -> dict[str, str]:
+    token = os.environ.get("KDSEARCH_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _request(method: str, url: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        response = httpx.request(method, url, headers=_client_headers(), timeout=60, **kwargs)
+    except httpx.HTTPError as exc:
+        raise SystemExit(_fail(f"cannot reach the kdsearch API at {url}: {exc}"))
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if isinstance(detail, list):  # pydantic errors: name each field
+            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+        raise SystemExit(_fail(f"{response.status_code}: {detail}"))
+    return response.json()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+
+    print(f"kdsearch: serving the API and dashboard on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+    from service.worker import Worker, configure_logging, run_gpu_workers, visible_gpus
+
+    configure_logging(args.log_level.upper())
+    extra = ["--log-level", args.log_level]
+    if args.exit_when_idle:
+        extra.append("--exit-when-idle")
+    if args.gpus:
+        gpus = visible_gpus(args.gpus)
+        if not gpus:
+            return _fail("--gpus: no CUDA device is visible on this host", 2)
+        return run_gpu_workers(gpus, extra)
+    from distill import resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except RuntimeError as exc:
+        return _fail(f"--device: {exc}", 2)
+    worker = Worker(get_settings(), device=device, exit_when_idle=args.exit_when_idle, max_trials=args.max_trials)
+    return worker.run()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return _fail(f"cannot read {args.spec}: {exc}", 2)
+    if args.name:
+        spec["name"] = args.name
+    study = _request("POST", f"{args.url}/api/studies", json=spec)
+    print(f"queued study {study['name']} (id {study['id']}, {study['n_trials']} trials)")
+    print(f"dashboard: {args.url}/studies/{study['name']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.study:
+        study = _request("GET", f"{args.url}/api/studies/{args.study}")
+        page = _request("GET", f"{args.url}/api/studies/{args.study}/trials")
+        console.print(f"[bold]{study['name']}[/] {study['status']}: {study['finished']}/{study['n_trials']} finished,"
+                      f" best {study['best_value']}")
+        if study.get("error"):
+            console.print(f"[red]{study['error']}[/]")
+        table = Table("#", "state", "accuracy", "epochs", "learning_rate", "temperature", "alpha", "duration s")
+        for t in page["trials"]:
+            p = t["params"]
+            table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
+                          str(len(t["epochs"])), f"{p.get('learning_rate', 0):.3g}", f"{p.get('temperature', 0):.2f}",
+                          f"{p.get('alpha', 0):.3f}", f"{t['duration_s']:.1f}" if t["duration_s"] else "")
+        console.print(table)
+        return 0
+    table = Table("id", "name", "status", "priority", "finished", "running", "failed", "best")
+    for s in _request("GET", f"{args.url}/api/studies"):
+        table.add_row(str(s["id"]), s["name"], s["status"], str(s["priority"]), f"{s['finished']}/{s['n_trials']}",
+                      str(s["counts"]["running"]), str(s["counts"]["failed"]),
+                      f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
+    console.print(table)
+    return 0
+
+
+def cmd_export_best(args: argparse.Namespace) -> int:
+    from distill.export import ExportError
+    from service.exporting import export_best
+    from service.settings import get_settings
+
+    try:
+        result = export_best(get_settings(), args.study, Path(args.out), force=args.force)
+    except ExportError as exc:
+        return _fail(str(exc))
+    print(f"exported trial {result.trial_number} (eval accuracy {result.accuracy:.4f}) to {result.out_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return run_demo(Path(args.spec), port=args.port, keep_serving=args.keep_serving)
+
+
+def _add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", help="study name or id")
+    parser.add_argument("--out", required=True, help="directory to write the Hugging Face model into")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    parser.set_defaults(func=cmd_export_best)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsearch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the REST API and dashboard")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run trials from the shared study store")
+    where = worker.add_mutually_exclusive_group()
+    where.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    where.add_argument("--gpus", help="'all' or a list like 0,1: one worker process per GPU")
+    worker.add_argument("--exit-when-idle", action="store_true", help="exit once no trial is left to run")
+    worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="launch a study from a JSON spec")
+    submit.add_argument("spec")
+    submit.add_argument("--name", help="override the spec's name")
+    submit.add_argument("--url", default=DEFAULT_URL)
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="show studies, or one study's trials")
+    status.add_argument("study", nargs="?")
+    status.add_argument("--url", default=DEFAULT_URL)
+    status.set_defaults(func=cmd_status)
+
+    _add_export_args(sub.add_parser("export-best", help="write the best trial's student as a HF model"))
+
+    demo = sub.add_parser("demo", help="run a small SST-2 search end to end, offline")
+    demo.add_argument("--spec", default="examples/sst2-demo.json")
+    demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    demo.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep the API up after the demo (default: when run in a terminal)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def export_best_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="export-best", description="Write a study's best student as a HF model.")
+    _add_export_args(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``kdsearch demo``: the embedded default end to end, offline.
+
+Starts the API and one worker as subprocesses on the configured database (SQLite by default), submits
+``examples/sst2-demo.json``, shows progress, prints the best trial, exports it and prints the dashboard URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from distill.export import ExportError
+from service.exporting import export_best
+from service.settings import get_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the API server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the API server did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None) -> int:
+    console = Console()
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        console.print(f"[red]kdsearch demo: cannot read {spec_path}: {exc}[/]")
+        return 2
+    spec["name"] = f"{spec['name']}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    settings = get_settings()
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    logs = Path(settings.artifacts) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    kd = [sys.executable, "-m", "service.cli"]
+    with open(logs / "demo-api.log", "w") as api_log, open(logs / "demo-worker.log", "w") as worker_log:
+        server = subprocess.Popen([*kd, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                                  stdout=api_log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([*kd, "worker", "--device", "auto"], env=env, stdout=worker_log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(url, server)
+            console.print(f"database [bold]{settings.database_url}[/], artifacts [bold]{settings.artifacts}[/]")
+            console.print(f"dashboard: [link={url}/studies/{spec['name']}]{url}/studies/{spec['name']}[/]")
+            response = httpx.post(f"{url}/api/studies", json=spec, timeout=120)
+            if response.status_code != 201:
+                console.print(f"[red]submit failed ({response.status_code}): {response.text}[/]")
+                return 1
+            study = _follow(console, url, spec["name"], worker)
+            if study["status"] != "finished" or study["best_trial"] is None:
+                console.print(f"[red]study ended {study['status']}: {study.get('error') or 'no finished trial'}[/]")
+                return 1
+            _print_best(console, study)
+            out = Path("demo-export") / spec["name"]
+            try:
+                result = export_best(settings, spec["name"], out)
+            except ExportError as exc:
+                console.print(f"[red]export failed: {exc}[/]")
+                return 1
+            console.print(f"exported the best student to [bold]{result.out_dir}[/] "
+                          f"(try: transformers.pipeline('text-classification', model='{result.out_dir}'))")
+            console.print(f"dashboard: {url}/studies/{spec['name']}  (worker log: {logs / 'demo-worker.log'})")
+            if keep_serving if keep_serving is not None else sys.stdin.isatty():
+                console.print("serving the dashboard; press Ctrl-C to stop")
+                try:
+                    server.wait()
+                except KeyboardInterrupt:
+                    pass
+            else:
+                console.print("run `kdsearch serve` to open the dashboard again")
+            return 0
+        finally:
+            _stop(worker)
+            _stop(server)
+
+
+def _follow(console: Console, url: str, name: str, worker: subprocess.Popen) -> dict:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[detail]}"), console=console) as progress:
+        task = progress.add_task(f"study {name}", total=None, detail="waiting for the worker")
+        while True:
+            study = httpx.get(f"{url}/api/studies/{name}", timeout=30).json()
+            c = study["counts"]
+            best = f"best {study['best_value']:.4f}" if study["best_value"] is not None else ""
+            detail = "building the teacher-logit cache" if study["status"] == "running" and not study["finished"] \
+                and not c["running"] else f"running {c['running']} pruned {c['pruned']} failed {c['failed']} {best}"
+            progress.update(task, total=study["n_trials"], completed=study["finished"], detail=detail)
+            if study["status"] not in ("queued", "running"):
+                return study
+            if worker.poll() is not None:
+                study["status"], study["error"] = "failed", f"the worker exited with code {worker.returncode}"
+                return study
+            time.sleep(1)
+
+
+def _print_best(console: Console, study: dict) -> None:
+    best = study["best_trial"]
+    table = Table(title=f"best trial #{best['number']}: eval accuracy {best['value']:.4f} (epoch {best['epoch']})")
+    table.add_column("hyperparameter")
+    table.add_column("value")
+    for key, value in best["params"].items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if study.get("teacher_accuracy") is not None:
+        console.print(f"teacher eval accuracy: {study['teacher_accuracy']:.4f}")

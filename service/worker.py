@@ -1,0 +1,308 @@
+"""A worker: claims trial slots from the shared store, trains, reports to Optuna, stores checkpoints, loops.
+
+    kdsearch worker --device cpu          # one worker on this machine's CPU
+    kdsearch worker --gpus all            # one worker process per visible GPU
+
+Workers need only the database and the artifacts directory, never the API. A failing trial is marked FAIL and
+retried; a study that cannot run at all (bad data, a model that will not load) is marked failed with the reason,
+and the worker goes on with other studies. SIGTERM or Ctrl-C: stop claiming, stop the running trial at its next
+epoch boundary (it is marked FAIL and retried elsewhere), exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from distill import DistillationEngine, EpochResult, TrialEngine, load_engine
+from search_space import StudySpec, make_pruner, make_sampler, optuna_distributions, trial_params
+from service.settings import Settings
+from storage import (
+    ArtifactLayout,
+    Claim,
+    SlotState,
+    claim_slot,
+    ensure_optuna_study,
+    fail_study,
+    finish_slot,
+    heartbeat_slot,
+    init_db,
+    make_engine,
+    make_optuna_storage,
+    pack_directory,
+    reap_stale_slots,
+    record_slot_trial,
+    retry_operational,
+    settle_expired_studies,
+    study_should_stop,
+    upsert_worker,
+)
+
+log = logging.getLogger("kdsearch.worker")
+
+SHUTDOWN = "worker shutting down"
+LOST_CLAIM = "slot taken over after a missed heartbeat"
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, device: str = "cpu", engine: TrialEngine | None = None,
+                 exit_when_idle: bool = False, max_trials: int | None = None) -> None:
+        self.settings = settings
+        self.device = device
+        self.exit_when_idle = exit_when_idle
+        self.max_trials = max_trials
+        self.host = socket.gethostname()
+        self.worker_id = f"{self.host}:{os.getpid()}:{device}"
+        self.db = make_engine(settings.database_url, pool_size=2, max_overflow=2,
+                              busy_timeout_s=settings.sqlite_busy_timeout_s)
+        init_db(self.db)
+        self.optuna_storage = make_optuna_storage(settings.database_url, pool_size=2, max_overflow=2,
+                                                  busy_timeout_s=settings.sqlite_busy_timeout_s)
+        self.layout = ArtifactLayout(settings.artifacts)
+        self.engine = engine or self._default_engine()
+        self._stop = threading.Event()
+        self._last_housekeeping = 0.0
+
+    def _default_engine(self) -> TrialEngine:
+        if self.settings.engine:
+            return load_engine(self.settings.engine, artifacts=self.layout, device=self.device)
+        return DistillationEngine(self.layout, device=self.device, log=log.info)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing at the next epoch boundary")
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log.info("worker %s started (database %s)", self.worker_id, self.db.url.render_as_string())
+        self._status("idle")
+        trials_run = 0
+        try:
+            while not self._stop.is_set():
+                self._housekeeping()
+                claim = retry_operational(lambda: claim_slot(self.db, self.worker_id))
+                if claim is None:
+                    if self.exit_when_idle:
+                        break
+                    self._stop.wait(self.settings.poll_interval)
+                    continue
+                self.run_claim(claim)
+                trials_run += 1
+                if self.max_trials is not None and trials_run >= self.max_trials:
+                    break
+        finally:
+            self._status("stopped")
+            self.db.dispose()
+            self.optuna_storage.engine.dispose()
+        log.info("worker %s stopped after %d trial(s)", self.worker_id, trials_run)
+        return 0
+
+    def _status(self, status: str, study_id: int | None = None, trial_number: int | None = None) -> None:
+        try:
+            retry_operational(lambda: upsert_worker(self.db, self.worker_id, host=self.host, pid=os.getpid(),
+                                                    device=self.device, status=status, study_id=study_id,
+                                                    trial_number=trial_number), attempts=3)
+        except Exception:
+            log.warning("could not record worker status", exc_info=True)
+
+    def _housekeeping(self) -> None:
+        """Take over stale slots (dead workers) and close studies past their timeout; at most every few s."""
+        now = time.monotonic()
+        if now - self._last_housekeeping < min(self.settings.heartbeat_interval, 5.0):
+            return
+        self._last_housekeeping = now
+        self._status("idle")
+        settle_expired_studies(self.db)
+        for slot_id, _study_id, trial_id in reap_stale_slots(
+            self.db, grace_period_s=self.settings.grace_period, reaper_id=self.worker_id
+        ):
+            outcome = SlotState.FAILED
+            if trial_id is not None:
+                try:
+                    self.optuna_storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                    self.optuna_storage.set_trial_system_attr(trial_id, "fail_reason", "stale heartbeat")
+                except Exception:
+                    if self.optuna_storage.get_trial(trial_id).state in (TrialState.COMPLETE, TrialState.PRUNED):
+                        outcome = SlotState.DONE
+            log.warning("slot %d: worker stopped heart-beating; trial %s %s", slot_id, trial_id,
+                        "kept" if outcome == SlotState.DONE else "failed and retried")
+            finish_slot(self.db, slot_id, self.worker_id, outcome=outcome, error="stale heartbeat",
+                        max_attempts=self.settings.max_trial_attempts)
+
+    # -- one trial -------------------------------------------------------------------------------------------
+
+    def run_claim(self, claim: Claim) -> None:
+        spec = StudySpec.model_validate(claim.spec)
+        study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
+                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec)) \
+            if self._optuna_study_exists(claim.study_name) else None
+        if study is None:  # the API crashed between our row and Optuna's: create the twin now
+            ensure_optuna_study(self.optuna_storage, claim.study_name)
+            study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
+                                      sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
+        try:
+            prepared = self.engine.prepare(spec)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("study %s failed during setup: %s", claim.study_name, reason)
+            log.debug("%s", traceback.format_exc())
+            fail_study(self.db, claim.study_id, reason)
+            finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=reason,
+                        max_attempts=0)
+            return
+        teacher_accuracy = self.engine.teacher_accuracy(prepared)
+        if teacher_accuracy is not None and "teacher_accuracy" not in study.user_attrs:
+            study.set_user_attr("teacher_accuracy", teacher_accuracy)
+
+        trial = study.ask(optuna_distributions(spec.search_space))
+        record_slot_trial(self.db, claim.slot_id, trial._trial_id)
+        params = trial_params(spec.search_space, trial.params)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("worker", self.worker_id)
+        trial.set_user_attr("slot", claim.slot_no)
+        trial.set_user_attr("attempt", claim.attempt)
+        self._status("busy", claim.study_id, trial.number)
+        log.info("study %s trial %d (slot %d, attempt %d): %s", claim.study_name, trial.number, claim.slot_no,
+                 claim.attempt, params)
+
+        lost = threading.Event()
+        beating = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(claim, lost, beating), daemon=True)
+        heart.start()
+        epochs: list[dict[str, Any]] = []
+
+        def on_epoch_end(result: EpochResult) -> str | None:
+            trial.report(result.eval_accuracy, result.epoch)
+            epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
+                           "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
+                           "seconds": round(result.seconds, 3)})
+            trial.set_user_attr("epochs", epochs)
+            log.info("  trial %d epoch %d: accuracy %.4f", trial.number, result.epoch, result.eval_accuracy)
+            if lost.is_set():
+                return LOST_CLAIM
+            if self._stop.is_set():
+                return SHUTDOWN
+            if reason := study_should_stop(self.db, claim.study_id):
+                return reason
+            if trial.should_prune():
+                return "pruned"
+            return None
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
+                checkpoint = Path(tmp) / "checkpoint"
+                outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
+                if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
+                    raise InterruptedError(outcome.stopped)
+                # A trial is only COMPLETE (or PRUNED) once its checkpoint is stored.
+                tar_path = Path(tmp) / "checkpoint.tar"
+                pack_directory(checkpoint, tar_path)
+                artifact_id = optuna.artifacts.upload_artifact(
+                    artifact_store=self.layout.checkpoints, file_path=str(tar_path), study_or_trial=trial,
+                    storage=self.optuna_storage, mimetype="application/x-tar",
+                )
+            trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+            trial.set_user_attr("best_epoch", outcome.best_epoch)
+            trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
+            if outcome.stopped:
+                trial.set_user_attr("stop_reason", outcome.stopped)
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, outcome.best_accuracy)
+            slot_outcome, error = SlotState.DONE, None
+            log.info("study %s trial %d %s: best accuracy %.4f at epoch %d", claim.study_name, trial.number,
+                     outcome.stopped or "complete", outcome.best_accuracy, outcome.best_epoch)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, InterruptedError):
+                log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
+                log.debug("%s", traceback.format_exc())
+            try:
+                trial.set_user_attr("fail_reason", error)
+                study.tell(trial, state=TrialState.FAIL)
+            except Exception:
+                log.debug("trial %d was already finished", trial.number)
+            slot_outcome = SlotState.FAILED
+        finally:
+            beating.set()
+            heart.join()
+        if not lost.is_set():
+            retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=slot_outcome,
+                                                  error=error, max_attempts=self.settings.max_trial_attempts))
+        self._status("idle")
+
+    def _optuna_study_exists(self, name: str) -> bool:
+        try:
+            self.optuna_storage.get_study_id_from_name(name)
+        except KeyError:
+            return False
+        return True
+
+    def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_interval):
+            try:
+                if not heartbeat_slot(self.db, claim.slot_id, self.worker_id):
+                    log.warning("slot %d was taken over by another worker", claim.slot_id)
+                    lost.set()
+                    return
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+
+def visible_gpus(gpus: str) -> list[str]:
+    if gpus != "all":
+        return [g.strip() for g in gpus.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_gpu_workers(gpus: list[str], extra_args: list[str]) -> int:
+    """One worker process per GPU, each seeing only its own device; SIGTERM/SIGINT are passed on."""
+    children = []
+    for gpu in gpus:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--device", "cuda", *extra_args]
+        children.append(subprocess.Popen(cmd, env=env))
+        log.info("started worker pid %d on GPU %s", children[-1].pid, gpu)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,68 @@
+"""Where kdsearch state lives: SQL tables, Optuna's study store, checkpoints and caches."""
+
+from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
+from storage._db import engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
+from storage._models import Base, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._optuna import ensure_optuna_study, make_optuna_storage, optuna_study_exists, trial_summaries
+from storage._queue import (
+    Claim,
+    StudyExistsError,
+    cancel_study,
+    claim_slot,
+    create_study,
+    fail_study,
+    finish_slot,
+    get_study,
+    heartbeat_slot,
+    reap_stale_slots,
+    record_slot_trial,
+    settle_expired_studies,
+    slot_counts,
+    study_should_stop,
+    upsert_worker,
+)
+
+
+def init_db(engine) -> None:  # type: ignore[no-untyped-def]
+    """Create kdsearch's tables if missing (Optuna creates its own through RDBStorage)."""
+    Base.metadata.create_all(engine)
+
+
+__all__ = [
+    "ArtifactLayout",
+    "AtomicFileSystemArtifactStore",
+    "Base",
+    "Claim",
+    "SlotState",
+    "StudyExistsError",
+    "StudyRow",
+    "StudyStatus",
+    "TrialSlotRow",
+    "WorkerRow",
+    "cancel_study",
+    "claim_slot",
+    "create_study",
+    "engine_kwargs",
+    "ensure_optuna_study",
+    "fail_study",
+    "finish_slot",
+    "get_study",
+    "heartbeat_slot",
+    "init_db",
+    "is_sqlite",
+    "make_engine",
+    "make_optuna_storage",
+    "optuna_study_exists",
+    "pack_directory",
+    "reap_stale_slots",
+    "record_slot_trial",
+    "retry_operational",
+    "session_scope",
+    "settle_expired_studies",
+    "slot_counts",
+    "study_should_stop",
+    "trial_summaries",
+    "unpack_directory",
+    "upsert_worker",
+    "utcnow",
+]

@@ -1,0 +1,75 @@
+"""Where files live: trial checkpoints through Optuna's artifact store, and per-study data caches.
+
+Checkpoints are directories (``save_pretrained`` output) packed as one tar file, because an Optuna artifact is one
+file. Every write goes to a temporary name first and is renamed into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from optuna.artifacts import FileSystemArtifactStore
+
+
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system store, writing to a temporary file and renaming it into place."""
+
+    def __init__(self, base_path: str | Path) -> None:
+        Path(base_path).mkdir(parents=True, exist_ok=True)
+        super().__init__(base_path)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        target = self._get_filepath(artifact_id)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class ArtifactLayout:
+    """The artifacts root: ``optuna/`` (checkpoints) and ``cache/<key>/`` (tokenized data and teacher logits)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.checkpoints = AtomicFileSystemArtifactStore(self.root / "optuna")
+        self.cache_root = self.root / "cache"
+
+    def cache_dir(self, key: str) -> Path:
+        return self.cache_root / key
+
+    @contextmanager
+    def locked(self, key: str) -> Iterator[Path]:
+        """Exclusive lock on one cache entry across processes on this host: one builds, the others wait."""
+        self.cache_root.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_root / f"{key}.lock", "a+b") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield self.cache_dir(key)
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def pack_directory(directory: Path, tar_path: Path) -> None:
+    with tarfile.open(tar_path, "w") as tar:
+        for item in sorted(directory.iterdir()):
+            tar.add(item, arcname=item.name)
+
+
+def unpack_directory(tar_path: Path, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "r") as tar:
+        tar.extractall(directory, filter="data")

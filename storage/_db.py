@@ -1,0 +1,91 @@
+"""Engines and the one transaction helper every kdsearch process uses.
+
+SQLite is the embedded default: WAL journal (readers never block the writer) and a busy timeout so the API and
+several worker processes can share one file. Transactions that must take the write lock up front (claiming work)
+ask for ``BEGIN IMMEDIATE``; everything else begins deferred. PostgreSQL gets a pre-pinged pool sized from settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def engine_kwargs(url: str, *, pool_size: int = 5, max_overflow: int = 5, busy_timeout_s: float = 60.0) -> dict:
+    """Keyword arguments for ``create_engine``, shared with Optuna's RDBStorage so both behave alike."""
+    if is_sqlite(url):
+        # check_same_thread=False: the worker's heartbeat thread uses the pool too.
+        return {"connect_args": {"timeout": busy_timeout_s, "check_same_thread": False}}
+    return {"pool_pre_ping": True, "pool_size": pool_size, "max_overflow": max_overflow}
+
+
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, busy_timeout_s: float = 60.0) -> Engine:
+    engine = create_engine(
+        url, **engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow, busy_timeout_s=busy_timeout_s)
+    )
+    if is_sqlite(url):
+        _configure_sqlite(engine, busy_timeout_s)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin (so BEGIN IMMEDIATE is possible).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def session_scope(engine: Engine, *, write_lock: bool = False) -> Iterator[Session]:
+    """Open a session, commit on success, roll back on error, always close.
+
+    ``write_lock=True`` takes SQLite's write lock at BEGIN so a read-then-update cannot race another process;
+    on PostgreSQL row locks (``FOR UPDATE SKIP LOCKED``) do that job and the flag changes nothing.
+    """
+    bind = engine.execution_options(sqlite_begin="IMMEDIATE") if write_lock else engine
+    session = sessionmaker(bind=bind, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: float = 0.2) -> T:
+    """Run ``fn`` again with exponential backoff when the database drops or is briefly locked."""
+    delay = first_delay_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")

@@ -1,0 +1,70 @@
+"""Optuna's own RDB schema is the study store, so ``optuna`` and ``optuna-dashboard`` open the same database."""
+
+from __future__ import annotations
+
+import optuna
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from sqlalchemy.orm import Session
+
+from storage._db import engine_kwargs, is_sqlite, make_engine
+
+
+def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
+                        busy_timeout_s: float = 60.0) -> RDBStorage:
+    if is_sqlite(url):
+        # WAL is a property of the database file: set it once through our engine before Optuna connects.
+        make_engine(url, busy_timeout_s=busy_timeout_s).dispose()
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow,
+                                    busy_timeout_s=busy_timeout_s),
+    )
+
+
+def ensure_optuna_study(storage: RDBStorage, name: str, user_attrs: dict | None = None) -> optuna.Study:
+    """Create the study's Optuna twin (maximising eval accuracy) or load it if another process already did."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    for key, value in (user_attrs or {}).items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    return study
+
+
+def optuna_study_exists(storage: RDBStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+# Optuna's public schema, read directly for aggregates across many studies (one query instead of loading trials).
+_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
+_trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
+_values = sa.table("trial_values", sa.column("trial_id"), sa.column("objective"), sa.column("value"))
+
+
+def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple[dict[str, int], float | None]]:
+    """Per study name: (trial counts by Optuna state, best COMPLETE value)."""
+    result: dict[str, tuple[dict[str, int], float | None]] = {name: ({}, None) for name in study_names}
+    if not study_names:
+        return result
+    counts = session.execute(
+        sa.select(_studies.c.study_name, _trials.c.state, sa.func.count())
+        .join(_trials, _trials.c.study_id == _studies.c.study_id)
+        .where(_studies.c.study_name.in_(study_names))
+        .group_by(_studies.c.study_name, _trials.c.state)
+    ).all()
+    for name, state, n in counts:
+        result[name][0][str(getattr(state, "name", state))] = n
+    best = session.execute(
+        sa.select(_studies.c.study_name, sa.func.max(_values.c.value))
+        .join(_trials, _trials.c.study_id == _studies.c.study_id)
+        .join(_values, _values.c.trial_id == _trials.c.trial_id)
+        .where(_studies.c.study_name.in_(study_names), _trials.c.state == "COMPLETE", _values.c.objective == 0)
+        .group_by(_studies.c.study_name)
+    ).all()
+    for name, value in best:
+        result[name] = (result[name][0], None if value is None else float(value))
+    return result

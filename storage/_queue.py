@@ -1,0 +1,278 @@
+"""The work queue: studies in priority order, one trial slot claimed per statement.
+
+Contract (both backends):
+- ``claim_slot`` hands a pending slot of the highest-priority, oldest active study to exactly one worker.
+  PostgreSQL: ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)``; SQLite: the same statement inside
+  ``BEGIN IMMEDIATE``, which serialises writers.
+- A study's slots only ever end ``done``, ``failed`` or ``cancelled``; at most ``n_trials`` are ``done``.
+- Study status changes (``settle_study``) lock the study row first, so two workers finishing the last slots at the
+  same moment cannot both miss the transition to ``finished``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage._db import session_scope
+from storage._models import SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+
+
+class StudyExistsError(ValueError):
+    """A study with that name already exists."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    slot_id: int
+    study_id: int
+    study_name: str
+    slot_no: int
+    attempt: int
+    spec: dict[str, Any]
+
+
+def create_study(
+    engine: Engine, *, name: str, spec: dict[str, Any], n_trials: int, priority: int, timeout_s: float | None
+) -> StudyRow:
+    """Insert a queued study and its ``n_trials`` pending slots in one transaction."""
+    try:
+        with session_scope(engine) as session:
+            study = StudyRow(name=name, spec=spec, n_trials=n_trials, priority=priority, timeout_s=timeout_s)
+            session.add(study)
+            session.flush()
+            session.execute(
+                TrialSlotRow.__table__.insert(),
+                [{"study_id": study.id, "slot_no": i, "state": SlotState.PENDING} for i in range(n_trials)],
+            )
+            return study
+    except IntegrityError as exc:
+        raise StudyExistsError(name) from exc
+
+
+def get_study(session: Session, id_or_name: str | int) -> StudyRow | None:
+    if isinstance(id_or_name, int) or str(id_or_name).isdigit():
+        row = session.get(StudyRow, int(id_or_name))
+        if row is not None:
+            return row
+    return session.scalar(select(StudyRow).where(StudyRow.name == str(id_or_name)))
+
+
+def claim_slot(engine: Engine, worker_id: str, now: datetime | None = None) -> Claim | None:
+    """Claim the next pending slot for ``worker_id``, or return None when there is no work."""
+    now = now or utcnow()
+    next_slot = (
+        select(TrialSlotRow.id)
+        .join(StudyRow, StudyRow.id == TrialSlotRow.study_id)
+        .where(
+            TrialSlotRow.state == SlotState.PENDING,
+            StudyRow.status.in_(StudyStatus.ACTIVE),
+            or_(StudyRow.deadline_at.is_(None), StudyRow.deadline_at > now),
+        )
+        .order_by(StudyRow.priority.desc(), StudyRow.id, TrialSlotRow.slot_no)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=TrialSlotRow)
+        .scalar_subquery()
+    )
+    claim_stmt = (
+        update(TrialSlotRow)
+        .where(TrialSlotRow.id == next_slot)
+        .values(
+            state=SlotState.CLAIMED,
+            worker_id=worker_id,
+            claimed_at=now,
+            heartbeat_at=now,
+            attempts=TrialSlotRow.attempts + 1,
+            optuna_trial_id=None,
+        )
+        .returning(TrialSlotRow.id, TrialSlotRow.study_id, TrialSlotRow.slot_no, TrialSlotRow.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    with session_scope(engine, write_lock=True) as session:
+        row = session.execute(claim_stmt).first()
+        if row is None:
+            return None
+        study = session.get(StudyRow, row.study_id)
+        assert study is not None
+        if study.status == StudyStatus.QUEUED:
+            study.status = StudyStatus.RUNNING
+            study.started_at = now
+            if study.timeout_s is not None:
+                study.deadline_at = now + timedelta(seconds=study.timeout_s)
+        return Claim(row.id, study.id, study.name, row.slot_no, row.attempts, dict(study.spec))
+
+
+def record_slot_trial(engine: Engine, slot_id: int, optuna_trial_id: int) -> None:
+    with session_scope(engine) as session:
+        session.execute(
+            update(TrialSlotRow).where(TrialSlotRow.id == slot_id).values(optuna_trial_id=optuna_trial_id)
+        )
+
+
+def heartbeat_slot(engine: Engine, slot_id: int, worker_id: str, now: datetime | None = None) -> bool:
+    """Refresh a claimed slot's heartbeat; False when the slot is no longer this worker's (it was reaped)."""
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(TrialSlotRow)
+            .where(
+                TrialSlotRow.id == slot_id,
+                TrialSlotRow.worker_id == worker_id,
+                TrialSlotRow.state == SlotState.CLAIMED,
+            )
+            .values(heartbeat_at=now or utcnow())
+        )
+        return result.rowcount == 1
+
+
+def study_should_stop(engine: Engine, study_id: int, now: datetime | None = None) -> str | None:
+    """Why a running trial of this study should stop at its epoch boundary (cancelled, failed, timed out)."""
+    now = now or utcnow()
+    with session_scope(engine) as session:
+        study = session.get(StudyRow, study_id)
+        if study is None:
+            return "study deleted"
+        if study.status not in StudyStatus.ACTIVE:
+            return f"study {study.status}"
+        if study.deadline_at is not None and study.deadline_at <= now:
+            return "study timeout reached"
+        return None
+
+
+def finish_slot(engine: Engine, slot_id: int, worker_id: str, *, outcome: str, error: str | None = None,
+                max_attempts: int = 3) -> None:
+    """Close a claimed slot: ``outcome`` is ``done`` or ``failed`` (retried while attempts remain)."""
+    with session_scope(engine, write_lock=True) as session:
+        slot = session.get(TrialSlotRow, slot_id, with_for_update=True)
+        if slot is None or slot.worker_id != worker_id or slot.state != SlotState.CLAIMED:
+            return  # reaped as stale meanwhile: whoever reaped it owns it now
+        study = _lock_study(session, slot.study_id)
+        if outcome == SlotState.DONE:
+            slot.state = SlotState.DONE
+        elif study.status in StudyStatus.ACTIVE and slot.attempts < max_attempts:
+            slot.state = SlotState.PENDING
+        else:
+            slot.state = SlotState.FAILED
+        slot.last_error = error or slot.last_error
+        slot.worker_id = None if slot.state == SlotState.PENDING else slot.worker_id
+        _settle(session, study)
+
+
+def fail_study(engine: Engine, study_id: int, reason: str) -> None:
+    """A study-level error (bad data, model that will not load): no more trials, reason kept for the API."""
+    with session_scope(engine, write_lock=True) as session:
+        study = _lock_study(session, study_id)
+        if study.status in StudyStatus.ACTIVE:
+            study.status = StudyStatus.FAILED
+            study.error = reason
+            study.finished_at = utcnow()
+        _close_pending(session, study.id)
+
+
+def cancel_study(engine: Engine, study_id: int) -> StudyRow:
+    with session_scope(engine, write_lock=True) as session:
+        study = _lock_study(session, study_id)
+        if study.status in StudyStatus.ACTIVE:
+            study.status = StudyStatus.CANCELLED
+            study.finished_at = utcnow()
+            _close_pending(session, study.id)
+        return study
+
+
+def reap_stale_slots(engine: Engine, *, grace_period_s: float, reaper_id: str,
+                     now: datetime | None = None) -> list[tuple[int, int, int | None]]:
+    """Take over slots whose worker stopped heart-beating; returns (slot_id, study_id, optuna_trial_id).
+
+    The slots stay ``claimed`` but now belong to ``reaper_id``, which settles the Optuna trial and then calls
+    ``finish_slot`` for each: so the dead worker (should it come back) and the reaper can never both close it.
+    """
+    now = now or utcnow()
+    with session_scope(engine, write_lock=True) as session:
+        stale = session.scalars(
+            select(TrialSlotRow)
+            .where(
+                TrialSlotRow.state == SlotState.CLAIMED,
+                TrialSlotRow.heartbeat_at < now - timedelta(seconds=grace_period_s),
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for slot in stale:
+            slot.last_error = f"worker {slot.worker_id} stopped heart-beating"
+            slot.worker_id = reaper_id
+            slot.heartbeat_at = now
+        return [(slot.id, slot.study_id, slot.optuna_trial_id) for slot in stale]
+
+
+def settle_expired_studies(engine: Engine, now: datetime | None = None) -> None:
+    """Finish studies whose timeout has passed: pending slots are cancelled, running trials end at an epoch."""
+    now = now or utcnow()
+    with session_scope(engine) as session:
+        ids = session.scalars(
+            select(StudyRow.id).where(StudyRow.status == StudyStatus.RUNNING, StudyRow.deadline_at <= now)
+        ).all()
+    for study_id in ids:
+        with session_scope(engine, write_lock=True) as session:
+            _settle(session, _lock_study(session, study_id), now=now)
+
+
+def slot_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
+    rows = session.execute(
+        select(TrialSlotRow.study_id, TrialSlotRow.state, func.count())
+        .where(TrialSlotRow.study_id.in_(study_ids))
+        .group_by(TrialSlotRow.study_id, TrialSlotRow.state)
+    ).all()
+    counts: dict[int, dict[str, int]] = {sid: {} for sid in study_ids}
+    for study_id, state, n in rows:
+        counts[study_id][state] = n
+    return counts
+
+
+def upsert_worker(engine: Engine, worker_id: str, *, host: str, pid: int, device: str, status: str,
+                  study_id: int | None = None, trial_number: int | None = None) -> None:
+    with session_scope(engine) as session:
+        row = session.get(WorkerRow, worker_id)
+        if row is None:
+            row = WorkerRow(id=worker_id, host=host, pid=pid, device=device)
+            session.add(row)
+        row.status = status
+        row.current_study_id = study_id
+        row.current_trial_number = trial_number
+        row.heartbeat_at = utcnow()
+
+
+def _lock_study(session: Session, study_id: int) -> StudyRow:
+    study = session.get(StudyRow, study_id, with_for_update=True, populate_existing=True)
+    if study is None:
+        raise LookupError(f"study {study_id} not found")
+    return study
+
+
+def _close_pending(session: Session, study_id: int) -> None:
+    session.execute(
+        update(TrialSlotRow)
+        .where(TrialSlotRow.study_id == study_id, TrialSlotRow.state == SlotState.PENDING)
+        .values(state=SlotState.CANCELLED)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _settle(session: Session, study: StudyRow, now: datetime | None = None) -> None:
+    """Move an active study to ``finished`` once no slot can run any more (all closed, or the timeout passed)."""
+    if study.status not in StudyStatus.ACTIVE:
+        return
+    now = now or utcnow()
+    if study.deadline_at is not None and study.deadline_at <= now:
+        _close_pending(session, study.id)
+    session.flush()
+    still_open = session.scalar(
+        select(func.count()).where(
+            and_(TrialSlotRow.study_id == study.id, TrialSlotRow.state.in_(SlotState.OPEN))
+        )
+    )
+    if not still_open:
+        study.status = StudyStatus.FINISHED
+        study.finished_at = now
