@@ -63,8 +63,7 @@ def make_sampler(spec: StudySpec, slot_no: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=trial_seed)
     if spec.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=spec.seed, scramble=True, warn_asynchronous_seeding=False)
-    return optuna.samplers.TPESampler(seed=trial_seed, constant_liar=True, multivariate=True,
-                                      warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=trial_seed, constant_liar=True, multivariate=True)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

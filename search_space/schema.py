@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
@@ -38,7 +38,19 @@ class ParamChoices(_Strict):
     choices: list[float] = Field(min_length=1)
 
 
-ParamSpec = Annotated[float | ParamRange | ParamChoices, Field(union_mode="left_to_right")]
+def _param_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "choices" if "choices" in value else "range"
+    if isinstance(value, ParamRange | ParamChoices):
+        return "choices" if isinstance(value, ParamChoices) else "range"
+    return "value"
+
+
+# A fixed value, a range or a list of choices; dispatched on shape, so an error names one alternative only.
+ParamSpec = Annotated[
+    Annotated[float, Tag("value")] | Annotated[ParamRange, Tag("range")] | Annotated[ParamChoices, Tag("choices")],
+    Discriminator(_param_kind),
+]
 
 
 def values_of(spec: float | ParamRange | ParamChoices) -> list[float]:

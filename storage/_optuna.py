@@ -42,6 +42,7 @@ def optuna_study_exists(storage: RDBStorage, name: str) -> bool:
 # Optuna's public schema, read directly for aggregates across many studies (one query instead of loading trials).
 _studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
 _trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
+_state = sa.cast(_trials.c.state, sa.String)  # an ENUM type on PostgreSQL, text on SQLite
 _values = sa.table("trial_values", sa.column("trial_id"), sa.column("objective"), sa.column("value"))
 
 
@@ -51,10 +52,10 @@ def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple
     if not study_names:
         return result
     counts = session.execute(
-        sa.select(_studies.c.study_name, _trials.c.state, sa.func.count())
+        sa.select(_studies.c.study_name, _state, sa.func.count())
         .join(_trials, _trials.c.study_id == _studies.c.study_id)
         .where(_studies.c.study_name.in_(study_names))
-        .group_by(_studies.c.study_name, _trials.c.state)
+        .group_by(_studies.c.study_name, _state)
     ).all()
     for name, state, n in counts:
         result[name][0][str(getattr(state, "name", state))] = n
@@ -62,7 +63,7 @@ def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple
         sa.select(_studies.c.study_name, sa.func.max(_values.c.value))
         .join(_trials, _trials.c.study_id == _studies.c.study_id)
         .join(_values, _values.c.trial_id == _trials.c.trial_id)
-        .where(_studies.c.study_name.in_(study_names), _trials.c.state == "COMPLETE", _values.c.objective == 0)
+        .where(_studies.c.study_name.in_(study_names), _state == "COMPLETE", _values.c.objective == 0)
         .group_by(_studies.c.study_name)
     ).all()
     for name, value in best:

@@ -65,6 +65,13 @@ def _load(session, id_or_name: str) -> StudyRow:  # type: ignore[no-untyped-def]
     return row
 
 
+def _fresh_snapshot(session) -> None:  # type: ignore[no-untyped-def]
+    """End the request's read transaction so it sees what was just committed through other sessions
+    (SQLite's WAL keeps a reader on the snapshot it started with)."""
+    session.commit()
+    session.expire_all()
+
+
 def _trial_out(trial: FrozenTrial) -> TrialOut:
     attrs = trial.user_attrs
     epochs = [EpochOut(**{k: e.get(k) for k in EpochOut.model_fields}) for e in attrs.get("epochs", [])]
@@ -106,6 +113,7 @@ async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorage
     except StudyExistsError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists") from exc
     ensure_optuna_study(optuna_storage, spec.name, {"kdsearch_spec": spec.model_dump(mode="json")})
+    _fresh_snapshot(session)
     return _detail(session, optuna_storage, row)
 
 
@@ -153,7 +161,7 @@ def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: Optu
     """No new trials start; running ones stop at their next epoch boundary."""
     row = _load(session, id_or_name)
     cancel_study(db, row.id)
-    session.expire_all()
+    _fresh_snapshot(session)
     return _detail(session, optuna_storage, _load(session, str(row.id)))
 
 

@@ -1,0 +1,111 @@
+"""Shared fixtures: database backends (SQLite and a fresh PostgreSQL database per test) and tiny models."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSTGRES_ADMIN_URL = os.environ.get("KDSEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POSITIVE = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "smart"]
+NEGATIVE = ["bad", "awful", "boring", "dull", "stupid", "tedious", "clumsy", "flat"]
+NEUTRAL = ["the", "a", "movie", "film", "plot", "actors", "story", "is", "was", "very", "quite", "and", "it"]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'kdsearch.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    from sqlalchemy import create_engine, make_url, text
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"kdtest_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL is needed at {POSTGRES_ADMIN_URL} ({exc}); start it with "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Every storage test runs on both backends."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+
+
+def _sentence(rng: random.Random) -> tuple[str, int]:
+    label = rng.randint(0, 1)
+    words = rng.sample(NEUTRAL, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+    rng.shuffle(words)
+    return " ".join(words), label
+
+
+def write_dataset(directory: Path, n_train: int = 160, n_eval: int = 48, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        rows = [_sentence(rng) for _ in range(n)]
+        (directory / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    return directory
+
+
+def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_vocab: list[str] | None = None) -> Path:
+    """A randomly initialised BERT sequence classifier with a word-level vocabulary, saved as a HF model."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # Extra words go right after the special tokens, so every later id shifts: a different vocabulary.
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(extra_vocab or []), *POSITIVE, *NEGATIVE, *NEUTRAL]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                        architectures=["BertForSequenceClassification"])
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "teacher": write_tiny_model(root / "teacher", seed=1, layers=4),
+        "student": write_tiny_model(root / "student", seed=2, layers=1),
+        "other_vocab_student": write_tiny_model(root / "other", seed=3, extra_vocab=["zebra"]),
+        "data": write_dataset(root / "data"),
+    }
+
+
+def tiny_spec(assets: dict[str, Path], name: str = "tiny", **overrides) -> dict:  # type: ignore[no-untyped-def]
+    spec = {
+        "name": name,
+        "teacher": str(assets["teacher"]),
+        "student": {"config": {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+                               "intermediate_size": 32}},
+        "dataset": {"path": str(assets["data"]), "max_seq_length": 16},
+        "search_space": {"num_train_epochs": {"low": 1, "high": 3}, "batch_size": 32,
+                         "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+        "n_trials": 4,
+        "pruner": "none",
+    }
+    spec.update(overrides)
+    return spec

@@ -1,0 +1,156 @@
+"""The work queue on both backends: exact budgets under concurrency, priorities, retries, cancel, timeouts."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+
+from storage import (
+    SlotState,
+    StudyExistsError,
+    StudyRow,
+    StudyStatus,
+    TrialSlotRow,
+    cancel_study,
+    claim_slot,
+    create_study,
+    fail_study,
+    finish_slot,
+    heartbeat_slot,
+    init_db,
+    make_engine,
+    reap_stale_slots,
+    session_scope,
+    settle_expired_studies,
+    study_should_stop,
+    utcnow,
+)
+
+
+@pytest.fixture
+def db(db_url: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(db_url, pool_size=10, max_overflow=10)
+    init_db(engine)
+    yield engine
+    engine.dispose()
+
+
+def _new(db, name: str, n: int, priority: int = 0, timeout_s: float | None = None) -> StudyRow:  # type: ignore[no-untyped-def]
+    return create_study(db, name=name, spec={"name": name}, n_trials=n, priority=priority, timeout_s=timeout_s)
+
+
+def _status(db, study_id: int) -> str:  # type: ignore[no-untyped-def]
+    with session_scope(db) as s:
+        return s.get(StudyRow, study_id).status
+
+
+def test_duplicate_name_rejected(db) -> None:  # type: ignore[no-untyped-def]
+    _new(db, "same", 1)
+    with pytest.raises(StudyExistsError):
+        _new(db, "same", 2)
+
+
+def test_priority_then_first_come(db) -> None:  # type: ignore[no-untyped-def]
+    low = _new(db, "low", 2, priority=0)
+    high = _new(db, "high", 2, priority=5)
+    low_later = _new(db, "low-later", 1, priority=0)
+    order = [claim_slot(db, "w").study_id for _ in range(5)]
+    assert order == [high.id, high.id, low.id, low.id, low_later.id]
+    assert claim_slot(db, "w") is None
+
+
+def test_concurrent_workers_never_exceed_budget(db) -> None:  # type: ignore[no-untyped-def]
+    studies = [_new(db, f"s{i}", n) for i, n in enumerate((7, 5, 9))]
+    claimed: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def worker(worker_id: str) -> None:
+        while (claim := claim_slot(db, worker_id)) is not None:
+            with lock:
+                claimed.append((claim.slot_id, claim.study_id))
+            finish_slot(db, claim.slot_id, worker_id, outcome=SlotState.DONE)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({slot for slot, _ in claimed}) == len(claimed), "a slot was claimed twice"
+    per_study = Counter(study for _, study in claimed)
+    assert per_study == {s.id: s.n_trials for s in studies}
+    assert all(_status(db, s.id) == StudyStatus.FINISHED for s in studies)
+
+
+def test_status_moves_queued_running_finished(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "flow", 2)
+    assert _status(db, study.id) == StudyStatus.QUEUED
+    a = claim_slot(db, "w1")
+    assert _status(db, study.id) == StudyStatus.RUNNING
+    b = claim_slot(db, "w2")
+    finish_slot(db, a.slot_id, "w1", outcome=SlotState.DONE)
+    assert _status(db, study.id) == StudyStatus.RUNNING
+    finish_slot(db, b.slot_id, "w2", outcome=SlotState.DONE)
+    assert _status(db, study.id) == StudyStatus.FINISHED
+
+
+def test_failed_trial_is_retried_then_given_up(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "retry", 1)
+    attempts = []
+    while (claim := claim_slot(db, "w")) is not None:
+        attempts.append(claim.attempt)
+        finish_slot(db, claim.slot_id, "w", outcome=SlotState.FAILED, error="boom", max_attempts=3)
+    assert attempts == [1, 2, 3]
+    assert _status(db, study.id) == StudyStatus.FINISHED
+    with session_scope(db) as s:
+        slot = s.query(TrialSlotRow).filter_by(study_id=study.id).one()
+        assert (slot.state, slot.last_error) == (SlotState.FAILED, "boom")
+
+
+def test_cancel_stops_new_claims_and_signals_running(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "cancel", 5)
+    running = claim_slot(db, "w")
+    assert study_should_stop(db, study.id) is None
+    cancel_study(db, study.id)
+    assert _status(db, study.id) == StudyStatus.CANCELLED
+    assert study_should_stop(db, study.id) == "study cancelled"
+    assert claim_slot(db, "w") is None
+    finish_slot(db, running.slot_id, "w", outcome=SlotState.DONE)
+    assert _status(db, study.id) == StudyStatus.CANCELLED
+
+
+def test_failed_study_closes_its_slots(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "broken", 3)
+    other = _new(db, "fine", 1)
+    claim = claim_slot(db, "w")
+    fail_study(db, claim.study_id, "DataError: no column 'sentence'")
+    finish_slot(db, claim.slot_id, "w", outcome=SlotState.FAILED, max_attempts=0)
+    with session_scope(db) as s:
+        row = s.get(StudyRow, study.id)
+        assert (row.status, row.error) == (StudyStatus.FAILED, "DataError: no column 'sentence'")
+    assert claim_slot(db, "w").study_id == other.id
+
+
+def test_stale_slot_is_taken_over_and_retried(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "stale", 1)
+    claim = claim_slot(db, "dead", now=utcnow() - timedelta(seconds=120))
+    assert reap_stale_slots(db, grace_period_s=300, reaper_id="r") == []
+    reaped = reap_stale_slots(db, grace_period_s=60, reaper_id="reaper")
+    assert [(slot_id, study_id) for slot_id, study_id, _ in reaped] == [(claim.slot_id, study.id)]
+    assert not heartbeat_slot(db, claim.slot_id, "dead"), "the dead worker lost its claim"
+    finish_slot(db, claim.slot_id, "dead", outcome=SlotState.DONE)  # ignored: no longer its slot
+    finish_slot(db, claim.slot_id, "reaper", outcome=SlotState.FAILED, max_attempts=3)
+    again = claim_slot(db, "alive")
+    assert (again.slot_id, again.attempt) == (claim.slot_id, 2)
+
+
+def test_timeout_finishes_study(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "timed", 3, timeout_s=30)
+    first = claim_slot(db, "w", now=utcnow() - timedelta(seconds=60))
+    assert claim_slot(db, "w") is None, "deadline passed: no new trial"
+    assert study_should_stop(db, study.id) == "study timeout reached"
+    settle_expired_studies(db)
+    finish_slot(db, first.slot_id, "w", outcome=SlotState.DONE)
+    assert _status(db, study.id) == StudyStatus.FINISHED
