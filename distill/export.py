@@ -58,7 +58,8 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         )],
     )
     rows = "\n".join(
-        f"| {h['train_loss']:.4f} | {h['epoch']:.1f} | {h['step']} | {h['eval_loss']:.4f} | {h['eval_accuracy']:.4f} |"
+        f"| {h['train_loss']:.4f} | {h['epoch']:.1f} | {h['step']} | {h['eval_loss']:.4f} "
+        f"| {h['eval_accuracy']:.4f} |"
         for h in history
     )
     teacher_acc = record.get("teacher_eval_accuracy")
@@ -80,7 +81,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "the teacher's logits were computed once and cached for every trial.", "",
         "## Training and evaluation data", "",
         f"Train split `{dataset['train_split']}`"
-        + (f" (a fixed random subset of {dataset['max_train_samples']} rows)" if dataset.get("max_train_samples") else "")
+        + (f" (a fixed random subset of {n} rows)" if (n := dataset.get("max_train_samples")) else "")
         + f", evaluation split `{dataset['eval_split']}`, max sequence length {dataset['max_seq_length']}.", "",
         "## Training procedure", "",
         "### Training hyperparameters", "",

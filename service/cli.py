@@ -28,7 +28,7 @@ def _request(method: str, url: str, **kwargs: Any) -> Any:
     try:
         response = httpx.request(method, url, headers=_client_headers(), timeout=60, **kwargs)
     except httpx.HTTPError as exc:
-        raise SystemExit(_fail(f"cannot reach the kdsearch API at {url}: {exc}"))
+        raise SystemExit(_fail(f"cannot reach the kdsearch API at {url}: {exc}")) from None
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
@@ -182,16 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run a subcommand; a database that is down or malformed is one line on stderr, not a traceback."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        return args.func(args)
+    except (SQLAlchemyError, ArgumentError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        return _fail(f"database error ({os.environ.get('KDSEARCH_DATABASE_URL', 'default database')}): {first_line}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return _run(build_parser().parse_args(argv))
 
 
 def export_best_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="export-best", description="Write a study's best student as a HF model.")
     _add_export_args(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

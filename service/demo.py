@@ -6,6 +6,7 @@ Starts the API and one worker as subprocesses on the configured database (SQLite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,10 +100,8 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
             console.print(f"dashboard: {url}/studies/{spec['name']}  (worker log: {logs / 'demo-worker.log'})")
             if keep_serving if keep_serving is not None else sys.stdin.isatty():
                 console.print("serving the dashboard; press Ctrl-C to stop")
-                try:
+                with contextlib.suppress(KeyboardInterrupt):
                     server.wait()
-                except KeyboardInterrupt:
-                    pass
             else:
                 console.print("run `kdsearch serve` to open the dashboard again")
             return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import inspect
 
 from distill.engine import TRIAL_RECORD
 from distill.export import ExportError, model_card, write_export
@@ -27,6 +28,8 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
     """The best COMPLETE trial (best PRUNED one if none completed) is written out; nothing is retrained."""
     db = make_engine(settings.database_url)
     try:
+        if not inspect(db).has_table("kd_studies"):
+            raise ExportError(f"no study {study!r}: {db.url.render_as_string()} holds no kdsearch studies")
         with session_scope(db) as session:
             row = get_study(session, study)
             if row is None:

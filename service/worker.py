@@ -139,7 +139,7 @@ class Worker:
                 try:
                     self.optuna_storage.set_trial_state_values(trial_id, TrialState.FAIL)
                     self.optuna_storage.set_trial_system_attr(trial_id, "fail_reason", "stale heartbeat")
-                except Exception:
+                except Exception:  # noqa: BLE001 - a status line must never stop a worker
                     if self.optuna_storage.get_trial(trial_id).state in (TrialState.COMPLETE, TrialState.PRUNED):
                         outcome = SlotState.DONE
             log.warning("slot %d: worker stopped heart-beating; trial %s %s", slot_id, trial_id,
@@ -160,7 +160,7 @@ class Worker:
                                       sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
         try:
             prepared = self.engine.prepare(spec)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any setup error fails the study, not the worker
             reason = f"{type(exc).__name__}: {exc}"
             log.error("study %s failed during setup: %s", claim.study_name, reason)
             log.debug("%s", traceback.format_exc())
@@ -230,7 +230,7 @@ class Worker:
             slot_outcome, error = SlotState.DONE, None
             log.info("study %s trial %d %s: best accuracy %.4f at epoch %d", claim.study_name, trial.number,
                      outcome.stopped or "complete", outcome.best_accuracy, outcome.best_epoch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             error = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, InterruptedError):
                 log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
@@ -238,7 +238,7 @@ class Worker:
             try:
                 trial.set_user_attr("fail_reason", error)
                 study.tell(trial, state=TrialState.FAIL)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a reaper may have failed it already
                 log.debug("trial %d was already finished", trial.number)
             slot_outcome = SlotState.FAILED
         finally:

@@ -51,7 +51,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 def _sentence(rng: random.Random) -> tuple[str, int]:
     label = rng.randint(0, 1)
-    words = rng.sample(NEUTRAL, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+    words = [*rng.sample(NEUTRAL, 4), rng.choice(POSITIVE if label else NEGATIVE)]
     rng.shuffle(words)
     return " ".join(words), label
 

@@ -139,7 +139,7 @@ def test_truncated_student_copies_teacher_layers(tiny_assets, tmp_path: Path) ->
 
 def test_bad_student_fails_at_prepare(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     spec = StudySpec.model_validate(tiny_spec(tiny_assets, student={"truncate_teacher": {"num_layers": 9}}))
-    with pytest.raises(DataError, match="1..4"):
+    with pytest.raises(DataError, match=r"1\.\.4"):
         DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
     spec = StudySpec.model_validate(tiny_spec(tiny_assets, student={"model": str(tiny_assets["other_vocab_student"])}))
     with pytest.raises(DataError, match="tokenizers differ"):

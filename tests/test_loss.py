@@ -15,7 +15,10 @@ def _softmax(xs: list[float]) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def hand_loss(student: list[list[float]], teacher: list[list[float]], labels: list[int], alpha: float, t: float) -> float:
+Logits = list[list[float]]
+
+
+def hand_loss(student: Logits, teacher: Logits, labels: list[int], alpha: float, t: float) -> float:
     ce = kl = 0.0
     for s, te, y in zip(student, teacher, labels, strict=True):
         ce += -math.log(_softmax(s)[y])
