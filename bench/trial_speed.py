@@ -177,7 +177,8 @@ def student_flops_per_epoch(data_dir: Path, teacher_dir: Path, artifacts: Path) 
     per_token = layers * 2 * (4 * h * h + 2 * h * inter)  # QKV+output projections and the FFN, multiply-add = 2
     attention = layers * 2 * 2 * h * seq_sq  # scores and weighted sum
     forward = per_token * padded + attention
-    return {"real_tokens": int(lengths.sum()), "padded_tokens": padded, "padding_efficiency": int(lengths.sum()) / padded,
+    real = int(lengths.sum())
+    return {"real_tokens": real, "padded_tokens": padded, "padding_efficiency": real / padded,
             "train_flops": 3 * forward}  # backward costs about twice the forward
 
 

@@ -62,7 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gpus = visible_gpus(args.gpus)
         if not gpus:
             return _fail("--gpus: no CUDA device is visible on this host", 2)
-        return run_gpu_workers(gpus, extra)
+        return run_gpu_workers(gpus, extra, args.workers_per_gpu)
     from distill import resolve_device
 
     try:
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = worker.add_mutually_exclusive_group()
     where.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     where.add_argument("--gpus", help="'all' or a list like 0,1: one worker process per GPU")
+    worker.add_argument("--workers-per-gpu", type=int, default=1, choices=range(1, 33), metavar="N",
+                        help="with --gpus: worker processes per GPU (small students leave a GPU idle)")
     worker.add_argument("--exit-when-idle", action="store_true", help="exit once no trial is left to run")
     worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials")
     worker.add_argument("--log-level", default="info")

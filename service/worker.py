@@ -275,14 +275,18 @@ def visible_gpus(gpus: str) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_gpu_workers(gpus: list[str], extra_args: list[str]) -> int:
-    """One worker process per GPU, each seeing only its own device; SIGTERM/SIGINT are passed on."""
+def run_gpu_workers(gpus: list[str], extra_args: list[str], workers_per_gpu: int = 1) -> int:
+    """``workers_per_gpu`` worker processes per GPU, each seeing only its own device; signals are passed on.
+
+    Several processes per GPU keep it busy when one small student cannot (each trial is its own CUDA context).
+    """
     children = []
     for gpu in gpus:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
         cmd = [sys.executable, "-m", "service.cli", "worker", "--device", "cuda", *extra_args]
-        children.append(subprocess.Popen(cmd, env=env))
-        log.info("started worker pid %d on GPU %s", children[-1].pid, gpu)
+        for _ in range(workers_per_gpu):
+            children.append(subprocess.Popen(cmd, env=env))
+            log.info("started worker pid %d on GPU %s", children[-1].pid, gpu)
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
