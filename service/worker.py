@@ -27,8 +27,9 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.exc import DBAPIError
 
-from distill import DistillationEngine, EpochResult, TrialEngine, load_engine
+from distill import DistillationEngine, EpochResult, TrialEngine, TrialOutcome, load_engine
 from search_space import StudySpec, make_pruner, make_sampler, optuna_distributions, trial_params
 from service.settings import Settings
 from storage import (
@@ -95,16 +96,29 @@ class Worker:
         log.info("worker %s started (database %s)", self.worker_id, self.db.url.render_as_string())
         self._status("idle")
         trials_run = 0
+        outage_delay = 0.5
         try:
             while not self._stop.is_set():
-                self._housekeeping()
-                claim = retry_operational(lambda: claim_slot(self.db, self.worker_id))
+                try:
+                    self._housekeeping()
+                    claim = claim_slot(self.db, self.worker_id)
+                    outage_delay = 0.5
+                except DBAPIError as exc:
+                    # The database is down or restarting: wait and reconnect (pool_pre_ping replaces dead links).
+                    log.warning("database unavailable (%s); retrying in %.1f s", type(exc.orig).__name__, outage_delay)
+                    self._stop.wait(outage_delay)
+                    outage_delay = min(outage_delay * 2, 15.0)
+                    continue
                 if claim is None:
                     if self.exit_when_idle:
                         break
                     self._stop.wait(self.settings.poll_interval)
                     continue
-                self.run_claim(claim)
+                try:
+                    self.run_claim(claim)
+                except Exception:
+                    # Left claimed: once its heartbeat is stale a worker takes the slot over and retries it.
+                    log.exception("trial on slot %d broke off; it will be retried", claim.slot_id)
                 trials_run += 1
                 if self.max_trials is not None and trials_run >= self.max_trials:
                     break
@@ -137,8 +151,9 @@ class Worker:
             outcome = SlotState.FAILED
             if trial_id is not None:
                 try:
-                    self.optuna_storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                    # The reason first: a finished trial takes no more attributes.
                     self.optuna_storage.set_trial_system_attr(trial_id, "fail_reason", "stale heartbeat")
+                    self.optuna_storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 except Exception:  # noqa: BLE001 - a status line must never stop a worker
                     if self.optuna_storage.get_trial(trial_id).state in (TrialState.COMPLETE, TrialState.PRUNED):
                         outcome = SlotState.DONE
@@ -190,19 +205,20 @@ class Worker:
         epochs: list[dict[str, Any]] = []
 
         def on_epoch_end(result: EpochResult) -> str | None:
-            trial.report(result.eval_accuracy, result.epoch)
+            # Each store call is retried, so a database restart mid-trial costs a pause, not the trial.
+            retry_operational(lambda: trial.report(result.eval_accuracy, result.epoch))
             epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
                            "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
                            "seconds": round(result.seconds, 3)})
-            trial.set_user_attr("epochs", epochs)
+            retry_operational(lambda: trial.set_user_attr("epochs", epochs))
             log.info("  trial %d epoch %d: accuracy %.4f", trial.number, result.epoch, result.eval_accuracy)
             if lost.is_set():
                 return LOST_CLAIM
             if self._stop.is_set():
                 return SHUTDOWN
-            if reason := study_should_stop(self.db, claim.study_id):
+            if reason := retry_operational(lambda: study_should_stop(self.db, claim.study_id)):
                 return reason
-            if trial.should_prune():
+            if retry_operational(trial.should_prune):
                 return "pruned"
             return None
 
@@ -215,18 +231,11 @@ class Worker:
                 # A trial is only COMPLETE (or PRUNED) once its checkpoint is stored.
                 tar_path = Path(tmp) / "checkpoint.tar"
                 pack_directory(checkpoint, tar_path)
-                artifact_id = optuna.artifacts.upload_artifact(
+                artifact_id = retry_operational(lambda: optuna.artifacts.upload_artifact(
                     artifact_store=self.layout.checkpoints, file_path=str(tar_path), study_or_trial=trial,
                     storage=self.optuna_storage, mimetype="application/x-tar",
-                )
-            trial.set_user_attr("checkpoint_artifact_id", artifact_id)
-            trial.set_user_attr("best_epoch", outcome.best_epoch)
-            trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
-            if outcome.stopped:
-                trial.set_user_attr("stop_reason", outcome.stopped)
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, outcome.best_accuracy)
+                ))
+            retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
             slot_outcome, error = SlotState.DONE, None
             log.info("study %s trial %d %s: best accuracy %.4f at epoch %d", claim.study_name, trial.number,
                      outcome.stopped or "complete", outcome.best_accuracy, outcome.best_epoch)
@@ -248,6 +257,23 @@ class Worker:
             retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=slot_outcome,
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
         self._status("idle")
+
+    def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
+                        artifact_id: str) -> None:
+        """Attributes first, then ``tell``; safe to retry after a dropped connection (idempotent)."""
+        state = self.optuna_storage.get_trial(trial._trial_id).state
+        if state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return  # an earlier attempt's tell went through before the connection dropped
+        if state != TrialState.RUNNING:
+            raise InterruptedError(f"trial is {state.name} (failed by a reaper)")
+        trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+        trial.set_user_attr("best_epoch", outcome.best_epoch)
+        trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
+        if outcome.stopped:
+            trial.set_user_attr("stop_reason", outcome.stopped)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, outcome.best_accuracy)
 
     def _optuna_study_exists(self, name: str) -> bool:
         try:

@@ -1,7 +1,7 @@
 """Where kdsearch state lives: SQL tables, Optuna's study store, checkpoints and caches."""
 
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
-from storage._db import engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
+from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
 from storage._models import Base, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
 from storage._optuna import ensure_optuna_study, make_optuna_storage, optuna_study_exists, trial_summaries
 from storage._queue import (
@@ -29,6 +29,7 @@ def init_db(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "ArtifactLayout",
     "AtomicFileSystemArtifactStore",
     "Base",

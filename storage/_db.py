@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from optuna.exceptions import StorageInternalError
 from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
@@ -77,13 +78,17 @@ def session_scope(engine: Engine, *, write_lock: bool = False) -> Iterator[Sessi
         session.close()
 
 
+# What a dropped connection or a briefly locked database looks like, from SQLAlchemy and through Optuna.
+TRANSIENT_ERRORS = (DBAPIError, StorageInternalError)
+
+
 def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: float = 0.2) -> T:
-    """Run ``fn`` again with exponential backoff when the database drops or is briefly locked."""
+    """Run ``fn`` again with exponential backoff (about 40 s in all) when the database drops or is locked."""
     delay = first_delay_s
     for attempt in range(attempts):
         try:
             return fn()
-        except OperationalError:
+        except TRANSIENT_ERRORS:
             if attempt == attempts - 1:
                 raise
             time.sleep(delay)

@@ -28,8 +28,10 @@ def sqlite_url(tmp_path: Path) -> str:
 def postgres_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server, dropped afterwards."""
     from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.pool import NullPool
 
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # No pool: a test may restart the server, and teardown must not reuse a dead connection.
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     name = f"kdtest_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:

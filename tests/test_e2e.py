@@ -4,9 +4,6 @@ random models made in the test. Launch → trials finish → budget exact → ex
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,67 +16,14 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_spec
-
-KDSEARCH = [sys.executable, "-m", "service.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Stack:
-    def __init__(self, db_url: str, root: Path) -> None:
-        self.env = {**os.environ, "KDSEARCH_DATABASE_URL": db_url, "KDSEARCH_ARTIFACTS": str(root / "artifacts"),
-                    "KDSEARCH_POLL_INTERVAL": "0.2", "HF_HUB_OFFLINE": "1"}
-        self.root = root
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args: str, log: str) -> subprocess.Popen:
-        out = open(self.root / log, "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([*KDSEARCH, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).parent.parent)
-        self.procs.append(proc)
-        return proc
-
-    def wait_healthy(self) -> None:
-        for _ in range(150):
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError("API did not start: " + (self.root / "api.log").read_text())
-
-    def wait_status(self, name: str, statuses: tuple[str, ...], timeout_s: float = 240) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            study = httpx.get(f"{self.url}/api/studies/{name}").json()
-            if study["status"] in statuses:
-                return study
-            time.sleep(0.5)
-        raise AssertionError(f"study {name} still {study['status']}; worker log:\n"
-                             + (self.root / "worker.log").read_text()[-4000:])
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+from tests.procs import KDSEARCH, Stack
 
 
 @pytest.fixture
 def stack(db_url: str, tmp_path: Path) -> Iterator[Stack]:
     s = Stack(db_url, tmp_path)
-    s.start("serve", "--port", s.url.rsplit(":", 1)[1], "--log-level", "warning", log="api.log")
-    s.start("worker", "--device", "cpu", log="worker.log")
-    s.wait_healthy()
+    s.start_api()
+    s.start_worker()
     yield s
     s.stop()
 
@@ -87,7 +31,7 @@ def stack(db_url: str, tmp_path: Path) -> Iterator[Stack]:
 def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str) -> None:  # type: ignore[no-untyped-def]
     spec = tiny_spec(tiny_assets, name="e2e", n_trials=5)
     assert httpx.post(f"{stack.url}/api/studies", json=spec).status_code == 201
-    study = stack.wait_status("e2e", ("finished", "failed"))
+    study = stack.wait_status("e2e")
     assert study["status"] == "finished", study
     assert study["finished"] == 5 and study["counts"]["complete"] + study["counts"]["pruned"] == 5
     assert study["counts"]["running"] == study["counts"]["failed"] == study["counts"]["waiting"] == 0
@@ -150,10 +94,10 @@ def test_bad_data_fails_study_and_worker_goes_on(stack: Stack, tiny_assets, tmp_
     assert httpx.post(f"{stack.url}/api/studies", json=broken).status_code == 201
     fine = tiny_spec(tiny_assets, name="fine", n_trials=2)
     assert httpx.post(f"{stack.url}/api/studies", json=fine).status_code == 201
-    failed = stack.wait_status("broken", ("failed", "finished"))
+    failed = stack.wait_status("broken")
     assert failed["status"] == "failed" and "no column 'sentence'" in failed["error"]
-    assert stack.wait_status("fine", ("finished", "failed"))["status"] == "finished"
-    assert stack.procs[1].poll() is None, "the worker keeps running"
+    assert stack.wait_status("fine")["status"] == "finished"
+    assert stack.workers[0].poll() is None, "the worker keeps running"
 
 
 def test_cancel_stops_running_trial_at_epoch_boundary(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]

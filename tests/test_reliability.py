@@ -1,0 +1,156 @@
+"""Scale-out and failures with real processes: many workers, SIGKILL, SIGTERM, a PostgreSQL restart.
+
+Trials run on ``tests.sleep_engine.SleepEngine`` (sleeps per epoch) so the tests exercise the real worker, queue
+and Optuna paths in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from storage import TrialSlotRow, make_engine, session_scope
+from tests.conftest import tiny_spec
+from tests.procs import Stack
+
+FAST = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_POLL_INTERVAL": "0.1",
+        "KDSEARCH_HEARTBEAT_INTERVAL": "0.5", "KDSEARCH_GRACE_PERIOD": "3", "KDSEARCH_TEST_EPOCH_S": "0.05"}
+
+
+def sleep_spec(assets, name: str, n: int, epochs: int = 2, **kw) -> dict:  # type: ignore[no-untyped-def]
+    return tiny_spec(assets, name=name, n_trials=n, search_space={"num_train_epochs": epochs}, **kw)
+
+
+def finished_trials(db_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=db_url).get_trials(deepcopy=False)
+
+
+def assert_exact(db_url: str, name: str, n: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n finished trials, one per slot, nothing left RUNNING."""
+    trials = finished_trials(db_url, name)
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n, states
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+    slots = Counter(t.user_attrs["slot"] for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    assert sorted(slots) == list(range(n)) and set(slots.values()) == {1}, "a slot finished twice"
+    return trials
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    stacks: list[Stack] = []
+
+    def make(db_url: str, **env: str) -> Stack:
+        stack = Stack(db_url, tmp_path, **{**FAST, **env})
+        stacks.append(stack)
+        stack.start_api()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+def test_eight_workers_three_priorities_on_postgres(make_stack, postgres_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(postgres_url)
+    sizes = {"low": (0, 10), "mid": (5, 12), "high": (10, 14)}
+    for name, (priority, n) in sizes.items():
+        stack.submit(sleep_spec(tiny_assets, name, n, priority=priority))
+    for _ in range(8):
+        stack.start_worker()
+    for name in sizes:
+        assert stack.wait_status(name)["status"] == "finished"
+    for name, (_, n) in sizes.items():
+        trials = assert_exact(postgres_url, name, n)
+        assert all(t.state != TrialState.FAIL for t in trials)
+    assert len({w for n in sizes for w in (t.user_attrs["worker"] for t in finished_trials(postgres_url, n))}) > 1
+    # Higher priority first: every slot of a study is claimed before (within scheduling jitter) the next one's.
+    engine = make_engine(postgres_url)
+    with session_scope(engine) as session:
+        claimed: dict[int, list[float]] = {}
+        for slot in session.query(TrialSlotRow):
+            claimed.setdefault(slot.study_id, []).append(slot.claimed_at.timestamp())
+    engine.dispose()
+    ids = {s["name"]: s["id"] for s in stack_studies(stack)}
+    assert max(claimed[ids["high"]]) <= min(claimed[ids["mid"]]) + 0.3
+    assert max(claimed[ids["mid"]]) <= min(claimed[ids["low"]]) + 0.3
+
+
+def stack_studies(stack: Stack) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"{stack.url}/api/studies").json()
+
+
+def test_three_workers_and_api_share_sqlite(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.02")
+    for name in ("a", "b"):
+        stack.submit(sleep_spec(tiny_assets, name, 12))
+    for _ in range(3):
+        stack.start_worker()
+    # Read through the API all the while, as a dashboard would.
+    stack.wait_for(lambda: all(s["status"] == "finished" for s in stack_studies(stack)), what="both studies")
+    for name in ("a", "b"):
+        assert all(t.state == TrialState.COMPLETE for t in assert_exact(sqlite_url, name, 12))
+    logs = stack.worker_logs() + stack.log("api.log")
+    assert "database is locked" not in logs and "Traceback" not in logs
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_killed_worker_trial_is_retried(make_stack, request, backend: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    db_url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "postgres_url")
+    stack = make_stack(db_url, KDSEARCH_TEST_EPOCH_S="0.4")
+    stack.submit(sleep_spec(tiny_assets, "kill", 5, epochs=4))
+    victim = stack.start_worker()
+    stack.wait_for(lambda: stack.study("kill")["counts"]["running"] == 1, what="a running trial")
+    time.sleep(0.6)  # into an epoch, after the first report
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stack.start_worker()
+    assert stack.wait_status("kill")["status"] == "finished"
+    trials = assert_exact(db_url, "kill", 5)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].system_attrs.get("fail_reason") == "stale heartbeat"
+    slot = failed[0].user_attrs["slot"]
+    retried = [t for t in trials if t.user_attrs["slot"] == slot and t.state == TrialState.COMPLETE]
+    assert len(retried) == 1 and retried[0].user_attrs["attempt"] == 2
+
+
+def test_sigterm_exits_cleanly_and_leaves_nothing_running(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.3")
+    stack.submit(sleep_spec(tiny_assets, "term", 3, epochs=50))
+    worker = stack.start_worker()
+    stack.wait_for(lambda: stack.study("term")["counts"]["running"] == 1, what="a running trial")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    study = stack.study("term")
+    assert study["counts"]["running"] == 0 and study["counts"]["failed"] == 1 and study["counts"]["waiting"] == 3
+    assert study["status"] == "running", "the interrupted slot is back in the queue"
+
+
+@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None or os.geteuid() != 0, reason="needs pg_ctlcluster as root")
+def test_postgres_restart_mid_study(make_stack, postgres_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(postgres_url, KDSEARCH_TEST_EPOCH_S="0.3")
+    stack.submit(sleep_spec(tiny_assets, "outage", 8, epochs=3))
+    stack.start_worker()
+    stack.start_worker()
+    stack.wait_for(lambda: stack.study("outage")["counts"]["complete"] >= 2, what="two complete trials")
+    before = {t.number: t.value for t in finished_trials(postgres_url, "outage") if t.state == TrialState.COMPLETE}
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
+                   capture_output=True)
+    assert stack.wait_status("outage", timeout_s=180)["status"] == "finished"
+    trials = assert_exact(postgres_url, "outage", 8)
+    after = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    assert before.items() <= after.items(), "results reported before the outage survived"
+    assert all(w.poll() is None for w in stack.workers), "workers reconnected instead of dying"
