@@ -18,6 +18,7 @@ from search_space.schema import (
     StudentSpec,
     StudySpec,
     TruncateTeacher,
+    values_of,
 )
 from search_space.validation import SpecError, looks_local, split_file, tokenizers_compatible, validate_spec
 
@@ -42,4 +43,5 @@ __all__ = [
     "tokenizers_compatible",
     "trial_params",
     "validate_spec",
+    "values_of",
 ]

@@ -146,7 +146,7 @@ class TruncateTeacher(_Strict):
 class StudentSpec(_Strict):
     """Exactly one of: a pretrained ``model``, a fresh ``config``, or ``truncate_teacher``."""
 
-    model: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=1024)
     config: StudentArchitecture | None = None
     truncate_teacher: TruncateTeacher | None = None
 
@@ -165,11 +165,11 @@ class StudentSpec(_Strict):
 class DatasetSpec(_Strict):
     """``{"hub": "glue", "config": "sst2"}`` or ``{"path": DIR}`` holding ``<split>.tsv|.csv|.jsonl|.parquet``."""
 
-    hub: str | None = Field(None, min_length=1)
-    config: str | None = None
-    path: str | None = Field(None, min_length=1)
-    text_column: str = "sentence"
-    label_column: str = "label"
+    hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+    config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: str | None = Field(None, min_length=1, max_length=1024)
+    text_column: str = Field("sentence", min_length=1, max_length=128)
+    label_column: str = Field("label", min_length=1, max_length=128)
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     eval_split: str = Field("validation", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     max_train_samples: int | None = Field(None, ge=1)
@@ -186,7 +186,7 @@ class DatasetSpec(_Strict):
 
 class StudySpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    teacher: str = Field(min_length=1)
+    teacher: str = Field(min_length=1, max_length=1024)
     student: StudentSpec
     dataset: DatasetSpec
     search_space: SearchSpace = SearchSpace()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from search_space.schema import StudySpec
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?(@[A-Za-z0-9_./-]+)?$")
+# A hub model id: owner/name, optionally @revision (branch, tag or commit).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,100})?$")
 DATA_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".parquet")
 # Sentences that exercise casing, punctuation, numbers, accents and word pieces.
 TOKENIZER_PROBES = (
@@ -37,6 +39,16 @@ def looks_local(ref: str) -> bool:
     return os.path.exists(ref) or ref.startswith(("/", ".", "~")) or HUB_ID.match(ref) is None
 
 
+def _inside_roots(field: str, ref: str, roots: Sequence[Path] | None) -> Path:
+    """The real path (symlinks followed) of ``ref``, which must lie under one of ``roots`` (None: anywhere)."""
+    real = Path(ref).expanduser().resolve()
+    if roots is not None and not any(real.is_relative_to(root.expanduser().resolve()) for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise SpecError(field, f"{ref!r} resolves to {real}, outside the allowed roots ({shown}); "
+                               "set KDSEARCH_ALLOWED_ROOTS to allow more, or give a hub id owner/name")
+    return real
+
+
 def split_file(directory: Path, split: str) -> Path | None:
     for ext in DATA_EXTENSIONS:
         candidate = directory / f"{split}{ext}"
@@ -45,33 +57,36 @@ def split_file(directory: Path, split: str) -> Path | None:
     return None
 
 
-def _resolve_model_dir(field: str, ref: str) -> str:
-    path = Path(ref).expanduser()
+def _resolve_model_dir(field: str, ref: str, roots: Sequence[Path] | None) -> str:
+    path = _inside_roots(field, ref, roots)
     if not path.is_dir():
-        raise SpecError(field, f"local model directory {ref!r} does not exist")
+        raise SpecError(field, f"{ref!r} is neither a local model directory nor a hub id owner/name[@revision]")
     if not (path / "config.json").is_file():
         raise SpecError(field, f"{ref!r} holds no config.json: not a Hugging Face model directory")
-    return str(path.resolve())
+    return str(path)
 
 
-def normalize_spec(spec: StudySpec) -> StudySpec:
-    """Check local paths and make them absolute; returns a new spec."""
+def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:
+    """Check local paths (under ``allowed_roots`` when given) and make them absolute; returns a new spec."""
     update: dict = {}
     if looks_local(spec.teacher):
-        update["teacher"] = _resolve_model_dir("teacher", spec.teacher)
+        update["teacher"] = _resolve_model_dir("teacher", spec.teacher, allowed_roots)
     student = spec.student
     if student.model is not None and looks_local(student.model):
-        student = student.model_copy(update={"model": _resolve_model_dir("student.model", student.model)})
+        resolved = _resolve_model_dir("student.model", student.model, allowed_roots)
+        student = student.model_copy(update={"model": resolved})
     update["student"] = student
     dataset = spec.dataset
     if dataset.path is not None:
-        directory = Path(dataset.path).expanduser()
+        directory = _inside_roots("dataset.path", dataset.path, allowed_roots)
         if not directory.is_dir():
             raise SpecError("dataset.path", f"directory {dataset.path!r} does not exist")
         for field, split in (("dataset.train_split", dataset.train_split), ("dataset.eval_split", dataset.eval_split)):
-            if split_file(directory, split) is None:
+            found = split_file(directory, split)
+            if found is None:
                 raise SpecError(field, f"no {split}{{{','.join(DATA_EXTENSIONS)}}} in {dataset.path!r}")
-        dataset = dataset.model_copy(update={"path": str(directory.resolve())})
+            _inside_roots(field, str(found), allowed_roots)  # a split file may be a symlink out of the roots
+        dataset = dataset.model_copy(update={"path": str(directory)})
     update["dataset"] = dataset
     return spec.model_copy(update=update)
 
@@ -117,7 +132,7 @@ def check_tokenizers(spec: StudySpec) -> None:
         )
 
 
-def validate_spec(spec: StudySpec) -> StudySpec:
-    spec = normalize_spec(spec)
+def validate_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:
+    spec = normalize_spec(spec, allowed_roots)
     check_tokenizers(spec)
     return spec

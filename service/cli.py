@@ -40,13 +40,48 @@ def _request(method: str, url: str, **kwargs: Any) -> Any:
     return response.json()
 
 
+def _check_database() -> str | None:
+    """None when the configured database answers, else a one-line reason."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from service.settings import get_settings
+    from storage import make_engine
+
+    url = get_settings().database_url
+    try:
+        engine = make_engine(url)
+    except (ArgumentError, ValueError, ImportError) as exc:
+        return f"KDSEARCH_DATABASE_URL {url!r} is not a database URL ({exc})"
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return f"cannot reach the database at {engine.url.render_as_string()}: {reason[0] if reason else exc}"
+    finally:
+        engine.dispose()
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api import create_app
+    from service.settings import get_settings
 
-    print(f"kdsearch: serving the API and dashboard on http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    if problem := _check_database():
+        return _fail(problem, 2)
+    settings = get_settings()
+    host = args.host or "127.0.0.1"
+    if not settings.api_token:
+        if args.host is None:
+            print("kdsearch: no KDSEARCH_API_TOKEN set: listening on loopback only (give --host to expose it)")
+        else:
+            print(f"kdsearch: warning: no KDSEARCH_API_TOKEN set and listening on {host}: anyone who reaches it "
+                  "can launch studies", file=sys.stderr)
+    print(f"kdsearch: serving the API and dashboard on http://{host}:{args.port}/", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -54,6 +89,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
     from service.worker import Worker, configure_logging, run_gpu_workers, visible_gpus
 
+    if problem := _check_database():
+        return _fail(problem, 2)
     configure_logging(args.log_level.upper())
     extra = ["--log-level", args.log_level]
     if args.exit_when_idle:
@@ -146,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the REST API and dashboard")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -15,6 +17,23 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./kdsearch.db"
     artifacts: Path = Path("./artifacts")
     api_token: str | None = None
+    public_read: bool = Field(False, description="With a token set, let GET requests (dashboard) in without it.")
+    # Local model and data paths a study may name (symlinks followed). Environment: paths separated by ':'.
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path.cwd(), Path("../shared")])
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(part) for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    # Limits on what one request may ask for
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_n_trials: int = Field(10_000, ge=1)
+    max_timeout_s: float = Field(30 * 24 * 3600.0, gt=0)
+    max_seq_length: int = Field(512, ge=8)
+    max_batch_size: int = Field(4096, ge=1)
 
     # Workers
     poll_interval: float = Field(1.0, gt=0, description="Seconds an idle worker waits before asking again.")
@@ -24,8 +43,12 @@ class Settings(BaseSettings):
     engine: str | None = Field(None, description="Trial engine as module:Class; default the distillation engine.")
 
     # Database connections (per process)
-    pool_size: int = Field(5, ge=1)
+    pool_size: int = Field(5, ge=1, description="API connections per engine.")
     max_overflow: int = Field(5, ge=0)
+    # A worker needs two connections (its loop and its heartbeat thread): 16 workers stay far below
+    # PostgreSQL's default max_connections of 100.
+    worker_pool_size: int = Field(2, ge=1)
+    worker_max_overflow: int = Field(1, ge=0)
     sqlite_busy_timeout_s: float = Field(60.0, gt=0)
 
 

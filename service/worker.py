@@ -68,11 +68,11 @@ class Worker:
         self.max_trials = max_trials
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}:{device}"
-        self.db = make_engine(settings.database_url, pool_size=2, max_overflow=2,
-                              busy_timeout_s=settings.sqlite_busy_timeout_s)
+        pool = {"pool_size": settings.worker_pool_size, "max_overflow": settings.worker_max_overflow,
+                "busy_timeout_s": settings.sqlite_busy_timeout_s}
+        self.db = make_engine(settings.database_url, **pool)
         init_db(self.db)
-        self.optuna_storage = make_optuna_storage(settings.database_url, pool_size=2, max_overflow=2,
-                                                  busy_timeout_s=settings.sqlite_busy_timeout_s)
+        self.optuna_storage = make_optuna_storage(settings.database_url, **pool)
         self.layout = ArtifactLayout(settings.artifacts)
         self.engine = engine or self._default_engine()
         self._stop = threading.Event()

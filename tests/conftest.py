@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
+# Test models and data live under the temporary directory: allow it (and only it) as a local root.
+os.environ["KDSEARCH_ALLOWED_ROOTS"] = str(Path(tempfile.gettempdir()).resolve())
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 POSTGRES_ADMIN_URL = os.environ.get("KDSEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -154,3 +154,25 @@ def test_timeout_finishes_study(db) -> None:  # type: ignore[no-untyped-def]
     settle_expired_studies(db)
     finish_slot(db, first.slot_id, "w", outcome=SlotState.DONE)
     assert _status(db, study.id) == StudyStatus.FINISHED
+
+
+def test_artifact_writes_are_atomic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    import pytest as _pytest
+
+    from storage import AtomicFileSystemArtifactStore
+
+    store = AtomicFileSystemArtifactStore(tmp_path / "store")
+    store.write("ok", io.BytesIO(b"complete"))
+    assert (tmp_path / "store" / "ok").read_bytes() == b"complete"
+
+    class Broken(io.BytesIO):
+        def read(self, *args):  # type: ignore[no-untyped-def]
+            if self.tell() > 0:
+                raise OSError("disk went away")
+            return super().read(4)
+
+    with _pytest.raises(OSError):
+        store.write("half", Broken(b"partial content"))
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ok"], "no half-written file, no temp file"

@@ -154,3 +154,34 @@ def test_postgres_restart_mid_study(make_stack, postgres_url: str, tiny_assets) 
     after = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
     assert before.items() <= after.items(), "results reported before the outage survived"
     assert all(w.poll() is None for w in stack.workers), "workers reconnected instead of dying"
+
+
+def test_api_restart_loses_nothing(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.1")
+    stack.submit(sleep_spec(tiny_assets, "api-down", 10, epochs=3))
+    stack.start_worker()
+    stack.wait_for(lambda: stack.study("api-down")["counts"]["complete"] >= 2, what="two complete trials")
+    stack.api.send_signal(signal.SIGTERM)
+    assert stack.api.wait(timeout=20) == 0
+    time.sleep(2)  # workers never talk to the API: they go on meanwhile
+    stack.start_api()
+    assert stack.wait_status("api-down")["status"] == "finished"
+    assert_exact(sqlite_url, "api-down", 10)
+
+
+def test_teacher_cache_built_once_by_concurrent_workers(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import sys
+
+    spec = json.dumps(tiny_spec(tiny_assets))
+    code = ("import json, sys; from distill import DistillationEngine; from search_space import StudySpec; "
+            f"engine = DistillationEngine({str(tmp_path / 'art')!r}, 'cpu'); "
+            "engine.prepare(StudySpec.model_validate(json.loads(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, cwd=Path(__file__).parent.parent) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum("building teacher-logit cache" in out for out in outputs) == 1
+    cache = tmp_path / "art" / "cache"
+    assert len(list(cache.glob("*/meta.json"))) == 1
+    assert not list(cache.glob(".*tmp*")), "no half-written entry left behind"

@@ -41,15 +41,28 @@ OptunaStorageDep = Annotated[RDBStorage, Depends(get_optuna_storage)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_token(settings: SettingsDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """When ``KDSEARCH_API_TOKEN`` is set, mutating endpoints need ``Authorization: Bearer <token>``."""
+def _check_token(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
     if not settings.api_token:
         return
     given = credentials.credentials if credentials is not None else ""
+    # Constant-time comparison: response time must not reveal how much of the token was right.
     if not secrets.compare_digest(given.encode(), settings.api_token.encode()):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+def require_token(settings: SettingsDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """When ``KDSEARCH_API_TOKEN`` is set, mutating endpoints need ``Authorization: Bearer <token>``."""
+    _check_token(settings, credentials)
+
+
+def require_read_access(settings: SettingsDep,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Reads need the token as well, unless ``KDSEARCH_PUBLIC_READ=true`` opens them (a read-only dashboard)."""
+    if not settings.public_read:
+        _check_token(settings, credentials)
+
+
 TokenDep = Annotated[None, Depends(require_token)]
+ReadDep = Annotated[None, Depends(require_read_access)]

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 import optuna
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.concurrency import run_in_threadpool
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
 from search_space import SpecError, StudySpec, validate_spec
-from service.api.deps import DbDep, OptunaStorageDep, SessionDep, TokenDep
+from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
 from service.api.schemas import BestTrial, EpochOut, StudyDetailOut, StudyOut, TrialCounts, TrialOut, TrialPage
+from service.settings import Settings
 from storage import (
     SlotState,
     StudyExistsError,
@@ -26,13 +27,27 @@ from storage import (
     trial_summaries,
 )
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)])
 
 
 def spec_error(exc: SpecError) -> HTTPException:
     loc = ["body", *exc.field.split(".")]
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                          [{"type": "value_error", "loc": loc, "msg": exc.message, "input": None}])
+
+
+def check_limits(spec: StudySpec, settings: Settings) -> None:
+    """The operator's caps (``KDSEARCH_MAX_*``) on what one study may ask for."""
+    from search_space import values_of
+
+    if spec.n_trials > settings.max_n_trials:
+        raise SpecError("n_trials", f"at most {settings.max_n_trials} on this server")
+    if spec.timeout_s is not None and spec.timeout_s > settings.max_timeout_s:
+        raise SpecError("timeout_s", f"at most {settings.max_timeout_s:g} s on this server")
+    if spec.dataset.max_seq_length > settings.max_seq_length:
+        raise SpecError("dataset.max_seq_length", f"at most {settings.max_seq_length} on this server")
+    if max(values_of(spec.search_space.batch_size)) > settings.max_batch_size:
+        raise SpecError("search_space.batch_size", f"at most {settings.max_batch_size} on this server")
 
 
 def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore[no-untyped-def]
@@ -98,11 +113,13 @@ def _optuna_trials(storage: optuna.storages.RDBStorage, name: str) -> list[Froze
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut)
 async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
-                       _auth: TokenDep) -> StudyDetailOut:
+                       settings: SettingsDep, _auth: TokenDep) -> StudyDetailOut:
     """Queue a study. Local paths are checked and made absolute; a pretrained student's tokenizer is compared
     with the teacher's (distillation needs identical token ids)."""
     try:
-        spec = await run_in_threadpool(validate_spec, spec)  # loads tokenizers: keep it off the event loop
+        check_limits(spec, settings)
+        # Loads tokenizers: keep it off the event loop.
+        spec = await run_in_threadpool(validate_spec, spec, settings.allowed_roots)
     except SpecError as exc:
         raise spec_error(exc) from exc
     if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, require_read_access
 from service.api.schemas import WorkerOut
 from storage import WorkerRow, utcnow
 
-router = APIRouter(prefix="/workers", tags=["workers"])
+router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)])
 
 
 @router.get("", response_model=list[WorkerOut])

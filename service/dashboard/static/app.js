@@ -4,7 +4,17 @@ const kd = (() => {
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
   const fmt = (v, d = 4) => (v === null || v === undefined ? "" : Number(v).toFixed(d));
   const sci = (v) => (v === null || v === undefined ? "" : Number(v).toPrecision(3));
-  const json = async (url) => { const r = await fetch(url); if (!r.ok) throw new Error(`${url}: ${r.status}`); return r.json(); };
+  // With KDSEARCH_API_TOKEN set (and reads not public), the API answers 401 until the token is given once.
+  const auth = () => { const t = localStorage.getItem("kdsearch-token"); return t ? {Authorization: `Bearer ${t}`} : {}; };
+  const json = async (url) => {
+    let r = await fetch(url, {headers: auth()});
+    if (r.status === 401) {
+      const token = window.prompt("kdsearch API token");
+      if (token) { localStorage.setItem("kdsearch-token", token); r = await fetch(url, {headers: auth()}); }
+    }
+    if (!r.ok) throw new Error(`${url}: ${r.status}`);
+    return r.json();
+  };
   const active = (s) => s === "queued" || s === "running";
 
   async function studiesPage() {

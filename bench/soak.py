@@ -1,0 +1,144 @@
+"""Soak: many workers on PostgreSQL, random SIGKILLs and database restarts; count what was lost.
+
+    python bench/soak.py                       # 6 workers, 4 studies, 4 kills, 2 PostgreSQL restarts
+    python bench/soak.py --workers 16 --kills 10 --restarts 3
+
+Trials run on the test engine (sleeps per epoch) so the soak exercises the queue, heartbeats, retries and
+reconnects, not training. Needs the local PostgreSQL and, for restarts, pg_ctlcluster as root.
+Writes bench/results/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--studies", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=25, help="trials per study")
+    parser.add_argument("--kills", type=int, default=4)
+    parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--epoch-s", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import optuna
+    from optuna.trial import TrialState
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.pool import NullPool
+
+    from tests.conftest import POSTGRES_ADMIN_URL, tiny_spec, write_dataset, write_tiny_model
+    from tests.procs import Stack
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = random.Random(args.seed)
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    db_name = f"kdsoak_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+    db_url = make_url(POSTGRES_ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
+    version = sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else None
+    started = time.monotonic()
+    kills = restarts = 0
+    with tempfile.TemporaryDirectory(prefix="kdsearch-soak-") as tmp:
+        root = Path(tmp)
+        assets = {"teacher": write_tiny_model(root / "teacher"), "data": write_dataset(root / "data")}
+        stack = Stack(db_url, root, KDSEARCH_ENGINE="tests.sleep_engine:SleepEngine",
+                      KDSEARCH_TEST_EPOCH_S=str(args.epoch_s), KDSEARCH_POLL_INTERVAL="0.2",
+                      KDSEARCH_HEARTBEAT_INTERVAL="1", KDSEARCH_GRACE_PERIOD="5")
+        try:
+            stack.start_api()
+            names = [f"soak-{i}" for i in range(args.studies)]
+            for i, name in enumerate(names):
+                stack.submit(tiny_spec(assets, name=name, n_trials=args.trials, priority=i % 3,
+                                       search_space={"num_train_epochs": {"low": 2, "high": 6}}, pruner="median"))
+            for _ in range(args.workers):
+                stack.start_worker()
+            events = ["kill"] * args.kills + (["restart"] * args.restarts if version else [])
+            rng.shuffle(events)
+            for event in events:
+                time.sleep(rng.uniform(3, 8))
+                if event == "kill":
+                    alive = [w for w in stack.workers if w.poll() is None]
+                    victim = rng.choice(alive)
+                    victim.send_signal(signal.SIGKILL)
+                    victim.wait()
+                    stack.start_worker()  # a supervisor would restart it
+                    kills += 1
+                    print(f"[{time.monotonic() - started:6.1f}s] killed worker pid {victim.pid}", flush=True)
+                else:
+                    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                                   check=True, capture_output=True)
+                    restarts += 1
+                    print(f"[{time.monotonic() - started:6.1f}s] restarted PostgreSQL", flush=True)
+            for name in names:
+                stack.wait_status(name, timeout_s=900)
+            elapsed = time.monotonic() - started
+            lost = overruns = doubles = finished_total = failed_total = 0
+            for name in names:
+                trials = optuna.load_study(study_name=name, storage=db_url).get_trials(deepcopy=False)
+                finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+                per_slot = Counter(t.user_attrs["slot"] for t in finished)
+                finished_total += len(finished)
+                failed_total += sum(t.state == TrialState.FAIL for t in trials)
+                overruns += max(0, len(finished) - args.trials)
+                doubles += sum(n - 1 for n in per_slot.values() if n > 1)
+                lost += args.trials - len(per_slot)  # slots that never got a finished trial
+                lost += sum(t.state == TrialState.COMPLETE and "checkpoint_artifact_id" not in t.user_attrs
+                            for t in trials)
+                lost += sum(t.state == TrialState.RUNNING for t in trials)
+            logs = stack.worker_logs()
+        finally:
+            stack.stop()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+    rows = [
+        ("workers (started, incl. replacements)", args.workers + kills),
+        ("studies x trials", f"{args.studies} x {args.trials}"),
+        ("finished trials (COMPLETE + PRUNED)", finished_total),
+        ("FAIL trials (killed mid-trial or cut by a restart, all retried)", failed_total),
+        ("SIGKILLs injected", kills),
+        ("PostgreSQL restarts", restarts),
+        ("trials lost", lost),
+        ("budget overruns", overruns),
+        ("double runs", doubles),
+        ("'too many clients' errors", logs.count("too many clients")),
+        ("wall time (s)", f"{elapsed:.0f}"),
+    ]
+    table = ["| measure | value |", "|---|---:|", *[f"| {k} | {v} |" for k, v in rows]]
+    verdict = "PASS" if lost == overruns == doubles == 0 and finished_total == args.studies * args.trials else "FAIL"
+    report = [
+        "# Reliability soak",
+        "",
+        f"`python bench/soak.py --workers {args.workers} --studies {args.studies} --trials {args.trials} "
+        f"--kills {args.kills} --restarts {args.restarts} --epoch-s {args.epoch_s}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}: PostgreSQL store, test engine sleeping {args.epoch_s} s per epoch, "
+        "heartbeat 1 s, grace 5 s.",
+        "",
+        *table,
+        "",
+        f"Verdict: **{verdict}** (must be: 0 lost, 0 overruns, 0 double runs, every study exactly n_trials).",
+    ]
+    out = ROOT / "bench" / "results" / "reliability.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    sys.exit(0 if verdict == "PASS" else 1)
+
+
+if __name__ == "__main__":
+    main()
