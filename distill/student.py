@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from distill.data import DataError
 from distill.teacher import split_revision
@@ -38,12 +38,16 @@ def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int
     labels = _label_kwargs(teacher_config)
     if spec.model is not None:
         name, revision = split_revision(spec.model)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        student_config = AutoConfig.from_pretrained(name, revision=revision)
+        has_head = any(a.endswith("ForSequenceClassification") for a in student_config.architectures or [])
+        if has_head and student_config.num_labels != teacher_config.num_labels:
+            # A fine-tuned classifier with other labels would silently lose its head: refuse instead.
+            raise DataError(f"teacher and student label counts differ (teacher {teacher_config.num_labels}, "
+                            f"student {student_config.num_labels})")
+        # A base model (no classification head) gets a fresh head with the teacher's labels.
+        return AutoModelForSequenceClassification.from_pretrained(
             name, revision=revision, ignore_mismatched_sizes=True, **labels
         )
-        if model.config.num_labels != teacher_config.num_labels:
-            raise DataError("teacher and student label counts differ")
-        return model
     config = copy.deepcopy(teacher_config)
     if spec.config is not None:
         config.update(spec.config.model_dump())

@@ -36,12 +36,15 @@ class SpecError(ValueError):
 
 def looks_local(ref: str) -> bool:
     """A reference is a local path if it exists or is written like one (not like ``owner/name``)."""
-    return os.path.exists(ref) or ref.startswith(("/", ".", "~")) or HUB_ID.match(ref) is None
+    return ref.startswith(("/", ".", "~")) or HUB_ID.match(ref) is None or os.path.lexists(ref)
 
 
 def _inside_roots(field: str, ref: str, roots: Sequence[Path] | None) -> Path:
     """The real path (symlinks followed) of ``ref``, which must lie under one of ``roots`` (None: anywhere)."""
-    real = Path(ref).expanduser().resolve()
+    try:
+        real = Path(ref).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, unknown ~user
+        raise SpecError(field, f"not a usable path: {exc}") from exc
     if roots is not None and not any(real.is_relative_to(root.expanduser().resolve()) for root in roots):
         shown = ", ".join(str(r) for r in roots)
         raise SpecError(field, f"{ref!r} resolves to {real}, outside the allowed roots ({shown}); "

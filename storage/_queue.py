@@ -56,7 +56,7 @@ def create_study(
 
 
 def get_study(session: Session, id_or_name: str | int) -> StudyRow | None:
-    if isinstance(id_or_name, int) or str(id_or_name).isdigit():
+    if isinstance(id_or_name, int) or (str(id_or_name).isdigit() and len(str(id_or_name)) <= 18):
         row = session.get(StudyRow, int(id_or_name))
         if row is not None:
             return row

@@ -70,10 +70,11 @@ def write_dataset(directory: Path, n_train: int = 160, n_eval: int = 48, seed: i
     return directory
 
 
-def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_vocab: list[str] | None = None) -> Path:
+def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_vocab: list[str] | None = None,
+                     num_labels: int = 2, classifier: bool = True) -> Path:
     """A randomly initialised BERT sequence classifier with a word-level vocabulary, saved as a HF model."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     # Extra words go right after the special tokens, so every later id shifts: a different vocabulary.
@@ -81,11 +82,12 @@ def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_v
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
+    labels = ["negative", "positive", "neutral"][:num_labels]
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-                        architectures=["BertForSequenceClassification"])
-    BertForSequenceClassification(config).save_pretrained(directory)
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+                        architectures=["BertForSequenceClassification" if classifier else "BertModel"])
+    (BertForSequenceClassification if classifier else BertModel)(config).save_pretrained(directory)
     return directory
 
 

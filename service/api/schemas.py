@@ -8,6 +8,10 @@ from typing import Any
 from pydantic import BaseModel
 
 
+class ErrorOut(BaseModel):
+    detail: Any
+
+
 class TrialCounts(BaseModel):
     complete: int = 0
     pruned: int = 0
@@ -67,6 +71,31 @@ class TrialOut(BaseModel):
     completed_at: datetime | None
     stop_reason: str | None
     fail_reason: str | None
+
+
+class TrialPoint(BaseModel):
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class StudySummary(BaseModel):
+    """Everything the study page draws, aggregated in SQL (one request, even for thousands of trials)."""
+
+    study: StudyDetailOut
+    points: list[TrialPoint]
+    curves: dict[int, list[tuple[int, float]]]
+    elapsed_s: float | None
+    eta_s: float | None
+
+
+class Importances(BaseModel):
+    evaluator: str
+    n_trials: int
+    importances: dict[str, float]
 
 
 class TrialPage(BaseModel):

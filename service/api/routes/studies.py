@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 import optuna
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
 from search_space import SpecError, StudySpec, validate_spec
 from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
-from service.api.schemas import BestTrial, EpochOut, StudyDetailOut, StudyOut, TrialCounts, TrialOut, TrialPage
+from service.api.schemas import (
+    BestTrial,
+    EpochOut,
+    ErrorOut,
+    Importances,
+    StudyDetailOut,
+    StudyOut,
+    StudySummary,
+    TrialCounts,
+    TrialOut,
+    TrialPage,
+    TrialPoint,
+)
 from service.settings import Settings
 from storage import (
     SlotState,
@@ -25,9 +38,13 @@ from storage import (
     optuna_study_exists,
     slot_counts,
     trial_summaries,
+    utcnow,
 )
+from storage._trials import learning_curves, optuna_study_id, page_trial_ids, study_fingerprint, trial_points
 
-router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)])
+router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)],
+                   responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
+NOT_FOUND = {404: {"model": ErrorOut, "description": "No such study"}}
 
 
 def spec_error(exc: SpecError) -> HTTPException:
@@ -103,15 +120,10 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
     )
 
 
-def _optuna_trials(storage: optuna.storages.RDBStorage, name: str) -> list[FrozenTrial]:
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        return []
-    return storage.get_all_trials(study_id, deepcopy=False)
-
-
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut, responses={
+    409: {"model": ErrorOut, "description": "A study of that name exists"},
+    413: {"model": ErrorOut, "description": "Request body too large"},
+})
 async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
                        settings: SettingsDep, _auth: TokenDep) -> StudyDetailOut:
     """Queue a study. Local paths are checked and made absolute; a pretrained student's tokenizer is compared
@@ -157,22 +169,90 @@ def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[
                           teacher_accuracy=teacher_accuracy)
 
 
-@router.get("/{id_or_name}", response_model=StudyDetailOut)
+@router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)
 def read_study(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep) -> StudyDetailOut:
     return _detail(session, optuna_storage, _load(session, id_or_name))
 
 
-@router.get("/{id_or_name}/trials", response_model=TrialPage)
+@router.get("/{id_or_name}/trials", response_model=TrialPage, responses=NOT_FOUND)
 def list_trials(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep,
-                offset: Annotated[int, Query(ge=0)] = 0,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> TrialPage:
+                offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                sort: Annotated[Literal["number", "value", "state", "started"], Query()] = "number",
+                order: Annotated[Literal["asc", "desc"], Query()] = "asc",
+                state: Annotated[Literal["COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL"] | None, Query()] = None,
+                since: Annotated[datetime | None, Query(description="only trials started, finished or running "
+                                                                    "since then (incremental polling)")] = None,
+                ) -> TrialPage:
+    """Trials, paged and sorted in SQL."""
     row = _load(session, id_or_name)
-    trials = _optuna_trials(optuna_storage, row.name)
-    page = trials[offset : offset + limit]
-    return TrialPage(total=len(trials), offset=offset, limit=limit, trials=[_trial_out(t) for t in page])
+    study_id = optuna_study_id(session, row.name)
+    if study_id is None:
+        return TrialPage(total=0, offset=offset, limit=limit, trials=[])
+    total, ids = page_trial_ids(session, study_id, offset=offset, limit=limit, sort=sort,
+                                descending=order == "desc", state=state, changed_since=since)
+    return TrialPage(total=total, offset=offset, limit=limit,
+                     trials=[_trial_out(optuna_storage.get_trial(trial_id)) for trial_id in ids])
 
 
-@router.post("/{id_or_name}/cancel", response_model=StudyDetailOut)
+@router.get("/{id_or_name}/summary", response_model=StudySummary,
+            responses={**NOT_FOUND, 304: {"description": "Unchanged since the ETag given in If-None-Match"}})
+def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep, request: Request,
+                  response: Response) -> StudySummary | Response:
+    """The study page's data: the study, every trial's params and value, and every learning curve.
+
+    Poll it with ``If-None-Match``: while nothing changed the answer is an empty 304.
+    """
+    row = _load(session, id_or_name)
+    study_id = optuna_study_id(session, row.name)
+    fingerprint = study_fingerprint(session, study_id) if study_id is not None else "none"
+    etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    detail = _detail(session, optuna_storage, row)
+    points = trial_points(session, study_id) if study_id is not None else []
+    curves = learning_curves(session, study_id) if study_id is not None else {}
+    elapsed = eta = None
+    if row.started_at is not None:
+        end = row.finished_at or utcnow()
+        elapsed = (end - row.started_at).total_seconds()
+        if detail.finished and row.status in ("queued", "running"):
+            eta = elapsed / detail.finished * (row.n_trials - detail.finished)
+    return StudySummary(study=detail, points=[TrialPoint(**p) for p in points], curves=curves,
+                        elapsed_s=elapsed, eta_s=eta)
+
+
+@router.get("/{id_or_name}/importances", response_model=Importances, responses=NOT_FOUND)
+def importances(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep) -> Importances:
+    """Hyperparameter importances (Optuna's fANOVA evaluator) over the COMPLETE trials; cached per trial count."""
+    row = _load(session, id_or_name)
+    counts, _ = trial_summaries(session, [row.name])[row.name]
+    return _importances(optuna_storage, row.name, counts.get("COMPLETE", 0))
+
+
+_IMPORTANCE_CACHE: dict[tuple[str, int], Importances] = {}
+
+
+def _importances(storage: optuna.storages.RDBStorage, name: str, n_complete: int) -> Importances:
+    key = (name, n_complete)
+    if key not in _IMPORTANCE_CACHE:
+        values: dict[str, float] = {}
+        if n_complete >= 2:
+            study = optuna.load_study(study_name=name, storage=storage)
+            try:
+                values = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            except (RuntimeError, ValueError):  # too few distinct values to tell anything apart
+                values = {}
+        if len(_IMPORTANCE_CACHE) > 64:
+            _IMPORTANCE_CACHE.clear()
+        _IMPORTANCE_CACHE[key] = Importances(evaluator="fanova", n_trials=n_complete,
+                                             importances={k: float(v) for k, v in values.items()})
+    return _IMPORTANCE_CACHE[key]
+
+
+@router.post("/{id_or_name}/cancel", response_model=StudyDetailOut, responses=NOT_FOUND)
 def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
            _auth: TokenDep) -> StudyDetailOut:
     """No new trials start; running ones stop at their next epoch boundary."""

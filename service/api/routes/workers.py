@@ -6,10 +6,11 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
 from service.api.deps import SessionDep, require_read_access
-from service.api.schemas import WorkerOut
+from service.api.schemas import ErrorOut, WorkerOut
 from storage import WorkerRow, utcnow
 
-router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)])
+router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)],
+                   responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
 
 
 @router.get("", response_model=list[WorkerOut])

@@ -1,75 +1,161 @@
-// kdsearch dashboard: polls the REST API and redraws; no build step, no CDN.
+// kdsearch dashboard: polls the REST API and redraws; no build step, no CDN. Plotly comes from the plotly package.
 const kd = (() => {
   const REFRESH_MS = 2000;
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
   const fmt = (v, d = 4) => (v === null || v === undefined ? "" : Number(v).toFixed(d));
   const sci = (v) => (v === null || v === undefined ? "" : Number(v).toPrecision(3));
+  const dur = (s) => (s === null || s === undefined ? "" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+  const active = (s) => s === "queued" || s === "running";
+  const PLOT = {displayModeBar: false, responsive: true};
+  const BASE = {margin: {t: 10, r: 10, b: 45, l: 55}, legend: {orientation: "h"}};
+
   // With KDSEARCH_API_TOKEN set (and reads not public), the API answers 401 until the token is given once.
   const auth = () => { const t = localStorage.getItem("kdsearch-token"); return t ? {Authorization: `Bearer ${t}`} : {}; };
-  const json = async (url) => {
-    let r = await fetch(url, {headers: auth()});
+  async function request(url, options = {}) {
+    const go = () => fetch(url, {...options, headers: {...(options.headers || {}), ...auth()}});
+    let r = await go();
     if (r.status === 401) {
       const token = window.prompt("kdsearch API token");
-      if (token) { localStorage.setItem("kdsearch-token", token); r = await fetch(url, {headers: auth()}); }
+      if (token) { localStorage.setItem("kdsearch-token", token); r = await go(); }
     }
+    return r;
+  }
+  const json = async (url) => { const r = await request(url); if (!r.ok) throw new Error(`${url}: ${r.status}`); return r.json(); };
+  const etags = {};
+  // Conditional GET: the server answers 304 (no body) while nothing changed.
+  async function changed(url) {
+    const r = await request(url, {headers: etags[url] ? {"If-None-Match": etags[url]} : {}});
+    if (r.status === 304) return null;
     if (!r.ok) throw new Error(`${url}: ${r.status}`);
+    etags[url] = r.headers.get("ETag");
     return r.json();
-  };
-  const active = (s) => s === "queued" || s === "running";
+  }
+  const loop = (fn, ms = REFRESH_MS) => { const tick = async () => { let again = true; try { again = await fn(); } catch (e) { console.warn(e); } setTimeout(tick, again === false ? 5 * ms : ms); }; tick(); };
 
-  async function studiesPage() {
-    const draw = async () => {
+  async function cancel(name) {
+    if (!window.confirm(`Cancel study ${name}? Running trials stop at their next epoch.`)) return;
+    const r = await request(`/api/studies/${encodeURIComponent(name)}/cancel`, {method: "POST"});
+    if (!r.ok) window.alert(`cancel failed: ${r.status}`);
+  }
+
+  // ------------------------------------------------------------------------------------------- studies page
+  const EXAMPLE = {name: "sst2-search", teacher: "../shared/models/sst2-teacher",
+    student: {config: {num_hidden_layers: 2, hidden_size: 128, num_attention_heads: 2, intermediate_size: 512}},
+    dataset: {path: "../shared/data/sst2", max_train_samples: 6000},
+    search_space: {num_train_epochs: {low: 2, high: 5}}, n_trials: 20, priority: 0};
+
+  function studiesPage() {
+    const spec = document.getElementById("spec");
+    spec.value = JSON.stringify(EXAMPLE, null, 2);
+    document.getElementById("submit").onclick = async () => {
+      const out = document.getElementById("launch-result");
+      let body;
+      try { body = JSON.parse(spec.value); } catch (e) { out.innerHTML = `<span class="error">not JSON: ${esc(e.message)}</span>`; return; }
+      const r = await request("/api/studies", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      const data = await r.json().catch(() => ({}));
+      if (r.ok) { out.innerHTML = `queued <a href="/studies/${encodeURIComponent(data.name)}">${esc(data.name)}</a>`; return; }
+      const detail = Array.isArray(data.detail) ? data.detail.map((d) => `${d.loc.slice(1).join(".")}: ${d.msg}`).join("; ") : data.detail;
+      out.innerHTML = `<span class="error">${r.status}: ${esc(detail)}</span>`;
+    };
+    document.querySelector("#studies tbody").addEventListener("click", (e) => { if (e.target.dataset.cancel) cancel(e.target.dataset.cancel); });
+    loop(async () => {
       const studies = await json("/api/studies");
+      const now = Date.now();
       document.querySelector("#studies tbody").innerHTML = studies.map((s) => {
         const pct = Math.round((100 * s.finished) / s.n_trials);
+        const elapsed = s.started_at ? ((s.finished_at ? Date.parse(s.finished_at) : now) - Date.parse(s.started_at)) / 1000 : null;
+        const eta = active(s.status) && s.finished && elapsed ? (elapsed / s.finished) * (s.n_trials - s.finished) : null;
         return `<tr><td><a href="/studies/${encodeURIComponent(s.name)}">${esc(s.name)}</a></td>
           <td><span class="badge ${esc(s.status)}">${esc(s.status)}</span></td><td class="num">${s.priority}</td>
           <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}</td>
           <td class="num">${s.counts.complete}</td><td class="num">${s.counts.pruned}</td><td class="num">${s.counts.running}</td>
-          <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}</td>
-          <td>${new Date(s.created_at).toLocaleString()}</td><td class="error">${esc(s.error || "")}</td></tr>`;
+          <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
+          <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : `<span class="error">${esc(s.error || "")}</span>`}</td></tr>`;
       }).join("");
       const workers = await json("/api/workers");
-      document.querySelector("#workers tbody").innerHTML = workers.map((w) => `<tr><td>${esc(w.id)}</td><td>${esc(w.device)}</td>
+      document.querySelector("#workers tbody").innerHTML = workers.map((w) => `<tr><td>${esc(w.id)}</td><td>${esc(w.host)}</td><td>${esc(w.device)}</td>
         <td>${esc(w.status)}</td><td>${w.current_study_id ?? ""}</td><td>${w.current_trial_number ?? ""}</td>
         <td class="num">${w.heartbeat_age_s}</td></tr>`).join("");
       document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    };
-    const loop = async () => { try { await draw(); } catch (e) { console.warn(e); } setTimeout(loop, REFRESH_MS); };
-    loop();
+    });
   }
 
-  function drawCharts(study, trials) {
-    const done = trials.filter((t) => t.value !== null).sort((a, b) => a.number - b.number);
+  // --------------------------------------------------------------------------------------------- study page
+  function drawCharts(summary) {
+    const study = summary.study;
+    const done = summary.points.filter((t) => t.value !== null && (t.state === "COMPLETE" || t.state === "PRUNED"));
     let best = -Infinity;
     const bestLine = done.map((t) => (best = Math.max(best, t.state === "COMPLETE" ? t.value : best)));
-    const traces = [
-      {x: done.map((t) => t.number), y: done.map((t) => t.value), mode: "markers", name: "trial",
-       marker: {color: done.map((t) => (t.state === "PRUNED" ? "#c27c0e" : "#3563e9"))},
-       text: done.map((t) => `${t.state} lr=${sci(t.params.learning_rate)} T=${fmt(t.params.temperature, 2)} a=${fmt(t.params.alpha, 2)}`)},
+    const teacher = study.teacher_accuracy ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: study.teacher_accuracy, y1: study.teacher_accuracy, line: {dash: "dot", color: "#1f9d55"}}] : [];
+    const label = (t) => `#${t.number} ${t.state} lr=${sci(t.params.learning_rate)} T=${fmt(t.params.temperature, 2)} α=${fmt(t.params.alpha, 2)}`;
+    Plotly.react("history", [
+      {x: done.map((t) => t.number), y: done.map((t) => t.value), mode: "markers", name: "trial", text: done.map(label),
+       marker: {color: done.map((t) => (t.state === "PRUNED" ? "#c27c0e" : "#3563e9"))}},
       {x: done.map((t) => t.number), y: bestLine.map((v) => (v === -Infinity ? null : v)), mode: "lines", name: "best so far", line: {shape: "hv"}},
-    ];
-    const shapes = study.teacher_accuracy ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: study.teacher_accuracy, y1: study.teacher_accuracy, line: {dash: "dot", color: "#1f9d55"}}] : [];
-    const layout = {margin: {t: 10, r: 10, b: 40, l: 50}, xaxis: {title: {text: "trial"}}, yaxis: {title: {text: "eval accuracy"}}, shapes, legend: {orientation: "h"}};
-    Plotly.react("history", traces, layout, {displayModeBar: false, responsive: true});
-    const curves = trials.filter((t) => t.epochs.length).map((t) => ({
-      x: t.epochs.map((e) => e.epoch), y: t.epochs.map((e) => e.eval_accuracy), mode: "lines+markers", name: `#${t.number}`,
-      line: {dash: t.state === "PRUNED" ? "dot" : "solid", width: 1.5}, marker: {size: 4}}));
-    Plotly.react("curves", curves, {...layout, xaxis: {title: {text: "epoch"}, dtick: 1}, showlegend: false}, {displayModeBar: false, responsive: true});
+    ], {...BASE, shapes: teacher, xaxis: {title: {text: "trial"}}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+    const states = Object.fromEntries(summary.points.map((t) => [t.number, t.state]));
+    Plotly.react("curves", Object.entries(summary.curves).map(([n, pts]) => ({
+      x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines", name: `#${n}`, hoverinfo: "name+y",
+      line: {dash: states[n] === "PRUNED" ? "dot" : "solid", width: 1.2}})),
+      {...BASE, shapes: teacher, showlegend: false, xaxis: {title: {text: "epoch"}, dtick: 1}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+    const withParams = done.filter((t) => t.params.temperature !== undefined || t.params.alpha !== undefined || t.params.learning_rate !== undefined);
+    const colour = {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true, colorbar: {title: {text: "acc"}}};
+    Plotly.react("scatter", [{x: withParams.map((t) => t.params.temperature), y: withParams.map((t) => t.params.alpha), mode: "markers",
+      text: withParams.map(label), marker: {...colour, size: 9}}], {...BASE, xaxis: {title: {text: "temperature"}}, yaxis: {title: {text: "alpha"}}}, PLOT);
+    Plotly.react("slice", [{x: withParams.map((t) => t.params.learning_rate), y: withParams.map((t) => t.value), mode: "markers",
+      text: withParams.map(label), marker: {color: withParams.map((t) => (t.state === "PRUNED" ? "#c27c0e" : "#3563e9"))}}],
+      {...BASE, xaxis: {title: {text: "learning_rate"}, type: "log"}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+    const names = [...new Set(withParams.flatMap((t) => Object.keys(t.params)))].filter((k) => withParams.every((t) => typeof t.params[k] === "number"));
+    if (withParams.length) {
+      Plotly.react("parallel", [{type: "parcoords", line: {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true},
+        dimensions: [...names.map((k) => ({label: k, values: withParams.map((t) => (k === "learning_rate" ? Math.log10(t.params[k]) : t.params[k]))})),
+          {label: "accuracy", values: withParams.map((t) => t.value)}]}], {margin: {t: 30, r: 40, b: 20, l: 40}}, PLOT);
+    }
   }
 
-  async function studyPage(name) {
-    const draw = async () => {
-      const study = await json(`/api/studies/${encodeURIComponent(name)}`);
-      const page = await json(`/api/studies/${encodeURIComponent(name)}/trials`);
+  function studyPage(name) {
+    const base = `/api/studies/${encodeURIComponent(name)}`;
+    const table = {offset: 0, limit: 50, sort: "number", order: "desc", state: ""};
+    let status = "queued";
+    const drawTable = async () => {
+      const q = new URLSearchParams({offset: table.offset, limit: table.limit, sort: table.sort, order: table.order});
+      if (table.state) q.set("state", table.state);
+      const page = await json(`${base}/trials?${q}`);
+      document.getElementById("page-info").textContent = page.total ? `${table.offset + 1}–${Math.min(table.offset + table.limit, page.total)} of ${page.total}` : "no trials yet";
+      document.getElementById("prev").disabled = table.offset === 0;
+      document.getElementById("next").disabled = table.offset + table.limit >= page.total;
+      document.querySelectorAll("#trials th[data-sort]").forEach((th) => th.classList.toggle("sorted", th.dataset.sort === table.sort));
+      document.querySelector("#trials tbody").innerHTML = page.trials.map((t) => `<tr data-number="${t.number}">
+        <td class="num">${t.number}</td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
+        <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
+        <td class="num">${sci(t.params.learning_rate)}</td><td class="num">${fmt(t.params.temperature, 2)}</td>
+        <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
+        <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td><td>${esc(t.worker || "")}</td>
+        <td class="muted">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
+    };
+    document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
+      table.order = table.sort === th.dataset.sort && table.order === "desc" ? "asc" : "desc";
+      table.sort = th.dataset.sort; table.offset = 0; drawTable();
+    }));
+    document.getElementById("prev").onclick = () => { table.offset = Math.max(0, table.offset - table.limit); drawTable(); };
+    document.getElementById("next").onclick = () => { table.offset += table.limit; drawTable(); };
+    document.getElementById("state-filter").onchange = (e) => { table.state = e.target.value; table.offset = 0; drawTable(); };
+    document.getElementById("cancel").onclick = () => cancel(name);
+    loop(async () => {
+      const summary = await changed(`${base}/summary`);
+      if (summary === null) return active(status);  // nothing new since the last poll
+      const study = summary.study;
+      status = study.status;
       document.title = `kdsearch: ${study.name}`;
       document.getElementById("name").textContent = study.name;
       document.getElementById("status").innerHTML = `<span class="badge ${esc(study.status)}">${esc(study.status)}</span>`;
+      document.getElementById("cancel").hidden = !active(study.status);
       document.getElementById("progress-text").textContent = `${study.finished} / ${study.n_trials}`;
       document.getElementById("progress-bar").style.width = `${(100 * study.finished) / study.n_trials}%`;
       const c = study.counts;
       document.getElementById("counts").textContent = `complete ${c.complete} · pruned ${c.pruned} · running ${c.running} · waiting ${c.waiting} · failed ${c.failed}` +
         (study.teacher_accuracy ? ` · teacher accuracy ${fmt(study.teacher_accuracy)}` : "");
+      document.getElementById("timing").textContent = `elapsed ${dur(summary.elapsed_s) || "-"}` + (summary.eta_s !== null ? ` · ETA ${dur(summary.eta_s)}` : "");
       document.getElementById("error").textContent = study.error || "";
       const b = study.best_trial;
       if (b) {
@@ -78,22 +164,14 @@ const kd = (() => {
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
       }
-      const trials = page.trials;
-      document.querySelector("#trials tbody").innerHTML = trials.slice().sort((a, b) => b.number - a.number).map((t) => `<tr>
-        <td class="num">${t.number}</td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
-        <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
-        <td class="num">${sci(t.params.learning_rate)}</td><td class="num">${fmt(t.params.temperature, 2)}</td>
-        <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
-        <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td><td>${esc(t.worker || "")}</td></tr>`).join("");
-      drawCharts(study, trials);
+      drawCharts(summary);
+      await drawTable();
+      const imp = await json(`${base}/importances`);
+      const entries = Object.entries(imp.importances).sort((a, b) => a[1] - b[1]);
+      Plotly.react("importances", [{type: "bar", orientation: "h", x: entries.map((e) => e[1]), y: entries.map((e) => e[0])}],
+        {...BASE, margin: {t: 10, r: 10, b: 40, l: 120}, xaxis: {title: {text: entries.length ? `importance over ${imp.n_trials} complete trials` : "needs two complete trials"}}}, PLOT);
       return active(study.status);
-    };
-    const loop = async () => {
-      let again = true;
-      try { again = await draw(); } catch (e) { console.warn(e); }
-      setTimeout(loop, again ? REFRESH_MS : 5 * REFRESH_MS);
-    };
-    loop();
+    });
   }
 
   return {studiesPage, studyPage};

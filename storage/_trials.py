@@ -1,0 +1,107 @@
+"""Fast reads over Optuna's schema for the dashboard: aggregates and pages in SQL, so a study of thousands of
+trials answers in milliseconds instead of loading every FrozenTrial."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import sqlalchemy as sa
+from optuna.distributions import json_to_distribution
+from sqlalchemy.orm import Session
+
+_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
+_trials = sa.table("trials", sa.column("trial_id"), sa.column("number"), sa.column("study_id"), sa.column("state"),
+                   sa.column("datetime_start"), sa.column("datetime_complete"))
+_values = sa.table("trial_values", sa.column("trial_id"), sa.column("objective"), sa.column("value"))
+_params = sa.table("trial_params", sa.column("trial_id"), sa.column("param_name"), sa.column("param_value"),
+                   sa.column("distribution_json"))
+_steps = sa.table("trial_intermediate_values", sa.column("trial_id"), sa.column("step"),
+                  sa.column("intermediate_value"))
+_state = sa.cast(_trials.c.state, sa.String)
+
+SORTABLE = {"number": _trials.c.number, "value": _values.c.value, "state": _state,
+            "started": _trials.c.datetime_start}
+
+
+@lru_cache(maxsize=256)
+def _external(distribution_json: str, internal: float) -> Any:
+    return json_to_distribution(distribution_json).to_external_repr(internal)
+
+
+def optuna_study_id(session: Session, name: str) -> int | None:
+    return session.scalar(sa.select(_studies.c.study_id).where(_studies.c.study_name == name))
+
+
+def _with_value(study_id: int) -> sa.Select:
+    return (
+        sa.select(_trials.c.trial_id, _trials.c.number, _state.label("state"), _values.c.value,
+                  _trials.c.datetime_start, _trials.c.datetime_complete)
+        .outerjoin(_values, sa.and_(_values.c.trial_id == _trials.c.trial_id, _values.c.objective == 0))
+        .where(_trials.c.study_id == study_id)
+    )
+
+
+def trial_points(session: Session, study_id: int) -> list[dict[str, Any]]:
+    """Every trial: number, state, value, start/complete times and searched params (external values)."""
+    rows = session.execute(_with_value(study_id).order_by(_trials.c.number)).all()
+    params: dict[int, dict[str, Any]] = {}
+    for trial_id, name, internal, dist in session.execute(
+        sa.select(_params.c.trial_id, _params.c.param_name, _params.c.param_value, _params.c.distribution_json)
+        .join(_trials, _trials.c.trial_id == _params.c.trial_id)
+        .where(_trials.c.study_id == study_id)
+    ):
+        params.setdefault(trial_id, {})[name] = _external(dist, internal)
+    return [{"number": r.number, "state": r.state, "value": r.value, "params": params.get(r.trial_id, {}),
+             "started_at": r.datetime_start, "completed_at": r.datetime_complete} for r in rows]
+
+
+def learning_curves(session: Session, study_id: int) -> dict[int, list[tuple[int, float]]]:
+    """Per trial number, its reported (epoch, eval accuracy) pairs."""
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for number, step, value in session.execute(
+        sa.select(_trials.c.number, _steps.c.step, _steps.c.intermediate_value)
+        .join(_trials, _trials.c.trial_id == _steps.c.trial_id)
+        .where(_trials.c.study_id == study_id)
+        .order_by(_trials.c.number, _steps.c.step)
+    ):
+        curves.setdefault(number, []).append((int(step), float(value)))
+    return curves
+
+
+def page_trial_ids(session: Session, study_id: int, *, offset: int, limit: int, sort: str = "number",
+                   descending: bool = False, state: str | None = None,
+                   changed_since: datetime | None = None) -> tuple[int, list[int]]:
+    """(total matching, trial ids of one page), sorted and filtered in SQL."""
+    query = _with_value(study_id)
+    if state:
+        query = query.where(_state == state)
+    if changed_since is not None:
+        # Running trials change every epoch; finished ones only once.
+        query = query.where(sa.or_(_state == "RUNNING", _trials.c.datetime_complete >= changed_since,
+                                   _trials.c.datetime_start >= changed_since))
+    total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+    key = SORTABLE[sort]
+    order = key.desc() if descending else key.asc()
+    nulls_last = sa.case((key.is_(None), 1), else_=0)
+    ids = session.scalars(
+        query.with_only_columns(_trials.c.trial_id).order_by(nulls_last, order, _trials.c.number)
+        .offset(offset).limit(limit)
+    ).all()
+    return total, list(ids)
+
+
+
+
+def study_fingerprint(session: Session, study_id: int) -> str:
+    """Changes whenever a trial starts, reports an epoch or finishes: an ETag for conditional polling."""
+    n_trials, n_finished, last_complete = session.execute(
+        sa.select(sa.func.count(), sa.func.count(_trials.c.datetime_complete), sa.func.max(_trials.c.datetime_complete))
+        .where(_trials.c.study_id == study_id)
+    ).one()
+    n_steps = session.scalar(
+        sa.select(sa.func.count()).select_from(_steps).join(_trials, _trials.c.trial_id == _steps.c.trial_id)
+        .where(_trials.c.study_id == study_id)
+    )
+    return f"{n_trials}.{n_finished}.{n_steps}.{last_complete}"

@@ -1,0 +1,102 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright) against a study a real worker runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_spec
+from tests.procs import Stack
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="needs Debian's chromium (installed by .ci/run); in CI a missing browser fails instead",
+)
+CHARTS = ("history", "curves", "scatter", "slice", "importances", "parallel")
+
+
+@pytest.fixture
+def browser() -> Iterator:  # type: ignore[type-arg]
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def live_stack(sqlite_url: str, tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.sleep_engine:SleepEngine",
+                  KDSEARCH_TEST_EPOCH_S="0.6", KDSEARCH_POLL_INTERVAL="0.1")
+    stack.start_api()
+    yield stack
+    stack.stop()
+
+
+def shot(page, path: Path) -> None:  # type: ignore[no-untyped-def]
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("CI"):
+        print(f"screenshot: {path}")
+
+
+def test_study_page_is_live(browser, live_stack: Stack, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    live_stack.submit(tiny_spec(tiny_assets, name="live", n_trials=6,
+                                search_space={"num_train_epochs": 3, "learning_rate": {"low": 1e-4, "high": 1e-2,
+                                                                                       "log": True}}))
+    live_stack.start_worker()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(f"{live_stack.url}/studies/live")
+
+    page.wait_for_function("document.querySelectorAll('#trials tbody tr').length >= 1", timeout=60_000)
+    first = page.locator("#trials tbody tr").count()
+    # A new trial shows up without a reload.
+    page.wait_for_function(f"document.querySelectorAll('#trials tbody tr').length > {first}", timeout=60_000)
+    shot(page, tmp_path / "study-running.png")
+
+    live_stack.wait_status("live")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('finished')", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('#trials tbody tr').length === 6", timeout=30_000)
+    for chart in CHARTS:
+        page.wait_for_selector(f"#{chart} svg.main-svg", timeout=30_000)
+    assert "export-best live" in page.locator("#best").inner_text()
+
+    # Sorting happens on the server: clicking Accuracy orders rows by value.
+    page.click("#trials th[data-sort='value']")
+    page.wait_for_function("document.querySelector(\"#trials th[data-sort='value']\").classList.contains('sorted')")
+    page.wait_for_timeout(500)
+    values = [float(v) for v in page.locator("#trials tbody tr td:nth-child(3)").all_inner_texts() if v]
+    assert values == sorted(values, reverse=True) and len(values) == 6
+    shot(page, tmp_path / "study-finished.png")
+    assert not problems, problems
+
+
+def test_studies_page_launches_and_lists(browser, live_stack: Stack, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(live_stack.url)
+    page.click("#launch summary")
+    bad = tiny_spec(tiny_assets, name="from-form", n_trials=0)
+    page.fill("#spec", json.dumps(bad))
+    page.click("#submit")
+    page.wait_for_selector("#launch-result .error")
+    assert "n_trials" in page.inner_text("#launch-result")
+    page.fill("#spec", json.dumps({**bad, "n_trials": 2}))
+    page.click("#submit")
+    page.wait_for_selector("#launch-result a")
+    page.wait_for_selector("#studies tbody tr >> text=from-form", timeout=10_000)
+    assert "0/2" in page.inner_text("#studies tbody")
+    shot(page, tmp_path / "studies.png")
+    assert not problems, problems
