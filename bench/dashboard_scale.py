@@ -20,43 +20,67 @@ sys.path.insert(0, str(ROOT))
 
 
 def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:
-    """A queued kdsearch study whose Optuna twin holds ``n_trials`` finished trials with epochs and params."""
+    """A kdsearch study whose Optuna twin holds ``n_trials`` finished trials with params, epochs and attributes.
+
+    Rows go into Optuna's schema with bulk inserts (one ``add_trials`` per trial would take minutes); the result is
+    what workers would have written, and plain Optuna reads it back.
+    """
+    import json
+    from datetime import datetime, timedelta, timezone
+
     import optuna
-    from optuna.distributions import FloatDistribution, IntDistribution
-    from optuna.trial import TrialState, create_trial
+    import sqlalchemy as sa
+    from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
 
     from search_space import StudySpec
-    from storage import create_study, make_engine, make_optuna_storage
+    from storage import create_study, init_db, make_engine, make_optuna_storage
 
     spec = StudySpec.model_validate({"name": name, "teacher": "owner/teacher", "student": {"model": "owner/student"},
                                      "dataset": {"hub": "glue", "config": "sst2"}, "n_trials": n_trials})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_optuna_storage(db_url)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study_id = study._study_id
     engine = make_engine(db_url)
-    from storage import init_db
-
     init_db(engine)
     create_study(engine, name=name, spec=spec.model_dump(mode="json"), n_trials=n_trials, priority=0, timeout_s=None)
-    engine.dispose()
-    storage = make_optuna_storage(db_url)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     dists = {"learning_rate": FloatDistribution(1e-5, 1e-3, log=True), "temperature": FloatDistribution(2, 30),
              "alpha": FloatDistribution(0, 1), "num_train_epochs": IntDistribution(2, 10)}
+    dist_json = {k: distribution_to_json(d) for k, d in dists.items()}
     rng = random.Random(seed)
-    trials = []
+    start = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=10)
+    rows: dict[str, list[dict]] = {"trials": [], "trial_values": [], "trial_params": [],
+                                   "trial_intermediate_values": [], "trial_user_attributes": []}
+    meta = sa.MetaData()
+    meta.reflect(engine, only=list(rows))
+    with engine.begin() as conn:
+        first_id = (conn.scalar(sa.select(sa.func.max(meta.tables["trials"].c.trial_id))) or 0) + 1
     for number in range(n_trials):
+        trial_id = first_id + number
         params = {"learning_rate": 10 ** rng.uniform(-5, -3), "temperature": rng.uniform(2, 30),
                   "alpha": rng.uniform(0, 1), "num_train_epochs": rng.randint(2, 10)}
         pruned = rng.random() < 0.3
         epochs = rng.randint(1, params["num_train_epochs"]) if pruned else params["num_train_epochs"]
         curve = {e: 0.5 + 0.3 * (1 - math.exp(-e / 3)) + rng.uniform(-0.02, 0.02) for e in range(1, epochs + 1)}
-        trials.append(create_trial(
-            state=TrialState.PRUNED if pruned else TrialState.COMPLETE, value=max(curve.values()), params=params,
-            distributions=dists, intermediate_values=curve,
-            user_attrs={"params": {**params, "batch_size": 128}, "worker": f"host:{number % 8}:cpu",
-                        "best_epoch": max(curve, key=curve.__getitem__),
-                        "epochs": [{"epoch": e, "eval_accuracy": v} for e, v in curve.items()]},
-        ))
-    study.add_trials(trials)
+        began = start + timedelta(seconds=7 * number)
+        rows["trials"].append({"trial_id": trial_id, "number": number, "study_id": study_id,
+                               "state": "PRUNED" if pruned else "COMPLETE", "datetime_start": began,
+                               "datetime_complete": began + timedelta(seconds=5 * epochs)})
+        rows["trial_values"].append({"trial_id": trial_id, "objective": 0, "value": max(curve.values()),
+                                     "value_type": "FINITE"})
+        rows["trial_params"] += [{"trial_id": trial_id, "param_name": k, "param_value": float(v),
+                                  "distribution_json": dist_json[k]} for k, v in params.items()]
+        rows["trial_intermediate_values"] += [{"trial_id": trial_id, "step": e, "intermediate_value": v,
+                                               "intermediate_value_type": "FINITE"} for e, v in curve.items()]
+        attrs = {"params": {**params, "batch_size": 128}, "worker": f"host:{number % 8}:cpu",
+                 "best_epoch": max(curve, key=curve.__getitem__),
+                 "epochs": [{"epoch": e, "eval_accuracy": v} for e, v in curve.items()]}
+        rows["trial_user_attributes"] += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                                          for k, v in attrs.items()]
+    with engine.begin() as conn:
+        for table, values in rows.items():
+            conn.execute(meta.tables[table].insert(), values)
+    engine.dispose()
     storage.engine.dispose()
 
 

@@ -162,7 +162,7 @@ def test_api_restart_loses_nothing(make_stack, sqlite_url: str, tiny_assets) -> 
     stack.start_worker()
     stack.wait_for(lambda: stack.study("api-down")["counts"]["complete"] >= 2, what="two complete trials")
     stack.api.send_signal(signal.SIGTERM)
-    assert stack.api.wait(timeout=20) == 0
+    assert stack.api.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
     time.sleep(2)  # workers never talk to the API: they go on meanwhile
     stack.start_api()
     assert stack.wait_status("api-down")["status"] == "finished"

@@ -15,25 +15,31 @@ from service.settings import Settings, get_settings
 from storage import init_db, make_engine, make_optuna_storage
 
 
+def open_state(app: FastAPI, settings: Settings) -> None:
+    """Engines and stores on ``app.state`` (what the lifespan does at start-up)."""
+    pool = {"pool_size": settings.pool_size, "max_overflow": settings.max_overflow,
+            "busy_timeout_s": settings.sqlite_busy_timeout_s}
+    app.state.settings = settings
+    app.state.db = make_engine(settings.database_url, **pool)
+    init_db(app.state.db)
+    app.state.optuna_storage = make_optuna_storage(settings.database_url, **pool)
+
+
+def close_state(app: FastAPI) -> None:
+    app.state.db.dispose()
+    app.state.optuna_storage.engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.db = make_engine(settings.database_url, pool_size=settings.pool_size,
-                                   max_overflow=settings.max_overflow,
-                                   busy_timeout_s=settings.sqlite_busy_timeout_s)
-        init_db(app.state.db)
-        app.state.optuna_storage = make_optuna_storage(
-            settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow,
-            busy_timeout_s=settings.sqlite_busy_timeout_s,
-        )
+        open_state(app, settings)
         try:
             yield
         finally:
-            app.state.db.dispose()
-            app.state.optuna_storage.engine.dispose()
+            close_state(app)
 
     app = FastAPI(title="kdsearch", summary="Hyperparameter search for knowledge distillation",
                   version="0.1.0", lifespan=lifespan)

@@ -108,8 +108,8 @@ const kd = (() => {
     const names = [...new Set(withParams.flatMap((t) => Object.keys(t.params)))].filter((k) => withParams.every((t) => typeof t.params[k] === "number"));
     if (withParams.length) {
       Plotly.react("parallel", [{type: "parcoords", line: {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true},
-        dimensions: [...names.map((k) => ({label: k, values: withParams.map((t) => (k === "learning_rate" ? Math.log10(t.params[k]) : t.params[k]))})),
-          {label: "accuracy", values: withParams.map((t) => t.value)}]}], {margin: {t: 30, r: 40, b: 20, l: 40}}, PLOT);
+        dimensions: [...names.map((k) => ({label: k === "learning_rate" ? "log10 lr" : k, values: withParams.map((t) => (k === "learning_rate" ? Math.log10(t.params[k]) : t.params[k]))})),
+          {label: "accuracy", values: withParams.map((t) => t.value)}]}], {margin: {t: 60, r: 40, b: 20, l: 50}}, PLOT);
     }
   }
 
