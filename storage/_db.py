@@ -27,8 +27,9 @@ def is_sqlite(url: str) -> bool:
 def engine_kwargs(url: str, *, pool_size: int = 5, max_overflow: int = 5, busy_timeout_s: float = 60.0) -> dict:
     """Keyword arguments for ``create_engine``, shared with Optuna's RDBStorage so both behave alike."""
     if is_sqlite(url):
-        # check_same_thread=False: the worker's heartbeat thread uses the pool too.
-        return {"connect_args": {"timeout": busy_timeout_s, "check_same_thread": False}}
+        # check_same_thread=False: the worker's heartbeat thread uses the pool too. isolation_level=None: SQLAlchemy,
+        # not pysqlite, emits BEGIN (see configure_sqlite), so a transaction can take the write lock up front.
+        return {"connect_args": {"timeout": busy_timeout_s, "check_same_thread": False, "isolation_level": None}}
     return {"pool_pre_ping": True, "pool_size": pool_size, "max_overflow": max_overflow}
 
 
@@ -37,25 +38,31 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, busy_tim
         url, **engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow, busy_timeout_s=busy_timeout_s)
     )
     if is_sqlite(url):
-        _configure_sqlite(engine, busy_timeout_s)
+        configure_sqlite(engine)
     return engine
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+def configure_sqlite(engine: Engine, default_begin: str = "DEFERRED") -> None:
+    """WAL journal and explicit BEGINs on an SQLite engine.
+
+    In WAL mode a deferred transaction that reads and then writes fails at once with "database is locked" when
+    another process committed in between (its snapshot is stale; the busy timeout does not apply). Transactions
+    that may write therefore begin IMMEDIATE: ``default_begin`` for the whole engine (Optuna's, whose storage
+    reads before it writes), or ``session_scope(write_lock=True)`` for one transaction.
+    """
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-        # Let SQLAlchemy, not pysqlite, decide when transactions begin (so BEGIN IMMEDIATE is possible).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        mode = conn.get_execution_options().get("sqlite_begin", default_begin)
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
-from storage._db import engine_kwargs, is_sqlite, make_engine
+from storage._db import configure_sqlite, engine_kwargs, is_sqlite, make_engine
 
 
 def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
@@ -15,11 +15,15 @@ def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
     if is_sqlite(url):
         # WAL is a property of the database file: set it once through our engine before Optuna connects.
         make_engine(url, busy_timeout_s=busy_timeout_s).dispose()
-    return RDBStorage(
+    storage = RDBStorage(
         url,
         engine_kwargs=engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow,
                                     busy_timeout_s=busy_timeout_s),
     )
+    if is_sqlite(url):
+        configure_sqlite(storage.engine, default_begin="IMMEDIATE")
+        storage.engine.dispose()  # connections opened during set-up predate the listeners
+    return storage
 
 
 def ensure_optuna_study(storage: RDBStorage, name: str, user_attrs: dict | None = None) -> optuna.Study:

@@ -233,7 +233,7 @@ def slot_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, i
 
 def upsert_worker(engine: Engine, worker_id: str, *, host: str, pid: int, device: str, status: str,
                   study_id: int | None = None, trial_number: int | None = None) -> None:
-    with session_scope(engine) as session:
+    with session_scope(engine, write_lock=True) as session:  # reads, then writes: lock up front (SQLite)
         row = session.get(WorkerRow, worker_id)
         if row is None:
             row = WorkerRow(id=worker_id, host=host, pid=pid, device=device)
