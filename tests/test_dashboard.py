@@ -77,6 +77,13 @@ def test_study_page_is_live(browser, live_stack: Stack, tiny_assets, tmp_path: P
     values = [float(v) for v in page.locator("#trials tbody tr td:nth-child(3)").all_inner_texts() if v]
     assert values == sorted(values, reverse=True) and len(values) == 6
     shot(page, tmp_path / "study-finished.png")
+
+    # The workers page: host, device, status and heartbeat age of the worker that ran the study.
+    page.goto(f"{live_stack.url}/workers")
+    page.wait_for_selector("#workers tbody tr")
+    row = page.inner_text("#workers tbody tr")
+    assert "cpu" in row and "idle" in row
+    shot(page, tmp_path / "workers.png")
     assert not problems, problems
 
 

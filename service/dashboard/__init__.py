@@ -18,6 +18,10 @@ def mount_dashboard(app: FastAPI) -> None:
     def studies_page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/workers", include_in_schema=False)
+    def workers_page() -> FileResponse:
+        return FileResponse(STATIC / "workers.html")
+
     @app.get("/studies/{name}", include_in_schema=False)
     def study_page(name: str) -> FileResponse:
         return FileResponse(STATIC / "study.html")

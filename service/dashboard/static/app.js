@@ -72,13 +72,19 @@ const kd = (() => {
           <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
           <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : `<span class="error">${esc(s.error || "")}</span>`}</td></tr>`;
       }).join("");
-      const workers = await json("/api/workers");
-      document.querySelector("#workers tbody").innerHTML = workers.map((w) => `<tr><td>${esc(w.id)}</td><td>${esc(w.host)}</td><td>${esc(w.device)}</td>
-        <td>${esc(w.status)}</td><td>${w.current_study_id ?? ""}</td><td>${w.current_trial_number ?? ""}</td>
-        <td class="num">${w.heartbeat_age_s}</td></tr>`).join("");
-      document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+      await drawWorkers();
     });
   }
+
+  async function drawWorkers() {
+    const workers = await json("/api/workers");
+    document.querySelector("#workers tbody").innerHTML = workers.map((w) => `<tr><td>${esc(w.id)}</td><td>${esc(w.host)}</td><td>${esc(w.device)}</td>
+      <td>${esc(w.status)}</td><td>${w.current_study_id ?? ""}</td><td>${w.current_trial_number ?? ""}</td>
+      <td class="num">${w.heartbeat_age_s}</td></tr>`).join("");
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  const workersPage = () => loop(drawWorkers);
 
   // --------------------------------------------------------------------------------------------- study page
   function drawCharts(summary) {
@@ -174,5 +180,5 @@ const kd = (() => {
     });
   }
 
-  return {studiesPage, studyPage};
+  return {studiesPage, studyPage, workersPage};
 })();
