@@ -8,6 +8,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
 from storage._db import configure_sqlite, engine_kwargs, is_sqlite, make_engine
+from storage._trials import _state, _studies, _trials, _values  # Optuna's schema, read directly
 
 
 def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
@@ -43,11 +44,6 @@ def optuna_study_exists(storage: RDBStorage, name: str) -> bool:
     return True
 
 
-# Optuna's public schema, read directly for aggregates across many studies (one query instead of loading trials).
-_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
-_trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
-_state = sa.cast(_trials.c.state, sa.String)  # an ENUM type on PostgreSQL, text on SQLite
-_values = sa.table("trial_values", sa.column("trial_id"), sa.column("objective"), sa.column("value"))
 
 
 def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple[dict[str, int], float | None]]:

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
-from search_space import SpecError, StudySpec, validate_spec
+from search_space import SpecError, StudySpec, validate_spec, values_of
 from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
 from service.api.schemas import (
     BestTrial,
@@ -57,8 +57,6 @@ def spec_error(exc: SpecError) -> HTTPException:
 
 def check_limits(spec: StudySpec, settings: Settings) -> None:
     """The operator's caps (``KDSEARCH_MAX_*``) on what one study may ask for."""
-    from search_space import values_of
-
     if spec.n_trials > settings.max_n_trials:
         raise SpecError("n_trials", f"at most {settings.max_n_trials} on this server")
     if spec.timeout_s is not None and spec.timeout_s > settings.max_timeout_s:
