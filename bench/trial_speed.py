@@ -306,10 +306,11 @@ def write_report(device: str, build: dict, runs: dict[str, list[dict]], floor: d
         f"included) = **{achieved / rate:.1%}** of that rate. A 128-wide student's matmuls are small, so the "
         "per-op overhead, not the arithmetic, dominates.",
         "",
-        "Targets (issue 3, CPU): per trial >= 10x, 20-trial study >= 8x, accuracy within 1 point: "
+        "Targets (issue 3, CPU): per trial >= 10x, 20-trial study >= 8x, accuracy within 1 point of the reference "
+        "(judged on kdsearch's seed-spread mean, since one seed's batch order moves accuracy by about a point): "
         f"{'met' if per_trial >= 10 else 'NOT met'} / {'met' if study_ref / study_kd >= 8 else 'NOT met'} / "
-        f"{'met' if abs(acc['kdsearch'] - acc['reference']) <= 0.01 else 'NOT met'} (same seed; see the seed spread"
-        " above).",
+        f"{'met' if abs(mean - ref_acc) <= 0.01 else 'NOT met'} ({100 * (mean - ref_acc):+.2f} points; "
+        f"same seed {100 * (acc['kdsearch'] - ref_acc):+.2f}).",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"trial_speed-{device}.md"
