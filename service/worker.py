@@ -44,6 +44,7 @@ from storage import (
     init_db,
     make_engine,
     make_optuna_storage,
+    optuna_study_exists,
     pack_directory,
     reap_stale_slots,
     record_slot_trial,
@@ -166,13 +167,11 @@ class Worker:
 
     def run_claim(self, claim: Claim) -> None:
         spec = StudySpec.model_validate(claim.spec)
-        study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
-                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec)) \
-            if self._optuna_study_exists(claim.study_name) else None
-        if study is None:  # the API crashed between our row and Optuna's: create the twin now
+        if not optuna_study_exists(self.optuna_storage, claim.study_name):
+            # The API crashed between our row and Optuna's: create the twin now.
             ensure_optuna_study(self.optuna_storage, claim.study_name)
-            study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
-                                      sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
+        study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
+                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
         try:
             prepared = self.engine.prepare(spec)
         except Exception as exc:  # noqa: BLE001 - any setup error fails the study, not the worker
@@ -274,13 +273,6 @@ class Worker:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, outcome.best_accuracy)
-
-    def _optuna_study_exists(self, name: str) -> bool:
-        try:
-            self.optuna_storage.get_study_id_from_name(name)
-        except KeyError:
-            return False
-        return True
 
     def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_interval):
