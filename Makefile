@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench soak clean
+.PHONY: install demo test lint bench quality soak clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/trial_speed.py
+
+quality: install
+	$(BIN)/python bench/quality.py
 
 soak: install
 	$(BIN)/python bench/soak.py

@@ -1,6 +1,15 @@
 """How one trial trains: data, teacher logits, student, loss, loop, export."""
 
-from distill.data import DataError, TextSplit, TokenizedSplit, length_bucketed_batches, load_split, tokenize
+from distill.augment import Augmenter
+from distill.data import (
+    DataError,
+    TextSplit,
+    TokenizedSplit,
+    concat_splits,
+    length_bucketed_batches,
+    load_split,
+    tokenize,
+)
 from distill.engine import (
     TRIAL_RECORD,
     DistillationEngine,
@@ -11,13 +20,22 @@ from distill.engine import (
     resolve_device,
     save_checkpoint,
 )
-from distill.loss import distillation_loss
+from distill.loss import NO_LABEL, distillation_loss
 from distill.student import build_student, truncated_layer_indices
-from distill.teacher import TeacherCache, build_or_load_cache, cache_key
+from distill.teacher import (
+    TeacherCache,
+    TransferSet,
+    build_or_load_cache,
+    build_or_load_transfer_set,
+    cache_key,
+    transfer_key,
+)
 from distill.train import EpochResult, TrainConfig, TrainResult, evaluate, train_student
 
 __all__ = [
+    "NO_LABEL",
     "TRIAL_RECORD",
+    "Augmenter",
     "DataError",
     "DistillationEngine",
     "EpochResult",
@@ -27,11 +45,14 @@ __all__ = [
     "TokenizedSplit",
     "TrainConfig",
     "TrainResult",
+    "TransferSet",
     "TrialEngine",
     "TrialOutcome",
     "build_or_load_cache",
+    "build_or_load_transfer_set",
     "build_student",
     "cache_key",
+    "concat_splits",
     "distillation_loss",
     "evaluate",
     "length_bucketed_batches",
@@ -41,5 +62,6 @@ __all__ = [
     "save_checkpoint",
     "tokenize",
     "train_student",
+    "transfer_key",
     "truncated_layer_indices",
 ]

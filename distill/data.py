@@ -103,6 +103,18 @@ class TokenizedSplit:
         return ids, mask.long()
 
 
+def concat_splits(first: TokenizedSplit, second: TokenizedSplit) -> TokenizedSplit:
+    """Rows of both splits in one padded matrix (the narrower one is padded to the wider's width)."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def widen(ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=first.pad_id)
+
+    return TokenizedSplit(torch.cat([widen(first.input_ids), widen(second.input_ids)]),
+                          torch.cat([first.lengths, second.lengths]), torch.cat([first.labels, second.labels]),
+                          first.pad_id)
+
+
 def tokenize(tokenizer, split: TextSplit, max_seq_length: int) -> TokenizedSplit:  # type: ignore[no-untyped-def]
     encoded = tokenizer(split.texts, truncation=True, max_length=max_seq_length, padding=False)["input_ids"]
     lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from distill.data import DataError, TokenizedSplit
+from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.student import build_student
-from distill.teacher import TeacherCache, build_or_load_cache, split_revision
+from distill.teacher import TeacherCache, build_or_load_cache, build_or_load_transfer_set, split_revision
 from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
 from search_space import StudySpec, tokenizers_compatible
 from storage import ArtifactLayout
@@ -55,12 +55,12 @@ class TrialEngine(ABC):
 class PreparedStudy:
     spec: StudySpec
     cache: TeacherCache
-    train: TokenizedSplit  # on the training device
+    train: TokenizedSplit  # on the training device; train rows, then the transfer set's (label NO_LABEL) if any
     train_logits: torch.Tensor
     eval: TokenizedSplit
     tokenizer: Any
     teacher_config: Any
-    teacher_state: dict[str, torch.Tensor] | None  # only for truncate_teacher students
+    teacher_state: dict[str, torch.Tensor] | None  # only for students built from the teacher's weights
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -90,11 +90,16 @@ class DistillationEngine(TrialEngine):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         cache = build_or_load_cache(self.layout, spec, self.device, log=self.log)
+        transfer = build_or_load_transfer_set(self.layout, spec, self.device, log=self.log)
+        train, train_logits = cache.train, cache.train_logits
+        if transfer is not None:  # one epoch = every train row and every teacher-labelled variant, shuffled together
+            train = concat_splits(train, transfer.split)
+            train_logits = torch.cat([train_logits, transfer.logits])
         name, revision = split_revision(spec.teacher)
         teacher_config = AutoConfig.from_pretrained(name, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         teacher_state = None
-        if spec.student.truncate_teacher is not None:
+        if spec.student.needs_teacher_weights:
             teacher_state = AutoModelForSequenceClassification.from_pretrained(name, revision=revision).state_dict()
         if spec.student.model is not None:
             s_name, s_revision = split_revision(spec.student.model)
@@ -106,8 +111,8 @@ class DistillationEngine(TrialEngine):
         prepared = PreparedStudy(
             spec=spec,
             cache=cache,
-            train=cache.train.to(self.device),
-            train_logits=cache.train_logits.to(self.device),
+            train=train.to(self.device),
+            train_logits=train_logits.to(self.device),
             eval=cache.eval.to(self.device),
             tokenizer=tokenizer,
             teacher_config=teacher_config,
@@ -161,8 +166,12 @@ def save_checkpoint(model, tokenizer, directory: Path, record: dict[str, Any]) -
     (directory / TRIAL_RECORD).write_text(json.dumps(record, indent=2))
 
 
-def load_engine(dotted: str, **kwargs: Any) -> TrialEngine:
-    """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way)."""
+def load_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
+                log=print) -> TrialEngine:  # type: ignore[no-untyped-def]
+    """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way); None → the
+    distillation engine."""
+    if not dotted:
+        return DistillationEngine(artifacts, device=device, log=log)
     module_name, _, class_name = dotted.partition(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls(**kwargs)
+    return engine_cls(artifacts=artifacts, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,35 @@ def _dataset_card_fields(dataset: dict[str, Any]) -> dict[str, str]:
     return {"name": name, "type": name, "config": ""}
 
 
+def _augment_sentence(augment: dict[str, Any]) -> str:
+    if not augment.get("copies"):
+        return ""
+    return (f" The train split was augmented with {augment['copies']} teacher-labelled variants per sentence "
+            f"(word masking p={augment['p_mask']}, same-context word replacement p={augment['p_replace']}, "
+            f"n-gram sampling p={augment['p_ngram']} with n up to {augment['max_ngram']}; seed {augment['seed']}, "
+            "after Tang et al., 2019); the variants have no gold label and were trained on the teacher's logits "
+            "alone (`T^2 * KL`).")
+
+
+def _seed_lines(seed_results: dict[int, float], exported_seed: int, search_seed: int) -> list[str]:
+    accuracies = list(seed_results.values())
+    mean = statistics.fmean(accuracies)
+    spread = f" ± {statistics.stdev(accuracies):.4f} (sample std)" if len(accuracies) > 1 else ""
+    per_seed = ", ".join(f"seed {seed}: {acc:.4f}" for seed, acc in seed_results.items())
+    return [
+        "## Results over seeds", "",
+        f"The chosen configuration was retrained from the cached teacher logits with {len(accuracies)} fresh "
+        f"seed{'s' if len(accuracies) > 1 else ''} (none of them the search's seed {search_seed}, so the mean is not "
+        "inflated by picking the best trial):", "",
+        f"- Accuracy: **{mean:.4f}{spread}** over {len(accuracies)} seed{'s' if len(accuracies) > 1 else ''}",
+        f"- Per seed: {per_seed}",
+        f"- This export is seed {exported_seed}, the best of them; expect the mean from a rerun of the recipe.", "",
+    ]
+
+
 def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial_number: int, n_trials_run: int,
-               study_name: str) -> str:
+               study_name: str, seed_results: dict[int, float] | None = None) -> str:
+    """A Trainer-style card. ``seed_results`` (seed → eval accuracy of a retraining) adds the mean and spread."""
     params = record["params"]
     dataset = spec["dataset"]
     ds = _dataset_card_fields(dataset)
@@ -69,12 +97,17 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         f"# {name}", "",
         f"This model is a distilled student of [{spec['teacher']}]({spec['teacher']}) on the "
         f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset, the best trial ({trial_number}) of a "
-        f"{n_trials_run}-trial kdsearch study `{study_name}`.",
+        f"{n_trials_run}-trial kdsearch study `{study_name}`"
+        + (f", retrained with {len(seed_results)} seeds." if seed_results else "."),
         "It achieves the following results on the evaluation set:",
         f"- Loss: {best['eval_loss']:.4f}" if best else "- Loss: n/a",
         f"- Accuracy: {accuracy:.4f}",
+        *( [f"- Accuracy over {len(seed_results)} seeds: {statistics.fmean(seed_results.values()):.4f}"
+            + (f" ± {statistics.stdev(seed_results.values()):.4f}" if len(seed_results) > 1 else "")]
+           if seed_results else []),
         *( [f"- Teacher accuracy on the same split: {teacher_acc:.4f}"] if teacher_acc is not None else []),
         "",
+        *(_seed_lines(seed_results, int(record["seed"]), int(spec.get("seed", 33))) if seed_results else []),
         "## Model description", "",
         f"Student: {student_desc}. Trained by logit distillation with the objective "
         "`alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`; "
@@ -82,7 +115,8 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "## Training and evaluation data", "",
         f"Train split `{dataset['train_split']}`"
         + (f" (a fixed random subset of {n} rows)" if (n := dataset.get("max_train_samples")) else "")
-        + f", evaluation split `{dataset['eval_split']}`, max sequence length {dataset['max_seq_length']}.", "",
+        + f", evaluation split `{dataset['eval_split']}`, max sequence length {dataset['max_seq_length']}."
+        + _augment_sentence(spec.get("augment") or {}), "",
         "## Training procedure", "",
         "### Training hyperparameters", "",
         "The following hyperparameters were used during training:",

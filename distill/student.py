@@ -31,6 +31,46 @@ def _label_kwargs(teacher_config: PretrainedConfig) -> dict[str, Any]:
     }
 
 
+_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+@torch.no_grad()
+def _project_teacher_embeddings(model: PreTrainedModel, teacher_state: dict[str, torch.Tensor]) -> None:
+    """Copy the teacher's embedding tables into a narrower student through one PCA basis of the word embeddings.
+
+    One basis for all three tables keeps their sum (what the embedding LayerNorm sees) consistent; the teacher's
+    scale is kept, since that LayerNorm makes the sum's scale irrelevant to the layers above.
+    """
+    student_state = model.state_dict()
+    keys = {name: next((k for k in teacher_state if k.endswith(f"embeddings.{name}.weight")), None)
+            for name in _EMBEDDINGS}
+    word_key = keys["word_embeddings"]
+    student_word_key = next((k for k in student_state if k.endswith("embeddings.word_embeddings.weight")), None)
+    if word_key is None or student_word_key is None:
+        raise DataError("embedding_init teacher_pca needs BERT-style embeddings in teacher and student")
+    words = teacher_state[word_key].float()
+    width = student_state[student_word_key].shape[1]
+    if words.shape[0] != student_state[student_word_key].shape[0]:
+        raise DataError(f"embedding_init teacher_pca needs the teacher's vocabulary size ({words.shape[0]}), "
+                        f"the student has {student_state[student_word_key].shape[0]}")
+    if width > words.shape[1]:
+        raise DataError(f"embedding_init teacher_pca needs hidden_size <= the teacher's ({words.shape[1]})")
+    mean = words.mean(0, keepdim=True)
+    # Top principal directions of the word embeddings (the costly line: an SVD of vocab x teacher width, ~1 s).
+    _, _, v = torch.linalg.svd(words - mean, full_matrices=False)
+    basis = v[:width].T  # [teacher width, student width]
+    for name, teacher_key in keys.items():
+        student_key = student_word_key.replace("word_embeddings", name)
+        if teacher_key is None or student_key not in student_state:
+            continue
+        table = teacher_state[teacher_key].float()
+        if name == "word_embeddings":
+            table = table - mean
+        rows = min(table.shape[0], student_state[student_key].shape[0])
+        student_state[student_key][:rows] = (table[:rows] @ basis).to(student_state[student_key].dtype)
+    model.load_state_dict(student_state)
+
+
 def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int,
                   teacher_state: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
     """A sequence classifier with the teacher's labels; initial weights depend only on ``seed``."""
@@ -51,7 +91,11 @@ def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int
     config = copy.deepcopy(teacher_config)
     if spec.config is not None:
         config.update(spec.config.model_dump())
-        return AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(config)
+        if spec.embedding_init == "teacher_pca":
+            assert teacher_state is not None
+            _project_teacher_embeddings(model, teacher_state)
+        return model
     assert spec.truncate_teacher is not None and teacher_state is not None
     keep = truncated_layer_indices(teacher_config.num_hidden_layers, spec.truncate_teacher.num_layers)
     config.num_hidden_layers = len(keep)

@@ -16,10 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.data import DataError, TokenizedSplit, length_bucketed_batches, load_split, subsample, tokenize
+from distill.augment import Augmenter
+from distill.data import (
+    DataError,
+    TextSplit,
+    TokenizedSplit,
+    length_bucketed_batches,
+    load_split,
+    subsample,
+    tokenize,
+)
+from distill.loss import NO_LABEL
 from search_space import StudySpec, looks_local
 from storage import ArtifactLayout
 
@@ -121,6 +132,20 @@ def _load(directory: Path, key: str) -> TeacherCache:
                         tensors["eval.teacher_logits"], meta)
 
 
+def _write_entry(directory: Path, key: str, write) -> None:  # type: ignore[no-untyped-def]
+    """Write an entry into a temporary directory, then rename it into place: readers never see half of one."""
+    tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    tmp.rename(directory)
+
+
+def load_train_texts(spec: StudySpec) -> TextSplit:
+    """The train split exactly as the cache holds it (same subset)."""
+    return subsample(load_split(spec.dataset, spec.dataset.train_split), spec.dataset.max_train_samples, SUBSET_SEED)
+
+
 def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.device,
                         batch_size: int = 128, log=print) -> TeacherCache:  # type: ignore[no-untyped-def]
     key = cache_key(spec)
@@ -133,9 +158,7 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.d
         num_labels = model.config.num_labels
         splits = {}
         for name, split_name in (("train", spec.dataset.train_split), ("eval", spec.dataset.eval_split)):
-            text = load_split(spec.dataset, split_name)
-            if name == "train":
-                text = subsample(text, spec.dataset.max_train_samples, SUBSET_SEED)
+            text = load_train_texts(spec) if name == "train" else load_split(spec.dataset, split_name)
             bad = (text.labels < 0) | (text.labels >= num_labels)
             if bad.any():
                 raise DataError(f"split {split_name!r} has labels outside the teacher's 0..{num_labels - 1}")
@@ -156,11 +179,79 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.d
             "build_seconds": round(time.perf_counter() - started, 2),
             "device": str(device),
         }
-        tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _save(tmp, {**splits, **logits}, meta)
-        tmp.rename(directory)
+        _write_entry(directory, key, lambda tmp: _save(tmp, {**splits, **logits}, meta))
         log(f"teacher-logit cache {key}: {meta['n_train']} train / {meta['n_eval']} eval rows in "
             f"{meta['build_seconds']} s, teacher eval accuracy {teacher_acc:.4f}")
         return _load(directory, key)
+
+
+@dataclasses.dataclass
+class TransferSet:
+    """Teacher-labelled variants of the train rows: no gold labels (``NO_LABEL``), the teacher's logits as target."""
+
+    key: str
+    split: TokenizedSplit
+    logits: torch.Tensor
+    sources: torch.Tensor  # [N] the train row each variant came from
+    meta: dict[str, Any]
+
+
+def transfer_key(spec: StudySpec) -> str:
+    payload = {"format": CACHE_FORMAT, "cache": cache_key(spec), "augment": spec.augment.model_dump()}
+    return "aug-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _load_transfer(directory: Path, key: str) -> TransferSet:
+    tensors = load_file(str(directory / "data.safetensors"))
+    meta = json.loads((directory / "meta.json").read_text())
+    lengths = tensors["lengths"]
+    labels = torch.full_like(lengths, NO_LABEL)
+    split = TokenizedSplit(tensors["input_ids"].long(), lengths, labels, meta["pad_id"])
+    return TransferSet(key, split, tensors["teacher_logits"], tensors["sources"], meta)
+
+
+def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, device: torch.device,
+                               batch_size: int = 128, log=print) -> TransferSet | None:  # type: ignore[no-untyped-def]
+    """The study's augmented transfer set, built once per (teacher, dataset, augment) like the teacher cache."""
+    if spec.augment.copies == 0:
+        return None
+    key = transfer_key(spec)
+    with layout.locked(key) as directory:
+        if (directory / "meta.json").is_file():
+            return _load_transfer(directory, key)
+        log(f"building the augmented transfer set {key} ({spec.augment.copies} copies per train row)")
+        started = time.perf_counter()
+        model, tokenizer = load_teacher(spec.teacher)
+        texts = load_train_texts(spec).texts
+        try:
+            augmenter = Augmenter(texts, spec.augment, tokenizer.mask_token)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        variants, sources = augmenter.transfer_set(texts)
+        if not variants:
+            raise DataError("the augmented transfer set is empty (no words in the train texts)")
+        split = tokenize(tokenizer, TextSplit(variants, np.full(len(variants), NO_LABEL)), spec.dataset.max_seq_length)
+        augmented_s = time.perf_counter() - started
+        # The costly part: the teacher labels every variant, once for all trials and workers.
+        logits = predict_logits(model, split, batch_size, device)
+        meta = {
+            "format": CACHE_FORMAT,
+            "augment": spec.augment.model_dump(),
+            "pad_id": split.pad_id,
+            "n_rows": len(split),
+            "n_source_rows": len(texts),
+            "augment_seconds": round(augmented_s, 2),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "device": str(device),
+        }
+        tensors = {"input_ids": split.input_ids.to(torch.int32), "lengths": split.lengths,
+                   "teacher_logits": logits, "sources": torch.from_numpy(sources)}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "data.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+        _write_entry(directory, key, write)
+        log(f"transfer set {key}: {meta['n_rows']} rows from {meta['n_source_rows']} train rows in "
+            f"{meta['build_seconds']} s")
+        return _load_transfer(directory, key)

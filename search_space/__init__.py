@@ -10,6 +10,7 @@ from search_space.distributions import (
     trial_params,
 )
 from search_space.schema import (
+    AugmentSpec,
     DatasetSpec,
     ParamChoices,
     ParamRange,
@@ -24,6 +25,7 @@ from search_space.validation import SpecError, looks_local, split_file, tokenize
 
 __all__ = [
     "INTEGER_PARAMS",
+    "AugmentSpec",
     "DatasetSpec",
     "ParamChoices",
     "ParamRange",

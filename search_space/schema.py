@@ -144,18 +144,30 @@ class TruncateTeacher(_Strict):
 
 
 class StudentSpec(_Strict):
-    """Exactly one of: a pretrained ``model``, a fresh ``config``, or ``truncate_teacher``."""
+    """Exactly one of: a pretrained ``model``, a fresh ``config``, or ``truncate_teacher``.
+
+    A fresh ``config`` student's embeddings start random, or with ``embedding_init: "teacher_pca"`` as the
+    teacher's word, position and type embeddings projected onto their top ``hidden_size`` principal directions
+    (same vocabulary; no wider than the teacher): a narrow student then starts with the teacher's word geometry.
+    """
 
     model: str | None = Field(None, min_length=1, max_length=1024)
     config: StudentArchitecture | None = None
     truncate_teacher: TruncateTeacher | None = None
+    embedding_init: Literal["random", "teacher_pca"] = "random"
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentSpec:
         given = [k for k in ("model", "config", "truncate_teacher") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of model, config, truncate_teacher (got {given or 'none'})")
+        if self.embedding_init != "random" and self.config is None:
+            raise ValueError("embedding_init applies to a fresh config student only")
         return self
+
+    @property
+    def needs_teacher_weights(self) -> bool:
+        return self.truncate_teacher is not None or self.embedding_init == "teacher_pca"
 
     @property
     def kind(self) -> str:
@@ -184,11 +196,37 @@ class DatasetSpec(_Strict):
         return self
 
 
+class AugmentSpec(_Strict):
+    """A teacher-labelled transfer set built from the training texts (Tang et al., 2019, without extra models).
+
+    Each of ``copies`` variants of a training sentence applies, word by word, masking (``p_mask``: the tokenizer's
+    mask token) or replacement (``p_replace``: a word seen between the same neighbours in the training texts, else a
+    random frequent word), then with ``p_ngram`` keeps only a random n-gram (n in 1..``max_ngram``). Variants carry
+    no gold label: the teacher's logits are their only target. ``copies`` 0 turns augmentation off.
+    """
+
+    copies: int = Field(0, ge=0, le=100)
+    p_mask: float = Field(0.1, ge=0, le=1)
+    p_replace: float = Field(0.1, ge=0, le=1)
+    p_ngram: float = Field(0.25, ge=0, le=1)
+    max_ngram: int = Field(5, ge=1, le=64)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> AugmentSpec:
+        if self.p_mask + self.p_replace > 1:
+            raise ValueError(f"p_mask + p_replace must be <= 1 (got {self.p_mask + self.p_replace})")
+        if self.copies and not (self.p_mask or self.p_replace or self.p_ngram):
+            raise ValueError("copies > 0 needs at least one of p_mask, p_replace, p_ngram above 0")
+        return self
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     teacher: str = Field(min_length=1, max_length=1024)
     student: StudentSpec
     dataset: DatasetSpec
+    augment: AugmentSpec = AugmentSpec()
     search_space: SearchSpace = SearchSpace()
     n_trials: int = Field(20, ge=1, le=10000)
     timeout_s: float | None = Field(None, gt=0)

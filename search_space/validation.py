@@ -135,7 +135,20 @@ def check_tokenizers(spec: StudySpec) -> None:
         )
 
 
+def check_mask_token(spec: StudySpec) -> None:
+    """Word masking in ``augment`` needs the teacher tokenizer's mask token (checked here for local teachers)."""
+    if not spec.augment.copies or not spec.augment.p_mask or not looks_local(spec.teacher):
+        return
+    try:
+        tokenizer = _load_tokenizer(spec.teacher)
+    except Exception as exc:
+        raise SpecError("teacher", f"cannot load the teacher's tokenizer: {exc}") from exc
+    if not tokenizer.mask_token:
+        raise SpecError("augment.p_mask", "the teacher's tokenizer has no mask token; set augment.p_mask to 0")
+
+
 def validate_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:
     spec = normalize_spec(spec, allowed_roots)
     check_tokenizers(spec)
+    check_mask_token(spec)
     return spec

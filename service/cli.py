@@ -153,14 +153,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export_best(args: argparse.Namespace) -> int:
+    from distill.data import DataError
     from distill.export import ExportError
     from service.exporting import export_best
     from service.settings import get_settings
 
     try:
-        result = export_best(get_settings(), args.study, Path(args.out), force=args.force)
-    except ExportError as exc:
+        result = export_best(get_settings(), args.study, Path(args.out), force=args.force, seeds=args.seeds,
+                             device=args.device)
+    except (ExportError, DataError) as exc:
         return _fail(str(exc))
+    if result.spread is not None:
+        spread = result.spread
+        std = f" ± {spread.std:.4f}" if spread.std is not None else ""
+        print(f"trial {result.trial_number} retrained with {len(spread.seeds)} seeds: eval accuracy "
+              f"{spread.mean:.4f}{std} (mean{' ± sample std' if std else ''}); exporting seed {spread.best_seed}")
     print(f"exported trial {result.trial_number} (eval accuracy {result.accuracy:.4f}) to {result.out_dir}")
     return 0
 
@@ -175,7 +182,21 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", help="study name or id")
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model into")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    parser.add_argument("--seeds", type=_seed_count, default=0, metavar="N",
+                        help="retrain the best configuration with N fresh seeds, report mean ± std and export the "
+                             "best seed (default 0: export the trial's own checkpoint)")
+    parser.add_argument("--device", default="auto", help="for --seeds: cpu, cuda, cuda:N or auto (default)")
     parser.set_defaults(func=cmd_export_best)
+
+
+def _seed_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be an integer (got {value!r})") from None
+    if not 0 <= count <= 100:
+        raise argparse.ArgumentTypeError(f"--seeds must be within 0..100 (got {count})")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:

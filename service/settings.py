@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(30 * 24 * 3600.0, gt=0)
     max_seq_length: int = Field(512, ge=8)
     max_batch_size: int = Field(4096, ge=1)
+    # The transfer set is held in memory on every worker: copies x train rows token rows.
+    max_augment_copies: int = Field(20, ge=0)
 
     # Workers
     poll_interval: float = Field(1.0, gt=0, description="Seconds an idle worker waits before asking again.")

@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
-from distill import DistillationEngine, EpochResult, TrialEngine, TrialOutcome, load_engine
+from distill import EpochResult, TrialEngine, TrialOutcome, load_engine
 from search_space import StudySpec, make_pruner, make_sampler, optuna_distributions, trial_params
 from service.settings import Settings
 from storage import (
@@ -75,14 +75,9 @@ class Worker:
         init_db(self.db)
         self.optuna_storage = make_optuna_storage(settings.database_url, **pool)
         self.layout = ArtifactLayout(settings.artifacts)
-        self.engine = engine or self._default_engine()
+        self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info)
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
-
-    def _default_engine(self) -> TrialEngine:
-        if self.settings.engine:
-            return load_engine(self.settings.engine, artifacts=self.layout, device=self.device)
-        return DistillationEngine(self.layout, device=self.device, log=log.info)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 

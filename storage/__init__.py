@@ -2,7 +2,7 @@
 
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
 from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
-from storage._models import Base, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._models import Base, SeedRunRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
 from storage._optuna import ensure_optuna_study, make_optuna_storage, optuna_study_exists, trial_summaries
 from storage._queue import (
     Claim,
@@ -21,6 +21,7 @@ from storage._queue import (
     study_should_stop,
     upsert_worker,
 )
+from storage._seed_runs import SeedSpread, count_seed_runs, latest_seed_spread, record_seed_run, seed_runs
 
 
 def init_db(engine) -> None:  # type: ignore[no-untyped-def]
@@ -34,6 +35,8 @@ __all__ = [
     "AtomicFileSystemArtifactStore",
     "Base",
     "Claim",
+    "SeedRunRow",
+    "SeedSpread",
     "SlotState",
     "StudyExistsError",
     "StudyRow",
@@ -42,6 +45,7 @@ __all__ = [
     "WorkerRow",
     "cancel_study",
     "claim_slot",
+    "count_seed_runs",
     "create_study",
     "engine_kwargs",
     "ensure_optuna_study",
@@ -51,13 +55,16 @@ __all__ = [
     "heartbeat_slot",
     "init_db",
     "is_sqlite",
+    "latest_seed_spread",
     "make_engine",
     "make_optuna_storage",
     "optuna_study_exists",
     "pack_directory",
     "reap_stale_slots",
+    "record_seed_run",
     "record_slot_trial",
     "retry_operational",
+    "seed_runs",
     "session_scope",
     "settle_expired_studies",
     "slot_counts",

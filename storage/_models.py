@@ -110,3 +110,23 @@ class WorkerRow(Base):
     current_trial_number: Mapped[int | None] = mapped_column(Integer, default=None)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SeedRunRow(Base):
+    """One retraining of a study's chosen configuration with a fresh seed (``export-best --seeds N``).
+
+    Kept per seed as each finishes, so an interrupted export resumes where it stopped and the API can report the
+    configuration's mean and spread, not only the luckiest trial.
+    """
+
+    __tablename__ = "kd_seed_runs"
+    __table_args__ = (UniqueConstraint("study_id", "trial_number", "seed"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("kd_studies.id", ondelete="CASCADE"), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    eval_accuracy: Mapped[float] = mapped_column()
+    best_epoch: Mapped[int] = mapped_column(Integer)
+    checkpoint_artifact_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

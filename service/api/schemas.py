@@ -43,10 +43,22 @@ class StudyOut(BaseModel):
     finished_at: datetime | None
 
 
+class SeedSpreadOut(BaseModel):
+    """The chosen configuration retrained with fresh seeds (``export-best --seeds N``)."""
+
+    trial_number: int
+    seeds: list[int]
+    accuracies: list[float]
+    mean: float
+    std: float | None  # sample standard deviation; None for one seed
+    best_seed: int
+
+
 class StudyDetailOut(StudyOut):
     spec: dict[str, Any]
     best_trial: BestTrial | None
     teacher_accuracy: float | None
+    seed_retrain: SeedSpreadOut | None = None
 
 
 class EpochOut(BaseModel):

@@ -19,6 +19,7 @@ from service.api.schemas import (
     EpochOut,
     ErrorOut,
     Importances,
+    SeedSpreadOut,
     StudyDetailOut,
     StudyOut,
     StudySummary,
@@ -33,9 +34,11 @@ from storage import (
     StudyExistsError,
     StudyRow,
     cancel_study,
+    count_seed_runs,
     create_study,
     ensure_optuna_study,
     get_study,
+    latest_seed_spread,
     optuna_study_exists,
     slot_counts,
     trial_summaries,
@@ -65,6 +68,8 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
         raise SpecError("dataset.max_seq_length", f"at most {settings.max_seq_length} on this server")
     if max(values_of(spec.search_space.batch_size)) > settings.max_batch_size:
         raise SpecError("search_space.batch_size", f"at most {settings.max_batch_size} on this server")
+    if spec.augment.copies > settings.max_augment_copies:
+        raise SpecError("augment.copies", f"at most {settings.max_augment_copies} on this server")
 
 
 def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore[no-untyped-def]
@@ -166,8 +171,12 @@ def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[
         teacher_accuracy = attrs.get("teacher_accuracy")
     except KeyError:
         pass
+    spread = latest_seed_spread(session, row.id)
+    seed_retrain = None if spread is None else SeedSpreadOut(
+        trial_number=spread.trial_number, seeds=spread.seeds, accuracies=spread.accuracies, mean=spread.mean,
+        std=spread.std, best_seed=spread.best_seed)
     return StudyDetailOut(**summary.model_dump(), spec=row.spec, best_trial=best_trial,
-                          teacher_accuracy=teacher_accuracy)
+                          teacher_accuracy=teacher_accuracy, seed_retrain=seed_retrain)
 
 
 @router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)
@@ -207,7 +216,7 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
     row = _load(session, id_or_name)
     study_id = optuna_study_id(session, row.name)
     fingerprint = study_fingerprint(session, study_id) if study_id is not None else "none"
-    etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}"'
+    etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}.{count_seed_runs(session, row.id)}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     response.headers["ETag"] = etag

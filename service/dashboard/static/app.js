@@ -169,6 +169,11 @@ const kd = (() => {
           <p>trial #${b.number}, best epoch ${b.epoch ?? "?"}</p>
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
+        const r = study.seed_retrain;
+        if (r) {
+          document.getElementById("best").innerHTML += `<p id="seed-retrain">trial #${r.trial_number} retrained over ${r.seeds.length} seeds:
+            <b>${fmt(r.mean)}</b>${r.std !== null ? ` ± ${fmt(r.std)}` : ""} (best seed ${r.best_seed})</p>`;
+        }
       }
       drawCharts(summary);
       await drawTable();
