@@ -68,8 +68,9 @@ def test_unlabelled_rows_get_the_kd_term_alone(alpha: float, temperature: float)
     student = [[1.0, -0.5], [0.2, 0.3], [-2.0, 1.5], [0.7, 0.1]]
     teacher = [[2.0, -1.0], [0.0, 1.0], [-1.0, 3.0], [-0.4, 0.9]]
     labels = [0, -100, 1, -100]
-    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), alpha, temperature)
-    assert got.item() == pytest.approx(hand_mixed_loss(student, teacher, labels, alpha, temperature), rel=1e-5)
+    got = distillation_loss(torch.tensor(student, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64),
+                            torch.tensor(labels), alpha, temperature)
+    assert got.item() == pytest.approx(hand_mixed_loss(student, teacher, labels, alpha, temperature), rel=1e-9)
 
 
 def test_alpha_one_still_distils_unlabelled_rows() -> None:

@@ -45,12 +45,12 @@ def test_each_operation_alone() -> None:
         assert len(words) == len(original)
         assert all(w == o or w == "[MASK]" for w, o in zip(words, original, strict=True))
 
-    # Replacement draws a word seen between the same neighbours: "good"/"bad" share ("was", end of sentence).
+    # Replacement draws another word seen between the same neighbours: ("was", end of sentence) holds good/bad/dull.
     swap = Augmenter(TEXTS, AugmentSpec(copies=5, p_mask=0, p_replace=1.0, p_ngram=0), None)
     variants, sources = swap.transfer_set(TEXTS)
     for variant, source in zip(variants, sources, strict=True):
         if TEXTS[source] == "the movie was good":
-            assert variant.split()[3] == "bad"  # the only other word in that context
+            assert variant.split()[3] in {"bad", "dull"}
     vocabulary = {w for t in TEXTS for w in t.split()}
     assert all(set(v.split()) <= vocabulary for v in variants)
 
