@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -111,13 +112,22 @@ def load_runs() -> list[Run]:
     return [Run(**r) for r in json.loads(RESULTS_JSON.read_text())["runs"]]
 
 
+def _key(run: Run) -> tuple[str, int, int]:
+    return run.cell, run.seed, run.epochs
+
+
 def save_runs(runs: list[Run], extra: dict[str, Any]) -> None:
+    """Merge ``runs`` into the JSON (several bench processes may share it: one per core), under a file lock."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    old = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
-    payload = {**old, **extra, "runs": [dataclasses.asdict(r) for r in runs]}
-    tmp = RESULTS_JSON.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(RESULTS_JSON)  # a crash mid-write never loses the runs already recorded
+    with open(RESULTS_JSON.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
+        merged = {_key(r): r for r in (Run(**r) for r in old.get("runs", []))}
+        merged.update({_key(r): r for r in runs})
+        payload = {**old, **extra, "runs": [dataclasses.asdict(r) for r in merged.values()]}
+        tmp = RESULTS_JSON.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(RESULTS_JSON)  # a crash mid-write never loses the runs already recorded
 
 
 def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data_dir: Path, teacher: Path) -> None:
@@ -125,14 +135,14 @@ def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data
     from search_space import StudySpec
 
     engine = DistillationEngine(CACHE, device=device)
-    runs = load_runs()
     for cell in cells:
         spec = StudySpec.model_validate(spec_for(cell, data_dir, teacher))
         for seed in seeds:
-            if any(r.cell == cell and r.seed == seed and r.epochs == epochs for r in runs):
+            runs = load_runs()  # another bench process may have recorded runs since
+            if any(_key(r) == (cell, seed, epochs) for r in runs):
                 continue
             prepared = engine.prepare(spec)  # cached after the first call (teacher logits, transfer set)
-            save_runs(runs, {"teacher_accuracy": prepared.cache.teacher_accuracy,
+            save_runs([], {"teacher_accuracy": prepared.cache.teacher_accuracy,
                              "n_train": prepared.cache.meta["n_train"], "n_eval": prepared.cache.meta["n_eval"]})
             with tempfile.TemporaryDirectory(prefix="kdsearch-quality-") as tmp:
                 outcome = engine.run_trial(prepared, params_for(cell, epochs), seed, None, Path(tmp) / "ckpt")
@@ -141,8 +151,7 @@ def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data
                       train_rows=len(prepared.train), train_seconds=round(sum(h.seconds for h in outcome.history), 1),
                       device=engine.device.type, machine=machine_name(engine.device.type),
                       finished=time.strftime("%Y-%m-%d %H:%M"))
-            runs.append(run)
-            save_runs(runs, {})
+            save_runs([run], {})
             print(f"{cell:12s} seed {seed}: accuracy {run.accuracy:.4f} (last epoch {run.last_accuracy:.4f}) "
                   f"{run.train_rows} rows x {epochs} epochs in {run.train_seconds:.0f} s on {run.machine}", flush=True)
 
@@ -280,6 +289,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; two 1-thread processes train small students faster than one")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "sst2")
     parser.add_argument("--teacher", type=Path, default=SHARED / "models" / "sst2-teacher")
     parser.add_argument("--skip-latency", action="store_true")
@@ -291,12 +302,16 @@ def main() -> None:
     if args.note or args.clear_notes:
         old = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
         notes = [] if args.clear_notes else old.get("notes", [])
-        save_runs(load_runs(), {"notes": notes + args.note})
+        save_runs([], {"notes": notes + args.note})
     if args.list:
         for cell in CELL_ORDER:
             student, condition = cell.split("-")
             print(f"{cell:13s} {STUDENT_LABELS[student]}: {CONDITIONS[condition]}")
         return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.report:
         cells = [c.strip() for c in args.cells.split(",") if c.strip()]
         unknown = [c for c in cells if c not in CELL_ORDER]
@@ -306,7 +321,7 @@ def main() -> None:
             raise SystemExit(f"needs {args.data} and {args.teacher}")
         if not args.skip_latency:
             models = measure_models(args.data, args.teacher)
-            save_runs(load_runs(), {"models": models, "latency_machine": machine_name("cpu")})
+            save_runs([], {"models": models, "latency_machine": machine_name("cpu")})
         run_cells(cells, list(range(1, args.seeds + 1)), args.epochs, args.device, args.data, args.teacher)
     write_report()
 
