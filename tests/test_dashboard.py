@@ -78,6 +78,22 @@ def test_study_page_is_live(browser, live_stack: Stack, tiny_assets, tmp_path: P
     assert values == sorted(values, reverse=True) and len(values) == 6
     shot(page, tmp_path / "study-finished.png")
 
+    # After export-best --seeds, the page shows the retrained spread beside the best trial.
+    from storage import get_study, make_engine, record_seed_run, session_scope
+
+    db = make_engine(live_stack.env["KDSEARCH_DATABASE_URL"])
+    with session_scope(db) as session:
+        study = get_study(session, "live")
+        best = int(page.locator("#best").inner_text().split("trial #")[1].split(",")[0])
+        for seed, accuracy in ((34, 0.81), (35, 0.83)):
+            record_seed_run(session, study_id=study.id, trial_number=best, seed=seed, eval_accuracy=accuracy,
+                            best_epoch=3, checkpoint_artifact_id=f"test-{seed}")
+    db.dispose()
+    page.reload()
+    page.wait_for_selector("#seed-retrain", timeout=30_000)
+    assert "retrained over 2 seeds" in page.inner_text("#seed-retrain")
+    assert "best seed 35" in page.inner_text("#seed-retrain")
+
     # The workers page: host, device, status and heartbeat age of the worker that ran the study.
     page.goto(f"{live_stack.url}/workers")
     page.wait_for_selector("#workers tbody tr")
