@@ -286,7 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", default=",".join(c for c in CELL_ORDER if not c.endswith("aug20")),
                         help="comma-separated cells (default: all but the 20-copy ones)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
+    parser.add_argument("--seed-list", help="exactly these seeds, e.g. 3 or 2,3 (to split a cell across processes)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None,
@@ -322,7 +323,8 @@ def main() -> None:
         if not args.skip_latency:
             models = measure_models(args.data, args.teacher)
             save_runs([], {"models": models, "latency_machine": machine_name("cpu")})
-        run_cells(cells, list(range(1, args.seeds + 1)), args.epochs, args.device, args.data, args.teacher)
+        seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(1, args.seeds + 1))
+        run_cells(cells, seeds, args.epochs, args.device, args.data, args.teacher)
     write_report()
 
 
