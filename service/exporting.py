@@ -12,7 +12,6 @@ import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,7 @@ from storage import (
     get_study,
     make_engine,
     make_optuna_storage,
-    pack_directory,
     record_seed_run,
-    retry_operational,
     seed_runs,
     session_scope,
     unpack_directory,
@@ -79,10 +76,7 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
         with tempfile.TemporaryDirectory(prefix="kdsearch-seed-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"
             outcome = engine.run_trial(prepared, params, seed, None, checkpoint)
-            tar_path = Path(tmp) / "checkpoint.tar"
-            pack_directory(checkpoint, tar_path)
-            artifact_id = retry_operational(partial(optuna.artifacts.upload_artifact, artifact_store=layout.checkpoints,
-                                                    file_path=str(tar_path), study_or_trial=study))
+            artifact_id = layout.store_checkpoint(checkpoint, study)
         with session_scope(db) as session:
             record_seed_run(session, study_id=study_id, trial_number=trial.number, seed=seed,
                             eval_accuracy=outcome.best_accuracy, best_epoch=outcome.best_epoch,

@@ -45,7 +45,6 @@ from storage import (
     make_engine,
     make_optuna_storage,
     optuna_study_exists,
-    pack_directory,
     reap_stale_slots,
     record_slot_trial,
     retry_operational,
@@ -223,12 +222,7 @@ class Worker:
                 if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
                     raise InterruptedError(outcome.stopped)
                 # A trial is only COMPLETE (or PRUNED) once its checkpoint is stored.
-                tar_path = Path(tmp) / "checkpoint.tar"
-                pack_directory(checkpoint, tar_path)
-                artifact_id = retry_operational(lambda: optuna.artifacts.upload_artifact(
-                    artifact_store=self.layout.checkpoints, file_path=str(tar_path), study_or_trial=trial,
-                    storage=self.optuna_storage, mimetype="application/x-tar",
-                ))
+                artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
             retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
             slot_outcome, error = SlotState.DONE, None
             log.info("study %s trial %d %s: best accuracy %.4f at epoch %d", claim.study_name, trial.number,

@@ -16,7 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import optuna
 from optuna.artifacts import FileSystemArtifactStore
+
+from storage._db import retry_operational
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
@@ -50,6 +53,15 @@ class ArtifactLayout:
 
     def cache_dir(self, key: str) -> Path:
         return self.cache_root / key
+
+    def store_checkpoint(self, directory: Path, study_or_trial, storage=None) -> str:  # type: ignore[no-untyped-def]
+        """Pack a checkpoint directory into one tar and upload it as an Optuna artifact; returns its id."""
+        with tempfile.TemporaryDirectory(prefix="kdsearch-pack-") as tmp:
+            tar_path = Path(tmp) / "checkpoint.tar"
+            pack_directory(directory, tar_path)
+            return retry_operational(lambda: optuna.artifacts.upload_artifact(
+                artifact_store=self.checkpoints, file_path=str(tar_path), study_or_trial=study_or_trial,
+                storage=storage, mimetype="application/x-tar"))
 
     @contextmanager
     def locked(self, key: str) -> Iterator[Path]:
