@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,38 +108,27 @@ class TeacherCache:
         return float(self.meta["teacher_eval_accuracy"])
 
 
-def _save(directory: Path, cache: dict[str, TokenizedSplit | torch.Tensor], meta: dict[str, Any]) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for name in ("train", "eval"):
-        split = cache[name]
-        assert isinstance(split, TokenizedSplit)
-        tensors[f"{name}.input_ids"] = split.input_ids.to(torch.int32)  # vocab ids fit; halves the file
-        tensors[f"{name}.lengths"] = split.lengths
-        tensors[f"{name}.labels"] = split.labels
-        tensors[f"{name}.teacher_logits"] = cache[f"{name}_logits"]  # type: ignore[assignment]
-    save_file(tensors, str(directory / "data.safetensors"))
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+Entry = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a cache entry: safetensors tensors and meta.json
 
 
-def _load(directory: Path, key: str) -> TeacherCache:
-    tensors = load_file(str(directory / "data.safetensors"))
-    meta = json.loads((directory / "meta.json").read_text())
+def _build_once(layout: ArtifactLayout, key: str, build: Callable[[], Entry]) -> Entry:
+    """Cache entry ``key``, built first if missing. One process builds it under the entry's file lock while the
+    others wait; it is written to a temporary directory and renamed into place, so a reader never sees half."""
+    with layout.locked(key) as directory:
+        if not (directory / "meta.json").is_file():
+            tensors, meta = build()
+            tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / "data.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            tmp.rename(directory)
+        return load_file(str(directory / "data.safetensors")), json.loads((directory / "meta.json").read_text())
 
-    def split(name: str) -> TokenizedSplit:
-        return TokenizedSplit(tensors[f"{name}.input_ids"].long(), tensors[f"{name}.lengths"],
-                              tensors[f"{name}.labels"], meta["pad_id"])
 
-    return TeacherCache(key, split("train"), tensors["train.teacher_logits"], split("eval"),
-                        tensors["eval.teacher_logits"], meta)
-
-
-def _write_entry(directory: Path, key: str, write) -> None:  # type: ignore[no-untyped-def]
-    """Write an entry into a temporary directory, then rename it into place: readers never see half of one."""
-    tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    tmp.rename(directory)
+def _split_tensors(name: str, split: TokenizedSplit, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{name}input_ids": split.input_ids.to(torch.int32),  # vocab ids fit; halves the file
+            f"{name}lengths": split.lengths, f"{name}teacher_logits": logits}
 
 
 def load_train_texts(spec: StudySpec) -> TextSplit:
@@ -149,9 +139,8 @@ def load_train_texts(spec: StudySpec) -> TextSplit:
 def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.device,
                         batch_size: int = 128, log=print) -> TeacherCache:  # type: ignore[no-untyped-def]
     key = cache_key(spec)
-    with layout.locked(key) as directory:
-        if (directory / "meta.json").is_file():
-            return _load(directory, key)
+
+    def build() -> Entry:
         log(f"building teacher-logit cache {key} for {spec.teacher}")
         started = time.perf_counter()
         model, tokenizer = load_teacher(spec.teacher)
@@ -164,8 +153,8 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.d
                 raise DataError(f"split {split_name!r} has labels outside the teacher's 0..{num_labels - 1}")
             splits[name] = tokenize(tokenizer, text, spec.dataset.max_seq_length)
         # The costly part: one teacher forward over every train and eval row, done once for all trials.
-        logits = {f"{name}_logits": predict_logits(model, split, batch_size, device) for name, split in splits.items()}
-        teacher_acc = (logits["eval_logits"].argmax(-1) == splits["eval"].labels).float().mean().item()
+        logits = {name: predict_logits(model, split, batch_size, device) for name, split in splits.items()}
+        teacher_acc = (logits["eval"].argmax(-1) == splits["eval"].labels).float().mean().item()
         meta = {
             "format": CACHE_FORMAT,
             "teacher": spec.teacher,
@@ -179,10 +168,21 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, device: torch.d
             "build_seconds": round(time.perf_counter() - started, 2),
             "device": str(device),
         }
-        _write_entry(directory, key, lambda tmp: _save(tmp, {**splits, **logits}, meta))
         log(f"teacher-logit cache {key}: {meta['n_train']} train / {meta['n_eval']} eval rows in "
             f"{meta['build_seconds']} s, teacher eval accuracy {teacher_acc:.4f}")
-        return _load(directory, key)
+        tensors = {}
+        for name, split in splits.items():
+            tensors |= _split_tensors(f"{name}.", split, logits[name]) | {f"{name}.labels": split.labels}
+        return tensors, meta
+
+    tensors, meta = _build_once(layout, key, build)
+
+    def split(name: str) -> TokenizedSplit:
+        return TokenizedSplit(tensors[f"{name}.input_ids"].long(), tensors[f"{name}.lengths"],
+                              tensors[f"{name}.labels"], meta["pad_id"])
+
+    return TeacherCache(key, split("train"), tensors["train.teacher_logits"], split("eval"),
+                        tensors["eval.teacher_logits"], meta)
 
 
 @dataclasses.dataclass
@@ -201,24 +201,14 @@ def transfer_key(spec: StudySpec) -> str:
     return "aug-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _load_transfer(directory: Path, key: str) -> TransferSet:
-    tensors = load_file(str(directory / "data.safetensors"))
-    meta = json.loads((directory / "meta.json").read_text())
-    lengths = tensors["lengths"]
-    labels = torch.full_like(lengths, NO_LABEL)
-    split = TokenizedSplit(tensors["input_ids"].long(), lengths, labels, meta["pad_id"])
-    return TransferSet(key, split, tensors["teacher_logits"], tensors["sources"], meta)
-
-
 def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, device: torch.device,
                                batch_size: int = 128, log=print) -> TransferSet | None:  # type: ignore[no-untyped-def]
     """The study's augmented transfer set, built once per (teacher, dataset, augment) like the teacher cache."""
     if spec.augment.copies == 0:
         return None
     key = transfer_key(spec)
-    with layout.locked(key) as directory:
-        if (directory / "meta.json").is_file():
-            return _load_transfer(directory, key)
+
+    def build() -> Entry:
         log(f"building the augmented transfer set {key} ({spec.augment.copies} copies per train row)")
         started = time.perf_counter()
         model, tokenizer = load_teacher(spec.teacher)
@@ -244,14 +234,11 @@ def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, device: 
             "build_seconds": round(time.perf_counter() - started, 2),
             "device": str(device),
         }
-        tensors = {"input_ids": split.input_ids.to(torch.int32), "lengths": split.lengths,
-                   "teacher_logits": logits, "sources": torch.from_numpy(sources)}
-
-        def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / "data.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-
-        _write_entry(directory, key, write)
         log(f"transfer set {key}: {meta['n_rows']} rows from {meta['n_source_rows']} train rows in "
             f"{meta['build_seconds']} s")
-        return _load_transfer(directory, key)
+        return _split_tensors("", split, logits) | {"sources": torch.from_numpy(sources)}, meta
+
+    tensors, meta = _build_once(layout, key, build)
+    lengths = tensors["lengths"]
+    split = TokenizedSplit(tensors["input_ids"].long(), lengths, torch.full_like(lengths, NO_LABEL), meta["pad_id"])
+    return TransferSet(key, split, tensors["teacher_logits"], tensors["sources"], meta)
