@@ -132,6 +132,7 @@ def save_runs(runs: list[Run], extra: dict[str, Any]) -> None:
 
 def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data_dir: Path, teacher: Path) -> None:
     from distill import DistillationEngine
+    from distill.train import EpochResult
     from search_space import StudySpec
 
     engine = DistillationEngine(CACHE, device=device)
@@ -145,7 +146,11 @@ def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data
             save_runs([], {"teacher_accuracy": prepared.cache.teacher_accuracy,
                              "n_train": prepared.cache.meta["n_train"], "n_eval": prepared.cache.meta["n_eval"]})
             with tempfile.TemporaryDirectory(prefix="kdsearch-quality-") as tmp:
-                outcome = engine.run_trial(prepared, params_for(cell, epochs), seed, None, Path(tmp) / "ckpt")
+                def progress(epoch: EpochResult, cell: str = cell, seed: int = seed) -> None:
+                    print(f"{cell} seed {seed}: epoch {epoch.epoch}/{epochs} accuracy {epoch.eval_accuracy:.4f} "
+                          f"({epoch.seconds:.0f} s)", flush=True)
+
+                outcome = engine.run_trial(prepared, params_for(cell, epochs), seed, progress, Path(tmp) / "ckpt")
             run = Run(cell=cell, seed=seed, accuracy=outcome.best_accuracy,
                       last_accuracy=outcome.history[-1].eval_accuracy, best_epoch=outcome.best_epoch, epochs=epochs,
                       train_rows=len(prepared.train), train_seconds=round(sum(h.seconds for h in outcome.history), 1),
