@@ -207,9 +207,10 @@ def _cell_stats(runs: list[Run], last_epoch: bool = False) -> tuple[float, float
     return statistics.fmean(accuracies), statistics.stdev(accuracies) if len(accuracies) > 1 else None
 
 
-def _mean_std(stats: tuple[float, float | None]) -> str:
+def _mean_std(stats: tuple[float, float | None], bold: bool = False) -> str:
     mean, std = stats
-    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    mean_txt = f"**{mean:.4f}**" if bold else f"{mean:.4f}"
+    return mean_txt + (f" ± {std:.4f}" if std is not None else "")
 
 
 def write_report() -> None:
@@ -247,13 +248,12 @@ def write_report() -> None:
             lines.append(f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | not run | | 0 | | "
                          "| | |")
             continue
-        mean, std = _cell_stats(cell_runs)
-        std_txt = f" ± {std:.4f}" if std is not None else ""
+        best_txt = _mean_std(_cell_stats(cell_runs), bold=True)
         last_txt = _mean_std(_cell_stats(cell_runs, last_epoch=True))
         per_seed = ", ".join(f"{r.accuracy:.4f}" for r in cell_runs)
         devices = ", ".join(sorted({r.machine for r in cell_runs}))
         lines.append(
-            f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | **{mean:.4f}**{std_txt} | "
+            f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | {best_txt} | "
             f"{last_txt} | {len(cell_runs)} | {per_seed} | {cell_runs[0].train_rows:,} x {cell_runs[0].epochs} | "
             f"{devices} | {statistics.fmean(r.train_seconds for r in cell_runs):.0f} |")
     if models:
@@ -274,12 +274,12 @@ def write_report() -> None:
     small = [(c, _cell_stats([r for r in runs if r.cell == c])) for c in CELL_ORDER
              if c.split("-")[0] in ("fresh", "pca") and len([r for r in runs if r.cell == c]) >= 3]
     if small:
-        best_cell, (best_mean, best_std) = max(small, key=lambda item: item[1][0])
-        verdict = "met" if best_mean >= 0.833 else "NOT met"
+        best_cell, best_stats = max(small, key=lambda item: item[1][0])
+        verdict = "met" if best_stats[0] >= 0.833 else "NOT met"
         last = _mean_std(_cell_stats([r for r in runs if r.cell == best_cell], last_epoch=True))
         lines.append(f"- A student of at most 4.4M parameters at >= 83.3% (mean of 3 seeds): **{verdict}**; the best "
                      f"such cell is {STUDENT_LABELS[best_cell.split('-')[0]]}, "
-                     f"{CONDITIONS[best_cell.split('-')[1]]}: {best_mean:.4f} ± {best_std or 0:.4f} "
+                     f"{CONDITIONS[best_cell.split('-')[1]]}: {_mean_std(best_stats)} "
                      f"(last epoch {last}).")
     trunc = [(c, _cell_stats([r for r in runs if r.cell == c])) for c in CELL_ORDER
              if c.startswith("trunc2") and any(r.cell == c for r in runs)]
