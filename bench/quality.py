@@ -207,6 +207,14 @@ def _cell_stats(runs: list[Run], last_epoch: bool = False) -> tuple[float, float
     return statistics.fmean(accuracies), statistics.stdev(accuracies) if len(accuracies) > 1 else None
 
 
+def _groups(runs: list[Run], cell: str) -> dict[tuple[str, int], list[Run]]:
+    """A cell's runs by epoch budget, each sorted by seed: runs of different lengths are never averaged together."""
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in sorted((r for r in runs if r.cell == cell), key=lambda r: (r.epochs, r.seed)):
+        groups.setdefault((cell, run.epochs), []).append(run)
+    return groups
+
+
 def _mean_std(stats: tuple[float, float | None], bold: bool = False) -> str:
     mean, std = stats
     mean_txt = f"**{mean:.4f}**" if bold else f"{mean:.4f}"
@@ -241,21 +249,21 @@ def write_report() -> None:
     ]
     for cell in (f"{student}-{condition}" for student in STUDENTS for condition in CONDITIONS):  # grouped by student
         student, condition = cell.split("-")
-        cell_runs = sorted((r for r in runs if r.cell == cell), key=lambda r: r.seed)
         params = models.get(student, {}).get("params")
         params_txt = f"{params / 1e6:.1f}M" if params else "-"
-        if not cell_runs:
+        groups = _groups(runs, cell)
+        if not groups:
             lines.append(f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | not run | | 0 | | "
                          "| | |")
-            continue
-        best_txt = _mean_std(_cell_stats(cell_runs), bold=True)
-        last_txt = _mean_std(_cell_stats(cell_runs, last_epoch=True))
-        per_seed = ", ".join(f"{r.accuracy:.4f}" for r in cell_runs)
-        devices = ", ".join(sorted({r.machine for r in cell_runs}))
-        lines.append(
-            f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | {best_txt} | "
-            f"{last_txt} | {len(cell_runs)} | {per_seed} | {cell_runs[0].train_rows:,} x {cell_runs[0].epochs} | "
-            f"{devices} | {statistics.fmean(r.train_seconds for r in cell_runs):.0f} |")
+        for (_, epochs), group in groups.items():  # one row per epoch budget a cell was run with
+            best_txt = _mean_std(_cell_stats(group), bold=True)
+            last_txt = _mean_std(_cell_stats(group, last_epoch=True))
+            per_seed = ", ".join(f"{r.accuracy:.4f}" for r in group)
+            devices = ", ".join(sorted({r.machine for r in group}))
+            lines.append(
+                f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | {best_txt} | "
+                f"{last_txt} | {len(group)} | {per_seed} | {group[0].train_rows:,} x {epochs} | "
+                f"{devices} | {statistics.fmean(r.train_seconds for r in group):.0f} |")
     if models:
         teacher = models["teacher"]
         lines += [
@@ -271,22 +279,26 @@ def write_report() -> None:
             lines.append(f"| {label} | {m['params'] / 1e6:.1f}M | {m['ms_batch1']:.2f} | {m['ms_batch32']:.3f} | "
                          f"{speedup} |")
     lines += ["", "## Targets (issue 7)", ""]
-    small = [(c, _cell_stats([r for r in runs if r.cell == c])) for c in CELL_ORDER
-             if c.split("-")[0] in ("fresh", "pca") and len([r for r in runs if r.cell == c]) >= 3]
+    all_groups = {key: group for cell in CELL_ORDER for key, group in _groups(runs, cell).items()}
+
+    def label(key: tuple[str, int]) -> str:
+        student, condition = key[0].split("-")
+        return f"{STUDENT_LABELS[student]}, {CONDITIONS[condition]}, {key[1]} epoch{'s' if key[1] > 1 else ''}"
+
+    small = [(key, _cell_stats(group)) for key, group in all_groups.items()
+             if key[0].split("-")[0] in ("fresh", "pca") and len(group) >= 3]
     if small:
-        best_cell, best_stats = max(small, key=lambda item: item[1][0])
+        best_key, best_stats = max(small, key=lambda item: item[1][0])
         verdict = "met" if best_stats[0] >= 0.833 else "NOT met"
-        last = _mean_std(_cell_stats([r for r in runs if r.cell == best_cell], last_epoch=True))
+        last = _mean_std(_cell_stats(all_groups[best_key], last_epoch=True))
         lines.append(f"- A student of at most 4.4M parameters at >= 83.3% (mean of 3 seeds): **{verdict}**; the best "
-                     f"such cell is {STUDENT_LABELS[best_cell.split('-')[0]]}, "
-                     f"{CONDITIONS[best_cell.split('-')[1]]}: {_mean_std(best_stats)} "
-                     f"(last epoch {last}).")
-    trunc = [(c, _cell_stats([r for r in runs if r.cell == c])) for c in CELL_ORDER
-             if c.startswith("trunc2") and any(r.cell == c for r in runs)]
+                     f"such cell is {label(best_key)}: {_mean_std(best_stats)} (last epoch {last}).")
+    trunc = [(key, _cell_stats(group)) for key, group in all_groups.items()
+             if key[0].startswith("trunc2") and len(group) >= 3]
     if trunc and teacher_acc is not None:
-        best_cell, (best_mean, _) = max(trunc, key=lambda item: item[1][0])
-        lines.append(f"- 2-layer truncated-teacher student: best cell {CONDITIONS[best_cell.split('-')[1]]} at "
-                     f"{best_mean:.4f}, {100 * (teacher_acc - best_mean):.2f} points below the teacher.")
+        best_key, best_stats = max(trunc, key=lambda item: item[1][0])
+        lines.append(f"- 2-layer truncated-teacher student: best cell {label(best_key)} at {_mean_std(best_stats)}, "
+                     f"{100 * (teacher_acc - best_stats[0]):.2f} points below the teacher.")
     notes = payload.get("notes")
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
