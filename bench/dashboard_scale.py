@@ -74,7 +74,7 @@ def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:
                                                "intermediate_value_type": "FINITE"} for e, v in curve.items()]
         attrs = {"params": {**params, "batch_size": 128}, "worker": f"host:{number % 8}:cpu",
                  "best_epoch": max(curve, key=curve.__getitem__),
-                 "epochs": [{"epoch": e, "eval_accuracy": v} for e, v in curve.items()]}
+                 "epochs": [{"epoch": e, "score": v, "metrics": {"accuracy": v}} for e, v in curve.items()]}
         rows["trial_user_attributes"] += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
                                           for k, v in attrs.items()]
     with engine.begin() as conn:

@@ -143,16 +143,16 @@ def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data
             if any(_key(r) == (cell, seed, epochs) for r in runs):
                 continue
             prepared = engine.prepare(spec)  # cached after the first call (teacher logits, transfer set)
-            save_runs([], {"teacher_accuracy": prepared.cache.teacher_accuracy,
+            save_runs([], {"teacher_accuracy": prepared.cache.teacher_metrics["accuracy"],
                              "n_train": prepared.cache.meta["n_train"], "n_eval": prepared.cache.meta["n_eval"]})
             with tempfile.TemporaryDirectory(prefix="kdsearch-quality-") as tmp:
                 def progress(epoch: EpochResult, cell: str = cell, seed: int = seed) -> None:
-                    print(f"{cell} seed {seed}: epoch {epoch.epoch}/{epochs} accuracy {epoch.eval_accuracy:.4f} "
+                    print(f"{cell} seed {seed}: epoch {epoch.epoch}/{epochs} accuracy {epoch.score:.4f} "
                           f"({epoch.seconds:.0f} s)", flush=True)
 
                 outcome = engine.run_trial(prepared, params_for(cell, epochs), seed, progress, Path(tmp) / "ckpt")
-            run = Run(cell=cell, seed=seed, accuracy=outcome.best_accuracy,
-                      last_accuracy=outcome.history[-1].eval_accuracy, best_epoch=outcome.best_epoch, epochs=epochs,
+            run = Run(cell=cell, seed=seed, accuracy=outcome.best_score,
+                      last_accuracy=outcome.history[-1].score, best_epoch=outcome.best_epoch, epochs=epochs,
                       train_rows=len(prepared.train), train_seconds=round(sum(h.seconds for h in outcome.history), 1),
                       device=engine.device.type, machine=machine_name(engine.device.type),
                       finished=time.strftime("%Y-%m-%d %H:%M"))

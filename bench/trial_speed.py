@@ -112,15 +112,15 @@ def run_kdsearch(data_dir: Path, teacher_dir: Path, device: str, artifacts: Path
     prepared = engine.prepare(spec)
     prepare_s = time.perf_counter() - started
     if build_only:
-        return {"build_s": prepare_s, "teacher_accuracy": prepared.cache.teacher_accuracy,
+        return {"build_s": prepare_s, "teacher_accuracy": prepared.cache.teacher_metrics["accuracy"],
                 "n_train": len(prepared.train), "n_eval": len(prepared.eval)}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         out = engine.run_trial(prepared, PARAMS, INIT_SEED, None, Path(tmp) / "ckpt")
         wall = time.perf_counter() - started
-    return {"wall_s": wall, "prepare_warm_s": prepare_s, "accuracy": out.best_accuracy,
-            "epoch_accuracies": [round(h.eval_accuracy, 4) for h in out.history],
-            "final_epoch_accuracy": out.history[-1].eval_accuracy,
+    return {"wall_s": wall, "prepare_warm_s": prepare_s, "accuracy": out.best_score,
+            "epoch_accuracies": [round(h.score, 4) for h in out.history],
+            "final_epoch_accuracy": out.history[-1].score,
             "train_samples_per_s": N_TRAIN * PARAMS["num_train_epochs"] / wall}
 
 
@@ -145,7 +145,7 @@ def run_levers(data_dir: Path, teacher_dir: Path, device: str, artifacts: Path, 
         model = build_student(spec.student, prepared.teacher_config, seed=seed)
         started = time.perf_counter()
         result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg)
-        return time.perf_counter() - started, result.best_accuracy
+        return time.perf_counter() - started, result.best_score
 
     levers = {name: train(INIT_SEED, **overrides) for name, overrides in LEVERS.items()}
     spread = [train(INIT_SEED + i)[1] for i in range(seeds)]

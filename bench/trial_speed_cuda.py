@@ -80,7 +80,7 @@ def run_reference() -> dict:
 def run_kdsearch() -> dict:
     import torch
 
-    from distill.teacher import predict_logits
+    from distill import predict_logits
     from distill.train import TrainConfig, train_student
 
     device = torch.device("cuda")

@@ -8,6 +8,7 @@ from distill.data import (
     concat_splits,
     length_bucketed_batches,
     load_split,
+    read_split,
     tokenize,
 )
 from distill.engine import (
@@ -20,17 +21,13 @@ from distill.engine import (
     resolve_device,
     save_checkpoint,
 )
-from distill.loss import NO_LABEL, distillation_loss
+from distill.loss import NO_LABEL, distillation_loss, regression_distillation_loss
+from distill.metrics import compute_metrics
+from distill.models import load_teacher, split_revision
 from distill.student import build_student, truncated_layer_indices
-from distill.teacher import (
-    TeacherCache,
-    TransferSet,
-    build_or_load_cache,
-    build_or_load_transfer_set,
-    cache_key,
-    transfer_key,
-)
-from distill.train import EpochResult, TrainConfig, TrainResult, evaluate, train_student
+from distill.teacher import TeacherCache, build_or_load_cache, cache_key, predict_logits
+from distill.train import EpochResult, TrainConfig, TrainResult, evaluate, predict, train_student
+from distill.transfer import TransferSet, build_or_load_transfer_set, transfer_key
 
 __all__ = [
     "NO_LABEL",
@@ -52,14 +49,21 @@ __all__ = [
     "build_or_load_transfer_set",
     "build_student",
     "cache_key",
+    "compute_metrics",
     "concat_splits",
     "distillation_loss",
     "evaluate",
     "length_bucketed_batches",
     "load_engine",
     "load_split",
+    "load_teacher",
+    "predict",
+    "predict_logits",
+    "read_split",
+    "regression_distillation_loss",
     "resolve_device",
     "save_checkpoint",
+    "split_revision",
     "tokenize",
     "train_student",
     "transfer_key",

@@ -3,10 +3,10 @@
 No extra models: a word is masked with the tokenizer's mask token, or replaced by a word seen between the same
 two neighbours somewhere in the training texts (a cheap stand-in for the paper's same-part-of-speech swap; a
 random frequent word when no other word shares that context), and with ``p_ngram`` the variant is cut down to a
-random n-gram. The variants carry no gold label; the teacher labels them (``distill.teacher``).
+random n-gram. The variants carry no gold label; the teacher labels them (``distill.transfer``).
 
     from distill.augment import Augmenter
-    variants, sources = Augmenter(texts, AugmentSpec(copies=5), mask_token="[MASK]").transfer_set(texts)
+    variants, _, sources = Augmenter(texts, AugmentSpec(copies=5), mask_token="[MASK]").transfer_set(texts)
 """
 
 from __future__ import annotations
@@ -71,20 +71,38 @@ class Augmenter:
             out = out[start : start + n]
         return out
 
-    def transfer_set(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        """``copies`` variants per sentence, and for each the index of the sentence it came from."""
+    def _fresh_variant(self, words: list[str], rng: np.random.Generator) -> list[str]:
+        for _ in range(_RETRIES):  # a variant identical to its sentence teaches nothing new
+            new = self.variant(words, rng)
+            if new != words:
+                return new
+        return new
+
+    def transfer_set(self, texts: list[str],
+                     pairs: list[str] | None = None) -> tuple[list[str], list[str] | None, np.ndarray]:
+        """``copies`` variants per row: (variant texts, variant pair texts or None, the row each came from).
+
+        A sentence pair is augmented side by side, each side on its own, and redrawn while both sides come out
+        unchanged.
+        """
         rng = np.random.default_rng(self.spec.seed)
         variants: list[str] = []
+        variant_pairs: list[str] | None = None if pairs is None else []
         sources: list[int] = []
         for row, text in enumerate(texts):
             words = text.split()
             if not words:
                 continue
             for _ in range(self.spec.copies):
-                for _ in range(_RETRIES):  # a variant identical to its sentence teaches nothing new
-                    new = self.variant(words, rng)
-                    if new != words:
-                        break
+                if pairs is None or variant_pairs is None:
+                    new = self._fresh_variant(words, rng)
+                else:
+                    second = pairs[row].split()
+                    for _ in range(_RETRIES):
+                        new, new_second = self.variant(words, rng), self.variant(second, rng)
+                        if new != words or new_second != second:
+                            break
+                    variant_pairs.append(" ".join(new_second))
                 variants.append(" ".join(new))
                 sources.append(row)
-        return variants, np.asarray(sources, dtype=np.int64)
+        return variants, variant_pairs, np.asarray(sources, dtype=np.int64)

@@ -1,20 +1,24 @@
-"""Text classification data: read a split, tokenize it once, and serve length-bucketed batches.
+"""Text classification and regression data: read a split with ``datasets``, tokenize it once, and serve
+length-bucketed batches.
 
 Batches are drawn from one padded id matrix held in memory (on the training device), padded only to the longest
-row of each batch: no per-step tokenization, collation or DataLoader workers.
+row of each batch: no per-step tokenization, collation or DataLoader workers. Sentence pairs keep their segment ids
+(``token_type_ids``) beside the token ids, through the teacher cache, the transfer set, training and evaluation.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from search_space import DatasetSpec, split_file
+from distill.loss import NO_LABEL
+from search_space import DatasetSpec, TaskInfo, split_file
 
 
 class DataError(ValueError):
@@ -24,52 +28,130 @@ class DataError(ValueError):
 @dataclasses.dataclass
 class TextSplit:
     texts: list[str]
-    labels: np.ndarray  # int64
+    labels: np.ndarray  # int64 class ids, or float32 targets for regression; NO_LABEL / NaN: no gold label
+    text_pairs: list[str] | None = None  # the second text of each row, for sentence-pair tasks
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".tsv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"unsupported data file {path}")
+# How each local file type is read by datasets. GLUE-style TSVs hold raw '"' characters: no quoting. No value is
+# read as missing ("NA", "null" and "nan" are words in a sentence); labels are interpreted by the task below.
+_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    ".csv": ("csv", {"keep_default_na": False}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
 
 
-def _load_hub_rows(spec: DatasetSpec, split: str) -> list[dict]:
+def read_split(spec: DatasetSpec, split: str):  # type: ignore[no-untyped-def]
+    """The split as a ``datasets.Dataset``: a local ``<split>.<ext>`` file, or a hub dataset (needs network)."""
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise DataError("hub datasets need the 'datasets' package: pip install 'kdsearch[hub]'") from exc
-    return datasets.load_dataset(spec.hub, spec.config, split=split).to_list()
+        if spec.path is not None:
+            path = split_file(Path(spec.path), split)
+            if path is None:
+                raise DataError(f"no file for split {split!r} in {spec.path}")
+            builder, kwargs = _BUILDERS[path.suffix]
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        return datasets.load_dataset(spec.hub, spec.config, split=split)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        raise DataError(f"cannot read split {split!r}: {str(cause).strip().splitlines()[-1]}") from exc
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"split {split!r} is empty") from exc
+        raise DataError(f"cannot read split {split!r}: {exc}") from exc
 
 
-def load_split(spec: DatasetSpec, split: str) -> TextSplit:
-    if spec.path is not None:
-        path = split_file(Path(spec.path), split)
-        if path is None:
-            raise DataError(f"no file for split {split!r} in {spec.path}")
-        rows = _read_rows(path)
-    else:
-        rows = _load_hub_rows(spec, split)
-    if not rows:
+def _column(ds, name: str, split: str) -> list[Any]:  # type: ignore[no-untyped-def]
+    if name not in ds.column_names:
+        raise DataError(f"split {split!r} has no column {name!r} (columns: {sorted(ds.column_names)})")
+    return ds.data.column(name).to_pylist()
+
+
+def _is_integral(value: Any) -> bool:
+    return isinstance(value, int | np.integer) or (isinstance(value, float) and value.is_integer())
+
+
+def _class_ids(values: list[Any], column: str, split: str, task: TaskInfo | None) -> np.ndarray:
+    """Integer ids as they are; label names through the teacher's ``label2id``; anything else is refused."""
+    label2id = {name: i for i, name in enumerate(task.label_names)} if task else {}
+    folded = {name.lower(): i for name, i in label2id.items()}
+    ids = np.empty(len(values), dtype=np.int64)
+    for row, value in enumerate(values):
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, str):
+            known = label2id.get(value, folded.get(value.strip().lower()))
+            if known is None and value.strip().lstrip("-").isdigit():
+                known = int(value)
+            if known is None:
+                names = f"; the teacher's labels are {sorted(label2id)}" if label2id else ""
+                raise DataError(f"split {split!r}, column {column!r}: label {value!r} is not one the teacher knows"
+                                f"{names}")
+            ids[row] = known
+        elif _is_integral(value):
+            ids[row] = int(value)
+        else:
+            why = "a float label in a classification study" if isinstance(value, float) else "not a class label"
+            raise DataError(f"split {split!r}, column {column!r}: {value!r} is {why} (the teacher is a "
+                            f"{task.num_labels if task else 'multi'}-class classifier; give class ids or names)")
+    if task is not None:
+        bad = (ids < 0) | (ids >= task.num_labels)
+        if bad.any():
+            raise DataError(f"split {split!r}, column {column!r}: label {int(ids[bad][0])} is outside the teacher's "
+                            f"0..{task.num_labels - 1}")
+    return ids
+
+
+def _targets(values: list[Any], column: str, split: str) -> np.ndarray:
+    """Float regression targets; a value that is not a finite number is refused."""
+    out = np.empty(len(values), dtype=np.float32)
+    for row, value in enumerate(values):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise DataError(f"split {split!r}, column {column!r}: {value!r} is not a number, and this is a "
+                            "regression study (the teacher has one output)")
+        out[row] = number
+    return out
+
+
+def _label_values(ds, column: str, split: str, task: TaskInfo | None) -> list[Any]:  # type: ignore[no-untyped-def]
+    """Raw label values; a hub ``ClassLabel`` column gives its names when the teacher knows every one of them,
+    so a dataset whose ids are ordered differently from the teacher's is still mapped right."""
+    import datasets
+
+    values = _column(ds, column, split)
+    feature = ds.features.get(column)
+    if isinstance(feature, datasets.ClassLabel) and task is not None and not task.is_regression:
+        known = {n.lower() for n in task.label_names}
+        if all(name.lower() in known for name in feature.names):
+            return [feature.int2str(v) if v is not None and v >= 0 else v for v in values]
+    return values
+
+
+def load_split(spec: DatasetSpec, split: str, task: TaskInfo | None = None) -> TextSplit:
+    """Texts (and pair texts) and labels of a split, labels interpreted for ``task`` (None: integer class ids)."""
+    ds = read_split(spec, split)
+    if len(ds) == 0:
         raise DataError(f"split {split!r} is empty")
-    for column in (spec.text_column, spec.label_column):
-        if column not in rows[0]:
-            raise DataError(f"split {split!r} has no column {column!r} (columns: {sorted(rows[0])})")
-    try:
-        labels = np.array([int(r[spec.label_column]) for r in rows], dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"split {split!r}: labels in {spec.label_column!r} must be integers ({exc})") from exc
-    return TextSplit([str(r[spec.text_column]) for r in rows], labels)
+    texts = [("" if t is None else str(t)) for t in _column(ds, spec.text_column, split)]
+    pairs = None
+    if spec.text_pair_column is not None:
+        pairs = [("" if t is None else str(t)) for t in _column(ds, spec.text_pair_column, split)]
+    values = _label_values(ds, spec.label_column, split, task)
+    if task is not None and task.is_regression:
+        labels = _targets(values, spec.label_column, split)
+    else:
+        labels = _class_ids(values, spec.label_column, split, task)
+    return TextSplit(texts, labels, pairs)
 
 
 def subsample(split: TextSplit, n: int | None, seed: int) -> TextSplit:
@@ -77,52 +159,78 @@ def subsample(split: TextSplit, n: int | None, seed: int) -> TextSplit:
     if n is None or n >= len(split.texts):
         return split
     idx = np.sort(np.random.default_rng(seed).permutation(len(split.texts))[:n])
-    return TextSplit([split.texts[i] for i in idx], split.labels[idx])
+    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in idx]
+    return TextSplit([split.texts[i] for i in idx], split.labels[idx], pairs)
+
+
+def unlabelled_like(n: int, regression: bool) -> np.ndarray:
+    """Labels for rows without a gold label (transfer-set rows): NO_LABEL ids, or NaN targets."""
+    return np.full(n, np.nan, dtype=np.float32) if regression else np.full(n, NO_LABEL, dtype=np.int64)
 
 
 @dataclasses.dataclass
 class TokenizedSplit:
     input_ids: torch.Tensor  # [N, max_len] int64, right-padded with pad_id
     lengths: torch.Tensor  # [N] int64
-    labels: torch.Tensor  # [N] int64
+    labels: torch.Tensor  # [N] int64 class ids, or float32 regression targets
     pad_id: int
+    token_type_ids: torch.Tensor | None = None  # [N, max_len] segment ids of sentence pairs; None: all zeros
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str) -> TokenizedSplit:
-        return dataclasses.replace(
-            self, input_ids=self.input_ids.to(device), lengths=self.lengths.to(device), labels=self.labels.to(device)
-        )
+        types = None if self.token_type_ids is None else self.token_type_ids.to(device)
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device), lengths=self.lengths.to(device),
+                                   labels=self.labels.to(device), token_type_ids=types)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) for rows ``idx``, trimmed to their longest row."""
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs of rows ``idx``, trimmed to their longest row."""
         width = int(self.lengths[idx].max())
         ids = self.input_ids[idx, :width]
         mask = torch.arange(width, device=ids.device)[None, :] < self.lengths[idx, None]
-        return ids, mask.long()
+        inputs = {"input_ids": ids, "attention_mask": mask.long()}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids[idx, :width]
+        return inputs
 
 
 def concat_splits(first: TokenizedSplit, second: TokenizedSplit) -> TokenizedSplit:
     """Rows of both splits in one padded matrix (the narrower one is padded to the wider's width)."""
     width = max(first.input_ids.shape[1], second.input_ids.shape[1])
 
-    def widen(ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=first.pad_id)
+    def widen(ids: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=value)
 
-    return TokenizedSplit(torch.cat([widen(first.input_ids), widen(second.input_ids)]),
-                          torch.cat([first.lengths, second.lengths]), torch.cat([first.labels, second.labels]),
-                          first.pad_id)
+    types = None
+    if first.token_type_ids is not None or second.token_type_ids is not None:
+        types = torch.cat([widen(s.token_type_ids if s.token_type_ids is not None else torch.zeros_like(s.input_ids),
+                                 0) for s in (first, second)])
+    return TokenizedSplit(torch.cat([widen(first.input_ids, first.pad_id), widen(second.input_ids, first.pad_id)]),
+                          torch.cat([first.lengths, second.lengths]),
+                          torch.cat([first.labels, second.labels.to(first.labels.dtype)]), first.pad_id, types)
+
+
+def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for row, ids in enumerate(rows):
+        out[row, : len(ids)] = ids
+    return torch.from_numpy(out)
 
 
 def tokenize(tokenizer, split: TextSplit, max_seq_length: int) -> TokenizedSplit:  # type: ignore[no-untyped-def]
-    encoded = tokenizer(split.texts, truncation=True, max_length=max_seq_length, padding=False)["input_ids"]
-    lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
+    """The tokenizer's encoding of every row (its pair encoding when the split has pair texts), truncated to
+    ``max_seq_length``."""
+    encoded = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_seq_length, padding=False)
+    input_ids = encoded["input_ids"]
+    lengths = torch.tensor([len(ids) for ids in input_ids], dtype=torch.long)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(encoded), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return TokenizedSplit(input_ids, lengths, torch.from_numpy(split.labels.copy()), pad_id)
+    width = int(lengths.max())
+    types = None
+    if split.text_pairs is not None and "token_type_ids" in encoded:
+        types = _padded(encoded["token_type_ids"], width, 0)
+    labels = torch.from_numpy(split.labels.copy())
+    return TokenizedSplit(_padded(input_ids, width, pad_id), lengths, labels, pad_id, types)
 
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,

@@ -4,11 +4,14 @@ Contract for a ``TrialEngine``:
 - ``prepare(spec)`` is called before the first trial of a study in a process, and may be called again for each
   trial (cache what is costly). Any exception it raises is a study-level failure: the study is marked ``failed``
   with the message, and the worker goes on with other studies.
+- ``task(prepared)`` is the study's task (classification or regression, its labels) and the metric it maximises;
+  the worker leaves the task's ignored parameters (temperature for regression) out of the search.
 - ``run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)`` trains one configuration. It calls
-  ``on_epoch_end`` after every epoch with that epoch's eval accuracy, stops when the callback returns a reason,
-  and writes the best epoch's model to ``checkpoint_dir`` (a Hugging Face model directory). An exception is a
-  trial-level failure: the trial is FAIL and its slot retried.
-- ``teacher_accuracy(prepared)`` is the teacher's eval accuracy, a reference for the dashboard and model card.
+  ``on_epoch_end`` after every epoch with that epoch's metrics and score (the study's metric), stops when the
+  callback returns a reason, and writes the best epoch's model to ``checkpoint_dir`` (a Hugging Face model
+  directory). An exception is a trial-level failure: the trial is FAIL and its slot retried.
+- ``teacher_metrics(prepared)`` is the teacher's score on the eval split for every metric of the task, a reference
+  for the dashboard and model card.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 import torch
 
 from distill.data import DataError, TokenizedSplit, concat_splits
+from distill.models import load_config, load_tokenizer, split_revision
 from distill.student import build_student
-from distill.teacher import TeacherCache, build_or_load_cache, build_or_load_transfer_set, split_revision
+from distill.teacher import TeacherCache, build_or_load_cache
 from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
-from search_space import StudySpec, tokenizers_compatible
+from distill.transfer import build_or_load_transfer_set
+from search_space import MetricMismatch, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
 from storage import ArtifactLayout
 
 
@@ -34,9 +39,13 @@ from storage import ArtifactLayout
 class TrialOutcome:
     history: list[EpochResult]
     best_epoch: int
-    best_accuracy: float
+    best_score: float  # the study's metric at the best epoch
     stopped: str | None
     train_samples_per_second: float = 0.0
+
+    @property
+    def best_metrics(self) -> dict[str, float]:
+        return next((h.metrics for h in self.history if h.epoch == self.best_epoch), {})
 
 
 class TrialEngine(ABC):
@@ -44,16 +53,20 @@ class TrialEngine(ABC):
     def prepare(self, spec: StudySpec) -> Any: ...
 
     @abstractmethod
+    def task(self, prepared: Any) -> TaskInfo: ...
+
+    @abstractmethod
     def run_trial(self, prepared: Any, params: dict[str, Any], seed: int, on_epoch_end: EpochCallback | None,
                   checkpoint_dir: Path) -> TrialOutcome: ...
 
-    def teacher_accuracy(self, prepared: Any) -> float | None:
+    def teacher_metrics(self, prepared: Any) -> dict[str, float] | None:
         return None
 
 
 @dataclasses.dataclass
 class PreparedStudy:
     spec: StudySpec
+    task: TaskInfo
     cache: TeacherCache
     train: TokenizedSplit  # on the training device; train rows, then the transfer set's (label NO_LABEL) if any
     train_logits: torch.Tensor
@@ -80,7 +93,7 @@ class DistillationEngine(TrialEngine):
         self._prepared: tuple[str, PreparedStudy] | None = None  # last study, reused across its trials
 
     def prepare(self, spec: StudySpec) -> PreparedStudy:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         fingerprint = spec.model_dump_json()
         if self._prepared is not None and self._prepared[0] == fingerprint:
@@ -89,27 +102,34 @@ class DistillationEngine(TrialEngine):
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        cache = build_or_load_cache(self.layout, spec, self.device, log=self.log)
-        transfer = build_or_load_transfer_set(self.layout, spec, self.device, log=self.log)
+        teacher_config = load_config(spec.teacher)
+        try:
+            task = resolve_task(teacher_config, spec.metric)
+        except MetricMismatch as exc:
+            raise DataError(f"metric: {exc}") from exc
+        tokenizer = load_tokenizer(spec.teacher)
+        if spec.dataset.text_pair_column is not None and not _encodes_pairs(tokenizer):
+            raise DataError(f"the teacher's tokenizer ({type(tokenizer).__name__}) has no pair encoding, so "
+                            "dataset.text_pair_column cannot be used with it")
+        cache = build_or_load_cache(self.layout, spec, task, self.device, log=self.log)
+        transfer = build_or_load_transfer_set(self.layout, spec, task, self.device, log=self.log)
         train, train_logits = cache.train, cache.train_logits
         if transfer is not None:  # one epoch = every train row and every teacher-labelled variant, shuffled together
             train = concat_splits(train, transfer.split)
             train_logits = torch.cat([train_logits, transfer.logits])
-        name, revision = split_revision(spec.teacher)
-        teacher_config = AutoConfig.from_pretrained(name, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         teacher_state = None
         if spec.student.needs_teacher_weights:
+            name, revision = split_revision(spec.teacher)
             teacher_state = AutoModelForSequenceClassification.from_pretrained(name, revision=revision).state_dict()
         if spec.student.model is not None:
-            s_name, s_revision = split_revision(spec.student.model)
-            problem = tokenizers_compatible(tokenizer, AutoTokenizer.from_pretrained(s_name, revision=s_revision))
+            problem = tokenizers_compatible(tokenizer, load_tokenizer(spec.student.model))
             if problem:
                 raise DataError(f"teacher and student tokenizers differ: {problem}")
         # Fail the study now, not in every trial, if the student cannot be built.
         build_student(spec.student, teacher_config, seed=spec.seed, teacher_state=teacher_state)
         prepared = PreparedStudy(
             spec=spec,
+            task=task,
             cache=cache,
             train=train.to(self.device),
             train_logits=train_logits.to(self.device),
@@ -121,14 +141,17 @@ class DistillationEngine(TrialEngine):
         self._prepared = (fingerprint, prepared)
         return prepared
 
-    def teacher_accuracy(self, prepared: PreparedStudy) -> float | None:
-        return prepared.cache.teacher_accuracy
+    def task(self, prepared: PreparedStudy) -> TaskInfo:
+        return prepared.task
+
+    def teacher_metrics(self, prepared: PreparedStudy) -> dict[str, float] | None:
+        return prepared.cache.teacher_metrics
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
                   on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
         cfg = TrainConfig(
             learning_rate=float(params["learning_rate"]),
-            temperature=float(params["temperature"]),
+            temperature=float(params.get("temperature", 1.0)),  # absent in regression studies
             alpha=float(params["alpha"]),
             num_train_epochs=int(params["num_train_epochs"]),
             batch_size=int(params.get("batch_size", 128)),
@@ -138,22 +161,36 @@ class DistillationEngine(TrialEngine):
         )
         model = build_student(prepared.spec.student, prepared.teacher_config, seed=seed,
                               teacher_state=prepared.teacher_state)
-        result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end)
+        result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
+                               task=prepared.task)
         model.load_state_dict(result.best_state)
         save_checkpoint(model.cpu(), prepared.tokenizer, checkpoint_dir, {
             "params": params,
             "seed": seed,
+            "task": prepared.task.to_json(),
+            "metric": prepared.task.metric,
             "best_epoch": result.best_epoch,
-            "eval_accuracy": result.best_accuracy,
+            "score": result.best_score,
+            "metrics": result.best_metrics,
             "history": [dataclasses.asdict(h) for h in result.history],
-            "teacher_eval_accuracy": prepared.cache.teacher_accuracy,
+            "teacher_metrics": prepared.cache.teacher_metrics,
             "stopped": result.stopped,
         })
         del model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return TrialOutcome(result.history, result.best_epoch, result.best_accuracy, result.stopped,
+        return TrialOutcome(result.history, result.best_epoch, result.best_score, result.stopped,
                             result.samples_per_second)
+
+
+def _encodes_pairs(tokenizer: Any) -> bool:
+    """Whether the tokenizer joins two texts into one pair encoding (BERT's [SEP] and segment ids, or the like)."""
+    try:
+        single = tokenizer("a b", truncation=True, max_length=16)["input_ids"]
+        pair = tokenizer("a", "b", truncation=True, max_length=16)["input_ids"]
+    except Exception:  # noqa: BLE001 - any failure means it cannot encode pairs
+        return False
+    return pair != single
 
 
 TRIAL_RECORD = "kdsearch_trial.json"

@@ -12,6 +12,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from distill.engine import TRIAL_RECORD
+from search_space import METRIC_TITLES
 
 
 class ExportError(RuntimeError):
@@ -32,39 +33,81 @@ def _dataset_card_fields(dataset: dict[str, Any]) -> dict[str, str]:
     return {"name": name, "type": name, "config": ""}
 
 
-def _augment_sentence(augment: dict[str, Any]) -> str:
+def _augment_sentence(augment: dict[str, Any], regression: bool = False) -> str:
     if not augment.get("copies"):
         return ""
+    target = "`MSE(student, teacher)`" if regression else "`T^2 * KL`"
     return (f" The train split was augmented with {augment['copies']} teacher-labelled variants per sentence "
             f"(word masking p={augment['p_mask']}, same-context word replacement p={augment['p_replace']}, "
             f"n-gram sampling p={augment['p_ngram']} with n up to {augment['max_ngram']}; seed {augment['seed']}, "
-            "after Tang et al., 2019); the variants have no gold label and were trained on the teacher's logits "
-            "alone (`T^2 * KL`).")
+            "after Tang et al., 2019; a pair is augmented side by side); the variants have no gold label and were "
+            f"trained on the teacher's outputs alone ({target}).")
 
 
-def _seed_lines(seed_results: dict[int, float], exported_seed: int, search_seed: int) -> list[str]:
-    accuracies = list(seed_results.values())
-    mean = statistics.fmean(accuracies)
-    spread = f" ± {statistics.stdev(accuracies):.4f} (sample std)" if len(accuracies) > 1 else ""
-    per_seed = ", ".join(f"seed {seed}: {acc:.4f}" for seed, acc in seed_results.items())
+def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A trial record with ``task``, ``metric``, ``score``, ``metrics`` and ``teacher_metrics``; records written
+    before task metrics held ``eval_accuracy`` and ``teacher_eval_accuracy`` alone."""
+    if "score" in record:
+        return record
+    accuracy = float(record["eval_accuracy"])
+    teacher = record.get("teacher_eval_accuracy")
+    history = [{**h, "score": h["eval_accuracy"], "metrics": {"accuracy": h["eval_accuracy"]}}
+               for h in record.get("history", [])]
+    return {**record, "metric": "accuracy", "score": accuracy, "metrics": {"accuracy": accuracy},
+            "teacher_metrics": None if teacher is None else {"accuracy": teacher}, "history": history,
+            "task": {"type": "classification", "metric": "accuracy", "metrics": ["accuracy"]}}
+
+
+def _title(metric: str) -> str:
+    title = METRIC_TITLES.get(metric, metric)
+    return title[0].upper() + title[1:]
+
+
+def _seed_lines(seed_results: dict[int, float], metric: str, exported_seed: int, search_seed: int) -> list[str]:
+    values = list(seed_results.values())
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.4f} (sample std)" if len(values) > 1 else ""
+    per_seed = ", ".join(f"seed {seed}: {value:.4f}" for seed, value in seed_results.items())
+    plural = "s" if len(values) > 1 else ""
     return [
         "## Results over seeds", "",
-        f"The chosen configuration was retrained from the cached teacher logits with {len(accuracies)} fresh "
-        f"seed{'s' if len(accuracies) > 1 else ''} (none of them the search's seed {search_seed}, so the mean is not "
+        f"The chosen configuration was retrained from the cached teacher logits with {len(values)} fresh "
+        f"seed{plural} (none of them the search's seed {search_seed}, so the mean is not "
         "inflated by picking the best trial):", "",
-        f"- Accuracy: **{mean:.4f}{spread}** over {len(accuracies)} seed{'s' if len(accuracies) > 1 else ''}",
+        f"- {_title(metric)}: **{mean:.4f}{spread}** over {len(values)} seed{plural}",
         f"- Per seed: {per_seed}",
         f"- This export is seed {exported_seed}, the best of them; expect the mean from a rerun of the recipe.", "",
     ]
 
 
+def _inputs_sentence(dataset: dict[str, Any]) -> str:
+    if not dataset.get("text_pair_column"):
+        return f"Inputs are single texts (column `{dataset['text_column']}`)."
+    return (f"Inputs are sentence pairs (columns `{dataset['text_column']}` and `{dataset['text_pair_column']}`), "
+            "encoded as the tokenizer's pair encoding with segment ids: give a text-classification pipeline "
+            '`{"text": first, "text_pair": second}`.')
+
+
+def _objective(regression: bool) -> str:
+    if regression:
+        return ("`alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)` (a regression head: the "
+                "teacher's score is the soft target, no temperature)")
+    return "`alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`"
+
+
 def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial_number: int, n_trials_run: int,
                study_name: str, seed_results: dict[int, float] | None = None) -> str:
-    """A Trainer-style card. ``seed_results`` (seed → eval accuracy of a retraining) adds the mean and spread."""
+    """A Trainer-style card with every metric of the task. ``seed_results`` (seed → the study's metric of a
+    retraining) adds the mean and spread."""
+    record = normalized_record(record)
     params = record["params"]
     dataset = spec["dataset"]
     ds = _dataset_card_fields(dataset)
-    accuracy = float(record["eval_accuracy"])
+    metric = record["metric"]
+    metrics: dict[str, float] = record["metrics"]
+    regression = record["task"]["type"] == "regression"
+    num_labels = record["task"].get("num_labels")
+    task_desc = "regression" if regression else f"{num_labels}-class classification" if num_labels else "classification"
     history = record["history"]
     best = next((h for h in history if h["epoch"] == record["best_epoch"]), history[-1] if history else None)
     student = spec["student"]
@@ -77,51 +120,54 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         library_name="transformers",
         tags=["generated_from_trainer", "knowledge-distillation", "kdsearch"],
         datasets=[ds["name"]],
-        metrics=["accuracy"],
+        metrics=list(metrics),
         eval_results=[EvalResult(
             task_type="text-classification", task_name="Text Classification", dataset_type=ds["type"],
             dataset_name=ds["name"], dataset_config=ds["config"] or None, dataset_split=dataset["eval_split"],
-            dataset_args=ds["config"] or None, metric_type="accuracy", metric_name="Accuracy",
-            metric_value=round(accuracy, 4),
-        )],
+            dataset_args=ds["config"] or None, metric_type=key, metric_name=_title(key),
+            metric_value=round(value, 4),
+        ) for key, value in metrics.items()],
     )
+    names = list(metrics)
     rows = "\n".join(
-        f"| {h['train_loss']:.4f} | {h['epoch']:.1f} | {h['step']} | {h['eval_loss']:.4f} "
-        f"| {h['eval_accuracy']:.4f} |"
+        f"| {h['train_loss']:.4f} | {h['epoch']:.1f} | {h['step']} | {h['eval_loss']:.4f} | "
+        + " | ".join(f"{h['metrics'].get(k, float('nan')):.4f}" for k in names) + " |"
         for h in history
     )
-    teacher_acc = record.get("teacher_eval_accuracy")
+    teacher = record.get("teacher_metrics") or {}
+    chosen = f" (the study's metric, {'retrained' if seed_results else 'searched'} on)"
     lines = [
         "---", card_data.to_yaml(), "---", "",
         "<!-- This model card was generated by kdsearch export-best. -->", "",
         f"# {name}", "",
         f"This model is a distilled student of [{spec['teacher']}]({spec['teacher']}) on the "
-        f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset, the best trial ({trial_number}) of a "
-        f"{n_trials_run}-trial kdsearch study `{study_name}`"
+        f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset ({task_desc}), the best trial "
+        f"({trial_number}) of a {n_trials_run}-trial kdsearch study `{study_name}` by "
+        f"{METRIC_TITLES.get(metric, metric)}"
         + (f", retrained with {len(seed_results)} seeds." if seed_results else "."),
         "It achieves the following results on the evaluation set:",
         f"- Loss: {best['eval_loss']:.4f}" if best else "- Loss: n/a",
-        f"- Accuracy: {accuracy:.4f}",
-        *( [f"- Accuracy over {len(seed_results)} seeds: {statistics.fmean(seed_results.values()):.4f}"
+        *(f"- {_title(k)}: {v:.4f}" + (chosen if k == metric else "") for k, v in metrics.items()),
+        *( [f"- {_title(metric)} over {len(seed_results)} seeds: {statistics.fmean(seed_results.values()):.4f}"
             + (f" ± {statistics.stdev(seed_results.values()):.4f}" if len(seed_results) > 1 else "")]
            if seed_results else []),
-        *( [f"- Teacher accuracy on the same split: {teacher_acc:.4f}"] if teacher_acc is not None else []),
+        *( ["- Teacher on the same split: " + ", ".join(f"{_title(k)} {v:.4f}" for k, v in teacher.items())]
+           if teacher else []),
         "",
-        *(_seed_lines(seed_results, int(record["seed"]), int(spec.get("seed", 33))) if seed_results else []),
+        *(_seed_lines(seed_results, metric, int(record["seed"]), int(spec.get("seed", 33))) if seed_results else []),
         "## Model description", "",
-        f"Student: {student_desc}. Trained by logit distillation with the objective "
-        "`alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`; "
-        "the teacher's logits were computed once and cached for every trial.", "",
+        f"Student: {student_desc}. Trained by logit distillation with the objective {_objective(regression)}; "
+        "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset), "",
         "## Training and evaluation data", "",
         f"Train split `{dataset['train_split']}`"
         + (f" (a fixed random subset of {n} rows)" if (n := dataset.get("max_train_samples")) else "")
         + f", evaluation split `{dataset['eval_split']}`, max sequence length {dataset['max_seq_length']}."
-        + _augment_sentence(spec.get("augment") or {}), "",
+        + _augment_sentence(spec.get("augment") or {}, regression), "",
         "## Training procedure", "",
         "### Training hyperparameters", "",
         "The following hyperparameters were used during training:",
         f"- learning_rate: {params['learning_rate']}",
-        f"- temperature: {params['temperature']}",
+        *([] if regression else [f"- temperature: {params['temperature']}"]),
         f"- alpha: {params['alpha']}",
         f"- train_batch_size: {params.get('batch_size', 128)}",
         f"- seed: {record['seed']}",
@@ -132,12 +178,12 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         f"- num_epochs: {params['num_train_epochs']}",
         f"- teacher: {spec['teacher']}",
         f"- student: {student_desc}",
-        f"- best epoch kept: {record['best_epoch']}"
+        f"- best epoch kept (by {METRIC_TITLES.get(metric, metric)}): {record['best_epoch']}"
         + (f" (trial stopped early: {record['stopped']})" if record.get("stopped") else ""),
         "",
         "### Training results", "",
-        "| Training Loss | Epoch | Step | Validation Loss | Accuracy |",
-        "|:-------------:|:-----:|:----:|:---------------:|:--------:|",
+        "| Training Loss | Epoch | Step | Validation Loss | " + " | ".join(_title(k) for k in names) + " |",
+        "|:-------------:|:-----:|:----:|:---------------:|" + "".join(":-----:|" for _ in names),
         rows, "",
         "### Framework versions", "",
         f"- Transformers {_version('transformers')}",

@@ -1,4 +1,5 @@
-"""The seed's distillation objective, extended to rows without a gold label (teacher-labelled transfer rows)."""
+"""The distillation objectives: the seed's softened-KL loss for classification, and its MSE counterpart for
+regression; both extended to rows without a gold label (teacher-labelled transfer rows)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 NO_LABEL = -100  # a transfer-set row: the teacher's logits are its only target (cross_entropy's ignore_index)
+# A regression row without a gold target holds NaN instead (any float could be a real target).
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -26,3 +28,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ).sum(-1)
     kd_weight = torch.where(labelled, 1.0 - alpha, 1.0)
     return (alpha * ce + kd_weight * temperature**2 * kl).mean()
+
+
+def regression_distillation_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor,
+                                 targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per row ``alpha * (student - gold)^2 + (1 - alpha) * (student - teacher)^2``, averaged over the batch; a row
+    whose target is NaN (a transfer-set row) contributes ``(student - teacher)^2`` alone. Outputs are ``[N, 1]``
+    or ``[N]``; there is no temperature: the teacher's output is already the soft target."""
+    student = student_outputs.reshape(-1)
+    teacher = teacher_outputs.reshape(-1)
+    labelled = ~torch.isnan(targets)
+    gold = torch.where(labelled, (student - torch.nan_to_num(targets)) ** 2, 0.0)
+    kd = (student - teacher) ** 2
+    kd_weight = torch.where(labelled, 1.0 - alpha, 1.0)
+    return (alpha * gold + kd_weight * kd).mean()

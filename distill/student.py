@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from distill.data import DataError
-from distill.teacher import split_revision
-from search_space import StudentSpec
+from distill.models import split_revision
+from search_space import StudentSpec, task_type_of
 
 _LAYER_KEY = re.compile(r"^(.*\.(?:layer|layers)\.)(\d+)(\..*)$")
 
@@ -24,11 +24,18 @@ def truncated_layer_indices(teacher_layers: int, keep: int) -> list[int]:
 
 
 def _label_kwargs(teacher_config: PretrainedConfig) -> dict[str, Any]:
-    return {
+    """The teacher's head: labels, and for a regression teacher ``problem_type: regression`` (even where the
+    teacher only said ``num_labels: 1``), so a pipeline over the student returns the raw score."""
+    kwargs: dict[str, Any] = {
         "num_labels": teacher_config.num_labels,
         "id2label": dict(teacher_config.id2label),
         "label2id": dict(teacher_config.label2id),
     }
+    if task_type_of(teacher_config) == "regression":
+        kwargs["problem_type"] = "regression"
+    elif teacher_config.problem_type is not None:
+        kwargs["problem_type"] = teacher_config.problem_type
+    return kwargs
 
 
 _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -89,6 +96,7 @@ def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int
             name, revision=revision, ignore_mismatched_sizes=True, **labels
         )
     config = copy.deepcopy(teacher_config)
+    config.update({k: v for k, v in labels.items() if k == "problem_type"})
     if spec.config is not None:
         config.update(spec.config.model_dump())
         model = AutoModelForSequenceClassification.from_config(config)

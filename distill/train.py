@@ -7,6 +7,7 @@ Run it directly on a cache entry (what a worker does, minus the queue)::
     prepared = engine.prepare(spec)                      # builds or loads the teacher-logit cache
     result = engine.run_trial(prepared, {"learning_rate": 7e-4, "temperature": 4, "alpha": 0.5,
                                          "num_train_epochs": 3, "batch_size": 128}, seed=33)
+    result.best_score, result.history[-1].metrics    # the study's metric, and every metric of the task
 
 The loop reads straight down: no Trainer, no DataLoader, one host sync per epoch.
 """
@@ -22,15 +23,17 @@ import torch
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data import TokenizedSplit, length_bucketed_batches
-from distill.loss import distillation_loss
+from distill.loss import distillation_loss, regression_distillation_loss
+from distill.metrics import compute_metrics
+from search_space import TaskInfo, resolve_task
 
 
 @dataclasses.dataclass
 class TrainConfig:
     learning_rate: float
-    temperature: float
     alpha: float
     num_train_epochs: int
+    temperature: float = 1.0  # classification only: a regression study has no temperature
     batch_size: int = 128
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -48,7 +51,8 @@ class EpochResult:
     step: int
     train_loss: float
     eval_loss: float
-    eval_accuracy: float
+    metrics: dict[str, float]  # every metric that fits the task, on the eval split
+    score: float  # the study's metric: what the trial reports, prunes on and keeps its best epoch by
     seconds: float
 
 
@@ -56,7 +60,7 @@ class EpochResult:
 class TrainResult:
     history: list[EpochResult]
     best_epoch: int
-    best_accuracy: float
+    best_score: float
     best_state: dict[str, torch.Tensor]
     stopped: str | None  # why training ended early (pruned, cancelled...), None when all epochs ran
     train_seconds: float
@@ -66,25 +70,41 @@ class TrainResult:
     def samples_per_second(self) -> float:
         return self.train_samples / max(self.train_seconds, 1e-9)
 
+    @property
+    def best_metrics(self) -> dict[str, float]:
+        return next(h.metrics for h in self.history if h.epoch == self.best_epoch)
+
 
 # Called after each epoch's evaluation; returns a reason to stop early, or None to go on.
 EpochCallback = Callable[[EpochResult], str | None]
 
 
 @torch.inference_mode()
-def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on a split; batches sorted by length."""
+def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
+            out_device: torch.device | str | None = None) -> torch.Tensor:
+    """The model's outputs ([N, num_labels], float32) for every row, in row order, on ``out_device`` (default:
+    the split's device). Batches are sorted by length so little is padded."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
-    loss_sum = torch.zeros((), device=split.labels.device)
+    device = next(model.parameters()).device
+    out_device = split.input_ids.device if out_device is None else out_device
+    out = torch.empty(len(split), model.config.num_labels, dtype=torch.float32, device=out_device)
     for idx in length_bucketed_batches(split.lengths, batch_size):
-        idx = idx.to(split.labels.device)
-        ids, mask = split.batch(idx)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        correct += (logits.argmax(-1) == split.labels[idx]).sum()
-        loss_sum += torch.nn.functional.cross_entropy(logits, split.labels[idx], reduction="sum")
-    n = len(split)
-    return correct.item() / n, loss_sum.item() / n  # the epoch's one host sync
+        inputs = {k: v.to(device, non_blocking=True) for k, v in split.batch(idx.to(split.lengths.device)).items()}
+        out[idx.to(out_device)] = model(**inputs).logits.float().to(out_device)
+    return out
+
+
+def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
+             task: TaskInfo) -> tuple[dict[str, float], float]:
+    """(every metric of the task, mean loss against the gold labels) on a split."""
+    outputs = predict(model, split, batch_size)
+    if task.is_regression:
+        loss = torch.nn.functional.mse_loss(outputs[:, 0], split.labels.float())
+    else:
+        loss = torch.nn.functional.cross_entropy(outputs, split.labels)
+    # The epoch's one host sync: metrics are computed on the CPU by scikit-learn and SciPy.
+    metrics = compute_metrics(task, outputs.cpu().numpy(), split.labels.cpu().numpy())
+    return metrics, loss.item()
 
 
 def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -97,8 +117,11 @@ def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> to
 
 
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
-                  eval_split: TokenizedSplit, cfg: TrainConfig,
-                  on_epoch_end: EpochCallback | None = None) -> TrainResult:
+                  eval_split: TokenizedSplit, cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
+                  task: TaskInfo | None = None) -> TrainResult:
+    """Train ``model`` on ``train`` against the teacher's ``train_logits``; ``task`` (default: read off the
+    model's config, scored by its default metric) picks the loss and the metrics."""
+    task = task or resolve_task(model.config, None)
     device = train.input_ids.device
     model.to(device)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order: reproducible per trial seed
@@ -110,7 +133,7 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     history: list[EpochResult] = []
-    best_accuracy, best_epoch, best_state = -1.0, 0, {}
+    best_score, best_epoch, best_state = -math.inf, 0, {}
     stopped: str | None = None
     step, train_seconds, samples = 0, 0.0, 0
     for epoch in range(1, cfg.num_train_epochs + 1):
@@ -119,10 +142,13 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
         loss_sum = torch.zeros((), device=device)
         for idx in length_bucketed_batches(train.lengths, cfg.batch_size, generator, cfg.bucket_batches):
             idx = idx.to(device, non_blocking=True)
-            ids, mask = train.batch(idx)
             with autocast:
-                logits = model(input_ids=ids, attention_mask=mask).logits  # the costly line: student forward
-            loss = distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha, cfg.temperature)
+                logits = model(**train.batch(idx)).logits  # the costly line: student forward
+            if task.is_regression:
+                loss = regression_distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha)
+            else:
+                loss = distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha,
+                                         cfg.temperature)
             loss.backward()  # the other costly line
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -131,16 +157,17 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
             loss_sum += loss.detach()  # no .item() here: that would sync the device every step
             step += 1
         with autocast:
-            accuracy, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size)
+            metrics, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size, task)
         seconds = time.perf_counter() - started
         train_seconds += seconds
         samples += len(train)
-        result = EpochResult(epoch, step, loss_sum.item() / steps_per_epoch, eval_loss, accuracy, seconds)
+        score = metrics[task.metric]
+        result = EpochResult(epoch, step, loss_sum.item() / steps_per_epoch, eval_loss, metrics, score, seconds)
         history.append(result)
-        if accuracy > best_accuracy:
+        if score > best_score:
             # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.
-            best_accuracy, best_epoch = accuracy, epoch
+            best_score, best_epoch = score, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch_end is not None and (stopped := on_epoch_end(result)):
             break
-    return TrainResult(history, best_epoch, best_accuracy, best_state, stopped, train_seconds, samples)
+    return TrainResult(history, best_epoch, best_score, best_state, stopped, train_seconds, samples)

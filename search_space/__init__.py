@@ -21,12 +21,31 @@ from search_space.schema import (
     TruncateTeacher,
     values_of,
 )
-from search_space.validation import SpecError, looks_local, split_file, tokenizers_compatible, validate_spec
+from search_space.tasks import (
+    METRIC_NAMES,
+    METRIC_TITLES,
+    MetricMismatch,
+    TaskInfo,
+    fitting_metrics,
+    resolve_task,
+    task_type_of,
+)
+from search_space.validation import (
+    SpecError,
+    local_task,
+    looks_local,
+    split_file,
+    tokenizers_compatible,
+    validate_spec,
+)
 
 __all__ = [
     "INTEGER_PARAMS",
+    "METRIC_NAMES",
+    "METRIC_TITLES",
     "AugmentSpec",
     "DatasetSpec",
+    "MetricMismatch",
     "ParamChoices",
     "ParamRange",
     "SearchSpace",
@@ -34,14 +53,19 @@ __all__ = [
     "StudentArchitecture",
     "StudentSpec",
     "StudySpec",
+    "TaskInfo",
     "TruncateTeacher",
+    "fitting_metrics",
     "fixed_params",
+    "local_task",
     "looks_local",
     "make_pruner",
     "make_sampler",
     "max_epochs",
     "optuna_distributions",
+    "resolve_task",
     "split_file",
+    "task_type_of",
     "tokenizers_compatible",
     "trial_params",
     "validate_spec",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import optuna
@@ -16,10 +17,13 @@ def _typed(name: str, value: float) -> float | int:
     return int(value) if name in INTEGER_PARAMS else float(value)
 
 
-def optuna_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
-    """Distributions of the parameters that are searched (fixed values are not Optuna params)."""
+def optuna_distributions(space: SearchSpace, ignored: Collection[str] = ()) -> dict[str, BaseDistribution]:
+    """Distributions of the parameters that are searched (fixed values are not Optuna params; ``ignored`` ones,
+    such as temperature in a regression study, are not searched at all)."""
     dists: dict[str, BaseDistribution] = {}
     for name, spec in space:
+        if name in ignored:
+            continue
         if isinstance(spec, ParamRange):
             if name in INTEGER_PARAMS:
                 dists[name] = IntDistribution(int(spec.low), int(spec.high), log=spec.log,
@@ -31,13 +35,14 @@ def optuna_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     return dists
 
 
-def fixed_params(space: SearchSpace) -> dict[str, float | int]:
-    return {name: _typed(name, spec) for name, spec in space if not isinstance(spec, ParamRange | ParamChoices)}
+def fixed_params(space: SearchSpace, ignored: Collection[str] = ()) -> dict[str, float | int]:
+    return {name: _typed(name, spec) for name, spec in space
+            if not isinstance(spec, ParamRange | ParamChoices) and name not in ignored}
 
 
-def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, float | int]:
-    """Every hyperparameter of a trial: the fixed ones and the sampled ones."""
-    params = fixed_params(space)
+def trial_params(space: SearchSpace, sampled: dict[str, Any], ignored: Collection[str] = ()) -> dict[str, float | int]:
+    """Every hyperparameter of a trial: the fixed ones and the sampled ones (``ignored`` ones left out)."""
+    params = fixed_params(space, ignored)
     params.update({k: _typed(k, v) for k, v in sampled.items()})
     return params
 

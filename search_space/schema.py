@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from search_space.tasks import MetricName
+
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
@@ -175,12 +177,16 @@ class StudentSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    """``{"hub": "glue", "config": "sst2"}`` or ``{"path": DIR}`` holding ``<split>.tsv|.csv|.jsonl|.parquet``."""
+    """``{"hub": "glue", "config": "sst2"}`` or ``{"path": DIR}`` holding ``<split>.tsv|.csv|.jsonl|.json|.parquet``.
+
+    ``text_pair_column`` (optional) makes a sentence-pair task: rows are encoded as the tokenizer's pair encoding.
+    """
 
     hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
     config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     path: str | None = Field(None, min_length=1, max_length=1024)
     text_column: str = Field("sentence", min_length=1, max_length=128)
+    text_pair_column: str | None = Field(None, min_length=1, max_length=128)
     label_column: str = Field("label", min_length=1, max_length=128)
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     eval_split: str = Field("validation", pattern=r"^[A-Za-z0-9._-]{1,64}$")
@@ -193,6 +199,9 @@ class DatasetSpec(_Strict):
             raise ValueError("give exactly one of hub, path")
         if self.config is not None and self.hub is None:
             raise ValueError("config is only for hub datasets")
+        columns = [self.text_column, self.text_pair_column, self.label_column]
+        if len({c for c in columns if c is not None}) != len([c for c in columns if c is not None]):
+            raise ValueError("text_column, text_pair_column and label_column must be different columns")
         return self
 
 
@@ -228,9 +237,18 @@ class StudySpec(_Strict):
     dataset: DatasetSpec
     augment: AugmentSpec = AugmentSpec()
     search_space: SearchSpace = SearchSpace()
+    # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
+    metric: MetricName | None = None
     n_trials: int = Field(20, ge=1, le=10000)
     timeout_s: float | None = Field(None, gt=0)
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     seed: int = Field(33, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-1000, le=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, v: str) -> str:
+        if v.isdigit():
+            raise ValueError("a study name cannot be all digits: studies are looked up by id or name")
+        return v

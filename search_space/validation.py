@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from search_space.schema import StudySpec
+from search_space.tasks import MetricMismatch, TaskInfo, resolve_task
 
 # A hub model id: owner/name, optionally @revision (branch, tag or commit).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,100})?$")
-DATA_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".parquet")
+DATA_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
 # Sentences that exercise casing, punctuation, numbers, accents and word pieces.
 TOKENIZER_PROBES = (
     "A gorgeous, witty, seductive movie.",
@@ -147,8 +148,30 @@ def check_mask_token(spec: StudySpec) -> None:
         raise SpecError("augment.p_mask", "the teacher's tokenizer has no mask token; set augment.p_mask to 0")
 
 
-def validate_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:
+def local_task(spec: StudySpec) -> TaskInfo | None:
+    """The study's task when its teacher is a local directory (its config says it), else None (a worker finds out).
+
+    Raises ``SpecError`` naming ``metric`` when the metric does not fit the task.
+    """
+    if not looks_local(spec.teacher):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec.teacher)
+    except Exception as exc:
+        raise SpecError("teacher", f"cannot read the teacher's config: {exc}") from exc
+    try:
+        return resolve_task(config, spec.metric)
+    except MetricMismatch as exc:
+        raise SpecError("metric" if spec.metric else "teacher", str(exc)) from exc
+
+
+def validate_spec(spec: StudySpec,
+                  allowed_roots: Sequence[Path] | None = None) -> tuple[StudySpec, TaskInfo | None]:
+    """The spec with local paths checked and made absolute, and its task when the teacher is local."""
     spec = normalize_spec(spec, allowed_roots)
+    task = local_task(spec)
     check_tokenizers(spec)
     check_mask_token(spec)
-    return spec
+    return spec, task

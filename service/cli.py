@@ -131,22 +131,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.study:
         study = _request("GET", f"{args.url}/api/studies/{args.study}")
         page = _request("GET", f"{args.url}/api/studies/{args.study}/trials")
+        metric = study.get("metric") or "score"
+        best = f"{study['best_value']:.4f}" if study["best_value"] is not None else "none yet"
         console.print(f"[bold]{study['name']}[/] {study['status']}: {study['finished']}/{study['n_trials']} finished,"
-                      f" best {study['best_value']}")
+                      f" best {metric} {best}")
+        if study.get("teacher_metric") is not None:
+            console.print(f"teacher {metric}: {study['teacher_metric']:.4f}")
+        for note in study.get("notes", []):
+            console.print(f"[yellow]note:[/] {note}")
         if study.get("error"):
             console.print(f"[red]{study['error']}[/]")
-        table = Table("#", "state", "accuracy", "epochs", "learning_rate", "temperature", "alpha", "duration s")
+        ignored = set((study.get("task") or {}).get("ignored_params", []))
+        columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
+        table = Table("#", "state", metric, "epochs", *columns, "duration s")
+        formats = {"learning_rate": "{:.3g}", "temperature": "{:.2f}", "alpha": "{:.3f}"}
         for t in page["trials"]:
             p = t["params"]
             table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
-                          str(len(t["epochs"])), f"{p.get('learning_rate', 0):.3g}", f"{p.get('temperature', 0):.2f}",
-                          f"{p.get('alpha', 0):.3f}", f"{t['duration_s']:.1f}" if t["duration_s"] else "")
+                          str(len(t["epochs"])),
+                          *(formats[c].format(p[c]) if isinstance(p.get(c), int | float) else "" for c in columns),
+                          f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
         return 0
-    table = Table("id", "name", "status", "priority", "finished", "running", "failed", "best")
+    table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
         table.add_row(str(s["id"]), s["name"], s["status"], str(s["priority"]), f"{s['finished']}/{s['n_trials']}",
-                      str(s["counts"]["running"]), str(s["counts"]["failed"]),
+                      str(s["counts"]["running"]), str(s["counts"]["failed"]), s.get("metric") or "",
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
@@ -166,9 +176,11 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     if result.spread is not None:
         spread = result.spread
         std = f" ± {spread.std:.4f}" if spread.std is not None else ""
-        print(f"trial {result.trial_number} retrained with {len(spread.seeds)} seeds: eval accuracy "
+        print(f"trial {result.trial_number} retrained with {len(spread.seeds)} seeds: eval {result.metric} "
               f"{spread.mean:.4f}{std} (mean{' ± sample std' if std else ''}); exporting seed {spread.best_seed}")
-    print(f"exported trial {result.trial_number} (eval accuracy {result.accuracy:.4f}) to {result.out_dir}")
+    others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
+    print(f"exported trial {result.trial_number} (eval {result.metric} {result.score:.4f}"
+          f"{'; ' + others if others else ''}) to {result.out_dir}")
     return 0
 
 

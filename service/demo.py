@@ -131,11 +131,12 @@ def _follow(console: Console, url: str, name: str, worker: subprocess.Popen) -> 
 
 def _print_best(console: Console, study: dict) -> None:
     best = study["best_trial"]
-    table = Table(title=f"best trial #{best['number']}: eval accuracy {best['value']:.4f} (epoch {best['epoch']})")
+    metric = study.get("metric") or "score"
+    table = Table(title=f"best trial #{best['number']}: eval {metric} {best['value']:.4f} (epoch {best['epoch']})")
     table.add_column("hyperparameter")
     table.add_column("value")
     for key, value in best["params"].items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
-    if study.get("teacher_accuracy") is not None:
-        console.print(f"teacher eval accuracy: {study['teacher_accuracy']:.4f}")
+    if study.get("teacher_metric") is not None:
+        console.print(f"teacher eval {metric}: {study['teacher_metric']:.4f}")

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Engine, inspect
 
 from distill.engine import TRIAL_RECORD, load_engine
-from distill.export import ExportError, model_card, write_export
+from distill.export import ExportError, model_card, normalized_record, write_export
 from search_space import StudySpec
 from service.settings import Settings
 from storage import (
@@ -40,7 +40,9 @@ from storage import (
 class ExportResult:
     out_dir: Path
     trial_number: int
-    accuracy: float  # of the exported checkpoint
+    metric: str  # the study's metric
+    score: float  # of the exported checkpoint, on the study's metric
+    metrics: dict[str, float]  # every metric of the task, of the exported checkpoint
     spread: SeedSpread | None = None
 
 
@@ -66,9 +68,10 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
                 for seed, row in seed_runs(session, study_id, trial.number).items()}
     params: dict[str, Any] = trial.user_attrs.get("params", trial.params)
     engine = None
+    metric = (study.user_attrs.get("task") or {}).get("metric") or spec.metric or "accuracy"
     for seed in seeds:
         if seed in done:
-            log(f"seed {seed}: already retrained, eval accuracy {done[seed][0]:.4f}")
+            log(f"seed {seed}: already retrained, eval {metric} {done[seed][0]:.4f}")
             continue
         if engine is None:
             engine = load_engine(settings.engine, artifacts=layout, device=device, log=log)
@@ -78,11 +81,12 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
             outcome = engine.run_trial(prepared, params, seed, None, checkpoint)
             artifact_id = layout.store_checkpoint(checkpoint, study)
         with session_scope(db) as session:
+            # The column predates task metrics: it holds the study's metric, whatever it is.
             record_seed_run(session, study_id=study_id, trial_number=trial.number, seed=seed,
-                            eval_accuracy=outcome.best_accuracy, best_epoch=outcome.best_epoch,
+                            eval_accuracy=outcome.best_score, best_epoch=outcome.best_epoch,
                             checkpoint_artifact_id=artifact_id)
-        done[seed] = (outcome.best_accuracy, artifact_id)
-        log(f"seed {seed}: eval accuracy {outcome.best_accuracy:.4f} (best epoch {outcome.best_epoch})")
+        done[seed] = (outcome.best_score, artifact_id)
+        log(f"seed {seed}: eval {metric} {outcome.best_score:.4f} (best epoch {outcome.best_epoch})")
     spread = SeedSpread(trial.number, seeds, [done[s][0] for s in seeds])
     return spread, {s: done[s][1] for s in seeds}
 
@@ -116,12 +120,12 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                                                artifact_id=artifact_id)
             checkpoint = Path(tmp) / "checkpoint"
             unpack_directory(tar_path, checkpoint)
-            record = json.loads((checkpoint / TRIAL_RECORD).read_text())
+            record = normalized_record(json.loads((checkpoint / TRIAL_RECORD).read_text()))
             card = model_card(name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,
                               n_trials_run=n_trials_run, study_name=name,
-                              seed_results=dict(zip(spread.seeds, spread.accuracies, strict=True)) if spread else None)
+                              seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None)
             write_export(checkpoint, out_dir, card, force=force)
-        return ExportResult(out_dir, best.number, float(record["eval_accuracy"]), spread)
+        return ExportResult(out_dir, best.number, record["metric"], float(record["score"]), record["metrics"], spread)
     finally:
         db.dispose()
         storage.engine.dispose()

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
 from distill import EpochResult, TrialEngine, TrialOutcome, load_engine
-from search_space import StudySpec, make_pruner, make_sampler, optuna_distributions, trial_params
+from search_space import StudySpec, TaskInfo, make_pruner, make_sampler, optuna_distributions, trial_params
 from service.settings import Settings
 from storage import (
     ArtifactLayout,
@@ -160,73 +161,26 @@ class Worker:
     # -- one trial -------------------------------------------------------------------------------------------
 
     def run_claim(self, claim: Claim) -> None:
+        """Run one claimed slot: prepare the study, ask Optuna for a trial, train it with a heartbeat, store the
+        checkpoint, tell Optuna, release the slot."""
         spec = StudySpec.model_validate(claim.spec)
-        if not optuna_study_exists(self.optuna_storage, claim.study_name):
-            # The API crashed between our row and Optuna's: create the twin now.
-            ensure_optuna_study(self.optuna_storage, claim.study_name)
-        study = optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
-                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
-        try:
-            prepared = self.engine.prepare(spec)
-        except Exception as exc:  # noqa: BLE001 - any setup error fails the study, not the worker
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("study %s failed during setup: %s", claim.study_name, reason)
-            log.debug("%s", traceback.format_exc())
-            fail_study(self.db, claim.study_id, reason)
-            finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=reason,
-                        max_attempts=0)
+        study = self._load_study(claim, spec)
+        prepared = self._prepare(claim, spec, study)
+        if prepared is None:
             return
-        teacher_accuracy = self.engine.teacher_accuracy(prepared)
-        if teacher_accuracy is not None and "teacher_accuracy" not in study.user_attrs:
-            study.set_user_attr("teacher_accuracy", teacher_accuracy)
-
-        trial = study.ask(optuna_distributions(spec.search_space))
-        record_slot_trial(self.db, claim.slot_id, trial._trial_id)
-        params = trial_params(spec.search_space, trial.params)
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("worker", self.worker_id)
-        trial.set_user_attr("slot", claim.slot_no)
-        trial.set_user_attr("attempt", claim.attempt)
+        task = self.engine.task(prepared)
+        trial, params = self._ask(claim, spec, study, task)
         self._status("busy", claim.study_id, trial.number)
-        log.info("study %s trial %d (slot %d, attempt %d): %s", claim.study_name, trial.number, claim.slot_no,
-                 claim.attempt, params)
 
         lost = threading.Event()
         beating = threading.Event()
         heart = threading.Thread(target=self._heartbeat, args=(claim, lost, beating), daemon=True)
         heart.start()
-        epochs: list[dict[str, Any]] = []
-
-        def on_epoch_end(result: EpochResult) -> str | None:
-            # Each store call is retried, so a database restart mid-trial costs a pause, not the trial.
-            retry_operational(lambda: trial.report(result.eval_accuracy, result.epoch))
-            epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
-                           "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
-                           "seconds": round(result.seconds, 3)})
-            retry_operational(lambda: trial.set_user_attr("epochs", epochs))
-            log.info("  trial %d epoch %d: accuracy %.4f", trial.number, result.epoch, result.eval_accuracy)
-            if lost.is_set():
-                return LOST_CLAIM
-            if self._stop.is_set():
-                return SHUTDOWN
-            if reason := retry_operational(lambda: study_should_stop(self.db, claim.study_id)):
-                return reason
-            if retry_operational(trial.should_prune):
-                return "pruned"
-            return None
-
         try:
-            with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
-                checkpoint = Path(tmp) / "checkpoint"
-                outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
-                if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
-                    raise InterruptedError(outcome.stopped)
-                # A trial is only COMPLETE (or PRUNED) once its checkpoint is stored.
-                artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
-            retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
+            outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost)
             slot_outcome, error = SlotState.DONE, None
-            log.info("study %s trial %d %s: best accuracy %.4f at epoch %d", claim.study_name, trial.number,
-                     outcome.stopped or "complete", outcome.best_accuracy, outcome.best_epoch)
+            log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
+                     outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             error = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, InterruptedError):
@@ -246,6 +200,91 @@ class Worker:
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
         self._status("idle")
 
+    def _load_study(self, claim: Claim, spec: StudySpec) -> optuna.Study:
+        if not optuna_study_exists(self.optuna_storage, claim.study_name):
+            # The API crashed between our row and Optuna's: create the twin now.
+            ensure_optuna_study(self.optuna_storage, claim.study_name)
+        return optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
+                                 sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
+
+    def _prepare(self, claim: Claim, spec: StudySpec, study: optuna.Study) -> Any | None:
+        """The engine's prepared study (data, teacher cache, task), or None after failing the study: a study that
+        cannot run fails with the reason, and the worker goes on with other studies."""
+        try:
+            prepared = self.engine.prepare(spec)
+            task = self.engine.task(prepared)
+        except Exception as exc:  # noqa: BLE001 - any setup error fails the study, not the worker
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("study %s failed during setup: %s", claim.study_name, reason)
+            log.debug("%s", traceback.format_exc())
+            fail_study(self.db, claim.study_id, reason)
+            finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=reason,
+                        max_attempts=0)
+            return None
+        # What the dashboard, the API and the model card read: the task and the teacher's reference scores.
+        if "task" not in study.user_attrs:
+            study.set_user_attr("task", task.to_json())
+        teacher_metrics = self.engine.teacher_metrics(prepared)
+        if teacher_metrics is not None and "teacher_metrics" not in study.user_attrs:
+            study.set_user_attr("teacher_metrics", teacher_metrics)
+        return prepared
+
+    def _ask(self, claim: Claim, spec: StudySpec, study: optuna.Study,
+             task: TaskInfo) -> tuple[optuna.Trial, dict[str, Any]]:
+        """A new trial over the parameters that mean something for the task, recorded on the slot."""
+        trial = study.ask(optuna_distributions(spec.search_space, task.ignored_params))
+        record_slot_trial(self.db, claim.slot_id, trial._trial_id)
+        params = trial_params(spec.search_space, trial.params, task.ignored_params)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("worker", self.worker_id)
+        trial.set_user_attr("slot", claim.slot_no)
+        trial.set_user_attr("attempt", claim.attempt)
+        log.info("study %s trial %d (slot %d, attempt %d): %s", claim.study_name, trial.number, claim.slot_no,
+                 claim.attempt, params)
+        return trial, params
+
+    def _epoch_reporter(self, claim: Claim, trial: optuna.Trial, task: TaskInfo,
+                        lost: threading.Event) -> Callable[[EpochResult], str | None]:
+        """The callback after each epoch: report the study's metric (the pruner decides), record every metric,
+        and say whether to stop (claim lost, shutdown, study cancelled or expired, pruned)."""
+        epochs: list[dict[str, Any]] = []
+
+        def on_epoch_end(result: EpochResult) -> str | None:
+            # Each store call is retried, so a database restart mid-trial costs a pause, not the trial.
+            retry_operational(lambda: trial.report(result.score, result.epoch))
+            epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
+                           "eval_loss": result.eval_loss, "score": result.score, "metrics": result.metrics,
+                           "seconds": round(result.seconds, 3)})
+            retry_operational(lambda: trial.set_user_attr("epochs", epochs))
+            log.info("  trial %d epoch %d: %s", trial.number, result.epoch,
+                     ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or f"{task.metric} {result.score}")
+            if lost.is_set():
+                return LOST_CLAIM
+            if self._stop.is_set():
+                return SHUTDOWN
+            if reason := retry_operational(lambda: study_should_stop(self.db, claim.study_id)):
+                return reason
+            if retry_operational(trial.should_prune):
+                return "pruned"
+            return None
+
+        return on_epoch_end
+
+    def _train_and_store(self, claim: Claim, spec: StudySpec, prepared: Any, study: optuna.Study,
+                         trial: optuna.Trial, params: dict[str, Any], task: TaskInfo,
+                         lost: threading.Event) -> TrialOutcome:
+        """Train, then store the checkpoint, then tell Optuna: a trial is only COMPLETE (or PRUNED) once its
+        checkpoint is stored. A stop for shutdown or a lost claim raises ``InterruptedError``."""
+        on_epoch_end = self._epoch_reporter(claim, trial, task, lost)
+        with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
+            checkpoint = Path(tmp) / "checkpoint"
+            outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
+            if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
+                raise InterruptedError(outcome.stopped)
+            artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
+        retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
+        return outcome
+
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
                         artifact_id: str) -> None:
         """Attributes first, then ``tell``; safe to retry after a dropped connection (idempotent)."""
@@ -256,12 +295,13 @@ class Worker:
             raise InterruptedError(f"trial is {state.name} (failed by a reaper)")
         trial.set_user_attr("checkpoint_artifact_id", artifact_id)
         trial.set_user_attr("best_epoch", outcome.best_epoch)
+        trial.set_user_attr("metrics", outcome.best_metrics)
         trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
         if outcome.stopped:
             trial.set_user_attr("stop_reason", outcome.stopped)
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            study.tell(trial, outcome.best_accuracy)
+            study.tell(trial, outcome.best_score)
 
     def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_interval):

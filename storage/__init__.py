@@ -3,7 +3,13 @@
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
 from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
 from storage._models import Base, SeedRunRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
-from storage._optuna import ensure_optuna_study, make_optuna_storage, optuna_study_exists, trial_summaries
+from storage._optuna import (
+    ensure_optuna_study,
+    make_optuna_storage,
+    optuna_study_exists,
+    study_user_attrs,
+    trial_summaries,
+)
 from storage._queue import (
     Claim,
     StudyExistsError,
@@ -69,6 +75,7 @@ __all__ = [
     "settle_expired_studies",
     "slot_counts",
     "study_should_stop",
+    "study_user_attrs",
     "trial_summaries",
     "unpack_directory",
     "upsert_worker",

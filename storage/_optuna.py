@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import optuna
 import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
 from storage._db import configure_sqlite, engine_kwargs, is_sqlite, make_engine
-from storage._trials import _state, _studies, _trials, _values  # Optuna's schema, read directly
+from storage._trials import _state, _studies, _study_attrs, _trials, _values  # Optuna's schema, read directly
 
 
 def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
@@ -28,7 +31,7 @@ def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
 
 
 def ensure_optuna_study(storage: RDBStorage, name: str, user_attrs: dict | None = None) -> optuna.Study:
-    """Create the study's Optuna twin (maximising eval accuracy) or load it if another process already did."""
+    """Create the study's Optuna twin (maximising the study's metric) or load it if another process already did."""
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     for key, value in (user_attrs or {}).items():
         if study.user_attrs.get(key) != value:
@@ -68,4 +71,19 @@ def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple
     ).all()
     for name, value in best:
         result[name] = (result[name][0], None if value is None else float(value))
+    return result
+
+
+def study_user_attrs(session: Session, study_names: list[str], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Per study name, the Optuna study user attributes named in ``keys`` (one query for any number of studies)."""
+    result: dict[str, dict[str, Any]] = {name: {} for name in study_names}
+    if not study_names:
+        return result
+    rows = session.execute(
+        sa.select(_studies.c.study_name, _study_attrs.c.key, _study_attrs.c.value_json)
+        .join(_study_attrs, _study_attrs.c.study_id == _studies.c.study_id)
+        .where(_studies.c.study_name.in_(study_names), _study_attrs.c.key.in_(keys))
+    ).all()
+    for name, key, value in rows:
+        result[name][key] = json.loads(value)
     return result

@@ -56,7 +56,9 @@ def create_study(
 
 
 def get_study(session: Session, id_or_name: str | int) -> StudyRow | None:
-    if isinstance(id_or_name, int) or (str(id_or_name).isdigit() and len(str(id_or_name)) <= 18):
+    """A study by id (ASCII digits) or by name; new names are never all digits, so the two cannot collide."""
+    text = str(id_or_name)
+    if isinstance(id_or_name, int) or (text.isascii() and text.isdigit() and len(text) <= 18):
         row = session.get(StudyRow, int(id_or_name))
         if row is not None:
             return row

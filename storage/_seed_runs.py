@@ -15,20 +15,20 @@ from storage._models import SeedRunRow
 class SeedSpread:
     trial_number: int
     seeds: list[int]
-    accuracies: list[float]
+    values: list[float]  # the study's metric of each seed's best epoch
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accuracies)
+        return statistics.fmean(self.values)
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation; None for a single seed."""
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else None
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     @property
     def best_seed(self) -> int:
-        return self.seeds[max(range(len(self.seeds)), key=self.accuracies.__getitem__)]
+        return self.seeds[max(range(len(self.seeds)), key=self.values.__getitem__)]
 
 
 def record_seed_run(session: Session, *, study_id: int, trial_number: int, seed: int, eval_accuracy: float,

@@ -19,6 +19,7 @@ _params = sa.table("trial_params", sa.column("trial_id"), sa.column("param_name"
                    sa.column("distribution_json"))
 _steps = sa.table("trial_intermediate_values", sa.column("trial_id"), sa.column("step"),
                   sa.column("intermediate_value"))
+_study_attrs = sa.table("study_user_attributes", sa.column("study_id"), sa.column("key"), sa.column("value_json"))
 _state = sa.cast(_trials.c.state, sa.String)  # an ENUM type on PostgreSQL, text on SQLite
 
 SORTABLE = {"number": _trials.c.number, "value": _values.c.value, "state": _state,

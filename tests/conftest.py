@@ -71,8 +71,13 @@ def write_dataset(directory: Path, n_train: int = 160, n_eval: int = 48, seed: i
 
 
 def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_vocab: list[str] | None = None,
-                     num_labels: int = 2, classifier: bool = True) -> Path:
-    """A randomly initialised BERT sequence classifier with a word-level vocabulary, saved as a HF model."""
+                     num_labels: int = 2, classifier: bool = True, labels: list[str] | None = None,
+                     regression: bool = False) -> Path:
+    """A randomly initialised BERT sequence classifier with a word-level vocabulary, saved as a HF model.
+
+    ``labels`` names the classes (default negative, positive, neutral); ``regression`` makes a one-output
+    ``problem_type: regression`` head.
+    """
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
@@ -82,13 +87,78 @@ def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_v
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
-    labels = ["negative", "positive", "neutral"][:num_labels]
+    if regression:
+        labels, num_labels = ["LABEL_0"], 1
+    elif labels is not None:
+        num_labels = len(labels)
+    else:
+        labels = ["negative", "positive", "neutral"][:num_labels]
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
                         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+                        problem_type="regression" if regression else None,
                         architectures=["BertForSequenceClassification" if classifier else "BertModel"])
     (BertForSequenceClassification if classifier else BertModel)(config).save_pretrained(directory)
     return directory
+
+
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+def _pair(rng: random.Random, kind: str) -> tuple[str, str, str]:
+    """A sentence pair whose label needs both sentences: NLI-like (same / no / opposite sentiment word, as label
+    names) or STS-like (a similarity score from the words the two share)."""
+    first_label = rng.randint(0, 1)
+    first = " ".join([*rng.sample(NEUTRAL, 3), rng.choice(POSITIVE if first_label else NEGATIVE)])
+    if kind == "nli":
+        relation = rng.randrange(3)
+        word = {0: rng.choice(POSITIVE if first_label else NEGATIVE), 1: rng.choice(NEUTRAL),
+                2: rng.choice(NEGATIVE if first_label else POSITIVE)}[relation]
+        return first, " ".join([*rng.sample(NEUTRAL, 3), word]), NLI_LABELS[relation]
+    second_words = rng.sample(first.split(), rng.randint(0, 4)) + rng.sample(NEUTRAL + POSITIVE, 4)
+    second = " ".join(second_words[:5])
+    shared = len(set(first.split()) & set(second.split()))
+    return first, second, f"{max(0.0, min(5.0, 1.25 * shared + rng.uniform(-0.3, 0.3))):.2f}"
+
+
+def write_pair_dataset(directory: Path, kind: str, n_train: int = 160, n_eval: int = 48, seed: int = 0) -> Path:
+    """``sentence1``, ``sentence2``, ``label`` TSVs: ``kind`` "nli" (string labels) or "sts" (float scores)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        rows = [_pair(rng, kind) for _ in range(n)]
+        (directory / f"{split}.tsv").write_text(
+            "sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in rows))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pair_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-class NLI-style pair teacher with named labels, a regression (STS-style) pair teacher, and their data."""
+    root = tmp_path_factory.mktemp("pair-assets")
+    return {
+        "nli_teacher": write_tiny_model(root / "nli-teacher", seed=4, layers=2, labels=NLI_LABELS),
+        "sts_teacher": write_tiny_model(root / "sts-teacher", seed=5, layers=2, regression=True),
+        "nli_data": write_pair_dataset(root / "nli-data", "nli"),
+        "sts_data": write_pair_dataset(root / "sts-data", "sts", seed=1),
+    }
+
+
+def pair_spec(assets: dict[str, Path], kind: str, name: str = "pairs", **overrides) -> dict:  # type: ignore[no-untyped-def]
+    spec = {
+        "name": name,
+        "teacher": str(assets[f"{kind}_teacher"]),
+        "student": {"config": {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+                               "intermediate_size": 32}},
+        "dataset": {"path": str(assets[f"{kind}_data"]), "text_column": "sentence1",
+                    "text_pair_column": "sentence2", "max_seq_length": 16},
+        "search_space": {"num_train_epochs": {"low": 1, "high": 3}, "batch_size": 32,
+                         "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+        "n_trials": 3,
+        "pruner": "none",
+    }
+    spec.update(overrides)
+    return spec
 
 
 @pytest.fixture(scope="session")

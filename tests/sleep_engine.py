@@ -15,7 +15,7 @@ from typing import Any
 
 from distill.engine import TRIAL_RECORD, TrialEngine, TrialOutcome
 from distill.train import EpochCallback, EpochResult
-from search_space import StudySpec
+from search_space import StudySpec, TaskInfo
 
 
 class SleepEngine(TrialEngine):
@@ -25,8 +25,11 @@ class SleepEngine(TrialEngine):
     def prepare(self, spec: StudySpec) -> StudySpec:
         return spec
 
-    def teacher_accuracy(self, prepared: StudySpec) -> float:
-        return 0.9
+    def task(self, prepared: StudySpec) -> TaskInfo:
+        return TaskInfo("classification", 2, prepared.metric or "accuracy", ("negative", "positive"))
+
+    def teacher_metrics(self, prepared: StudySpec) -> dict[str, float]:
+        return {"accuracy": 0.9}
 
     def run_trial(self, prepared: StudySpec, params: dict[str, Any], seed: int, on_epoch_end: EpochCallback | None,
                   checkpoint_dir: Path) -> TrialOutcome:
@@ -36,10 +39,11 @@ class SleepEngine(TrialEngine):
         for epoch in range(1, int(params["num_train_epochs"]) + 1):
             time.sleep(self.epoch_s)
             accuracy = 0.5 + 0.3 * (1 - math.exp(-epoch / 2)) + 0.05 * lr_fit + 0.02 * float(params["alpha"])
-            history.append(EpochResult(epoch, epoch * 10, 1.0 / epoch, 1.0 / epoch, accuracy, self.epoch_s))
+            history.append(EpochResult(epoch, epoch * 10, 1.0 / epoch, 1.0 / epoch, {"accuracy": accuracy}, accuracy,
+                                       self.epoch_s))
             if on_epoch_end is not None and (stopped := on_epoch_end(history[-1])):
                 break
-        best = max(history, key=lambda h: h.eval_accuracy)
+        best = max(history, key=lambda h: h.score)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (checkpoint_dir / TRIAL_RECORD).write_text(json.dumps({"params": params, "pid": os.getpid()}))
-        return TrialOutcome(history, best.epoch, best.eval_accuracy, stopped)
+        return TrialOutcome(history, best.epoch, best.score, stopped)

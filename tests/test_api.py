@@ -110,3 +110,19 @@ def test_openapi_and_dashboard_served(client: TestClient) -> None:
     js = client.get("/static/plotly.min.js")
     assert js.status_code == 200 and len(js.content) > 1_000_000
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_all_digit_names_are_refused_and_ids_never_collide(tmp_path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+    from tests.conftest import tiny_spec
+
+    with TestClient(create_app(Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=tmp_path / "a"))) as c:
+        assert c.post("/api/studies", json=tiny_spec(tiny_assets, name="first")).status_code == 201
+        refused = c.post("/api/studies", json=tiny_spec(tiny_assets, name="1"))
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "name"]
+        assert c.post("/api/studies", json=tiny_spec(tiny_assets, name="1a")).status_code == 201
+        assert c.get("/api/studies/1").json()["name"] == "first"  # digits are an id
+        assert c.get("/api/studies/\u00b9").status_code == 404  # not an ASCII digit: a (missing) name, no crash

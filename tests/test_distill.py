@@ -53,7 +53,7 @@ def test_load_split_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty"):
         load_split(DatasetSpec(path=str(tmp_path)), "train")
     (tmp_path / "train.tsv").write_text("sentence\tlabel\nhello\tpositive\n")
-    with pytest.raises(DataError, match="integers"):
+    with pytest.raises(DataError, match="'positive' is not one the teacher knows"):
         load_split(DatasetSpec(path=str(tmp_path)), "train")
 
 
@@ -90,11 +90,11 @@ def test_trial_is_deterministic_and_checkpoints_best_epoch(tiny_assets, tmp_path
     first = engine.run_trial(prepared, PARAMS, 7, lambda r: seen.append(r.epoch) or None, tmp_path / "a")
     second = engine.run_trial(prepared, PARAMS, 7, None, tmp_path / "b")
     assert seen == [1, 2]
-    assert [h.eval_accuracy for h in first.history] == [h.eval_accuracy for h in second.history]
+    assert [h.metrics for h in first.history] == [h.metrics for h in second.history]
     assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
     record = json.loads((tmp_path / "a" / "kdsearch_trial.json").read_text())
     assert record["best_epoch"] == first.best_epoch
-    assert record["eval_accuracy"] == max(h.eval_accuracy for h in first.history)
+    assert record["score"] == max(h.score for h in first.history) == max(h.metrics["accuracy"] for h in first.history)
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
         assert (tmp_path / "a" / name).is_file()
 
@@ -118,7 +118,8 @@ def test_cache_is_built_once_and_shared(tiny_assets, tmp_path: Path) -> None:  #
     meta = json.loads(entries[0].read_text())
     assert meta["n_train"] == 160 and meta["n_eval"] == 48
     other = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"max_seq_length": 12})})
-    assert cache_key(other) != cache_key(spec)
+    task = DistillationEngine(tmp_path / "art", device="cpu").prepare(spec).task
+    assert cache_key(other, task) != cache_key(spec, task)
 
 
 def test_truncated_student_copies_teacher_layers(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -35,7 +35,8 @@ def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str
     assert study["status"] == "finished", study
     assert study["finished"] == 5 and study["counts"]["complete"] + study["counts"]["pruned"] == 5
     assert study["counts"]["running"] == study["counts"]["failed"] == study["counts"]["waiting"] == 0
-    assert study["teacher_accuracy"] is not None
+    assert study["metric"] == "accuracy" and study["teacher_metric"] == study["teacher_metrics"]["accuracy"]
+    assert set(study["teacher_metrics"]) == {"accuracy", "f1", "macro_f1", "matthews_correlation"}
 
     trials = httpx.get(f"{stack.url}/api/studies/e2e/trials").json()["trials"]
     assert len(trials) == 5
@@ -43,7 +44,7 @@ def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str
         assert t["state"] == "COMPLETE" and t["worker"] and t["duration_s"] > 0
         assert len(t["epochs"]) == t["params"]["num_train_epochs"]
         assert set(t["intermediate"]) == {str(e) for e in range(1, t["params"]["num_train_epochs"] + 1)}
-        assert t["value"] == max(e["eval_accuracy"] for e in t["epochs"])
+        assert t["value"] == max(e["score"] for e in t["epochs"]) == max(e["metrics"]["accuracy"] for e in t["epochs"])
     best = study["best_trial"]
     assert best["value"] == max(t["value"] for t in trials)
 

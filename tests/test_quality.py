@@ -13,8 +13,17 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from distill import NO_LABEL, Augmenter, DistillationEngine, TextSplit, build_student, load_split, tokenize
-from distill.teacher import load_teacher, predict_logits
+from distill import (
+    NO_LABEL,
+    Augmenter,
+    DistillationEngine,
+    TextSplit,
+    build_student,
+    load_split,
+    load_teacher,
+    predict_logits,
+    tokenize,
+)
 from search_space import AugmentSpec, StudentSpec, StudySpec
 from service.api import create_app
 from service.settings import Settings
@@ -31,6 +40,8 @@ def test_augmenter_is_deterministic_and_seeded() -> None:
     first = Augmenter(TEXTS, spec, "[MASK]").transfer_set(TEXTS)
     again = Augmenter(TEXTS, spec, "[MASK]").transfer_set(TEXTS)
     other = Augmenter(TEXTS, spec.model_copy(update={"seed": 8}), "[MASK]").transfer_set(TEXTS)
+    assert first[1] is None  # single sentences: no pair texts
+    first, again, other = ((v, s) for v, _, s in (first, again, other))
     assert first[0] == again[0] and first[1].tolist() == again[1].tolist()
     assert first[0] != other[0]
     variants, sources = first
@@ -40,14 +51,15 @@ def test_augmenter_is_deterministic_and_seeded() -> None:
 
 def test_each_operation_alone() -> None:
     mask_only = Augmenter(TEXTS, AugmentSpec(copies=3, p_mask=0.5, p_replace=0, p_ngram=0), "[MASK]")
-    for variant, source in zip(*mask_only.transfer_set(TEXTS), strict=True):
+    variants, _, sources = mask_only.transfer_set(TEXTS)
+    for variant, source in zip(variants, sources, strict=True):
         words, original = variant.split(), TEXTS[source].split()
         assert len(words) == len(original)
         assert all(w == o or w == "[MASK]" for w, o in zip(words, original, strict=True))
 
     # Replacement draws another word seen between the same neighbours: ("was", end of sentence) holds good/bad/dull.
     swap = Augmenter(TEXTS, AugmentSpec(copies=5, p_mask=0, p_replace=1.0, p_ngram=0), None)
-    variants, sources = swap.transfer_set(TEXTS)
+    variants, _, sources = swap.transfer_set(TEXTS)
     for variant, source in zip(variants, sources, strict=True):
         if TEXTS[source] == "the movie was good":
             assert variant.split()[3] in {"bad", "dull"}
@@ -55,7 +67,8 @@ def test_each_operation_alone() -> None:
     assert all(set(v.split()) <= vocabulary for v in variants)
 
     ngram = Augmenter(TEXTS, AugmentSpec(copies=5, p_mask=0, p_replace=0, p_ngram=1.0, max_ngram=2), None)
-    for variant, source in zip(*ngram.transfer_set(TEXTS), strict=True):
+    variants, _, sources = ngram.transfer_set(TEXTS)
+    for variant, source in zip(variants, sources, strict=True):
         assert 1 <= len(variant.split()) <= 2 and variant in TEXTS[source]
 
 
@@ -75,7 +88,7 @@ def test_transfer_set_is_teacher_labelled_cached_and_trained_on(tiny_assets, tmp
 
     # The cached logits are the teacher's on the variant texts, row for row.
     texts = load_split(spec.dataset, "train").texts
-    variants, _ = Augmenter(texts, spec.augment, "[MASK]").transfer_set(texts)
+    variants, _, _ = Augmenter(texts, spec.augment, "[MASK]").transfer_set(texts)
     teacher, tokenizer = load_teacher(spec.teacher)
     fresh = predict_logits(teacher, tokenize(tokenizer, TextSplit(variants, np.zeros(len(variants), dtype=np.int64)),
                                              16), 64, torch.device("cpu"))
@@ -93,7 +106,7 @@ def test_transfer_set_is_teacher_labelled_cached_and_trained_on(tiny_assets, tmp
     outcome = DistillationEngine(tmp_path / "art", device="cpu").run_trial(
         prepared, {"learning_rate": 5e-3, "temperature": 2.0, "alpha": 0.5, "num_train_epochs": 1, "batch_size": 32},
         seed=0, on_epoch_end=None, checkpoint_dir=tmp_path / "ckpt")
-    assert outcome.history[0].train_loss > 0 and 0 <= outcome.best_accuracy <= 1
+    assert outcome.history[0].train_loss > 0 and 0 <= outcome.best_score <= 1
 
 
 def test_teacher_pca_embeddings(tiny_assets) -> None:  # type: ignore[no-untyped-def]
@@ -161,16 +174,17 @@ def test_export_best_over_seeds(db_url: str, tmp_path: Path, tiny_assets) -> Non
         retrain = detail["seed_retrain"]
         assert retrain["trial_number"] == detail["best_trial"]["number"]
         assert retrain["seeds"] == [34, 35, 36]  # fresh seeds: not the search's seed 33
-        assert retrain["mean"] == pytest.approx(statistics.fmean(retrain["accuracies"]))
-        assert retrain["std"] == pytest.approx(statistics.stdev(retrain["accuracies"]))
-        best_seed = retrain["seeds"][retrain["accuracies"].index(max(retrain["accuracies"]))]
+        assert retrain["metric"] == "accuracy"
+        assert retrain["mean"] == pytest.approx(statistics.fmean(retrain["values"]))
+        assert retrain["std"] == pytest.approx(statistics.stdev(retrain["values"]))
+        best_seed = retrain["seeds"][retrain["values"].index(max(retrain["values"]))]
         assert retrain["best_seed"] == best_seed
         summary = client.get("/api/studies/seeds/summary", headers={"If-None-Match": etag_before})
         assert summary.status_code == 200 and summary.json()["study"]["seed_retrain"] == retrain  # not a stale 304
 
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == round(max(retrain["accuracies"]), 4)
+    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == round(max(retrain["values"]), 4)
     assert f"{retrain['mean']:.4f} ± {retrain['std']:.4f}" in card and "over 3 seeds" in card
     assert "2-trial kdsearch study" in card and f"This export is seed {best_seed}" in card
     assert "teacher-labelled variants" in card  # the augmentation is on the card

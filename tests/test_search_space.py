@@ -126,3 +126,18 @@ def test_samplers_are_seeded_per_slot_and_pruners_built() -> None:
     hyper = StudySpec.model_validate({**BASE, "pruner": "hyperband"})
     assert isinstance(make_pruner(hyper), optuna.pruners.HyperbandPruner)
     assert isinstance(make_pruner(StudySpec.model_validate({**BASE, "pruner": "none"})), optuna.pruners.NopPruner)
+
+
+def test_every_example_spec_is_valid() -> None:
+    """The shipped examples parse; the GLUE ones name the right columns and metrics for their task."""
+    import json
+    from pathlib import Path
+
+    examples = Path(__file__).parent.parent / "examples"
+    specs = {p.stem if p.parent.name != "glue" else f"glue/{p.stem}": StudySpec.model_validate(json.loads(
+        p.read_text())) for p in [*examples.glob("*.json"), *examples.glob("glue/*.json")]}
+    assert {f"glue/{t}" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")} <= set(specs)
+    assert specs["glue/cola"].metric == "matthews_correlation" and specs["glue/stsb"].metric == "pearson"
+    assert specs["glue/mnli"].dataset.eval_split == "validation_matched"
+    assert specs["glue/qqp"].dataset.text_pair_column == "question2"
+    assert specs["mrpc"].dataset.text_pair_column == "sentence2" and specs["stsb"].metric == "pearson"

@@ -23,8 +23,20 @@ class TrialCounts(BaseModel):
 class BestTrial(BaseModel):
     number: int
     params: dict[str, Any]
-    value: float
+    value: float  # the study's metric
     epoch: int | None
+    metrics: dict[str, float] = {}  # every metric of the task at the best epoch
+
+
+class TaskOut(BaseModel):
+    """The task the teacher solves (read off its config) and the metric the study maximises."""
+
+    type: str  # classification or regression
+    num_labels: int
+    metric: str
+    metrics: list[str]  # every metric recorded each epoch
+    label_names: list[str]
+    ignored_params: list[str]  # search-space parameters that mean nothing for the task (not sampled)
 
 
 class StudyOut(BaseModel):
@@ -33,6 +45,7 @@ class StudyOut(BaseModel):
     status: str
     priority: int
     n_trials: int
+    metric: str | None  # the metric the study maximises; None until a worker has read a hub teacher's config
     counts: TrialCounts
     finished: int
     best_value: float | None
@@ -47,8 +60,9 @@ class SeedSpreadOut(BaseModel):
     """The chosen configuration retrained with fresh seeds (``export-best --seeds N``)."""
 
     trial_number: int
+    metric: str | None
     seeds: list[int]
-    accuracies: list[float]
+    values: list[float]  # the study's metric, per seed
     mean: float
     std: float | None  # sample standard deviation; None for one seed
     best_seed: int
@@ -57,13 +71,17 @@ class SeedSpreadOut(BaseModel):
 class StudyDetailOut(StudyOut):
     spec: dict[str, Any]
     best_trial: BestTrial | None
-    teacher_accuracy: float | None
+    task: TaskOut | None  # None until known (a hub teacher: once a worker has loaded it)
+    teacher_metrics: dict[str, float] | None  # the teacher on the eval split, every metric of the task
+    teacher_metric: float | None  # the teacher on the study's metric: the reference line on the charts
+    notes: list[str] = []  # what the spec asked that the task ignores, and why
     seed_retrain: SeedSpreadOut | None = None
 
 
 class EpochOut(BaseModel):
     epoch: int
-    eval_accuracy: float
+    score: float  # the study's metric
+    metrics: dict[str, float] = {}
     train_loss: float | None = None
     eval_loss: float | None = None
     seconds: float | None = None
@@ -74,6 +92,7 @@ class TrialOut(BaseModel):
     state: str
     params: dict[str, Any]
     value: float | None
+    metrics: dict[str, float]  # every metric of the task at the best epoch
     intermediate: dict[int, float]
     epochs: list[EpochOut]
     best_epoch: int | None

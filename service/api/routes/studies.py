@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
-from search_space import SpecError, StudySpec, validate_spec, values_of
+from search_space import SpecError, StudySpec, TaskInfo, validate_spec, values_of
 from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
 from service.api.schemas import (
     BestTrial,
@@ -23,6 +23,7 @@ from service.api.schemas import (
     StudyDetailOut,
     StudyOut,
     StudySummary,
+    TaskOut,
     TrialCounts,
     TrialOut,
     TrialPage,
@@ -41,6 +42,7 @@ from storage import (
     latest_seed_spread,
     optuna_study_exists,
     slot_counts,
+    study_user_attrs,
     trial_summaries,
     utcnow,
 )
@@ -72,9 +74,16 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
         raise SpecError("augment.copies", f"at most {settings.max_augment_copies} on this server")
 
 
+def _study_metric(row: StudyRow, attrs: dict[str, Any]) -> str | None:
+    """The metric a study maximises: as resolved against its teacher (API or worker), else as the spec names it."""
+    task = attrs.get("task")
+    return task["metric"] if task else row.spec.get("metric")
+
+
 def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore[no-untyped-def]
     optuna_side = trial_summaries(session, [r.name for r in rows])
     slots = slot_counts(session, [r.id for r in rows])
+    attrs = study_user_attrs(session, [r.name for r in rows], ["task"])
     out = []
     for row in rows:
         states, best = optuna_side[row.name]
@@ -88,7 +97,8 @@ def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore
         )
         out.append(StudyOut(
             id=row.id, name=row.name, status=row.status, priority=row.priority, n_trials=row.n_trials,
-            counts=counts, finished=counts.complete + counts.pruned, best_value=best, error=row.error,
+            metric=_study_metric(row, attrs[row.name]), counts=counts, finished=counts.complete + counts.pruned,
+            best_value=best, error=row.error,
             created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
             finished_at=row.finished_at,
         ))
@@ -109,15 +119,25 @@ def _fresh_snapshot(session) -> None:  # type: ignore[no-untyped-def]
     session.expire_all()
 
 
+def _epoch_out(epoch: dict[str, Any]) -> EpochOut:
+    """One recorded epoch; epochs recorded before task metrics existed held ``eval_accuracy`` alone."""
+    legacy = {"accuracy": epoch["eval_accuracy"]} if "eval_accuracy" in epoch else {}
+    return EpochOut(epoch=epoch["epoch"], score=epoch.get("score", epoch.get("eval_accuracy")),
+                    metrics=epoch.get("metrics") or legacy, train_loss=epoch.get("train_loss"),
+                    eval_loss=epoch.get("eval_loss"), seconds=epoch.get("seconds"))
+
+
 def _trial_out(trial: FrozenTrial) -> TrialOut:
     attrs = trial.user_attrs
-    epochs = [EpochOut(**{k: e.get(k) for k in EpochOut.model_fields}) for e in attrs.get("epochs", [])]
+    epochs = [_epoch_out(e) for e in attrs.get("epochs", [])]
     if not epochs:
-        epochs = [EpochOut(epoch=step, eval_accuracy=v) for step, v in sorted(trial.intermediate_values.items())]
+        epochs = [EpochOut(epoch=step, score=v) for step, v in sorted(trial.intermediate_values.items())]
+    best_epoch = attrs.get("best_epoch")
+    metrics = attrs.get("metrics") or next((e.metrics for e in epochs if e.epoch == best_epoch), {})
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return TrialOut(
         number=trial.number, state=trial.state.name, params=attrs.get("params", trial.params),
-        value=trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+        value=trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None, metrics=metrics,
         intermediate=dict(trial.intermediate_values), epochs=epochs, best_epoch=attrs.get("best_epoch"),
         duration_s=duration, worker=attrs.get("worker"), started_at=trial.datetime_start,
         completed_at=trial.datetime_complete, stop_reason=attrs.get("stop_reason"),
@@ -136,8 +156,8 @@ async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorage
     with the teacher's (distillation needs identical token ids)."""
     try:
         check_limits(spec, settings)
-        # Loads tokenizers: keep it off the event loop.
-        spec = await run_in_threadpool(validate_spec, spec, settings.allowed_roots)
+        # Loads tokenizers and the teacher's config: keep it off the event loop.
+        spec, task = await run_in_threadpool(validate_spec, spec, settings.allowed_roots)
     except SpecError as exc:
         raise spec_error(exc) from exc
     if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):
@@ -147,7 +167,10 @@ async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorage
                            priority=spec.priority, timeout_s=spec.timeout_s)
     except StudyExistsError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists") from exc
-    ensure_optuna_study(optuna_storage, spec.name, {"kdsearch_spec": spec.model_dump(mode="json")})
+    attrs: dict[str, Any] = {"kdsearch_spec": spec.model_dump(mode="json")}
+    if task is not None:  # a local teacher: the task is known now; a worker records it for a hub teacher
+        attrs["task"] = task.to_json()
+    ensure_optuna_study(optuna_storage, spec.name, attrs)
     _fresh_snapshot(session)
     return _detail(session, optuna_storage, row)
 
@@ -158,25 +181,37 @@ def list_studies(session: SessionDep) -> list[StudyOut]:
     return _summaries(session, rows)
 
 
+def _notes(task: TaskInfo | None) -> list[str]:
+    if task is None or not task.ignored_params:
+        return []
+    names = ", ".join(task.ignored_params)
+    return [f"{names}: not searched and not used: a {task.type} study has no {names} (a value or range given in "
+            "the spec is ignored)"]
+
+
 def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[no-untyped-def]
     summary = _summaries(session, [row])[0]
-    best_trial, teacher_accuracy = None, None
+    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy"])[row.name]
+    task = TaskInfo.from_json(attrs["task"]) if "task" in attrs else None
+    best_trial = None
     if summary.best_value is not None:
         study = optuna.load_study(study_name=row.name, storage=storage)
         best = study.best_trial
         best_trial = BestTrial(number=best.number, params=best.user_attrs.get("params", best.params),
-                               value=float(best.value), epoch=best.user_attrs.get("best_epoch"))
-    try:
-        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.name))
-        teacher_accuracy = attrs.get("teacher_accuracy")
-    except KeyError:
-        pass
+                               value=float(best.value), epoch=best.user_attrs.get("best_epoch"),
+                               metrics=best.user_attrs.get("metrics", {}))
+    # Studies recorded before task metrics held the teacher's accuracy alone.
+    teacher_metrics = attrs.get("teacher_metrics") or (
+        {"accuracy": attrs["teacher_accuracy"]} if "teacher_accuracy" in attrs else None)
+    metric = summary.metric
     spread = latest_seed_spread(session, row.id)
     seed_retrain = None if spread is None else SeedSpreadOut(
-        trial_number=spread.trial_number, seeds=spread.seeds, accuracies=spread.accuracies, mean=spread.mean,
+        trial_number=spread.trial_number, metric=metric, seeds=spread.seeds, values=spread.values, mean=spread.mean,
         std=spread.std, best_seed=spread.best_seed)
-    return StudyDetailOut(**summary.model_dump(), spec=row.spec, best_trial=best_trial,
-                          teacher_accuracy=teacher_accuracy, seed_retrain=seed_retrain)
+    return StudyDetailOut(
+        **summary.model_dump(), spec=row.spec, best_trial=best_trial,
+        task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
+        teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain)
 
 
 @router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)

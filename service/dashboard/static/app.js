@@ -6,6 +6,8 @@ const kd = (() => {
   const sci = (v) => (v === null || v === undefined ? "" : Number(v).toPrecision(3));
   const dur = (s) => (s === null || s === undefined ? "" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
   const active = (s) => s === "queued" || s === "running";
+  const metricOf = (study) => study.metric || "score";  // unknown until a worker has read a hub teacher's config
+  const usesTemperature = (study) => !((study.task && study.task.ignored_params) || []).includes("temperature");
   const PLOT = {displayModeBar: false, responsive: true};
   const BASE = {margin: {t: 10, r: 10, b: 45, l: 55}, legend: {orientation: "h"}};
 
@@ -69,7 +71,7 @@ const kd = (() => {
           <td><span class="badge ${esc(s.status)}">${esc(s.status)}</span></td><td class="num">${s.priority}</td>
           <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}</td>
           <td class="num">${s.counts.complete}</td><td class="num">${s.counts.pruned}</td><td class="num">${s.counts.running}</td>
-          <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
+          <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}${s.metric ? ` <span class="muted">${esc(s.metric)}</span>` : ""}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
           <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : `<span class="error">${esc(s.error || "")}</span>`}</td></tr>`;
       }).join("");
       await drawWorkers();
@@ -89,33 +91,38 @@ const kd = (() => {
   // --------------------------------------------------------------------------------------------- study page
   function drawCharts(summary) {
     const study = summary.study;
+    const metric = metricOf(study);
     const done = summary.points.filter((t) => t.value !== null && (t.state === "COMPLETE" || t.state === "PRUNED"));
     let best = -Infinity;
     const bestLine = done.map((t) => (best = Math.max(best, t.state === "COMPLETE" ? t.value : best)));
-    const teacher = study.teacher_accuracy ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: study.teacher_accuracy, y1: study.teacher_accuracy, line: {dash: "dot", color: "#1f9d55"}}] : [];
-    const label = (t) => `#${t.number} ${t.state} lr=${sci(t.params.learning_rate)} T=${fmt(t.params.temperature, 2)} α=${fmt(t.params.alpha, 2)}`;
+    const ref = study.teacher_metric;
+    const teacher = ref !== null && ref !== undefined ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: ref, y1: ref, line: {dash: "dot", color: "#1f9d55"}}] : [];
+    const withT = usesTemperature(study);
+    const label = (t) => `#${t.number} ${t.state} ${metric}=${fmt(t.value)} lr=${sci(t.params.learning_rate)}${withT ? ` T=${fmt(t.params.temperature, 2)}` : ""} α=${fmt(t.params.alpha, 2)}`;
     Plotly.react("history", [
       {x: done.map((t) => t.number), y: done.map((t) => t.value), mode: "markers", name: "trial", text: done.map(label),
        marker: {color: done.map((t) => (t.state === "PRUNED" ? "#c27c0e" : "#3563e9"))}},
       {x: done.map((t) => t.number), y: bestLine.map((v) => (v === -Infinity ? null : v)), mode: "lines", name: "best so far", line: {shape: "hv"}},
-    ], {...BASE, shapes: teacher, xaxis: {title: {text: "trial"}}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+    ], {...BASE, shapes: teacher, xaxis: {title: {text: "trial"}}, yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
     const states = Object.fromEntries(summary.points.map((t) => [t.number, t.state]));
     Plotly.react("curves", Object.entries(summary.curves).map(([n, pts]) => ({
       x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines", name: `#${n}`, hoverinfo: "name+y",
       line: {dash: states[n] === "PRUNED" ? "dot" : "solid", width: 1.2}})),
-      {...BASE, shapes: teacher, showlegend: false, xaxis: {title: {text: "epoch"}, dtick: 1}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+      {...BASE, shapes: teacher, showlegend: false, xaxis: {title: {text: "epoch"}, dtick: 1}, yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
     const withParams = done.filter((t) => t.params.temperature !== undefined || t.params.alpha !== undefined || t.params.learning_rate !== undefined);
-    const colour = {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true, colorbar: {title: {text: "acc"}}};
-    Plotly.react("scatter", [{x: withParams.map((t) => t.params.temperature), y: withParams.map((t) => t.params.alpha), mode: "markers",
-      text: withParams.map(label), marker: {...colour, size: 9}}], {...BASE, xaxis: {title: {text: "temperature"}}, yaxis: {title: {text: "alpha"}}}, PLOT);
+    const colour = {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true, colorbar: {title: {text: metric}}};
+    // A regression study has no temperature: its second chart is learning rate × alpha instead.
+    const scatterX = withT ? "temperature" : "learning_rate";
+    Plotly.react("scatter", [{x: withParams.map((t) => t.params[scatterX]), y: withParams.map((t) => t.params.alpha), mode: "markers",
+      text: withParams.map(label), marker: {...colour, size: 9}}], {...BASE, xaxis: {title: {text: scatterX}, type: withT ? "linear" : "log"}, yaxis: {title: {text: "alpha"}}}, PLOT);
     Plotly.react("slice", [{x: withParams.map((t) => t.params.learning_rate), y: withParams.map((t) => t.value), mode: "markers",
       text: withParams.map(label), marker: {color: withParams.map((t) => (t.state === "PRUNED" ? "#c27c0e" : "#3563e9"))}}],
-      {...BASE, xaxis: {title: {text: "learning_rate"}, type: "log"}, yaxis: {title: {text: "eval accuracy"}}}, PLOT);
+      {...BASE, xaxis: {title: {text: "learning_rate"}, type: "log"}, yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
     const names = [...new Set(withParams.flatMap((t) => Object.keys(t.params)))].filter((k) => withParams.every((t) => typeof t.params[k] === "number"));
     if (withParams.length) {
       Plotly.react("parallel", [{type: "parcoords", line: {color: withParams.map((t) => t.value), colorscale: "Viridis", showscale: true},
         dimensions: [...names.map((k) => ({label: k === "learning_rate" ? "log10 lr" : k, values: withParams.map((t) => (k === "learning_rate" ? Math.log10(t.params[k]) : t.params[k]))})),
-          {label: "accuracy", values: withParams.map((t) => t.value)}]}], {margin: {t: 60, r: 40, b: 20, l: 50}}, PLOT);
+          {label: metric, values: withParams.map((t) => t.value)}]}], {margin: {t: 60, r: 40, b: 20, l: 50}}, PLOT);
     }
   }
 
@@ -123,6 +130,7 @@ const kd = (() => {
     const base = `/api/studies/${encodeURIComponent(name)}`;
     const table = {offset: 0, limit: 50, sort: "number", order: "desc", state: ""};
     let status = "queued";
+    let withT = true;
     const drawTable = async () => {
       const q = new URLSearchParams({offset: table.offset, limit: table.limit, sort: table.sort, order: table.order});
       if (table.state) q.set("state", table.state);
@@ -134,7 +142,7 @@ const kd = (() => {
       document.querySelector("#trials tbody").innerHTML = page.trials.map((t) => `<tr data-number="${t.number}">
         <td class="num">${t.number}</td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
         <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
-        <td class="num">${sci(t.params.learning_rate)}</td><td class="num">${fmt(t.params.temperature, 2)}</td>
+        <td class="num">${sci(t.params.learning_rate)}</td>${withT ? `<td class="num">${fmt(t.params.temperature, 2)}</td>` : ""}
         <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
         <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td><td>${esc(t.worker || "")}</td>
         <td class="muted">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
@@ -151,7 +159,14 @@ const kd = (() => {
       const summary = await changed(`${base}/summary`);
       if (summary === null) return active(status);  // nothing new since the last poll
       const study = summary.study;
+      const metric = metricOf(study);
       status = study.status;
+      withT = usesTemperature(study);
+      document.getElementById("metric-header").textContent = metric;
+      document.getElementById("temperature-header").hidden = !withT;
+      document.getElementById("curves-title").textContent = `Per-epoch eval ${metric} (dotted: pruned)`;
+      document.getElementById("scatter-title").textContent = withT ? "Temperature × alpha" : "Learning rate × alpha";
+      document.getElementById("notes").textContent = (study.notes || []).join(" ");
       document.title = `kdsearch: ${study.name}`;
       document.getElementById("name").textContent = study.name;
       document.getElementById("status").innerHTML = `<span class="badge ${esc(study.status)}">${esc(study.status)}</span>`;
@@ -160,13 +175,15 @@ const kd = (() => {
       document.getElementById("progress-bar").style.width = `${(100 * study.finished) / study.n_trials}%`;
       const c = study.counts;
       document.getElementById("counts").textContent = `complete ${c.complete} · pruned ${c.pruned} · running ${c.running} · waiting ${c.waiting} · failed ${c.failed}` +
-        (study.teacher_accuracy ? ` · teacher accuracy ${fmt(study.teacher_accuracy)}` : "");
+        (study.teacher_metric !== null && study.teacher_metric !== undefined ? ` · teacher ${metric} ${fmt(study.teacher_metric)}` : "");
       document.getElementById("timing").textContent = `elapsed ${dur(summary.elapsed_s) || "-"}` + (summary.eta_s !== null ? ` · ETA ${dur(summary.eta_s)}` : "");
       document.getElementById("error").textContent = study.error || "";
       const b = study.best_trial;
       if (b) {
-        document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)}</div>
+        const others = Object.entries(b.metrics || {}).filter(([k]) => k !== metric);
+        document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)} <span class="muted">${esc(metric)}</span></div>
           <p>trial #${b.number}, best epoch ${b.epoch ?? "?"}</p>
+          ${others.length ? `<p class="muted" id="best-metrics">${others.map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")}</p>` : ""}
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
         const r = study.seed_retrain;

@@ -1,0 +1,143 @@
+"""Pair and regression tasks end to end: the real API under uvicorn, a real ``kdsearch worker`` subprocess,
+``export-best``, and the exported model re-scored through ``transformers.pipeline`` with pair inputs."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from distill import compute_metrics
+from search_space import TaskInfo
+from tests.conftest import NLI_LABELS, pair_spec
+from tests.procs import KDSEARCH, Stack
+
+
+@pytest.fixture
+def stack(sqlite_url: str, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(sqlite_url, tmp_path)
+    s.start_api()
+    s.start_worker()
+    yield s
+    s.stop()
+
+
+def _rows(data: Path) -> list[dict[str, str]]:
+    with open(data / "validation.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _export(stack: Stack, study: str, out: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([*KDSEARCH, "export-best", study, "--out", str(out)], env=stack.env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    stack.submit(pair_spec(pair_assets, "nli", name="nli", metric="macro_f1"))
+    study = stack.wait_status("nli")
+    assert study["status"] == "finished", study
+    assert study["metric"] == "macro_f1" and study["task"]["label_names"] == NLI_LABELS
+    assert set(study["teacher_metrics"]) == {"accuracy", "macro_f1", "matthews_correlation"}
+    assert study["teacher_metric"] == study["teacher_metrics"]["macro_f1"]
+    for trial in stack.trials("nli"):
+        assert trial["value"] == trial["metrics"]["macro_f1"] == max(e["score"] for e in trial["epochs"])
+        assert all(set(e["metrics"]) == {"accuracy", "macro_f1", "matthews_correlation"} for e in trial["epochs"])
+
+    out = tmp_path / "nli-export"
+    printed = _export(stack, "nli", out).stdout
+    assert "eval macro_f1" in printed and "accuracy" in printed
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    best = study["best_trial"]
+    assert metrics == {k: round(v, 4) for k, v in best["metrics"].items()}
+    assert "text_pair" in card and "3-class classification" in card and "- temperature:" in card
+
+    # The export is a ready pair classifier: given {"text", "text_pair"}, the pipeline reproduces the metrics.
+    from transformers import pipeline
+
+    rows = _rows(pair_assets["nli_data"])
+    classifier = pipeline("text-classification", model=str(out), device="cpu")
+    predictions = classifier([{"text": r["sentence1"], "text_pair": r["sentence2"]} for r in rows], batch_size=16)
+    predicted = np.array([NLI_LABELS.index(p["label"]) for p in predictions])
+    gold = np.array([NLI_LABELS.index(r["label"]) for r in rows])
+    rescored = compute_metrics(TaskInfo("classification", 3, "macro_f1", tuple(NLI_LABELS)), np.eye(3)[predicted], gold)
+    assert rescored["macro_f1"] == pytest.approx(best["value"], abs=1e-6)
+    assert rescored["accuracy"] == pytest.approx(best["metrics"]["accuracy"], abs=1e-6)
+
+
+def test_regression_task(stack: Stack, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = pair_spec(pair_assets, "sts", name="sts", augment={"copies": 1},
+                     search_space={"num_train_epochs": 2, "batch_size": 32, "temperature": {"low": 2, "high": 9},
+                                   "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}})
+    stack.submit(spec)
+    study = stack.wait_status("sts")
+    assert study["status"] == "finished", study
+    assert study["metric"] == "pearson" and study["task"]["ignored_params"] == ["temperature"]
+    assert any("temperature" in n for n in study["notes"])
+    trials = stack.trials("sts")
+    assert len(trials) == 3
+    for trial in trials:
+        assert "temperature" not in trial["params"]  # not sampled, not shown
+        assert set(trial["metrics"]) == {"pearson", "spearmanr", "pearson_spearman"}
+    status = subprocess.run([*KDSEARCH, "status", "sts", "--url", stack.url], env=stack.env, capture_output=True,
+                            text=True)
+    assert status.returncode == 0 and "pearson" in status.stdout and "temperature" in status.stdout  # in the note
+    assert "alpha" in status.stdout
+
+    out = tmp_path / "sts-export"
+    _export(stack, "sts", out)
+    card = (out / "README.md").read_text()
+    assert "regression" in card and "MSE(student, teacher)" in card and "- temperature:" not in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert {m["type"] for m in front["model-index"][0]["results"][0]["metrics"]} == {
+        "pearson", "spearmanr", "pearson_spearman"}
+
+    # Re-scored through the pipeline: raw scores (no sigmoid), pair inputs, same Pearson as the search recorded.
+    from transformers import pipeline
+
+    rows = _rows(pair_assets["sts_data"])
+    regressor = pipeline("text-classification", model=str(out), device="cpu")
+    outputs = regressor([{"text": r["sentence1"], "text_pair": r["sentence2"]} for r in rows], batch_size=16)
+    predicted = np.array([[o["score"]] for o in outputs])
+    gold = np.array([float(r["label"]) for r in rows])
+    rescored = compute_metrics(TaskInfo("regression", 1, "pearson"), predicted, gold)
+    assert rescored["pearson"] == pytest.approx(study["best_trial"]["value"], abs=1e-4)
+
+
+def test_bad_task_input_fails_the_study_and_the_worker_goes_on(stack: Stack, pair_assets,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    def data(name: str, header: str, rows: list[str]) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        for split in ("train", "validation"):
+            (directory / f"{split}.tsv").write_text(header + "\n" + "\n".join(rows) + "\n")
+        return directory
+
+    cases = {
+        "no-pair-column": (data("np", "sentence1\tlabel", ["good film\tentailment"]), "nli",
+                           "no column 'sentence2'"),
+        "unknown-label": (data("ul", "sentence1\tsentence2\tlabel", ["good\tbad\tparaphrase"]), "nli",
+                          "label 'paraphrase' is not one the teacher knows"),
+        "float-label": (data("fl", "sentence1\tsentence2\tlabel", ["good\tbad\t0.5"]), "nli",
+                        "0.5 is a float label in a classification study"),
+        "text-label": (data("tl", "sentence1\tsentence2\tlabel", ["good\tbad\thigh"]), "sts",
+                       "'high' is not a number"),
+    }
+    for name, (directory, kind, _) in cases.items():
+        stack.submit(pair_spec(pair_assets, kind, name=name, priority=5, dataset={
+            "path": str(directory), "text_column": "sentence1", "text_pair_column": "sentence2"}))
+    stack.submit(pair_spec(pair_assets, "nli", name="fine", n_trials=1))
+    for name, (_, _, reason) in cases.items():
+        failed = stack.wait_status(name)
+        assert failed["status"] == "failed" and reason in failed["error"], failed
+        assert "'label'" in failed["error"] or "sentence2" in failed["error"]
+    assert stack.wait_status("fine")["status"] == "finished"
+    assert stack.workers[0].poll() is None, "the worker keeps running"
