@@ -149,7 +149,8 @@ def test_worker_marks_bad_studies_failed_and_keeps_serving(sqlite_url: str, tmp_
     empty = write_dataset(tmp_path / "empty")
     (empty / "train.tsv").write_text("sentence\tlabel\n")
     broken = {
-        "labels": (tiny_spec(tiny_assets, name="labels", dataset={"path": str(labels)}), "is outside the teacher's 0..1"),
+        "labels": (tiny_spec(tiny_assets, name="labels", dataset={"path": str(labels)}),
+                   "is outside the teacher's 0..1"),
         "empty": (tiny_spec(tiny_assets, name="empty", dataset={"path": str(empty)}), "is empty"),
         "not-classifier": (tiny_spec(tiny_assets, name="not-classifier",
                                      teacher=str(write_tiny_model(tmp_path / "base", classifier=False))),

@@ -12,7 +12,6 @@ import torch
 from fastapi.testclient import TestClient
 
 from distill import (
-    NO_LABEL,
     Augmenter,
     DataError,
     DistillationEngine,
@@ -114,9 +113,9 @@ def test_task_comes_from_the_teacher_config(tmp_path: Path) -> None:
     nli = load_config(str(write_tiny_model(tmp_path / "n", labels=NLI_LABELS)))
     task = resolve_task(nli, "macro_f1")
     assert task.label_names == tuple(NLI_LABELS) and task.metrics == ("accuracy", "macro_f1", "matthews_correlation")
-    with pytest.raises(MetricMismatch, match="'f1' does not fit .*3-class"):
+    with pytest.raises(MetricMismatch, match=r"'f1' does not fit .*3-class"):
         resolve_task(nli, "f1")
-    with pytest.raises(MetricMismatch, match="'accuracy' does not fit .*regression"):
+    with pytest.raises(MetricMismatch, match=r"'accuracy' does not fit .*regression"):
         resolve_task(regression, "accuracy")
     nli.problem_type = "multi_label_classification"
     with pytest.raises(MetricMismatch, match="multi-label"):
