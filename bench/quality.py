@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._common import machine_name, mean_std, merge_results, per_row_ms  # noqa: E402 - after the path
+
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 RESULTS_JSON = RESULTS / "quality.json"
@@ -81,14 +81,6 @@ class Run:
     finished: str
 
 
-def machine_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def spec_for(cell: str, data_dir: Path, teacher: Path) -> dict[str, Any]:
     student, condition = cell.split("-")
     spec: dict[str, Any] = {"name": "quality", "teacher": str(teacher), "student": STUDENTS[student],
@@ -117,17 +109,8 @@ def _key(run: Run) -> tuple[str, int, int]:
 
 
 def save_runs(runs: list[Run], extra: dict[str, Any]) -> None:
-    """Merge ``runs`` into the JSON (several bench processes may share it: one per core), under a file lock."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS_JSON.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
-        merged = {_key(r): r for r in (Run(**r) for r in old.get("runs", []))}
-        merged.update({_key(r): r for r in runs})
-        payload = {**old, **extra, "runs": [dataclasses.asdict(r) for r in merged.values()]}
-        tmp = RESULTS_JSON.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(RESULTS_JSON)  # a crash mid-write never loses the runs already recorded
+    """Merge ``runs`` into the JSON (several bench processes may share it: one per core)."""
+    merge_results(RESULTS_JSON, [dataclasses.asdict(r) for r in runs], extra, key=lambda r: _key(Run(**r)))
 
 
 def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data_dir: Path, teacher: Path) -> None:
@@ -163,7 +146,6 @@ def run_cells(cells: list[str], seeds: list[int], epochs: int, device: str, data
 
 def measure_models(data_dir: Path, teacher: Path) -> dict[str, dict[str, float]]:
     """Parameters and CPU inference latency per sentence (batch 1 and 32) of each student shape and the teacher."""
-    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from distill import build_student
@@ -179,32 +161,18 @@ def measure_models(data_dir: Path, teacher: Path) -> dict[str, dict[str, float]]
         models[name] = build_student(StudentSpec.model_validate(student), teacher_config, seed=0,
                                      teacher_state=teacher_model.state_dict())
 
-    @torch.inference_mode()
-    def per_sentence_ms(model, batch: int, n: int) -> float:  # type: ignore[no-untyped-def]
-        model.eval()
-        chunks = [texts[i : i + batch] for i in range(0, n, batch)]
-        encoded = [tokenizer(c, padding=True, truncation=True, max_length=128, return_tensors="pt") for c in chunks]
-        model(**encoded[0])  # warm-up
-        timings = []
-        for _ in range(3):
-            started = time.perf_counter()
-            for enc in encoded:
-                model(**enc)
-            timings.append((time.perf_counter() - started) / n * 1000)
-        return statistics.median(timings)
-
     out = {}
     for name, model in models.items():
         out[name] = {"params": sum(p.numel() for p in model.parameters()),
-                     "ms_batch1": per_sentence_ms(model, 1, 200), "ms_batch32": per_sentence_ms(model, 32, 864)}
+                     "ms_batch1": per_row_ms(model, tokenizer, texts, None, 1, 200),
+                     "ms_batch32": per_row_ms(model, tokenizer, texts, None, 32, 864)}
         print(f"{name:8s} {out[name]['params'] / 1e6:5.1f}M params, {out[name]['ms_batch1']:.2f} ms/sentence "
               f"at batch 1, {out[name]['ms_batch32']:.2f} at batch 32", flush=True)
     return out
 
 
-def _cell_stats(runs: list[Run], last_epoch: bool = False) -> tuple[float, float | None]:
-    accuracies = [r.last_accuracy if last_epoch else r.accuracy for r in runs]
-    return statistics.fmean(accuracies), statistics.stdev(accuracies) if len(accuracies) > 1 else None
+def _accuracies(runs: list[Run], last_epoch: bool = False) -> list[float]:
+    return [r.last_accuracy if last_epoch else r.accuracy for r in runs]
 
 
 def _groups(runs: list[Run]) -> dict[tuple[str, int], list[Run]]:
@@ -221,12 +189,6 @@ def _group_label(key: tuple[str, int]) -> str:
     cell, epochs = key
     student, condition = cell.split("-")
     return f"{STUDENT_LABELS[student]}, {CONDITIONS[condition]}, {epochs} epoch{'s' if epochs > 1 else ''}"
-
-
-def _mean_std(stats: tuple[float, float | None], bold: bool = False) -> str:
-    mean, std = stats
-    mean_txt = f"**{mean:.4f}**" if bold else f"{mean:.4f}"
-    return mean_txt + (f" ± {std:.4f}" if std is not None else "")
 
 
 def write_report() -> None:
@@ -265,8 +227,8 @@ def write_report() -> None:
             lines.append(f"| {STUDENT_LABELS[student]} | {params_txt} | {CONDITIONS[condition]} | not run | | 0 | | "
                          "| | |")
         for epochs, group in cell_groups:  # one row per epoch budget a cell was run with
-            best_txt = _mean_std(_cell_stats(group), bold=True)
-            last_txt = _mean_std(_cell_stats(group, last_epoch=True))
+            best_txt = mean_std(_accuracies(group), bold=True)
+            last_txt = mean_std(_accuracies(group, last_epoch=True))
             per_seed = ", ".join(f"{r.accuracy:.4f}" for r in group)
             devices = ", ".join(sorted({r.machine for r in group}))
             lines.append(
@@ -288,20 +250,21 @@ def write_report() -> None:
             lines.append(f"| {label} | {m['params'] / 1e6:.1f}M | {m['ms_batch1']:.2f} | {m['ms_batch32']:.3f} | "
                          f"{speedup} |")
     lines += ["", "## Targets (issue 7)", ""]
-    small = [(key, _cell_stats(group)) for key, group in groups.items()
+    small = [(key, _accuracies(group)) for key, group in groups.items()
              if key[0].split("-")[0] in ("fresh", "pca") and len(group) >= 3]
     if small:
-        best_key, best_stats = max(small, key=lambda item: item[1][0])
-        verdict = "met" if best_stats[0] >= 0.833 else "NOT met"
-        last = _mean_std(_cell_stats(groups[best_key], last_epoch=True))
+        best_key, best_values = max(small, key=lambda item: statistics.fmean(item[1]))
+        verdict = "met" if statistics.fmean(best_values) >= 0.833 else "NOT met"
+        last = mean_std(_accuracies(groups[best_key], last_epoch=True))
         lines.append(f"- A student of at most 4.4M parameters at >= 83.3% (mean of 3 seeds): **{verdict}**; the best "
-                     f"such cell is {_group_label(best_key)}: {_mean_std(best_stats)} (last epoch {last}).")
-    trunc = [(key, _cell_stats(group)) for key, group in groups.items()
+                     f"such cell is {_group_label(best_key)}: {mean_std(best_values)} (last epoch {last}).")
+    trunc = [(key, _accuracies(group)) for key, group in groups.items()
              if key[0].startswith("trunc2") and len(group) >= 3]
     if trunc and teacher_acc is not None:
-        best_key, best_stats = max(trunc, key=lambda item: item[1][0])
+        best_key, best_values = max(trunc, key=lambda item: statistics.fmean(item[1]))
         lines.append(f"- 2-layer truncated-teacher student: best cell {_group_label(best_key)} at "
-                     f"{_mean_std(best_stats)}, {100 * (teacher_acc - best_stats[0]):.2f} points below the teacher.")
+                     f"{mean_std(best_values)}, {100 * (teacher_acc - statistics.fmean(best_values)):.2f} points below "
+                     "the teacher.")
     notes = payload.get("notes")
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
