@@ -14,7 +14,7 @@ COPY search_space ./search_space
 COPY storage ./storage
 COPY distill ./distill
 COPY examples ./examples
-RUN pip install "."
+RUN pip install ".[onnx]"
 
 VOLUME ["/artifacts"]
 EXPOSE 8000

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -41,22 +40,11 @@ def merge_results(path: Path, runs: list[dict[str, Any]], extra: dict[str, Any],
 def per_row_ms(model: Any, tokenizer: Any, texts: list[str], pairs: list[str] | None, batch: int, n: int,
                max_length: int = 128, passes: int = 3) -> float:
     """Median over ``passes`` of the CPU inference time per row (ms) over the first ``n`` rows at ``batch`` rows per
-    call, padded per batch; tokenization excluded, one warm-up call."""
-    import torch
+    call, padded per batch, tokenization excluded: ``distill.deploy``'s timing (``export-best --onnx``)."""
+    from distill.deploy import latency_batches, model_input_names, torch_latency_ms
 
-    chunks = range(0, n, batch)
-    encoded = [tokenizer(texts[i : i + batch], None if pairs is None else pairs[i : i + batch], padding=True,
-                         truncation=True, max_length=max_length, return_tensors="pt") for i in chunks]
-    timings = []
-    with torch.inference_mode():
-        model.eval()
-        model(**encoded[0])  # warm-up
-        for _ in range(passes):
-            started = time.perf_counter()
-            for enc in encoded:
-                model(**enc)
-            timings.append((time.perf_counter() - started) / n * 1000)
-    return statistics.median(timings)
+    batches = latency_batches(tokenizer, model_input_names(model, tokenizer), texts, pairs, batch, n, max_length)
+    return torch_latency_ms(model, batches, sum(len(b["input_ids"]) for b in batches), passes)
 
 
 def mean_std(values: list[float], bold: bool = False) -> str:

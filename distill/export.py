@@ -95,10 +95,51 @@ def _objective(regression: bool) -> str:
     return "`alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`"
 
 
+VARIANT_LABELS = {"pytorch_fp32": "PyTorch fp32", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8 (dynamic)"}
+
+
+def deployment_lines(deployment: dict[str, Any]) -> list[str]:
+    """The card's deployment section: each exported variant's file, metric and CPU latency, beside the teacher's."""
+    metric = deployment["metric"]
+    variants = deployment["variants"]
+    base = variants["pytorch_fp32"]
+    lines = ["## Deployment", ""]
+    if deployment.get("int8_flagged"):
+        lines += [f"> **Warning: the int8 model scores {deployment['int8_drop_points']:.2f} points below the fp32 "
+                  f"one on {metric}** (more than 1 point): serve `onnx/model.onnx` instead, or check the int8 "
+                  "model on your own data first.", ""]
+    lines += [
+        f"Every variant re-scored on the evaluation split ({deployment['eval_rows']} rows). The ONNX fp32 logits "
+        f"match PyTorch's within atol {deployment['tolerance']['atol']:g} + rtol {deployment['tolerance']['rtol']:g} "
+        f"(largest difference {deployment['max_abs_logit_diff']:.2g}). Latency per sequence on "
+        f"{deployment['machine']} with {deployment['threads']} thread(s), median of 5 passes over "
+        f"{deployment['latency_rows']['batch1']} eval sequences at batch 1 and "
+        f"{deployment['latency_rows']['batch32']} at batch 32, tokenization excluded.", "",
+        f"| model | file | {METRIC_TITLES.get(metric, metric)} | ms/sequence, batch 1 | ms/sequence, batch 32 | "
+        "speed-up vs PyTorch (batch 1 / 32) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, v in variants.items():
+        lines.append(f"| {VARIANT_LABELS.get(name, name)} | `{v['file']}` | {v['metrics'][metric]:.4f} | "
+                     f"{v['ms_batch1']:.2f} | {v['ms_batch32']:.3f} | {base['ms_batch1'] / v['ms_batch1']:.1f}x / "
+                     f"{base['ms_batch32'] / v['ms_batch32']:.1f}x |")
+    teacher = deployment.get("teacher")
+    if teacher:
+        ratio = f"{base['ms_batch1'] / teacher['ms_batch1']:.1f}x / {base['ms_batch32'] / teacher['ms_batch32']:.1f}x"
+        lines.append(f"| teacher, PyTorch fp32 | | | {teacher['ms_batch1']:.2f} | {teacher['ms_batch32']:.3f} | "
+                     f"{ratio} |")
+    lines += ["", "Load the ONNX model with `onnxruntime.InferenceSession(\"onnx/model.onnx\")` (inputs: the "
+              "tokenizer's `input_ids`, `attention_mask` and, where the model takes them, `token_type_ids`; output "
+              "`logits`), or with optimum's `ORTModelForSequenceClassification.from_pretrained(\"onnx\")`: the "
+              "directory holds the config and tokenizer too.", ""]
+    return lines
+
+
 def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial_number: int, n_trials_run: int,
-               study_name: str, seed_results: dict[int, float] | None = None) -> str:
+               study_name: str, seed_results: dict[int, float] | None = None,
+               deployment: dict[str, Any] | None = None) -> str:
     """A Trainer-style card with every metric of the task. ``seed_results`` (seed → the study's metric of a
-    retraining) adds the mean and spread."""
+    retraining) adds the mean and spread; ``deployment`` (``distill.deploy.deploy``) the ONNX variants."""
     record = normalized_record(record)
     params = record["params"]
     dataset = spec["dataset"]
@@ -155,6 +196,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
            if teacher else []),
         "",
         *(_seed_lines(seed_results, metric, int(record["seed"]), int(spec.get("seed", 33))) if seed_results else []),
+        *(deployment_lines(deployment) if deployment else []),
         "## Model description", "",
         f"Student: {student_desc}. Trained by logit distillation with the objective {_objective(regression)}; "
         "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset), "",

@@ -164,13 +164,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_export_best(args: argparse.Namespace) -> int:
     from distill.data import DataError
+    from distill.deploy import DeployError
     from distill.export import ExportError
-    from service.exporting import export_best
+    from service.exporting import check_deploy_options, export_best
     from service.settings import get_settings
 
     try:
+        check_deploy_options(args.onnx, args.quantize)
+    except ExportError as exc:
+        return _fail(str(exc), 2)
+    try:
         result = export_best(get_settings(), args.study, Path(args.out), force=args.force, seeds=args.seeds,
-                             device=args.device)
+                             device=args.device, onnx=args.onnx, quantize=args.quantize)
+    except DeployError as exc:
+        return _fail(f"{exc} (the Hugging Face export in {args.out} was written and stays)")
     except (ExportError, DataError) as exc:
         return _fail(str(exc))
     if result.spread is not None:
@@ -181,7 +188,30 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
     print(f"exported trial {result.trial_number} (eval {result.metric} {result.score:.4f}"
           f"{'; ' + others if others else ''}) to {result.out_dir}")
+    if result.deployment is not None:
+        print_deployment(result.deployment)
     return 0
+
+
+def print_deployment(deployment: dict[str, Any]) -> None:
+    """The exported variants' metric and CPU latency, and the teacher's, as the model card's table has them."""
+    from distill.export import VARIANT_LABELS
+
+    metric = deployment["metric"]
+    print(f"verified: ONNX fp32 logits within atol {deployment['tolerance']['atol']:g} + rtol "
+          f"{deployment['tolerance']['rtol']:g} of PyTorch's on {deployment['eval_rows']} eval rows (largest "
+          f"difference {deployment['max_abs_logit_diff']:.2g}); latency per sequence with {deployment['threads']} "
+          "CPU thread(s):")
+    for name, v in deployment["variants"].items():
+        print(f"  {VARIANT_LABELS[name]:20s} {metric} {v['metrics'][metric]:.4f}   batch 1: {v['ms_batch1']:7.2f} ms"
+              f"   batch 32: {v['ms_batch32']:7.3f} ms   {v['file']}")
+    if deployment.get("teacher"):
+        t = deployment["teacher"]
+        print(f"  {'teacher (PyTorch)':20s} {'':>{len(metric) + 7}}   batch 1: {t['ms_batch1']:7.2f} ms"
+              f"   batch 32: {t['ms_batch32']:7.3f} ms")
+    if deployment.get("int8_flagged"):
+        print(f"WARNING: the int8 model scores {deployment['int8_drop_points']:.2f} points below fp32 on {metric} "
+              "(more than 1 point); the model card says so", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -198,6 +228,10 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="retrain the best configuration with N fresh seeds, report mean ± std and export the "
                              "best seed (default 0: export the trial's own checkpoint)")
     parser.add_argument("--device", default="auto", help="for --seeds: cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write onnx/model.onnx, verified against PyTorch, with CPU latency on the card")
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="with --onnx: also write onnx/model.<int8>.onnx (dynamic quantization)")
     parser.set_defaults(func=cmd_export_best)
 
 

@@ -1,7 +1,8 @@
 """``kdsearch demo``: the embedded default end to end, offline.
 
 Starts the API and one worker as subprocesses on the configured database (SQLite by default), submits
-``examples/sst2-demo.json``, shows progress, prints the best trial, exports it and prints the dashboard URL.
+``examples/sst2-demo.json``, shows progress, prints the best trial, exports it (Hugging Face, ONNX and int8, with
+CPU latencies against the teacher) and prints the dashboard URL.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from distill.export import ExportError
+from distill.deploy import DeployError
+from distill.export import VARIANT_LABELS, ExportError
 from service.exporting import export_best
 from service.settings import get_settings
 
@@ -90,13 +92,16 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
                 return 1
             _print_best(console, study)
             out = Path("demo-export") / spec["name"]
-            try:
-                result = export_best(settings, spec["name"], out)
-            except ExportError as exc:
+            try:  # ONNX and int8 beside the HF model, verified and timed against PyTorch and the teacher
+                result = export_best(settings, spec["name"], out, onnx=True, quantize="int8",
+                                     log=lambda line: console.print(f"[dim]{line}[/]"))
+            except (ExportError, DeployError) as exc:
                 console.print(f"[red]export failed: {exc}[/]")
                 return 1
             console.print(f"exported the best student to [bold]{result.out_dir}[/] "
                           f"(try: transformers.pipeline('text-classification', model='{result.out_dir}'))")
+            if result.deployment is not None:
+                _print_latency(console, result.deployment)
             console.print(f"dashboard: {url}/studies/{spec['name']}  (worker log: {logs / 'demo-worker.log'})")
             if keep_serving if keep_serving is not None else sys.stdin.isatty():
                 console.print("serving the dashboard; press Ctrl-C to stop")
@@ -127,6 +132,24 @@ def _follow(console: Console, url: str, name: str, worker: subprocess.Popen) -> 
                 study["status"], study["error"] = "failed", f"the worker exited with code {worker.returncode}"
                 return study
             time.sleep(1)
+
+
+def _print_latency(console: Console, deployment: dict) -> None:
+    """The three exported forms of the student, and the teacher: metric and CPU latency per sentence."""
+    metric = deployment["metric"]
+    table = Table(title=f"CPU latency per sentence ({deployment['threads']} thread(s); ONNX verified against "
+                        f"PyTorch within atol {deployment['tolerance']['atol']:g})")
+    for column in ("model", metric, "batch 1 (ms)", "batch 32 (ms)"):
+        table.add_column(column)
+    for name, v in deployment["variants"].items():
+        table.add_row(VARIANT_LABELS[name], f"{v['metrics'][metric]:.4f}", f"{v['ms_batch1']:.2f}",
+                      f"{v['ms_batch32']:.3f}")
+    if deployment.get("teacher"):
+        table.add_row("teacher (PyTorch)", "", f"{deployment['teacher']['ms_batch1']:.2f}",
+                      f"{deployment['teacher']['ms_batch32']:.3f}")
+    console.print(table)
+    if deployment.get("int8_flagged"):
+        console.print(f"[red]the int8 model scores {deployment['int8_drop_points']:.2f} points below fp32[/]")
 
 
 def _print_best(console: Console, study: dict) -> None:

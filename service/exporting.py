@@ -21,7 +21,7 @@ from sqlalchemy import Engine, inspect
 
 from distill.engine import TRIAL_RECORD, load_engine
 from distill.export import ExportError, model_card, normalized_record, write_export
-from search_space import StudySpec
+from search_space import StudySpec, resolve_task
 from service.settings import Settings
 from storage import (
     ArtifactLayout,
@@ -33,6 +33,7 @@ from storage import (
     seed_runs,
     session_scope,
     unpack_directory,
+    utcnow,
 )
 
 
@@ -44,6 +45,7 @@ class ExportResult:
     score: float  # of the exported checkpoint, on the study's metric
     metrics: dict[str, float]  # every metric of the task, of the exported checkpoint
     spread: SeedSpread | None = None
+    deployment: dict[str, Any] | None = None  # the ONNX variants, their metrics and latency (--onnx)
 
 
 def _best_trial(study: optuna.Study) -> tuple[FrozenTrial, int]:
@@ -91,8 +93,49 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
     return spread, {s: done[s][1] for s in seeds}
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def check_deploy_options(onnx: bool, quantize: str | None) -> None:
+    """Refuse impossible ONNX options before any work (one-line ``ExportError``)."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"--quantize: {quantize!r} is not supported (choose {', '.join(QUANTIZATIONS)})")
+    if quantize is not None and not onnx:
+        raise ExportError(f"--quantize {quantize} quantizes the ONNX model: add --onnx")
+
+
+def deploy_export(out_dir: Path, spec: StudySpec, record: dict[str, Any], quantize: str | None,
+                  log: Callable[[str], None] = print, latency_rows: tuple[int, int] = (200, 512)) -> dict[str, Any]:
+    """ONNX (and int8) beside the Hugging Face export in ``out_dir``, verified and timed on the study's eval split
+    (``distill.deploy``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distill import load_split, load_teacher, tokenize
+    from distill.deploy import deploy
+
+    task = resolve_task(AutoConfig.from_pretrained(out_dir), record["metric"])
+    text = load_split(spec.dataset, spec.dataset.eval_split, task)
+    split = tokenize(AutoTokenizer.from_pretrained(out_dir), text, spec.dataset.max_seq_length)
+    teacher = None
+    try:
+        teacher = load_teacher(spec.teacher)[0]
+    except Exception as exc:  # noqa: BLE001 - the teacher is only a latency reference
+        log(f"teacher latency not measured: cannot load {spec.teacher} ({type(exc).__name__}: {exc})")
+    return deploy(out_dir, eval_split=split, texts=text.texts, pairs=text.text_pairs, task=task, quantize=quantize,
+                  teacher=teacher, max_length=spec.dataset.max_seq_length, latency_rows=latency_rows, log=log)
+
+
+def _record_export(study: optuna.Study, entry: dict[str, Any]) -> None:
+    """Keep the latest export of each (trial, seed) in the study's ``exports`` attribute (the API shows it)."""
+    exports = [e for e in study.user_attrs.get("exports", [])
+               if (e["trial_number"], e["seed"]) != (entry["trial_number"], entry["seed"])]
+    study.set_user_attr("exports", [*exports, entry])
+
+
 def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = False, seeds: int = 0,
-                device: str = "auto", log: Callable[[str], None] = print) -> ExportResult:
+                device: str = "auto", onnx: bool = False, quantize: str | None = None,
+                log: Callable[[str], None] = print) -> ExportResult:
+    check_deploy_options(onnx, quantize)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before any retraining, not after
         raise ExportError(f"{out_dir} is not empty; pass --force to overwrite")
@@ -121,11 +164,20 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
             checkpoint = Path(tmp) / "checkpoint"
             unpack_directory(tar_path, checkpoint)
             record = normalized_record(json.loads((checkpoint / TRIAL_RECORD).read_text()))
-            card = model_card(name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,
-                              n_trials_run=n_trials_run, study_name=name,
-                              seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None)
-            write_export(checkpoint, out_dir, card, force=force)
-        return ExportResult(out_dir, best.number, record["metric"], float(record["score"]), record["metrics"], spread)
+            card_args: dict[str, Any] = dict(
+                name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,
+                n_trials_run=n_trials_run, study_name=name,
+                seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None)
+            write_export(checkpoint, out_dir, model_card(**card_args), force=force)
+        deployment = None
+        if onnx:  # the Hugging Face export is written first and stays, whatever happens here
+            deployment = deploy_export(out_dir, StudySpec.model_validate(spec_json), record, quantize, log)
+            (out_dir / "README.md").write_text(model_card(**card_args, deployment=deployment), encoding="utf-8")
+        _record_export(optuna_study, {"trial_number": best.number, "seed": int(record["seed"]),
+                                      "out_dir": str(out_dir.resolve()), "exported_at": utcnow().isoformat(),
+                                      "deployment": deployment})
+        return ExportResult(out_dir, best.number, record["metric"], float(record["score"]), record["metrics"], spread,
+                            deployment)
     finally:
         db.dispose()
         storage.engine.dispose()

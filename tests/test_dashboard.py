@@ -69,6 +69,9 @@ def test_study_page_is_live(browser, live_stack: Stack, tiny_assets, tmp_path: P
     for chart in CHARTS:
         page.wait_for_selector(f"#{chart} svg.main-svg", timeout=30_000)
     assert "export-best live" in page.locator("#best").inner_text()
+    # The study's metric names the table column and the best-trial card; the teacher's score is on the page.
+    assert page.inner_text("#metric-header") == "accuracy" and "accuracy" in page.inner_text("#best .big")
+    assert "teacher accuracy 0.9000" in page.inner_text("#counts")
 
     # Sorting happens on the server: clicking Accuracy orders rows by value.
     page.click("#trials th[data-sort='value']")

@@ -68,6 +68,39 @@ class SeedSpreadOut(BaseModel):
     best_seed: int
 
 
+class VariantOut(BaseModel):
+    """One exported form of the student, re-scored on the eval split and timed on the CPU."""
+
+    file: str
+    metrics: dict[str, float]
+    ms_batch1: float  # per sequence
+    ms_batch32: float
+
+
+class DeploymentOut(BaseModel):
+    """``export-best --onnx``: PyTorch fp32, ONNX fp32 and (``--quantize int8``) ONNX int8, and the teacher."""
+
+    metric: str
+    eval_rows: int
+    threads: int
+    machine: str
+    latency_rows: dict[str, int]
+    tolerance: dict[str, float]  # ONNX fp32 logits vs PyTorch's: numpy.allclose(atol, rtol)
+    max_abs_logit_diff: float
+    variants: dict[str, VariantOut]  # pytorch_fp32, onnx_fp32, onnx_int8
+    teacher: dict[str, float] | None  # ms_batch1, ms_batch32 of the teacher in PyTorch
+    int8_drop_points: float | None = None
+    int8_flagged: bool | None = None  # int8 more than 1 point (metric x 100) below fp32
+
+
+class ExportOut(BaseModel):
+    trial_number: int
+    seed: int
+    out_dir: str
+    exported_at: datetime
+    deployment: DeploymentOut | None
+
+
 class StudyDetailOut(StudyOut):
     spec: dict[str, Any]
     best_trial: BestTrial | None
@@ -76,6 +109,7 @@ class StudyDetailOut(StudyOut):
     teacher_metric: float | None  # the teacher on the study's metric: the reference line on the charts
     notes: list[str] = []  # what the spec asked that the task ignores, and why
     seed_retrain: SeedSpreadOut | None = None
+    exports: list[ExportOut] = []  # export-best runs, latest per (trial, seed), with their ONNX deployment
 
 
 class EpochOut(BaseModel):

@@ -18,6 +18,7 @@ from service.api.schemas import (
     BestTrial,
     EpochOut,
     ErrorOut,
+    ExportOut,
     Importances,
     SeedSpreadOut,
     StudyDetailOut,
@@ -191,7 +192,7 @@ def _notes(task: TaskInfo | None) -> list[str]:
 
 def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[no-untyped-def]
     summary = _summaries(session, [row])[0]
-    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy"])[row.name]
+    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "exports"])[row.name]
     task = TaskInfo.from_json(attrs["task"]) if "task" in attrs else None
     best_trial = None
     if summary.best_value is not None:
@@ -211,7 +212,8 @@ def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[
     return StudyDetailOut(
         **summary.model_dump(), spec=row.spec, best_trial=best_trial,
         task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
-        teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain)
+        teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
+        exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])])
 
 
 @router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)
