@@ -12,6 +12,7 @@ from distill.data import (
     tokenize,
 )
 from distill.engine import (
+    STUDY_FAULTS,
     TRIAL_RECORD,
     DistillationEngine,
     PreparedStudy,
@@ -31,6 +32,7 @@ from distill.transfer import TransferSet, build_or_load_transfer_set, transfer_k
 
 __all__ = [
     "NO_LABEL",
+    "STUDY_FAULTS",
     "TRIAL_RECORD",
     "Augmenter",
     "DataError",

@@ -1,9 +1,11 @@
 """The trial engine contract a worker runs, and kdsearch's distillation engine.
 
 Contract for a ``TrialEngine``:
-- ``prepare(spec)`` is called before the first trial of a study in a process, and may be called again for each
-  trial (cache what is costly). Any exception it raises is a study-level failure: the study is marked ``failed``
-  with the message, and the worker goes on with other studies.
+- ``prepare(spec, progress)`` is called before the first trial of a study in a process, and may be called again for
+  each trial (cache what is costly); it calls ``progress(stage, done, total)`` (``distill.progress``) while it
+  builds something long. A ``DataError`` (or another ``STUDY_FAULTS`` error: the data's or the spec's fault) fails
+  the study with the message; any other exception (out of memory, network, disk, database) fails only this
+  attempt, and the study is prepared again later, on any worker, up to ``KDSEARCH_MAX_PREPARE_ATTEMPTS`` times.
 - ``task(prepared)`` is the study's task (classification or regression, its labels) and the metric it maximises;
   the worker leaves the task's ignored parameters (temperature for regression) out of the search.
 - ``run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)`` trains one configuration. It calls
@@ -24,15 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
+from distill.progress import Progress
 from distill.student import build_student
 from distill.teacher import TeacherCache, build_or_load_cache
 from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
 from distill.transfer import build_or_load_transfer_set
-from search_space import MetricMismatch, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
+from search_space import MetricMismatch, SpecError, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
 from storage import ArtifactLayout
+
+# Errors that are the data's or the spec's fault: retrying cannot help, so they fail the study at once.
+STUDY_FAULTS: tuple[type[BaseException], ...] = (DataError, SpecError, MetricMismatch, ValidationError)
 
 
 @dataclasses.dataclass
@@ -50,7 +57,7 @@ class TrialOutcome:
 
 class TrialEngine(ABC):
     @abstractmethod
-    def prepare(self, spec: StudySpec) -> Any: ...
+    def prepare(self, spec: StudySpec, progress: Progress | None = None) -> Any: ...
 
     @abstractmethod
     def task(self, prepared: Any) -> TaskInfo: ...
@@ -92,7 +99,7 @@ class DistillationEngine(TrialEngine):
         self.log = log
         self._prepared: tuple[str, PreparedStudy] | None = None  # last study, reused across its trials
 
-    def prepare(self, spec: StudySpec) -> PreparedStudy:
+    def prepare(self, spec: StudySpec, progress: Progress | None = None) -> PreparedStudy:
         from transformers import AutoModelForSequenceClassification
 
         fingerprint = spec.model_dump_json()
@@ -111,8 +118,8 @@ class DistillationEngine(TrialEngine):
         if spec.dataset.text_pair_column is not None and not _encodes_pairs(tokenizer):
             raise DataError(f"the teacher's tokenizer ({type(tokenizer).__name__}) has no pair encoding, so "
                             "dataset.text_pair_column cannot be used with it")
-        cache = build_or_load_cache(self.layout, spec, task, self.device, log=self.log)
-        transfer = build_or_load_transfer_set(self.layout, spec, task, self.device, log=self.log)
+        cache = build_or_load_cache(self.layout, spec, task, self.device, log=self.log, progress=progress)
+        transfer = build_or_load_transfer_set(self.layout, spec, task, self.device, log=self.log, progress=progress)
         train, train_logits = cache.train, cache.train_logits
         if transfer is not None:  # one epoch = every train row and every teacher-labelled variant, shuffled together
             train = concat_splits(train, transfer.split)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ from distill.cache import CACHE_FORMAT, Entry, build_once, split_from_tensors, s
 from distill.data import TextSplit, TokenizedSplit, load_split, subsample, tokenize
 from distill.metrics import compute_metrics
 from distill.models import fingerprint, load_teacher
-from distill.train import predict
+from distill.progress import TEACHER_STAGE, Progress
+from distill.train import RowsDone, predict
 from search_space import StudySpec, TaskInfo
 from storage import ArtifactLayout
 
@@ -38,10 +40,11 @@ def cache_key(spec: StudySpec, task: TaskInfo) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def predict_logits(model, split: TokenizedSplit, batch_size: int, device: torch.device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def predict_logits(model: Any, split: TokenizedSplit, batch_size: int, device: torch.device,
+                   on_rows: RowsDone | None = None) -> torch.Tensor:
     """The teacher's outputs for every row, in row order, on the CPU."""
     model.eval().to(device)
-    return predict(model, split, batch_size, out_device="cpu")
+    return predict(model, split, batch_size, out_device="cpu", on_rows=on_rows)
 
 
 @dataclasses.dataclass
@@ -66,7 +69,9 @@ def load_train_texts(spec: StudySpec, task: TaskInfo) -> TextSplit:
 
 
 def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, task: TaskInfo, device: torch.device,
-                        batch_size: int = 128, log=print) -> TeacherCache:  # type: ignore[no-untyped-def]
+                        batch_size: int = 128, log: Callable[[str], None] = print,
+                        progress: Progress | None = None) -> TeacherCache:
+    """The study's teacher-logit cache entry, built once (``progress`` hears of every batch the teacher labels)."""
     key = cache_key(spec, task)
 
     def build() -> Entry:
@@ -79,7 +84,13 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, task: TaskInfo,
                     else load_split(spec.dataset, spec.dataset.eval_split, task))
             splits[name] = tokenize(tokenizer, text, spec.dataset.max_seq_length)
         # The costly part: one teacher forward over every train and eval row, done once for all trials.
-        logits = {name: predict_logits(model, split, batch_size, device) for name, split in splits.items()}
+        total = sum(len(split) for split in splits.values())
+        logits, offset = {}, 0
+        for name, split in splits.items():
+            on_rows = None if progress is None else (
+                lambda done, offset=offset: progress(TEACHER_STAGE, offset + done, total))
+            logits[name] = predict_logits(model, split, batch_size, device, on_rows)
+            offset += len(split)
         teacher_metrics = compute_metrics(task, logits["eval"].numpy(), splits["eval"].labels.numpy())
         meta = {
             "format": CACHE_FORMAT,

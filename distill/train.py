@@ -79,18 +79,26 @@ class TrainResult:
 EpochCallback = Callable[[EpochResult], str | None]
 
 
+# Told after each batch of a long inference how many rows are done (progress of a teacher-logit build).
+RowsDone = Callable[[int], None]
+
+
 @torch.inference_mode()
 def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
-            out_device: torch.device | str | None = None) -> torch.Tensor:
+            out_device: torch.device | str | None = None, on_rows: RowsDone | None = None) -> torch.Tensor:
     """The model's outputs ([N, num_labels], float32) for every row, in row order, on ``out_device`` (default:
     the split's device). Batches are sorted by length so little is padded."""
     model.eval()
     device = next(model.parameters()).device
     out_device = split.input_ids.device if out_device is None else out_device
     out = torch.empty(len(split), model.config.num_labels, dtype=torch.float32, device=out_device)
+    done = 0
     for idx in length_bucketed_batches(split.lengths, batch_size):
         inputs = {k: v.to(device, non_blocking=True) for k, v in split.batch(idx.to(split.lengths.device)).items()}
         out[idx.to(out_device)] = model(**inputs).logits.float().to(out_device)
+        done += len(idx)
+        if on_rows is not None:
+            on_rows(done)
     return out
 
 

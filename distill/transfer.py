@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from distill.augment import Augmenter
 from distill.cache import CACHE_FORMAT, Entry, build_once, split_from_tensors, split_tensors
 from distill.data import DataError, TextSplit, TokenizedSplit, tokenize, unlabelled_like
 from distill.models import load_teacher
+from distill.progress import TRANSFER_STAGE, Progress
 from distill.teacher import cache_key, load_train_texts, predict_logits
 from search_space import StudySpec, TaskInfo
 from storage import ArtifactLayout
@@ -39,7 +41,8 @@ def transfer_key(spec: StudySpec, task: TaskInfo) -> str:
 
 
 def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, task: TaskInfo, device: torch.device,
-                               batch_size: int = 128, log=print) -> TransferSet | None:  # type: ignore[no-untyped-def]
+                               batch_size: int = 128, log: Callable[[str], None] = print,
+                               progress: Progress | None = None) -> TransferSet | None:
     """The study's augmented transfer set (None when ``augment.copies`` is 0)."""
     if spec.augment.copies == 0:
         return None
@@ -61,7 +64,8 @@ def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, task: Ta
         split = tokenize(tokenizer, text, spec.dataset.max_seq_length)
         augmented_s = time.perf_counter() - started
         # The costly part: the teacher labels every variant, once for all trials and workers.
-        logits = predict_logits(model, split, batch_size, device)
+        on_rows = None if progress is None else (lambda done: progress(TRANSFER_STAGE, done, len(split)))
+        logits = predict_logits(model, split, batch_size, device, on_rows)
         meta = {
             "format": CACHE_FORMAT,
             "augment": spec.augment.model_dump(),

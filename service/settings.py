@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a busy worker's heartbeats.")
     grace_period: float = Field(60.0, gt=0, description="A claimed trial whose heartbeat is older is stale.")
     max_trial_attempts: int = Field(3, ge=1, description="Runs of one trial slot before it counts as failed.")
+    max_prepare_attempts: int = Field(5, ge=1, description="Consecutive failed preparations (not the data's fault: "
+                                                           "out of memory, network, disk) before a study fails.")
+    prepare_retry_delay: float = Field(10.0, gt=0, description="Seconds before a failed preparation is tried again; "
+                                                               "doubles with each consecutive failure, up to 300.")
+    progress_interval: float = Field(15.0, ge=0, description="Seconds between a preparing worker's progress writes.")
     engine: str | None = Field(None, description="Trial engine as module:Class; default the distillation engine.")
 
     # Database connections (per process)

@@ -30,8 +30,9 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
-from distill import EpochResult, TrialEngine, TrialOutcome, load_engine
+from distill import STUDY_FAULTS, EpochResult, TrialEngine, TrialOutcome, load_engine
 from search_space import StudySpec, TaskInfo, make_pruner, make_sampler, optuna_distributions, trial_params
+from service.progress import PreparationReporter
 from service.settings import Settings
 from storage import (
     ArtifactLayout,
@@ -46,8 +47,11 @@ from storage import (
     make_engine,
     make_optuna_storage,
     optuna_study_exists,
+    preparation_failed,
+    preparation_succeeded,
     reap_stale_slots,
     record_slot_trial,
+    release_slot,
     retry_operational,
     settle_expired_studies,
     study_should_stop,
@@ -182,7 +186,7 @@ class Worker:
             log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
                      outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc)
             if not isinstance(exc, InterruptedError):
                 log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
                 log.debug("%s", traceback.format_exc())
@@ -208,12 +212,20 @@ class Worker:
                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
 
     def _prepare(self, claim: Claim, spec: StudySpec, study: optuna.Study) -> Any | None:
-        """The engine's prepared study (data, teacher cache, task), or None after failing the study: a study that
-        cannot run fails with the reason, and the worker goes on with other studies."""
+        """The engine's prepared study (data, teacher cache, task), or None when it could not be prepared.
+
+        Errors are sorted by whose fault they are: the data's or the spec's (``STUDY_FAULTS``) fail the study with
+        the reason; anything else (out of memory, network, disk, database) gives the slot back untried and holds
+        the study back with exponential backoff, so any worker tries again; ``max_prepare_attempts`` consecutive
+        failures fail the study with the last reason and the count.
+        """
+        reporter = PreparationReporter(self.db, claim.study_id, claim.study_name, self.worker_id,
+                                       interval_s=self.settings.progress_interval, tty=sys.stderr.isatty())
+        started = time.monotonic()
         try:
-            prepared = self.engine.prepare(spec)
+            prepared = self.engine.prepare(spec, progress=reporter)
             task = self.engine.task(prepared)
-        except Exception as exc:  # noqa: BLE001 - any setup error fails the study, not the worker
+        except STUDY_FAULTS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("study %s failed during setup: %s", claim.study_name, reason)
             log.debug("%s", traceback.format_exc())
@@ -221,6 +233,13 @@ class Worker:
             finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=reason,
                         max_attempts=0)
             return None
+        except Exception as exc:  # noqa: BLE001 - nobody's data error: retried, never a lost study
+            self._preparation_failed(claim, exc)
+            return None
+        finally:
+            reporter.close()
+        retry_operational(lambda: preparation_succeeded(
+            self.db, claim.study_id, round(time.monotonic() - started, 2) if reporter.built else None))
         # What the dashboard, the API and the model card read: the task and the teacher's reference scores.
         if "task" not in study.user_attrs:
             study.set_user_attr("task", task.to_json())
@@ -228,6 +247,23 @@ class Worker:
         if teacher_metrics is not None and "teacher_metrics" not in study.user_attrs:
             study.set_user_attr("teacher_metrics", teacher_metrics)
         return prepared
+
+    def _preparation_failed(self, claim: Claim, exc: Exception) -> None:
+        reason = describe_error(exc)
+        log.debug("%s", traceback.format_exc())
+        attempts = retry_operational(lambda: preparation_failed(
+            self.db, claim.study_id, reason, retry_delay_s=self.settings.prepare_retry_delay))
+        if attempts >= self.settings.max_prepare_attempts:
+            final = f"{reason} (preparation failed {attempts} times in a row)"
+            log.error("study %s failed: %s", claim.study_name, final)
+            fail_study(self.db, claim.study_id, final)
+            finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=final,
+                        max_attempts=0)
+            return
+        delay = min(self.settings.prepare_retry_delay * 2 ** (attempts - 1), 300.0)
+        log.warning("study %s: preparation failed (%s), attempt %d of %d; any worker retries in %.0f s",
+                    claim.study_name, reason, attempts, self.settings.max_prepare_attempts, delay)
+        release_slot(self.db, claim.slot_id, self.worker_id)
 
     def _ask(self, claim: Claim, spec: StudySpec, study: optuna.Study,
              task: TaskInfo) -> tuple[optuna.Trial, dict[str, Any]]:
@@ -312,6 +348,18 @@ class Worker:
                     return
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A failure's reason as the API shows it; ``out of memory`` for any out-of-memory error (CUDA's included), whose
+    cached blocks are released so the retry starts clean."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower():
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return "out of memory"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def visible_gpus(gpus: str) -> list[str]:

@@ -2,13 +2,32 @@
 
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
 from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
-from storage._models import Base, SeedRunRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._models import (
+    Base,
+    PreparationRow,
+    SeedRunRow,
+    SlotState,
+    StudyRow,
+    StudyStatus,
+    TrialSlotRow,
+    WorkerRow,
+    utcnow,
+)
 from storage._optuna import (
     ensure_optuna_study,
     make_optuna_storage,
     optuna_study_exists,
     study_user_attrs,
     trial_summaries,
+)
+from storage._preparation import (
+    Preparing,
+    preparation_failed,
+    preparation_succeeded,
+    preparations,
+    preparing,
+    release_slot,
+    report_progress,
 )
 from storage._queue import (
     Claim,
@@ -41,6 +60,8 @@ __all__ = [
     "AtomicFileSystemArtifactStore",
     "Base",
     "Claim",
+    "PreparationRow",
+    "Preparing",
     "SeedRunRow",
     "SeedSpread",
     "SlotState",
@@ -66,9 +87,15 @@ __all__ = [
     "make_optuna_storage",
     "optuna_study_exists",
     "pack_directory",
+    "preparation_failed",
+    "preparation_succeeded",
+    "preparations",
+    "preparing",
     "reap_stale_slots",
     "record_seed_run",
     "record_slot_trial",
+    "release_slot",
+    "report_progress",
     "retry_operational",
     "seed_runs",
     "session_scope",

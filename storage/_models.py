@@ -130,3 +130,28 @@ class SeedRunRow(Base):
     best_epoch: Mapped[int] = mapped_column(Integer)
     checkpoint_artifact_id: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PreparationRow(Base):
+    """A study's preparation (teacher-logit cache, transfer set): live progress and consecutive failures.
+
+    Progress (``stage``, ``done`` of ``total`` rows, ``rate``) is written by the preparing worker a few times a
+    minute; ``stage`` is None when no preparation is under way. A preparation that fails for a reason that is not the
+    data's or the spec's (out of memory, network, disk, database) counts in ``attempts`` and holds the study's slots
+    back until ``retry_at``; a success resets both.
+    """
+
+    __tablename__ = "kd_preparations"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("kd_studies.id", ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    rate: Mapped[float | None] = mapped_column(default=None)  # rows per second so far
+    worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    build_seconds: Mapped[float | None] = mapped_column(default=None)  # the last build this study's workers ran
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # consecutive failed preparations
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage._db import session_scope
-from storage._models import SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._models import PreparationRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
 
 
 class StudyExistsError(ValueError):
@@ -71,10 +71,13 @@ def claim_slot(engine: Engine, worker_id: str, now: datetime | None = None) -> C
     next_slot = (
         select(TrialSlotRow.id)
         .join(StudyRow, StudyRow.id == TrialSlotRow.study_id)
+        .outerjoin(PreparationRow, PreparationRow.study_id == StudyRow.id)
         .where(
             TrialSlotRow.state == SlotState.PENDING,
             StudyRow.status.in_(StudyStatus.ACTIVE),
             or_(StudyRow.deadline_at.is_(None), StudyRow.deadline_at > now),
+            # A study whose preparation just failed (not the data's fault) waits out its backoff.
+            or_(PreparationRow.retry_at.is_(None), PreparationRow.retry_at <= now),
         )
         .order_by(StudyRow.priority.desc(), StudyRow.id, TrialSlotRow.slot_no)
         .limit(1)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.engine import TRIAL_RECORD, TrialEngine, TrialOutcome
+from distill.progress import Progress
 from distill.train import EpochCallback, EpochResult
 from search_space import StudySpec, TaskInfo
 
@@ -22,7 +23,7 @@ class SleepEngine(TrialEngine):
     def __init__(self, artifacts: Any = None, device: str = "cpu", **_: Any) -> None:
         self.epoch_s = float(os.environ.get("KDSEARCH_TEST_EPOCH_S", "0.05"))
 
-    def prepare(self, spec: StudySpec) -> StudySpec:
+    def prepare(self, spec: StudySpec, progress: Progress | None = None) -> StudySpec:
         return spec
 
     def task(self, prepared: StudySpec) -> TaskInfo:

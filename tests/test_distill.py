@@ -145,3 +145,16 @@ def test_bad_student_fails_at_prepare(tiny_assets, tmp_path: Path) -> None:  # t
     spec = StudySpec.model_validate(tiny_spec(tiny_assets, student={"model": str(tiny_assets["other_vocab_student"])}))
     with pytest.raises(DataError, match="tokenizers differ"):
         DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
+
+
+def test_engine_reports_preparation_progress(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = StudySpec.model_validate(tiny_spec(tiny_assets, augment={"copies": 2}))
+    calls: list[tuple[str, int, int]] = []
+    DistillationEngine(tmp_path / "art", device="cpu").prepare(spec, progress=lambda *a: calls.append(a))
+    teacher = [c for c in calls if c[0] == "teacher_logits"]
+    transfer = [c for c in calls if c[0] == "transfer_set"]
+    assert teacher[-1] == ("teacher_logits", 160 + 48, 160 + 48) and transfer[-1] == ("transfer_set", 320, 320)
+    assert [c[1] for c in teacher] == sorted(c[1] for c in teacher) and len(teacher) > 2
+    again: list[tuple[str, int, int]] = []
+    DistillationEngine(tmp_path / "art", device="cpu").prepare(spec, progress=lambda *a: again.append(a))
+    assert again == []  # loaded from the cache: nothing to report

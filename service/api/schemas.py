@@ -39,6 +39,26 @@ class TaskOut(BaseModel):
     ignored_params: list[str]  # search-space parameters that mean nothing for the task (not sampled)
 
 
+class PreparingOut(BaseModel):
+    """A preparation under way: the teacher labelling rows (``teacher_logits``) or the transfer set
+    (``transfer_set``)."""
+
+    stage: str
+    done: int
+    total: int
+    rate: float | None  # rows per second so far
+    eta_s: float | None
+    updated_at: datetime
+
+
+class PrepareRetryOut(BaseModel):
+    """Consecutive failed preparations that were nobody's data error; the study is retried, not failed."""
+
+    attempts: int
+    last_error: str | None
+    retry_at: datetime | None
+
+
 class StudyOut(BaseModel):
     id: int
     name: str
@@ -54,6 +74,10 @@ class StudyOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    elapsed_s: float | None = None  # since the first claim
+    eta_s: float | None = None  # to the last trial, from the pace so far (computed here, not by clients)
+    preparing: PreparingOut | None = None
+    prepare_retry: PrepareRetryOut | None = None
 
 
 class SeedSpreadOut(BaseModel):

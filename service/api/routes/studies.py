@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -20,6 +21,8 @@ from service.api.schemas import (
     ErrorOut,
     ExportOut,
     Importances,
+    PrepareRetryOut,
+    PreparingOut,
     SeedSpreadOut,
     StudyDetailOut,
     StudyOut,
@@ -35,6 +38,7 @@ from storage import (
     SlotState,
     StudyExistsError,
     StudyRow,
+    StudyStatus,
     cancel_study,
     count_seed_runs,
     create_study,
@@ -42,6 +46,8 @@ from storage import (
     get_study,
     latest_seed_spread,
     optuna_study_exists,
+    preparations,
+    preparing,
     slot_counts,
     study_user_attrs,
     trial_summaries,
@@ -85,6 +91,8 @@ def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore
     optuna_side = trial_summaries(session, [r.name for r in rows])
     slots = slot_counts(session, [r.id for r in rows])
     attrs = study_user_attrs(session, [r.name for r in rows], ["task"])
+    preps = preparations(session, [r.id for r in rows])
+    now = utcnow()
     out = []
     for row in rows:
         states, best = optuna_side[row.name]
@@ -96,12 +104,25 @@ def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore
             waiting=slots[row.id].get(SlotState.PENDING, 0) + states.get("WAITING", 0),
             failed=states.get("FAIL", 0),
         )
+        finished = counts.complete + counts.pruned
+        elapsed = eta = None
+        if row.started_at is not None:
+            elapsed = ((row.finished_at or now) - row.started_at).total_seconds()
+            if finished and row.status in StudyStatus.ACTIVE:
+                eta = elapsed / finished * (row.n_trials - finished)
+        prep = preps.get(row.id)
+        under_way = preparing(prep, now) if row.status in StudyStatus.ACTIVE else None
+        retry = None
+        if prep is not None and prep.attempts and row.status in StudyStatus.ACTIVE:
+            retry = PrepareRetryOut(attempts=prep.attempts, last_error=prep.last_error, retry_at=prep.retry_at)
         out.append(StudyOut(
             id=row.id, name=row.name, status=row.status, priority=row.priority, n_trials=row.n_trials,
-            metric=_study_metric(row, attrs[row.name]), counts=counts, finished=counts.complete + counts.pruned,
+            metric=_study_metric(row, attrs[row.name]), counts=counts, finished=finished,
             best_value=best, error=row.error,
             created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
-            finished_at=row.finished_at,
+            finished_at=row.finished_at, elapsed_s=elapsed, eta_s=eta,
+            preparing=None if under_way is None else PreparingOut(**dataclasses.asdict(under_way)),
+            prepare_retry=retry,
         ))
     return out
 
@@ -225,7 +246,7 @@ def read_study(id_or_name: str, session: SessionDep, optuna_storage: OptunaStora
 def list_trials(id_or_name: str, session: SessionDep, optuna_storage: OptunaStorageDep,
                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                sort: Annotated[Literal["number", "value", "state", "started"], Query()] = "number",
+                sort: Annotated[Literal["number", "value", "state", "started", "duration"], Query()] = "number",
                 order: Annotated[Literal["asc", "desc"], Query()] = "asc",
                 state: Annotated[Literal["COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL"] | None, Query()] = None,
                 since: Annotated[datetime | None, Query(description="only trials started, finished or running "
@@ -253,21 +274,17 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
     row = _load(session, id_or_name)
     study_id = optuna_study_id(session, row.name)
     fingerprint = study_fingerprint(session, study_id) if study_id is not None else "none"
-    etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}.{count_seed_runs(session, row.id)}"'
+    prep = preparations(session, [row.id]).get(row.id)
+    prep_mark = f"{prep.updated_at.timestamp() if prep.updated_at else 0}.{prep.attempts}" if prep else "-"
+    etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}.{count_seed_runs(session, row.id)}.{prep_mark}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     response.headers["ETag"] = etag
     detail = _detail(session, optuna_storage, row)
     points = trial_points(session, study_id) if study_id is not None else []
     curves = learning_curves(session, study_id) if study_id is not None else {}
-    elapsed = eta = None
-    if row.started_at is not None:
-        end = row.finished_at or utcnow()
-        elapsed = (end - row.started_at).total_seconds()
-        if detail.finished and row.status in ("queued", "running"):
-            eta = elapsed / detail.finished * (row.n_trials - detail.finished)
     return StudySummary(study=detail, points=[TrialPoint(**p) for p in points], curves=curves,
-                        elapsed_s=elapsed, eta_s=eta)
+                        elapsed_s=detail.elapsed_s, eta_s=detail.eta_s)
 
 
 @router.get("/{id_or_name}/importances", response_model=Importances, responses=NOT_FOUND)

@@ -32,7 +32,14 @@ const kd = (() => {
     etags[url] = r.headers.get("ETag");
     return r.json();
   }
-  const loop = (fn, ms = REFRESH_MS) => { const tick = async () => { let again = true; try { again = await fn(); } catch (e) { console.warn(e); } setTimeout(tick, again === false ? 5 * ms : ms); }; tick(); };
+  // A failed refresh says so on the page (the API down, a 5xx, a lost token), and the banner goes once one works.
+  const showError = (message) => { const el = document.getElementById("fetch-error"); if (!el) return; el.hidden = !message; el.textContent = message ? `could not refresh: ${message}` : ""; };
+  const loop = (fn, ms = REFRESH_MS) => { const tick = async () => { let again = true; try { again = await fn(); showError(""); } catch (e) { console.warn(e); showError(e.message || String(e)); } setTimeout(tick, again === false ? 5 * ms : ms); }; tick(); };
+  // A preparation under way (the teacher labelling rows, the transfer set): a bar, rows, rate and the server's ETA.
+  const prepBar = (p) => `<span class="progress preparing"><div style="width:${p.total ? Math.round((100 * p.done) / p.total) : 0}%"></div></span>`;
+  const prepText = (p) => `preparing ${esc(p.stage.replace("_", " "))}: ${p.done.toLocaleString()} / ${p.total.toLocaleString()} rows` +
+    (p.rate ? `, ${Math.round(p.rate).toLocaleString()} rows/s` : "") + (p.eta_s !== null && p.eta_s !== undefined ? `, ETA ${dur(p.eta_s)}` : "");
+  const retryText = (r) => `preparation failed ${r.attempts} time${r.attempts > 1 ? "s" : ""} (${esc(r.last_error || "?")}); retrying${r.retry_at ? ` after ${new Date(r.retry_at).toLocaleTimeString()}` : ""}`;
 
   async function cancel(name) {
     if (!window.confirm(`Cancel study ${name}? Running trials stop at their next epoch.`)) return;
@@ -62,14 +69,15 @@ const kd = (() => {
     document.querySelector("#studies tbody").addEventListener("click", (e) => { if (e.target.dataset.cancel) cancel(e.target.dataset.cancel); });
     loop(async () => {
       const studies = await json("/api/studies");
-      const now = Date.now();
       document.querySelector("#studies tbody").innerHTML = studies.map((s) => {
         const pct = Math.round((100 * s.finished) / s.n_trials);
-        const elapsed = s.started_at ? ((s.finished_at ? Date.parse(s.finished_at) : now) - Date.parse(s.started_at)) / 1000 : null;
-        const eta = active(s.status) && s.finished && elapsed ? (elapsed / s.finished) * (s.n_trials - s.finished) : null;
+        const elapsed = s.elapsed_s;
+        const eta = s.preparing ? s.preparing.eta_s : s.eta_s;  // computed by the server, never here
+        const prep = s.preparing ? `<div class="small muted">${prepBar(s.preparing)} ${prepText(s.preparing)}</div>` :
+          s.prepare_retry ? `<div class="small error">${retryText(s.prepare_retry)}</div>` : "";
         return `<tr><td><a href="/studies/${encodeURIComponent(s.name)}">${esc(s.name)}</a></td>
           <td><span class="badge ${esc(s.status)}">${esc(s.status)}</span></td><td class="num">${s.priority}</td>
-          <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}</td>
+          <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}${prep}</td>
           <td class="num">${s.counts.complete}</td><td class="num">${s.counts.pruned}</td><td class="num">${s.counts.running}</td>
           <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}${s.metric ? ` <span class="muted">${esc(s.metric)}</span>` : ""}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
           <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : `<span class="error">${esc(s.error || "")}</span>`}</td></tr>`;
@@ -177,6 +185,8 @@ const kd = (() => {
       document.getElementById("counts").textContent = `complete ${c.complete} · pruned ${c.pruned} · running ${c.running} · waiting ${c.waiting} · failed ${c.failed}` +
         (study.teacher_metric !== null && study.teacher_metric !== undefined ? ` · teacher ${metric} ${fmt(study.teacher_metric)}` : "");
       document.getElementById("timing").textContent = `elapsed ${dur(summary.elapsed_s) || "-"}` + (summary.eta_s !== null ? ` · ETA ${dur(summary.eta_s)}` : "");
+      document.getElementById("preparing").innerHTML = study.preparing ? `${prepBar(study.preparing)} ${prepText(study.preparing)}` :
+        study.prepare_retry ? `<span class="error">${retryText(study.prepare_retry)}</span>` : "";
       document.getElementById("error").textContent = study.error || "";
       const b = study.best_trial;
       if (b) {

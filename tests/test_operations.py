@@ -1,0 +1,105 @@
+"""Operating kdsearch: preparation errors sorted by whose fault they are, out-of-memory trials, preparation progress,
+the review's fixes. Real API and worker processes (``tests.flaky_engine``), SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import tiny_spec
+from tests.procs import Stack
+
+FLAKY = {"KDSEARCH_ENGINE": "tests.flaky_engine:FlakyEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
+         "KDSEARCH_POLL_INTERVAL": "0.1", "KDSEARCH_PREPARE_RETRY_DELAY": "0.3", "KDSEARCH_MAX_PREPARE_ATTEMPTS": "3",
+         "KDSEARCH_PROGRESS_INTERVAL": "0", "KDSEARCH_TEST_PREP_STEPS": "20", "KDSEARCH_TEST_PREP_S": "0.25"}
+
+
+@pytest.fixture
+def stack(db_url: str, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(db_url, tmp_path, **FLAKY)
+    s.start_api()
+    yield s
+    s.stop()
+
+
+def _spec(assets, name: str, n_trials: int = 3) -> dict:  # type: ignore[no-untyped-def]
+    return tiny_spec(assets, name=name, n_trials=n_trials, search_space={"num_train_epochs": 2})
+
+
+def test_preparation_faults_by_whose_fault_they_are(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    for name in ("oserror-once-a", "data-b", "oserror-always-c", "oom-once-d"):
+        stack.submit(_spec(tiny_assets, name))
+    stack.start_worker()
+
+    hiccup = stack.wait_status("oserror-once-a")  # a disk or network hiccup: retried, the study completes
+    assert hiccup["status"] == "finished" and hiccup["finished"] == 3 and hiccup["counts"]["failed"] == 0
+    assert hiccup["prepare_retry"] is None and hiccup["error"] is None
+
+    data = stack.wait_status("data-b")  # the data's fault: failed at once, with the reason
+    assert data["status"] == "failed" and "DataError: column 'label' holds 'maybe'" in data["error"]
+    assert "times in a row" not in data["error"]
+
+    always = stack.wait_status("oserror-always-c")  # nobody's data error, but every time: failed with the count
+    assert always["status"] == "failed"
+    assert always["error"] == "OSError: No space left on device (preparation failed 3 times in a row)"
+    assert (Path(stack.env["KDSEARCH_ARTIFACTS"]) / "flaky-oserror-always-c").read_text() == "xxx"
+
+    oom = stack.wait_status("oom-once-d")  # a trial out of memory: that trial fails and is retried
+    assert oom["status"] == "finished" and oom["finished"] == 3 and oom["counts"]["failed"] == 1
+    failed = [t for t in stack.trials("oom-once-d") if t["state"] == "FAIL"]
+    assert len(failed) == 1 and failed[0]["fail_reason"] == "out of memory"
+    assert stack.workers[0].poll() is None, "the worker keeps running"
+    logs = stack.worker_logs()
+    assert "preparation failed (OSError: Connection reset by peer), attempt 1 of 3" in logs
+
+
+def test_a_retrying_study_shows_why(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack.env["KDSEARCH_PREPARE_RETRY_DELAY"] = "30"  # long enough to look at
+    stack.submit(_spec(tiny_assets, "oserror-once-e"))
+    stack.start_worker()
+    stack.wait_for(lambda: stack.study("oserror-once-e")["prepare_retry"] is not None, 60, "the retry to show")
+    study = stack.study("oserror-once-e")
+    assert study["status"] == "running" and study["prepare_retry"]["attempts"] == 1
+    assert study["prepare_retry"]["last_error"] == "OSError: Connection reset by peer"
+    assert study["counts"]["waiting"] == 3  # the slot went back untried: no trial attempt used
+
+
+def test_preparation_progress_is_visible(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack.submit(_spec(tiny_assets, "slow-f", n_trials=1))
+    stack.start_worker()
+    seen: list[dict] = []
+
+    def mid_way() -> bool:
+        study = stack.study("slow-f")
+        if study["preparing"] and 0 < study["preparing"]["done"] < study["preparing"]["total"]:
+            seen.append(study)
+        return len(seen) >= 2
+
+    stack.wait_for(mid_way, 60, "preparation progress")
+    listed = next(s for s in httpx.get(f"{stack.url}/api/studies").json() if s["name"] == "slow-f")
+    for prep in (seen[0]["preparing"], seen[-1]["preparing"]):
+        assert prep["stage"] == "teacher_logits" and prep["total"] == 2000
+        assert prep["rate"] > 0 and prep["eta_s"] is not None and prep["eta_s"] >= 0
+    assert seen[-1]["preparing"]["done"] > seen[0]["preparing"]["done"]
+    assert listed["preparing"] is None or listed["preparing"]["stage"] == "teacher_logits"
+    done = stack.wait_status("slow-f")
+    assert done["status"] == "finished" and done["preparing"] is None
+    # Plain lines about every 10% in a log that is not a terminal, never a mangled progress bar.
+    lines = re.findall(r"study slow-f: teacher_logits ([\d,]+) / 2,000 rows \((\d+)%\)", stack.worker_logs())
+    assert 8 <= len(lines) <= 12 and lines[-1] == ("2,000", "100")
+
+
+def test_trials_sort_by_duration(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack.submit(tiny_spec(tiny_assets, name="durations", n_trials=4,
+                           search_space={"num_train_epochs": {"low": 1, "high": 8}}))
+    stack.start_worker()
+    assert stack.wait_status("durations")["status"] == "finished"
+    for order in ("asc", "desc"):
+        trials = httpx.get(f"{stack.url}/api/studies/durations/trials",
+                           params={"sort": "duration", "order": order}).json()["trials"]
+        durations = [t["duration_s"] for t in trials]
+        assert durations == sorted(durations, reverse=order == "desc") and len(durations) == 4
