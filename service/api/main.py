@@ -23,6 +23,8 @@ def open_state(app: FastAPI, settings: Settings) -> None:
     app.state.db = make_engine(settings.database_url, **pool)
     init_db(app.state.db)
     app.state.optuna_storage = make_optuna_storage(settings.database_url, **pool)
+    # Launch validation reads teacher configs and tokenizers: import transformers now, not in the first request.
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
 
 def close_state(app: FastAPI) -> None:
