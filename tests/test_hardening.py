@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -126,7 +127,16 @@ def test_body_size_limit(tmp_path: Path, tiny_assets) -> None:  # type: ignore[n
         big = tiny_spec(tiny_assets, name="big")
         big["search_space"]["alpha"] = {"choices": [0.5] * 2000}
         assert c.post("/api/studies", json=big).status_code == 413
-        assert c.post("/api/studies", json=tiny_spec(tiny_assets)).status_code == 201
+        # Streamed (chunked, no Content-Length): still 413, and nothing of it stored.
+        body = json.dumps({**big, "name": "streamed"}).encode()
+        chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
+        streamed = c.post("/api/studies", content=chunks, headers={"Content-Type": "application/json"})
+        assert streamed.status_code == 413 and "over 4096 bytes" in streamed.json()["detail"]
+        assert c.get("/api/studies").json() == []
+        small = json.dumps(tiny_spec(tiny_assets)).encode()
+        ok = c.post("/api/studies", content=(small[i : i + 100] for i in range(0, len(small), 100)),
+                    headers={"Content-Type": "application/json"})
+        assert ok.status_code == 201, ok.text
 
 
 def test_export_refuses_to_overwrite_a_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the review's fixes. Real API and worker processes (``tests.flaky_engine``), SQLi
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,30 @@ def test_trials_sort_by_duration(stack: Stack, tiny_assets) -> None:  # type: ig
                            params={"sort": "duration", "order": order}).json()["trials"]
         durations = [t["duration_s"] for t in trials]
         assert durations == sorted(durations, reverse=order == "desc") and len(durations) == 4
+
+
+def test_a_slow_launch_does_not_stall_reads(sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    """One slow SQLite write (another process holds the write lock) must not stall every dashboard poll."""
+    import sqlite3
+    import threading
+
+    stack = Stack(sqlite_url, tmp_path)
+    try:
+        stack.start_api()
+        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")  # in WAL mode: writers wait, readers go on
+        launched: list[int] = []
+        thread = threading.Thread(target=lambda: launched.append(httpx.post(
+            f"{stack.url}/api/studies", json=tiny_spec(tiny_assets, name="slow-write"), timeout=60).status_code))
+        thread.start()
+        time.sleep(1.5)  # the launch is now waiting for the write lock
+        assert not launched
+        started = time.monotonic()
+        assert httpx.get(f"{stack.url}/api/studies", timeout=10).status_code == 200
+        assert httpx.get(f"{stack.url}/api/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 2.0
+        locker.execute("ROLLBACK")
+        thread.join(60)
+        assert launched == [201]
+    finally:
+        stack.stop()

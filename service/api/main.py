@@ -56,7 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class BodySizeLimit:
-    """413 for request bodies over the limit, whether declared (Content-Length) or streamed."""
+    """413 for request bodies over the limit, whether declared (Content-Length) or streamed (chunked).
+
+    A body is read in full, up to the limit, before the application sees any of it: an oversize one is refused
+    before a route runs, so nothing of it is ever stored. (Bodies are small JSON specs: buffering costs nothing.)
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -68,27 +72,31 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
+            await self._reject(scope, send)
             return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        messages: list[Message] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away; the application sees the disconnect
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
         response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
-        await response(scope, receive, send)
 
+        async def no_body() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
 
-class _TooLarge(Exception):
-    pass
+        await response(scope, no_body, send)

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 import optuna
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
@@ -172,14 +171,16 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
     409: {"model": ErrorOut, "description": "A study of that name exists"},
     413: {"model": ErrorOut, "description": "Request body too large"},
 })
-async def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
-                       settings: SettingsDep, _auth: TokenDep) -> StudyDetailOut:
+def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
+                 settings: SettingsDep, _auth: TokenDep) -> StudyDetailOut:
     """Queue a study. Local paths are checked and made absolute; a pretrained student's tokenizer is compared
-    with the teacher's (distillation needs identical token ids)."""
+    with the teacher's (distillation needs identical token ids).
+
+    A plain ``def``: FastAPI runs it in its thread pool, so loading tokenizers or waiting on a slow database write
+    never stalls the event loop (every dashboard poll)."""
     try:
         check_limits(spec, settings)
-        # Loads tokenizers and the teacher's config: keep it off the event loop.
-        spec, task = await run_in_threadpool(validate_spec, spec, settings.allowed_roots)
+        spec, task = validate_spec(spec, settings.allowed_roots)
     except SpecError as exc:
         raise spec_error(exc) from exc
     if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):
