@@ -191,7 +191,7 @@ class DatasetSpec(_Strict):
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     eval_split: str = Field("validation", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     max_train_samples: int | None = Field(None, ge=1)
-    max_seq_length: int = Field(128, ge=8, le=512)
+    max_seq_length: int = Field(128, ge=8)  # capped by KDSEARCH_MAX_SEQ_LENGTH
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -214,7 +214,7 @@ class AugmentSpec(_Strict):
     no gold label: the teacher's logits are their only target. ``copies`` 0 turns augmentation off.
     """
 
-    copies: int = Field(0, ge=0, le=100)
+    copies: int = Field(0, ge=0)  # capped by KDSEARCH_MAX_AUGMENT_COPIES
     p_mask: float = Field(0.1, ge=0, le=1)
     p_replace: float = Field(0.1, ge=0, le=1)
     p_ngram: float = Field(0.25, ge=0, le=1)
@@ -239,7 +239,7 @@ class StudySpec(_Strict):
     search_space: SearchSpace = SearchSpace()
     # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
     metric: MetricName | None = None
-    n_trials: int = Field(20, ge=1, le=10000)
+    n_trials: int = Field(20, ge=1)  # capped by KDSEARCH_MAX_N_TRIALS
     timeout_s: float | None = Field(None, gt=0)
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"

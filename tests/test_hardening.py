@@ -120,6 +120,12 @@ def test_caps_from_settings(tmp_path: Path, tiny_assets) -> None:  # type: ignor
                                                                 "max_seq_length": 128}))
         assert "search_space.batch_size" in fields(post(search_space={"batch_size": {"choices": [64, 512]}}))
         assert post(n_trials=50, timeout_s=3600).status_code == 201
+    # Each cap is defined once, in the settings: raising one there is all it takes.
+    (tmp_path / "more").mkdir()
+    with client_for(tmp_path / "more", max_n_trials=20_000, max_augment_copies=200) as c:
+        post = lambda **kw: c.post("/api/studies", json=tiny_spec(tiny_assets, **kw))  # noqa: E731
+        assert post(name="many", n_trials=20_000, augment={"copies": 150}).status_code == 201
+        assert "augment.copies" in fields(post(name="more", augment={"copies": 201}))
 
 
 def test_body_size_limit(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
