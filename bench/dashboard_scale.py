@@ -91,6 +91,7 @@ def time_calls(client, name: str, reps: int = 5) -> dict[str, float]:  # type: i
         f"GET /api/studies/{name}/summary": f"/api/studies/{name}/summary",
         f"GET /api/studies/{name}/trials?limit=50&sort=value&order=desc":
             f"/api/studies/{name}/trials?limit=50&sort=value&order=desc",
+        "GET /metrics (Prometheus scrape)": "/metrics",
     }
     timings = {}
     for label, url in calls.items():

@@ -55,6 +55,7 @@ from storage import (
     retry_operational,
     settle_expired_studies,
     study_should_stop,
+    touch_worker,
     upsert_worker,
 )
 
@@ -167,19 +168,32 @@ class Worker:
     def run_claim(self, claim: Claim) -> None:
         """Run one claimed slot: prepare the study, ask Optuna for a trial, train it with a heartbeat, store the
         checkpoint, tell Optuna, release the slot."""
+        # The slot's heartbeat starts with the claim: a preparation (the teacher labelling a 20-copy transfer set)
+        # can take far longer than the grace period, and must not look like a dead worker.
+        lost = threading.Event()
+        beating = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(claim, lost, beating), daemon=True)
+        heart.start()
+        try:
+            self._status("busy", claim.study_id)
+            self._run_slot(claim, lost)
+        finally:
+            beating.set()
+            heart.join()
+        self._status("idle")
+
+    def _run_slot(self, claim: Claim, lost: threading.Event) -> None:
         spec = StudySpec.model_validate(claim.spec)
         study = self._load_study(claim, spec)
         prepared = self._prepare(claim, spec, study)
         if prepared is None:
             return
+        if lost.is_set():
+            log.warning("slot %d was taken over while the study was prepared; leaving it", claim.slot_id)
+            return
         task = self.engine.task(prepared)
         trial, params = self._ask(claim, spec, study, task)
         self._status("busy", claim.study_id, trial.number)
-
-        lost = threading.Event()
-        beating = threading.Event()
-        heart = threading.Thread(target=self._heartbeat, args=(claim, lost, beating), daemon=True)
-        heart.start()
         try:
             outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost)
             slot_outcome, error = SlotState.DONE, None
@@ -196,13 +210,9 @@ class Worker:
             except Exception:  # noqa: BLE001 - a reaper may have failed it already
                 log.debug("trial %d was already finished", trial.number)
             slot_outcome = SlotState.FAILED
-        finally:
-            beating.set()
-            heart.join()
         if not lost.is_set():
             retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=slot_outcome,
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
-        self._status("idle")
 
     def _load_study(self, claim: Claim, spec: StudySpec) -> optuna.Study:
         if not optuna_study_exists(self.optuna_storage, claim.study_name):
@@ -340,8 +350,10 @@ class Worker:
             study.tell(trial, outcome.best_score)
 
     def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
+        """Beat for the claimed slot, and for the worker's own row (so a busy worker never looks lost)."""
         while not done.wait(self.settings.heartbeat_interval):
             try:
+                touch_worker(self.db, self.worker_id)
                 if not heartbeat_slot(self.db, claim.slot_id, self.worker_id):
                     log.warning("slot %d was taken over by another worker", claim.slot_id)
                     lost.set()

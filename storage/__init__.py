@@ -44,7 +44,9 @@ from storage._queue import (
     settle_expired_studies,
     slot_counts,
     study_should_stop,
+    touch_worker,
     upsert_worker,
+    worker_status,
 )
 from storage._seed_runs import SeedSpread, count_seed_runs, latest_seed_spread, record_seed_run, seed_runs
 
@@ -103,8 +105,10 @@ __all__ = [
     "slot_counts",
     "study_should_stop",
     "study_user_attrs",
+    "touch_worker",
     "trial_summaries",
     "unpack_directory",
     "upsert_worker",
     "utcnow",
+    "worker_status",
 ]

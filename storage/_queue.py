@@ -249,6 +249,19 @@ def upsert_worker(engine: Engine, worker_id: str, *, host: str, pid: int, device
         row.heartbeat_at = utcnow()
 
 
+def touch_worker(engine: Engine, worker_id: str) -> None:
+    """Refresh a worker's own heartbeat (its heartbeat thread does, while it trains or prepares)."""
+    with session_scope(engine) as session:
+        session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=utcnow()))
+
+
+def worker_status(row: WorkerRow, now: datetime, grace_period_s: float) -> str:
+    """A worker's status as recorded, or ``lost`` when it claims to run but stopped heart-beating."""
+    if row.status != "stopped" and (now - row.heartbeat_at).total_seconds() > grace_period_s:
+        return "lost"
+    return row.status
+
+
 def _lock_study(session: Session, study_id: int) -> StudyRow:
     study = session.get(StudyRow, study_id, with_for_update=True, populate_existing=True)
     if study is None:

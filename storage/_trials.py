@@ -26,7 +26,7 @@ SORTABLE = {"number": _trials.c.number, "value": _values.c.value, "state": _stat
             "started": _trials.c.datetime_start}
 
 
-def _duration(dialect: str) -> sa.ColumnElement:
+def duration_seconds(dialect: str) -> sa.ColumnElement:
     """A finished trial's duration in seconds, in SQL (NULL while it runs)."""
     if dialect == "sqlite":
         return (sa.func.julianday(_trials.c.datetime_complete) - sa.func.julianday(_trials.c.datetime_start)) * 86400
@@ -90,7 +90,7 @@ def page_trial_ids(session: Session, study_id: int, *, offset: int, limit: int, 
         query = query.where(sa.or_(_state == "RUNNING", _trials.c.datetime_complete >= changed_since,
                                    _trials.c.datetime_start >= changed_since))
     total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
-    key = _duration(session.get_bind().dialect.name) if sort == "duration" else SORTABLE[sort]
+    key = duration_seconds(session.get_bind().dialect.name) if sort == "duration" else SORTABLE[sort]
     order = key.desc() if descending else key.asc()
     nulls_last = sa.case((key.is_(None), 1), else_=0)
     ids = session.scalars(

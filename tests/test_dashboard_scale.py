@@ -25,6 +25,9 @@ def test_five_thousand_trials(tmp_path: Path, capsys) -> None:  # type: ignore[n
         assert values == sorted(values, reverse=True)
         assert client.get("/api/studies/scale/trials?state=PRUNED&limit=1").json()["total"] == summary["study"][
             "counts"]["pruned"]
+        scrape = client.get("/metrics").text
+        assert 'kdsearch_trial_duration_seconds_count 5000.0' in scrape
+        assert f'kdsearch_trials{{state="PRUNED",study="scale"}} {summary["study"]["counts"]["pruned"]}.0' in scrape
         timings = time_calls(client, "scale", reps=3)
     with capsys.disabled():
         print("\n5,000-trial study page API (benchmark figure, not asserted): "

@@ -131,3 +131,45 @@ def test_a_slow_launch_does_not_stall_reads(sqlite_url: str, tmp_path: Path, tin
         assert launched == [201]
     finally:
         stack.stop()
+
+
+def test_prometheus_metrics_match_the_api(db_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack = Stack(db_url, tmp_path, **{**FLAKY, "KDSEARCH_API_TOKEN": "sekrit"})
+    auth = {"Authorization": "Bearer sekrit"}
+    try:
+        stack.start_api()
+        for name, n in (("metrics-a", 4), ("data-metrics", 2), ("metrics-queued", 3)):
+            spec = {**_spec(tiny_assets, name, n_trials=n), "priority": 0 if name == "metrics-queued" else 1}
+            assert httpx.post(f"{stack.url}/api/studies", json=spec, headers=auth, timeout=60).status_code == 201
+        stack.start_worker("--max-trials", "5")  # the two prioritised studies, then the worker stops
+        stack.wait_for(lambda: stack.workers[0].poll() is not None, 120, "the worker to stop")
+        assert httpx.get(f"{stack.url}/metrics").status_code == 401  # the same access rule as every read
+        scraped = httpx.get(f"{stack.url}/metrics", headers=auth)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+        studies = httpx.get(f"{stack.url}/api/studies", headers=auth).json()
+
+        def sample(name: str, **labels: str) -> float:
+            return samples[(name, tuple(sorted(labels.items())))]
+
+        for status in ("queued", "running", "finished", "failed", "cancelled"):
+            assert sample("kdsearch_studies", status=status) == sum(s["status"] == status for s in studies), status
+        for study in studies:
+            counts = study["counts"]
+            assert sample("kdsearch_trials", study=study["name"], state="COMPLETE") == counts["complete"]
+            assert sample("kdsearch_trials", study=study["name"], state="FAIL") == counts["failed"]
+            assert sample("kdsearch_pending_slots", study=study["name"]) == counts["waiting"]
+        assert sample("kdsearch_pending_slots_total") == 3
+        assert sample("kdsearch_workers", status="stopped") == 1 and sample("kdsearch_workers", status="lost") == 0
+        finished = sum(s["finished"] for s in studies)
+        assert sample("kdsearch_trial_duration_seconds_count") == finished == 4
+        assert sample("kdsearch_trial_duration_seconds_bucket", le="+Inf") == finished
+        assert 0 < sample("kdsearch_trial_duration_seconds_sum") < 60 * finished
+        done = next(s for s in studies if s["name"] == "metrics-a")
+        assert done["status"] == "finished" and ("kdsearch_best_value", (("metric", "accuracy"), (
+            "study", "metrics-a"))) not in samples  # only running studies report a best value
+    finally:
+        stack.stop()

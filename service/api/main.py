@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import health, studies, workers
+from service.api.routes import health, metrics, studies, workers
 from service.dashboard import mount_dashboard
 from service.settings import Settings, get_settings
 from storage import init_db, make_engine, make_optuna_storage
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(studies.router)
     api.include_router(workers.router)
     app.include_router(api)
+    app.include_router(metrics.router)
     mount_dashboard(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

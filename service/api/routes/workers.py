@@ -5,20 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
-from service.api.deps import SessionDep, require_read_access
+from service.api.deps import SessionDep, SettingsDep, require_read_access
 from service.api.schemas import ErrorOut, WorkerOut
-from storage import WorkerRow, utcnow
+from storage import WorkerRow, utcnow, worker_status
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
 
 
 @router.get("", response_model=list[WorkerOut])
-def list_workers(session: SessionDep) -> list[WorkerOut]:
+def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerOut]:
+    """Every worker seen; ``lost`` for one that claims to run but stopped heart-beating (a crashed host)."""
     now = utcnow()
     rows = session.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())).all()
     return [
-        WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=r.status,
+        WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=worker_status(r, now, settings.grace_period),
                   current_study_id=r.current_study_id, current_trial_number=r.current_trial_number,
                   heartbeat_at=r.heartbeat_at, heartbeat_age_s=round((now - r.heartbeat_at).total_seconds(), 1))
         for r in rows

@@ -1,0 +1,121 @@
+"""Prometheus metrics, computed from the database at scrape time: right with any number of API processes, and
+nothing to keep in step (a worker's counters would die with it).
+
+One scrape is a handful of aggregate queries (studies by status, trials by state, pending slots, workers) and one
+read of finished trials' start and end times for the duration histogram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+
+from storage import (
+    PreparationRow,
+    SlotState,
+    StudyRow,
+    StudyStatus,
+    TrialSlotRow,
+    WorkerRow,
+    session_scope,
+    study_user_attrs,
+    trial_summaries,
+    utcnow,
+    worker_status,
+)
+from storage._trials import _state, _studies, _trials, duration_seconds  # Optuna's schema, read directly
+
+TRIAL_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+BUILD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600, 7200)
+TRIAL_STATES = ("COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL")
+WORKER_STATUSES = ("idle", "busy", "stopped", "lost")
+
+
+def _histogram(name: str, documentation: str, values: list[float], buckets: tuple[int, ...]) -> HistogramMetricFamily:
+    counts = [sum(1 for v in values if v <= bound) for bound in buckets]
+    return HistogramMetricFamily(name, documentation,
+                                 buckets=[*((str(b), c) for b, c in zip(buckets, counts, strict=True)),
+                                          ("+Inf", len(values))],
+                                 sum_value=sum(values))
+
+
+class StoreCollector(Collector):
+    """Every kdsearch metric, read from the shared store when Prometheus scrapes."""
+
+    def __init__(self, db: Engine, grace_period_s: float) -> None:
+        self.db = db
+        self.grace_period_s = grace_period_s
+
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+        now = utcnow()
+        with session_scope(self.db) as session:
+            studies = session.execute(select(StudyRow.id, StudyRow.name, StudyRow.status)).all()
+            names = [s.name for s in studies]
+            by_status = {status: 0 for status in StudyStatus.ALL}
+            for study in studies:
+                by_status[study.status] = by_status.get(study.status, 0) + 1
+            summaries = trial_summaries(session, names)
+            tasks = study_user_attrs(session, names, ["task"])
+            pending = dict(session.execute(
+                select(TrialSlotRow.study_id, func.count()).where(TrialSlotRow.state == SlotState.PENDING)
+                .group_by(TrialSlotRow.study_id)).all())
+            workers = session.scalars(select(WorkerRow)).all()
+            durations = session.scalars(
+                select(duration_seconds(session.get_bind().dialect.name))
+                .where(_state.in_(["COMPLETE", "PRUNED"]), _trials.c.datetime_complete.is_not(None))
+            ).all()
+            builds = session.scalars(select(PreparationRow.build_seconds)
+                                     .where(PreparationRow.build_seconds.is_not(None))).all()
+            n_optuna = session.scalar(select(func.count()).select_from(_studies)) or 0
+
+        gauge = GaugeMetricFamily("kdsearch_studies", "Studies by status", labels=["status"])
+        for status, n in by_status.items():
+            gauge.add_metric([status], n)
+        yield gauge
+
+        trials = GaugeMetricFamily("kdsearch_trials", "Optuna trials by state, per study", labels=["study", "state"])
+        for study in studies:
+            states = summaries[study.name][0]
+            for state in TRIAL_STATES:
+                trials.add_metric([study.name, state], states.get(state, 0))
+        yield trials
+
+        queue = GaugeMetricFamily("kdsearch_pending_slots", "Trial slots waiting for a worker (queue depth), per study",
+                                  labels=["study"])
+        for study in studies:
+            queue.add_metric([study.name], pending.get(study.id, 0))
+        yield queue
+        yield GaugeMetricFamily("kdsearch_pending_slots_total", "Trial slots waiting for a worker, all studies",
+                                value=sum(pending.values()))
+
+        by_worker = {status: 0 for status in WORKER_STATUSES}
+        for row in workers:
+            status = worker_status(row, now, self.grace_period_s)
+            by_worker[status] = by_worker.get(status, 0) + 1
+        worker_gauge = GaugeMetricFamily("kdsearch_workers", "Workers by status (lost: stopped heart-beating)",
+                                         labels=["status"])
+        for status, n in by_worker.items():
+            worker_gauge.add_metric([status], n)
+        yield worker_gauge
+
+        values = [max(0.0, float(d)) for d in durations if d is not None]
+        yield _histogram("kdsearch_trial_duration_seconds", "Wall time of finished (COMPLETE or PRUNED) trials",
+                         values, TRIAL_BUCKETS)
+        yield _histogram("kdsearch_teacher_cache_build_seconds",
+                         "Wall time of preparations that built a teacher-logit cache or transfer set",
+                         [float(b) for b in builds], BUILD_BUCKETS)
+
+        best = GaugeMetricFamily("kdsearch_best_value", "Best COMPLETE trial's value on the study's metric, per "
+                                 "running study", labels=["study", "metric"])
+        for study in studies:
+            value = summaries[study.name][1]
+            if study.status == StudyStatus.RUNNING and value is not None:
+                metric = (tasks[study.name].get("task") or {}).get("metric", "")
+                best.add_metric([study.name, metric], value)
+        yield best
+        yield GaugeMetricFamily("kdsearch_optuna_studies", "Studies in Optuna's schema (kdsearch's and others')",
+                                value=n_optuna)
+
