@@ -12,6 +12,7 @@ from search_space.distributions import (
 from search_space.schema import (
     AugmentSpec,
     DatasetSpec,
+    NotifySpec,
     ParamChoices,
     ParamRange,
     SearchSpace,
@@ -46,6 +47,7 @@ __all__ = [
     "AugmentSpec",
     "DatasetSpec",
     "MetricMismatch",
+    "NotifySpec",
     "ParamChoices",
     "ParamRange",
     "SearchSpace",

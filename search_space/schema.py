@@ -230,12 +230,24 @@ class AugmentSpec(_Strict):
         return self
 
 
+NotifyEvent = Literal["finished", "failed", "new_best"]
+
+
+class NotifySpec(_Strict):
+    """Webhook notifications: a JSON POST to ``webhook`` for each of ``events`` (the study finished, failed, or
+    has a new best trial). The server only calls hosts its operator allows (``KDSEARCH_WEBHOOK_ALLOWED_HOSTS``)."""
+
+    webhook: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    events: list[NotifyEvent] = Field(default_factory=lambda: ["finished", "failed"], min_length=1)
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     teacher: str = Field(min_length=1, max_length=1024)
     student: StudentSpec
     dataset: DatasetSpec
     augment: AugmentSpec = AugmentSpec()
+    notify: NotifySpec | None = None
     search_space: SearchSpace = SearchSpace()
     # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
     metric: MetricName | None = None

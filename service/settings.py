@@ -37,6 +37,22 @@ class Settings(BaseSettings):
     # The transfer set is held in memory on every worker: copies x train rows token rows.
     max_augment_copies: int = Field(20, ge=0)
 
+    # Notifications: webhooks are requests this server makes for a user, so only these hosts may receive them.
+    # Environment: host names separated by ','. Empty: no webhooks.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(6, ge=1)
+    webhook_retry_delay: float = Field(5.0, gt=0, description="Seconds before a failed delivery is retried; doubles.")
+    # The address people open the dashboard at (links in notifications).
+    public_url: str = "http://127.0.0.1:8000"
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
     # Workers
     poll_interval: float = Field(1.0, gt=0, description="Seconds an idle worker waits before asking again.")
     heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a busy worker's heartbeats.")

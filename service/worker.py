@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from distill import STUDY_FAULTS, EpochResult, TrialEngine, TrialOutcome, load_engine
 from search_space import StudySpec, TaskInfo, make_pruner, make_sampler, optuna_distributions, trial_params
+from service.notifier import Notifier
 from service.progress import PreparationReporter
 from service.settings import Settings
 from storage import (
@@ -39,6 +40,7 @@ from storage import (
     Claim,
     SlotState,
     claim_slot,
+    enqueue_event,
     ensure_optuna_study,
     fail_study,
     finish_slot,
@@ -96,6 +98,7 @@ class Worker:
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker %s started (database %s)", self.worker_id, self.db.url.render_as_string())
         self._status("idle")
+        notifier = Notifier(self.db, self.settings, f"{self.worker_id}:notifier").start()
         trials_run = 0
         outage_delay = 0.5
         try:
@@ -124,6 +127,7 @@ class Worker:
                 if self.max_trials is not None and trials_run >= self.max_trials:
                     break
         finally:
+            notifier.stop()
             self._status("stopped")
             self.db.dispose()
             self.optuna_storage.engine.dispose()
@@ -329,6 +333,7 @@ class Worker:
                 raise InterruptedError(outcome.stopped)
             artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
         retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
+        retry_operational(lambda: self._announce_best(claim, spec, study, trial, outcome))
         return outcome
 
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
@@ -348,6 +353,15 @@ class Worker:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, outcome.best_score)
+
+    def _announce_best(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
+                       outcome: TrialOutcome) -> None:
+        """A ``new_best`` notification when this trial is now the study's best (and the spec asked for it)."""
+        if spec.notify is None or "new_best" not in spec.notify.events or outcome.stopped:
+            return
+        if study.best_trial.number == trial.number:
+            enqueue_event(self.db, claim.study_id, "new_best",
+                          {"trial_number": trial.number, "value": outcome.best_score})
 
     def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
         """Beat for the claimed slot, and for the worker's own row (so a busy worker never looks lost)."""

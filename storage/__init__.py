@@ -4,6 +4,7 @@ from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pa
 from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
 from storage._models import (
     Base,
+    NotificationRow,
     PreparationRow,
     SeedRunRow,
     SlotState,
@@ -13,6 +14,7 @@ from storage._models import (
     WorkerRow,
     utcnow,
 )
+from storage._notifications import claim_notification, enqueue_event, notifications, settle_notification
 from storage._optuna import (
     ensure_optuna_study,
     make_optuna_storage,
@@ -62,6 +64,7 @@ __all__ = [
     "AtomicFileSystemArtifactStore",
     "Base",
     "Claim",
+    "NotificationRow",
     "PreparationRow",
     "Preparing",
     "SeedRunRow",
@@ -73,10 +76,12 @@ __all__ = [
     "TrialSlotRow",
     "WorkerRow",
     "cancel_study",
+    "claim_notification",
     "claim_slot",
     "count_seed_runs",
     "create_study",
     "engine_kwargs",
+    "enqueue_event",
     "ensure_optuna_study",
     "fail_study",
     "finish_slot",
@@ -87,6 +92,7 @@ __all__ = [
     "latest_seed_spread",
     "make_engine",
     "make_optuna_storage",
+    "notifications",
     "optuna_study_exists",
     "pack_directory",
     "preparation_failed",
@@ -102,6 +108,7 @@ __all__ = [
     "seed_runs",
     "session_scope",
     "settle_expired_studies",
+    "settle_notification",
     "slot_counts",
     "study_should_stop",
     "study_user_attrs",

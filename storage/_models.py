@@ -155,3 +155,27 @@ class PreparationRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # consecutive failed preparations
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class NotificationRow(Base):
+    """A webhook call to make (an outbox): written with the event, delivered in the background, retried.
+
+    A study's notifications are delivered in the order they were written: a later one waits while an earlier one
+    is still being retried.
+    """
+
+    __tablename__ = "kd_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("kd_studies.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

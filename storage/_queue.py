@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from storage._db import session_scope
 from storage._models import PreparationRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._notifications import enqueue
 
 
 class StudyExistsError(ValueError):
@@ -175,6 +176,7 @@ def fail_study(engine: Engine, study_id: int, reason: str) -> None:
             study.status = StudyStatus.FAILED
             study.error = reason
             study.finished_at = utcnow()
+            enqueue(session, study, "failed", {"error": reason})
         _close_pending(session, study.id)
 
 
@@ -294,3 +296,4 @@ def _settle(session: Session, study: StudyRow, now: datetime | None = None) -> N
     if not still_open:
         study.status = StudyStatus.FINISHED
         study.finished_at = now
+        enqueue(session, study, "finished")

@@ -3,6 +3,7 @@ trials answers in milliseconds instead of loading every FrozenTrial."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -19,6 +20,7 @@ _params = sa.table("trial_params", sa.column("trial_id"), sa.column("param_name"
                    sa.column("distribution_json"))
 _steps = sa.table("trial_intermediate_values", sa.column("trial_id"), sa.column("step"),
                   sa.column("intermediate_value"))
+_trial_attrs = sa.table("trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json"))
 _study_attrs = sa.table("study_user_attributes", sa.column("study_id"), sa.column("key"), sa.column("value_json"))
 _state = sa.cast(_trials.c.state, sa.String)  # an ENUM type on PostgreSQL, text on SQLite
 
@@ -100,6 +102,19 @@ def page_trial_ids(session: Session, study_id: int, *, offset: int, limit: int, 
     return total, list(ids)
 
 
+
+
+def best_trial(session: Session, study_id: int) -> dict[str, Any] | None:
+    """The best COMPLETE trial (number, value, params) of an Optuna study, or None."""
+    row = session.execute(
+        _with_value(study_id).where(_state == "COMPLETE", _values.c.value.is_not(None))
+        .order_by(_values.c.value.desc(), _trials.c.number).limit(1)
+    ).first()
+    if row is None:
+        return None
+    params = session.scalar(sa.select(_trial_attrs.c.value_json).where(
+        _trial_attrs.c.trial_id == row.trial_id, _trial_attrs.c.key == "params"))
+    return {"number": row.number, "value": row.value, "params": json.loads(params) if params else {}}
 
 
 def study_fingerprint(session: Session, study_id: int) -> str:

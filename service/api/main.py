@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import health, metrics, studies, workers
 from service.dashboard import mount_dashboard
+from service.notifier import Notifier
 from service.settings import Settings, get_settings
 from storage import init_db, make_engine, make_optuna_storage
 
@@ -23,11 +24,15 @@ def open_state(app: FastAPI, settings: Settings) -> None:
     app.state.db = make_engine(settings.database_url, **pool)
     init_db(app.state.db)
     app.state.optuna_storage = make_optuna_storage(settings.database_url, **pool)
+    # Webhooks are delivered in the background by the API as well as by workers (a cancelled or failed study
+    # announces itself even when no worker runs).
+    app.state.notifier = Notifier(app.state.db, settings).start()
     # Launch validation reads teacher configs and tokenizers: import transformers now, not in the first request.
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
 
 def close_state(app: FastAPI) -> None:
+    app.state.notifier.stop()
     app.state.db.dispose()
     app.state.optuna_storage.engine.dispose()
 

@@ -32,6 +32,7 @@ from service.api.schemas import (
     TrialPage,
     TrialPoint,
 )
+from service.notifier import host_allowed
 from service.settings import Settings
 from storage import (
     SlotState,
@@ -78,6 +79,10 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
         raise SpecError("search_space.batch_size", f"at most {settings.max_batch_size} on this server")
     if spec.augment.copies > settings.max_augment_copies:
         raise SpecError("augment.copies", f"at most {settings.max_augment_copies} on this server")
+    if spec.notify is not None and not host_allowed(spec.notify.webhook, settings.webhook_allowed_hosts):
+        allowed = ", ".join(settings.webhook_allowed_hosts) or "none"
+        raise SpecError("notify.webhook", f"this server only calls webhooks on the hosts in "
+                                          f"KDSEARCH_WEBHOOK_ALLOWED_HOSTS ({allowed})")
 
 
 def _study_metric(row: StudyRow, attrs: dict[str, Any]) -> str | None:
