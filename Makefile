@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench quality soak clean
+.PHONY: install browser typecheck demo test lint bench quality soak clean
 
 install: $(STAMP)
 
@@ -20,8 +20,25 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/kdsearch demo
 
-test: install
+# The dashboard's browser tests drive Debian's Chromium (Playwright cannot download its own browser here): installed
+# when missing and running as root, else a one-line reason and a failure, never a silent skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the dashboard's browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make test: the dashboard's browser tests need Chromium: run 'sudo apt-get install chromium' (or make test as root)" >&2; \
+	    exit 1; \
+	  fi; }
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install browser
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: install
