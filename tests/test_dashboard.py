@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +127,41 @@ def test_studies_page_launches_and_lists(browser, live_stack: Stack, tiny_assets
     assert "0/2" in page.inner_text("#studies tbody")
     shot(page, tmp_path / "studies.png")
     assert not problems, problems
+
+
+def test_preparation_progress_sorting_and_fetch_errors(browser, sqlite_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       tiny_assets) -> None:
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.1",
+                  KDSEARCH_POLL_INTERVAL="0.1", KDSEARCH_PROGRESS_INTERVAL="0", KDSEARCH_TEST_PREP_STEPS="40",
+                  KDSEARCH_TEST_PREP_S="0.25")
+    try:
+        stack.start_api()
+        stack.submit(tiny_spec(tiny_assets, name="slow-page", n_trials=4,
+                               search_space={"num_train_epochs": {"low": 1, "high": 6}}))
+        stack.start_worker()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(stack.url)
+        # The studies list shows the preparation's bar, rows and the server's ETA while the teacher labels rows.
+        page.wait_for_selector("#studies .progress.preparing", timeout=30_000)
+        assert re.search(r"preparing teacher logits: [\d,]+ / 4,000 rows", page.inner_text("#studies tbody"))
+        page.goto(f"{stack.url}/studies/slow-page")
+        page.wait_for_function("document.querySelector('#preparing').textContent.includes('ETA')", timeout=30_000)
+        shot(page, tmp_path / "preparing.png")
+        stack.wait_status("slow-page")
+        page.wait_for_function("document.querySelectorAll('#trials tbody tr').length === 4", timeout=30_000)
+        assert page.inner_text("#preparing") == ""
+        # "Duration" sorts by duration (on the server).
+        page.click("#trials th[data-sort='duration']")
+        page.wait_for_function("document.querySelector(\"#trials th[data-sort='duration']\").classList.contains("
+                               "'sorted')")
+        page.wait_for_timeout(500)
+        durations = [float(v) for v in page.locator("#trials tbody tr td:nth-child(11)").all_inner_texts()]
+        assert durations == sorted(durations, reverse=True) and len(durations) == 4
+        # A refresh that fails says so on the page, not only in the console.
+        assert page.is_hidden("#fetch-error")
+        stack.api.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        stack.api.wait(30)  # type: ignore[union-attr]
+        page.wait_for_selector("#fetch-error:not([hidden])", timeout=30_000)
+        assert "could not refresh" in page.inner_text("#fetch-error")
+    finally:
+        stack.stop()
