@@ -12,13 +12,17 @@ import csv
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from distill.loss import NO_LABEL
 from search_space import DatasetSpec, TaskInfo, split_file
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 
 class DataError(ValueError):
@@ -43,7 +47,7 @@ _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def read_split(spec: DatasetSpec, split: str):  # type: ignore[no-untyped-def]
+def read_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
     """The split as a ``datasets.Dataset``: a local ``<split>.<ext>`` file, or a hub dataset (needs network)."""
     import datasets
 
@@ -67,7 +71,7 @@ def read_split(spec: DatasetSpec, split: str):  # type: ignore[no-untyped-def]
         raise DataError(f"cannot read split {split!r}: {exc}") from exc
 
 
-def _column(ds, name: str, split: str) -> list[Any]:  # type: ignore[no-untyped-def]
+def _column(ds: datasets.Dataset, name: str, split: str) -> list[Any]:
     if name not in ds.column_names:
         raise DataError(f"split {split!r} has no column {name!r} (columns: {sorted(ds.column_names)})")
     return ds.data.column(name).to_pylist()
@@ -123,7 +127,7 @@ def _targets(values: list[Any], column: str, split: str) -> np.ndarray:
     return out
 
 
-def _label_values(ds, column: str, split: str, task: TaskInfo | None) -> list[Any]:  # type: ignore[no-untyped-def]
+def _label_values(ds: datasets.Dataset, column: str, split: str, task: TaskInfo | None) -> list[Any]:
     """Raw label values; a hub ``ClassLabel`` column gives its names when the teacher knows every one of them,
     so a dataset whose ids are ordered differently from the teacher's is still mapped right."""
     import datasets
@@ -218,7 +222,7 @@ def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def tokenize(tokenizer, split: TextSplit, max_seq_length: int) -> TokenizedSplit:  # type: ignore[no-untyped-def]
+def tokenize(tokenizer: PreTrainedTokenizerBase, split: TextSplit, max_seq_length: int) -> TokenizedSplit:
     """The tokenizer's encoding of every row (its pair encoding when the split has pair texts), truncated to
     ``max_seq_length``."""
     encoded = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_seq_length, padding=False)

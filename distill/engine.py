@@ -22,8 +22,9 @@ import dataclasses
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -37,6 +38,9 @@ from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
 from distill.transfer import build_or_load_transfer_set
 from search_space import MetricMismatch, SpecError, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
 from storage import ArtifactLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Errors that are the data's or the spec's fault: retrying cannot help, so they fail the study at once.
 STUDY_FAULTS: tuple[type[BaseException], ...] = (DataError, SpecError, MetricMismatch, ValidationError)
@@ -93,7 +97,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 class DistillationEngine(TrialEngine):
-    def __init__(self, artifacts: str | Path, device: str | None = None, log=print) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, artifacts: str | Path | ArtifactLayout, device: str | None = None,
+                 log: Callable[[str], None] = print) -> None:
         self.layout = artifacts if isinstance(artifacts, ArtifactLayout) else ArtifactLayout(artifacts)
         self.device = resolve_device(device)
         self.log = log
@@ -203,7 +208,8 @@ def _encodes_pairs(tokenizer: Any) -> bool:
 TRIAL_RECORD = "kdsearch_trial.json"
 
 
-def save_checkpoint(model, tokenizer, directory: Path, record: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+                    record: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -211,7 +217,7 @@ def save_checkpoint(model, tokenizer, directory: Path, record: dict[str, Any]) -
 
 
 def load_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
-                log=print) -> TrialEngine:  # type: ignore[no-untyped-def]
+                log: Callable[[str], None] = print) -> TrialEngine:
     """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way); None → the
     distillation engine."""
     if not dotted:

@@ -165,7 +165,10 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         eval_results=[EvalResult(
             task_type="text-classification", task_name="Text Classification", dataset_type=ds["type"],
             dataset_name=ds["name"], dataset_config=ds["config"] or None, dataset_split=dataset["eval_split"],
-            dataset_args=ds["config"] or None, metric_type=key, metric_name=_title(key),
+            # The dataset's config name, as Trainer's model cards record it; huggingface_hub declares the field as
+            # Metric.compute()'s arguments (dict[str, Any]), though it writes any value through to the card's YAML.
+            dataset_args=ds["config"] or None,  # type: ignore[arg-type]
+            metric_type=key, metric_name=_title(key),
             metric_value=round(value, 4),
         ) for key, value in metrics.items()],
     )

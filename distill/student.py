@@ -26,10 +26,12 @@ def truncated_layer_indices(teacher_layers: int, keep: int) -> list[int]:
 def _label_kwargs(teacher_config: PretrainedConfig) -> dict[str, Any]:
     """The teacher's head: labels, and for a regression teacher ``problem_type: regression`` (even where the
     teacher only said ``num_labels: 1``), so a pipeline over the student returns the raw score."""
+    id2label, label2id = teacher_config.id2label, teacher_config.label2id
+    assert id2label is not None and label2id is not None  # a sequence-classification teacher's config has both
     kwargs: dict[str, Any] = {
         "num_labels": teacher_config.num_labels,
-        "id2label": dict(teacher_config.id2label),
-        "label2id": dict(teacher_config.label2id),
+        "id2label": dict(id2label),
+        "label2id": dict(label2id),
     }
     if task_type_of(teacher_config) == "regression":
         kwargs["problem_type"] = "regression"

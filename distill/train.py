@@ -18,6 +18,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
@@ -91,7 +92,9 @@ def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
     model.eval()
     device = next(model.parameters()).device
     out_device = split.input_ids.device if out_device is None else out_device
-    out = torch.empty(len(split), model.config.num_labels, dtype=torch.float32, device=out_device)
+    num_labels = model.config.num_labels
+    assert num_labels is not None  # a sequence-classification model's config always has its labels
+    out = torch.empty(len(split), num_labels, dtype=torch.float32, device=out_device)
     done = 0
     for idx in length_bucketed_batches(split.lengths, batch_size):
         inputs = {k: v.to(device, non_blocking=True) for k, v in split.batch(idx.to(split.lengths.device)).items()}
@@ -117,7 +120,8 @@ def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
 
 def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # Trainer's grouping: no weight decay on biases and LayerNorm weights.
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -131,7 +135,9 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
     model's config, scored by its default metric) picks the loss and the metrics."""
     task = task or resolve_task(model.config, None)
     device = train.input_ids.device
-    model.to(device)
+    # PreTrainedModel.to is declared @wraps(Module.to), which type-checks as the unbound function: call it (the
+    # same method, transformers' override) through the Module type.
+    cast(torch.nn.Module, model).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order: reproducible per trial seed
     torch.manual_seed(cfg.seed)  # dropout
     optimizer = _adamw(model, cfg, device)

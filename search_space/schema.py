@@ -6,6 +6,7 @@ Every rule here is a 422 at the API, naming the field (pydantic puts the field p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -64,7 +65,9 @@ def values_of(spec: float | ParamRange | ParamChoices) -> list[float]:
     return [spec]
 
 
-def _check(name: str, spec: float | ParamRange | ParamChoices, ok: Any, rule: str, integer: bool = False):
+def _check(
+    name: str, spec: float | ParamRange | ParamChoices, ok: Callable[[float], bool], rule: str, integer: bool = False
+) -> float | ParamRange | ParamChoices:
     for value in values_of(spec):
         if not math.isfinite(value) or not ok(value):
             raise ValueError(f"{name} must be {rule} (got {value})")
@@ -233,12 +236,16 @@ class AugmentSpec(_Strict):
 NotifyEvent = Literal["finished", "failed", "new_best"]
 
 
+def _default_events() -> list[NotifyEvent]:
+    return ["finished", "failed"]
+
+
 class NotifySpec(_Strict):
     """Webhook notifications: a JSON POST to ``webhook`` for each of ``events`` (the study finished, failed, or
     has a new best trial). The server only calls hosts its operator allows (``KDSEARCH_WEBHOOK_ALLOWED_HOSTS``)."""
 
     webhook: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
-    events: list[NotifyEvent] = Field(default_factory=lambda: ["finished", "failed"], min_length=1)
+    events: list[NotifyEvent] = Field(default_factory=_default_events, min_length=1)
 
 
 class StudySpec(_Strict):

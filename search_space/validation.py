@@ -10,9 +10,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from search_space.schema import StudySpec
 from search_space.tasks import MetricMismatch, TaskInfo, resolve_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # A hub model id: owner/name, optionally @revision (branch, tag or commit).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,100})?$")
@@ -95,13 +99,13 @@ def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None)
     return spec.model_copy(update=update)
 
 
-def _load_tokenizer(ref: str):  # type: ignore[no-untyped-def]
+def _load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ref)
 
 
-def tokenizers_compatible(teacher_tok, student_tok) -> str | None:  # type: ignore[no-untyped-def]
+def tokenizers_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> str | None:
     """None when both tokenizers give identical token ids, else a sentence saying how they differ."""
     if len(teacher_tok) != len(student_tok):
         return f"vocabulary sizes differ (teacher {len(teacher_tok)}, student {len(student_tok)})"

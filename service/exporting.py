@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -55,7 +55,8 @@ def _best_trial(study: optuna.Study) -> tuple[FrozenTrial, int]:
     complete = [t for t in candidates if t.state == TrialState.COMPLETE]
     if not candidates:
         raise ExportError(f"study {study.study_name!r} has no finished trial with a checkpoint yet")
-    return max(complete or candidates, key=lambda t: t.value), len(trials)  # type: ignore[arg-type,return-value]
+    # Every candidate has a value (filtered above).
+    return max(complete or candidates, key=lambda t: cast(float, t.value)), len(trials)
 
 
 def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id: int, spec: StudySpec,

@@ -106,7 +106,7 @@ class StoreCollector(Collector):
                          values, TRIAL_BUCKETS)
         yield _histogram("kdsearch_teacher_cache_build_seconds",
                          "Wall time of preparations that built a teacher-logit cache or transfer set",
-                         [float(b) for b in builds], BUILD_BUCKETS)
+                         [float(b) for b in builds if b is not None], BUILD_BUCKETS)
 
         best = GaugeMetricFamily("kdsearch_best_value", "Best COMPLETE trial's value on the study's metric, per "
                                  "running study", labels=["study", "metric"])

@@ -101,9 +101,13 @@ class Notifier:
                 error: str | None = f"host of {row.url} is not in KDSEARCH_WEBHOOK_ALLOWED_HOSTS"
             else:
                 error = post_json(row.url, self.payload(row), self.settings.webhook_timeout_s)
-            state = retry_operational(lambda row=row, error=error: settle_notification(
-                self.db, row.id, self.name, error=error, max_attempts=self.settings.webhook_max_attempts,
-                retry_delay_s=self.settings.webhook_retry_delay), attempts=3)
+
+            def settle(row: NotificationRow = row, error: str | None = error) -> str:
+                return settle_notification(
+                    self.db, row.id, self.name, error=error, max_attempts=self.settings.webhook_max_attempts,
+                    retry_delay_s=self.settings.webhook_retry_delay)
+
+            state = retry_operational(settle, attempts=3)
             if error is None:
                 log.info("notified %s of %s for study %d", row.url, row.event, row.study_id)
             else:

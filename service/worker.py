@@ -76,11 +76,13 @@ class Worker:
         self.max_trials = max_trials
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}:{device}"
-        pool = {"pool_size": settings.worker_pool_size, "max_overflow": settings.worker_max_overflow,
-                "busy_timeout_s": settings.sqlite_busy_timeout_s}
-        self.db = make_engine(settings.database_url, **pool)
+        self.db = make_engine(settings.database_url, pool_size=settings.worker_pool_size,
+                              max_overflow=settings.worker_max_overflow,
+                              busy_timeout_s=settings.sqlite_busy_timeout_s)
         init_db(self.db)
-        self.optuna_storage = make_optuna_storage(settings.database_url, **pool)
+        self.optuna_storage = make_optuna_storage(
+            settings.database_url, pool_size=settings.worker_pool_size,
+            max_overflow=settings.worker_max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
         self.layout = ArtifactLayout(settings.artifacts)
         self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info)
         self._stop = threading.Event()

@@ -1,5 +1,7 @@
 """Where kdsearch state lives: SQL tables, Optuna's study store, checkpoints and caches."""
 
+from sqlalchemy import Engine
+
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
 from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
 from storage._models import (
@@ -53,7 +55,7 @@ from storage._queue import (
 from storage._seed_runs import SeedSpread, count_seed_runs, latest_seed_spread, record_seed_run, seed_runs
 
 
-def init_db(engine) -> None:  # type: ignore[no-untyped-def]
+def init_db(engine: Engine) -> None:
     """Create kdsearch's tables if missing (Optuna creates its own through RDBStorage)."""
     Base.metadata.create_all(engine)
 

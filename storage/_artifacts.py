@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial
 
 from storage._db import retry_operational
 
@@ -54,7 +56,8 @@ class ArtifactLayout:
     def cache_dir(self, key: str) -> Path:
         return self.cache_root / key
 
-    def store_checkpoint(self, directory: Path, study_or_trial, storage=None) -> str:  # type: ignore[no-untyped-def]
+    def store_checkpoint(self, directory: Path, study_or_trial: optuna.Study | optuna.Trial | FrozenTrial,
+                         storage: BaseStorage | None = None) -> str:
         """Pack a checkpoint directory into one tar and upload it as an Optuna artifact; returns its id."""
         with tempfile.TemporaryDirectory(prefix="kdsearch-pack-") as tmp:
             tar_path = Path(tmp) / "checkpoint.tar"

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from optuna.exceptions import StorageInternalError
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 T = TypeVar("T")
 
@@ -52,7 +54,7 @@ def configure_sqlite(engine: Engine, default_begin: str = "DEFERRED") -> None:
     """
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -61,7 +63,7 @@ def configure_sqlite(engine: Engine, default_begin: str = "DEFERRED") -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", default_begin)
         conn.exec_driver_sql(f"BEGIN {mode}")
 

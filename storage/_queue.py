@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, Table, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,7 +48,7 @@ def create_study(
             session.add(study)
             session.flush()
             session.execute(
-                TrialSlotRow.__table__.insert(),
+                cast(Table, TrialSlotRow.__table__).insert(),
                 [{"study_id": study.id, "slot_no": i, "state": SlotState.PENDING} for i in range(n_trials)],
             )
             return study
@@ -132,7 +132,8 @@ def heartbeat_slot(engine: Engine, slot_id: int, worker_id: str, now: datetime |
             )
             .values(heartbeat_at=now or utcnow())
         )
-        return result.rowcount == 1
+        # An UPDATE's result is a CursorResult (Session.execute is typed to return the base Result).
+        return cast(CursorResult[Any], result).rowcount == 1
 
 
 def study_should_stop(engine: Engine, study_id: int, now: datetime | None = None) -> str | None:

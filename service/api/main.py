@@ -18,12 +18,13 @@ from storage import init_db, make_engine, make_optuna_storage
 
 def open_state(app: FastAPI, settings: Settings) -> None:
     """Engines and stores on ``app.state`` (what the lifespan does at start-up)."""
-    pool = {"pool_size": settings.pool_size, "max_overflow": settings.max_overflow,
-            "busy_timeout_s": settings.sqlite_busy_timeout_s}
     app.state.settings = settings
-    app.state.db = make_engine(settings.database_url, **pool)
+    app.state.db = make_engine(settings.database_url, pool_size=settings.pool_size,
+                               max_overflow=settings.max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
     init_db(app.state.db)
-    app.state.optuna_storage = make_optuna_storage(settings.database_url, **pool)
+    app.state.optuna_storage = make_optuna_storage(
+        settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow,
+        busy_timeout_s=settings.sqlite_busy_timeout_s)
     # Webhooks are delivered in the background by the API as well as by workers (a cancelled or failed study
     # announces itself even when no worker runs).
     app.state.notifier = Notifier(app.state.db, settings).start()

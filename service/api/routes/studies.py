@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import optuna
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from search_space import SpecError, StudySpec, TaskInfo, validate_spec, values_of
 from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
@@ -58,7 +59,7 @@ from storage._trials import learning_curves, optuna_study_id, page_trial_ids, st
 log = logging.getLogger("kdsearch.api")
 router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
-NOT_FOUND = {404: {"model": ErrorOut, "description": "No such study"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such study"}}
 
 
 def spec_error(exc: SpecError) -> HTTPException:
@@ -91,7 +92,7 @@ def _study_metric(row: StudyRow, attrs: dict[str, Any]) -> str | None:
     return task["metric"] if task else row.spec.get("metric")
 
 
-def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore[no-untyped-def]
+def _summaries(session: Session, rows: list[StudyRow]) -> list[StudyOut]:
     optuna_side = trial_summaries(session, [r.name for r in rows])
     slots = slot_counts(session, [r.id for r in rows])
     attrs = study_user_attrs(session, [r.name for r in rows], ["task"])
@@ -131,14 +132,14 @@ def _summaries(session, rows: list[StudyRow]) -> list[StudyOut]:  # type: ignore
     return out
 
 
-def _load(session, id_or_name: str) -> StudyRow:  # type: ignore[no-untyped-def]
+def _load(session: Session, id_or_name: str) -> StudyRow:
     row = get_study(session, id_or_name)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {id_or_name!r}")
     return row
 
 
-def _fresh_snapshot(session) -> None:  # type: ignore[no-untyped-def]
+def _fresh_snapshot(session: Session) -> None:
     """End the request's read transaction so it sees what was just committed through other sessions
     (SQLite's WAL keeps a reader on the snapshot it started with)."""
     session.commit()
@@ -148,7 +149,9 @@ def _fresh_snapshot(session) -> None:  # type: ignore[no-untyped-def]
 def _epoch_out(epoch: dict[str, Any]) -> EpochOut:
     """One recorded epoch; epochs recorded before task metrics existed held ``eval_accuracy`` alone."""
     legacy = {"accuracy": epoch["eval_accuracy"]} if "eval_accuracy" in epoch else {}
-    return EpochOut(epoch=epoch["epoch"], score=epoch.get("score", epoch.get("eval_accuracy")),
+    # One of the two is always recorded (pydantic still rejects an epoch that holds neither).
+    score = cast(float, epoch.get("score", epoch.get("eval_accuracy")))
+    return EpochOut(epoch=epoch["epoch"], score=score,
                     metrics=epoch.get("metrics") or legacy, train_loss=epoch.get("train_loss"),
                     eval_loss=epoch.get("eval_loss"), seconds=epoch.get("seconds"))
 
@@ -217,7 +220,7 @@ def _notes(task: TaskInfo | None) -> list[str]:
             "the spec is ignored)"]
 
 
-def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[no-untyped-def]
+def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow) -> StudyDetailOut:
     summary = _summaries(session, [row])[0]
     attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "exports"])[row.name]
     task = TaskInfo.from_json(attrs["task"]) if "task" in attrs else None
@@ -225,6 +228,7 @@ def _detail(session, storage, row: StudyRow) -> StudyDetailOut:  # type: ignore[
     if summary.best_value is not None:
         study = optuna.load_study(study_name=row.name, storage=storage)
         best = study.best_trial
+        assert best.value is not None  # a COMPLETE trial's value
         best_trial = BestTrial(number=best.number, params=best.user_attrs.get("params", best.params),
                                value=float(best.value), epoch=best.user_attrs.get("best_epoch"),
                                metrics=best.user_attrs.get("metrics", {}))
