@@ -6,9 +6,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from service.api.deps import require_read_access
+from service.api.schemas import ErrorOut
 from service.metrics import StoreCollector
 
-router = APIRouter(tags=["metrics"], dependencies=[Depends(require_read_access)])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_read_access)],
+                   responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
 
 
 def registry_for(request: Request) -> CollectorRegistry:

@@ -1,0 +1,162 @@
+"""Artifacts in an S3-compatible object store (``KDSEARCH_ARTIFACTS=s3://bucket/prefix``), for hosts that share a
+database and a bucket but no file system.
+
+- Checkpoints go through Optuna's ``Boto3ArtifactStore`` under ``<prefix>/optuna/``.
+- Cache entries (teacher logits, transfer sets) live under ``<prefix>/cache/<key>/``: their files first, then a
+  ``manifest.json`` with every file's size and SHA-256, written last: an entry without a manifest does not exist
+  yet. Each host keeps a read-through copy under ``KDSEARCH_LOCAL_CACHE``: an entry is downloaded once per host,
+  verified against the manifest into a temporary directory and renamed into place, so it is never read half
+  written; one that fails verification (a truncated or corrupted object) is deleted from the bucket and rebuilt,
+  never trained on.
+- One process in the cluster builds an entry: the builder holds a PostgreSQL advisory lock on the key (on a
+  connection of its own, released by the server if the builder dies); a local file lock also serialises the
+  processes of one host.
+
+Endpoint and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), as for any boto3 client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from optuna.artifacts import Boto3ArtifactStore
+from sqlalchemy import Engine, text
+
+log = logging.getLogger("kdsearch.artifacts")
+MANIFEST = "manifest.json"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` → (``bucket``, ``some/prefix``)."""
+    rest = url.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"KDSEARCH_ARTIFACTS {url!r}: no bucket (expected s3://bucket/prefix)")
+    return bucket, prefix.strip("/")
+
+
+def s3_client() -> Any:
+    import boto3
+
+    return boto3.client("s3")
+
+
+class PrefixedArtifactStore:
+    """An Optuna artifact store keeping its objects under a key prefix of a shared bucket."""
+
+    def __init__(self, inner: Boto3ArtifactStore, prefix: str) -> None:
+        self.inner = inner
+        self.prefix = prefix.strip("/")
+
+    def _key(self, artifact_id: str) -> str:
+        return f"{self.prefix}/{artifact_id}" if self.prefix else artifact_id
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.inner.open_reader(self._key(artifact_id))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.inner.write(self._key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.inner.remove(self._key(artifact_id))
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+class RemoteCache:
+    """Cache entries in the bucket, with a verified local read-through copy on this host."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str, local_root: Path) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.local_root = local_root
+
+    def _key(self, key: str, name: str) -> str:
+        return "/".join(p for p in (self.prefix, "cache", key, name) if p)
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key, MANIFEST))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return json.loads(body)
+
+    def download(self, key: str, directory: Path) -> bool:
+        """Download and verify entry ``key`` into ``directory`` (absent: created); False when the bucket has no
+        complete entry, or one that fails verification (then removed from the bucket, to be rebuilt)."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            return False
+        tmp = directory.with_name(f".{directory.name}.download-{zlib.crc32(str(directory).encode())}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for name, expected in manifest["files"].items():
+                target = tmp / name
+                self.client.download_file(self.bucket, self._key(key, name), str(target))
+                got = file_digest(target)
+                if got != expected:
+                    log.warning("cache entry %s: %s is %s, the manifest says %s: removing it from the bucket, it "
+                                "will be rebuilt", key, name, got, expected)
+                    self.remove(key)
+                    return False
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            shutil.rmtree(directory, ignore_errors=True)
+            tmp.rename(directory)
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def upload(self, key: str, directory: Path) -> None:
+        """Upload every file of ``directory``, then the manifest (the entry exists once the manifest does)."""
+        files = {item.name: file_digest(item) for item in sorted(directory.iterdir())
+                 if item.is_file() and item.name != MANIFEST}
+        for name in files:
+            self.client.upload_file(str(directory / name), self.bucket, self._key(key, name))
+        manifest = {"key": key, "files": files}
+        (directory / MANIFEST).write_text(json.dumps(manifest))
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key, MANIFEST), Body=json.dumps(manifest).encode())
+
+    def remove(self, key: str) -> None:
+        """Forget an entry: its manifest first, so no reader ever trusts the files left behind."""
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key, MANIFEST))
+
+
+def _lock_id(key: str) -> int:
+    """A signed 64-bit advisory-lock id for a cache key."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def cluster_lock(db: Engine | None, key: str) -> Iterator[None]:
+    """Hold the cluster-wide build lock of ``key`` (PostgreSQL advisory lock on a connection of its own, released
+    by the server if this process dies); on SQLite (one host) or without a database, nothing to take."""
+    if db is None or db.dialect.name != "postgresql":
+        yield
+        return
+    with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _lock_id(key)})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _lock_id(key)})
