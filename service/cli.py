@@ -64,14 +64,55 @@ def _check_database() -> str | None:
     return None
 
 
+def _upgrade_database() -> str:
+    """Bring the configured database to this release's schema; returns the revision (``SchemaMismatch`` for one
+    newer than this release)."""
+    from service.settings import get_settings
+    from storage import make_engine, upgrade_schema
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        return upgrade_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+    from storage import SchemaMismatch, current_revision, head_revision, make_engine
+
+    if problem := _check_database():
+        return _fail(problem, 2)
+    if args.action == "upgrade":
+        try:
+            revision = _upgrade_database()
+        except SchemaMismatch as exc:
+            return _fail(str(exc), 2)
+        print(f"kdsearch schema at revision {revision}")
+        return 0
+    engine = make_engine(get_settings().database_url)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    print(f"database: {current or 'no kdsearch schema version'}; this kdsearch: {head_revision()}")
+    return 0 if current == head_revision() else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api import create_app
     from service.settings import get_settings
+    from storage import SchemaMismatch
 
     if problem := _check_database():
         return _fail(problem, 2)
+    try:  # the API upgrades the schema at start-up (workers never do)
+        revision = _upgrade_database()
+    except SchemaMismatch as exc:
+        return _fail(str(exc), 2)
+    print(f"kdsearch: database schema at revision {revision}")
     settings = get_settings()
     host = args.host or "127.0.0.1"
     if not settings.api_token:
@@ -106,7 +147,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device = str(resolve_device(args.device))
     except RuntimeError as exc:
         return _fail(f"--device: {exc}", 2)
-    worker = Worker(get_settings(), device=device, exit_when_idle=args.exit_when_idle, max_trials=args.max_trials)
+    from storage import SchemaMismatch
+
+    try:
+        worker = Worker(get_settings(), device=device, exit_when_idle=args.exit_when_idle,
+                        max_trials=args.max_trials)
+    except SchemaMismatch as exc:
+        return _fail(f"worker not started: {exc}", 2)
     return worker.run()
 
 
@@ -278,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     _add_export_args(sub.add_parser("export-best", help="write the best trial's student as a HF model"))
+
+    db = sub.add_parser("db", help="the database schema: upgrade it, or show its revision")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.set_defaults(func=cmd_db)
 
     demo = sub.add_parser("demo", help="run a small SST-2 search end to end, offline")
     demo.add_argument("--spec", default="examples/sst2-demo.json")

@@ -76,10 +76,11 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
     with open(logs / "demo-api.log", "w") as api_log, open(logs / "demo-worker.log", "w") as worker_log:
         server = subprocess.Popen([*kd, "serve", "--port", str(port), "--log-level", "warning"], env=env,
                                   stdout=api_log, stderr=subprocess.STDOUT)
-        worker = subprocess.Popen([*kd, "worker", "--device", "auto"], env=env, stdout=worker_log,
-                                  stderr=subprocess.STDOUT)
+        worker: subprocess.Popen | None = None
         try:
-            _wait_healthy(url, server)
+            _wait_healthy(url, server)  # the server upgrades the schema first: a worker never does
+            worker = subprocess.Popen([*kd, "worker", "--device", "auto"], env=env, stdout=worker_log,
+                                      stderr=subprocess.STDOUT)
             console.print(f"database [bold]{settings.database_url}[/], artifacts [bold]{settings.artifacts}[/]")
             console.print(f"dashboard: [link={url}/studies/{spec['name']}]{url}/studies/{spec['name']}[/]")
             response = httpx.post(f"{url}/api/studies", json=spec, timeout=120)
@@ -111,7 +112,8 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
                 console.print("run `kdsearch serve` to open the dashboard again")
             return 0
         finally:
-            _stop(worker)
+            if worker is not None:
+                _stop(worker)
             _stop(server)
 
 

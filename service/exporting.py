@@ -25,7 +25,9 @@ from search_space import StudySpec, resolve_task
 from service.settings import Settings
 from storage import (
     ArtifactLayout,
+    SchemaMismatch,
     SeedSpread,
+    check_schema,
     get_study,
     make_engine,
     make_optuna_storage,
@@ -145,6 +147,10 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
     try:
         if not inspect(db).has_table("kd_studies"):
             raise ExportError(f"no study {study!r}: {db.url.render_as_string()} holds no kdsearch studies")
+        try:
+            check_schema(db)
+        except SchemaMismatch as exc:
+            raise ExportError(str(exc)) from exc
         with session_scope(db) as session:
             row = get_study(session, study)
             if row is None:

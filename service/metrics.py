@@ -20,10 +20,10 @@ from storage import (
     StudyStatus,
     TrialSlotRow,
     WorkerRow,
+    db_now,
     session_scope,
     study_user_attrs,
     trial_summaries,
-    utcnow,
     worker_status,
 )
 from storage._trials import _state, _studies, _trials, duration_seconds  # Optuna's schema, read directly
@@ -50,8 +50,8 @@ class StoreCollector(Collector):
         self.grace_period_s = grace_period_s
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
-        now = utcnow()
         with session_scope(self.db) as session:
+            now = db_now(session)  # heartbeats are stamped on the database's clock: judge them on it
             studies = session.execute(select(StudyRow.id, StudyRow.name, StudyRow.status)).all()
             names = [s.name for s in studies]
             by_status = {status: 0 for status in StudyStatus.ALL}

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     prepare_retry_delay: float = Field(10.0, gt=0, description="Seconds before a failed preparation is tried again; "
                                                                "doubles with each consecutive failure, up to 300.")
     progress_interval: float = Field(15.0, ge=0, description="Seconds between a preparing worker's progress writes.")
+    worker_retention: float = Field(86400.0, gt=0, description="Rows of workers gone this long are pruned.")
     engine: str | None = Field(None, description="Trial engine as module:Class; default the distillation engine.")
 
     # Database connections (per process)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
@@ -39,18 +40,21 @@ from storage import (
     ArtifactLayout,
     Claim,
     SlotState,
+    StoreError,
+    check_schema,
     claim_slot,
     enqueue_event,
     ensure_optuna_study,
     fail_study,
     finish_slot,
     heartbeat_slot,
-    init_db,
+    is_transient,
     make_engine,
     make_optuna_storage,
     optuna_study_exists,
     preparation_failed,
     preparation_succeeded,
+    prune_workers,
     reap_stale_slots,
     record_slot_trial,
     release_slot,
@@ -79,7 +83,8 @@ class Worker:
         self.db = make_engine(settings.database_url, pool_size=settings.worker_pool_size,
                               max_overflow=settings.worker_max_overflow,
                               busy_timeout_s=settings.sqlite_busy_timeout_s)
-        init_db(self.db)
+        # Workers never migrate: a database at another schema revision stops them here, with both revisions named.
+        check_schema(self.db)
         self.optuna_storage = make_optuna_storage(
             settings.database_url, pool_size=settings.worker_pool_size,
             max_overflow=settings.worker_max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
@@ -103,15 +108,21 @@ class Worker:
         notifier = Notifier(self.db, self.settings, f"{self.worker_id}:notifier").start()
         trials_run = 0
         outage_delay = 0.5
+        exit_code = 0
         try:
             while not self._stop.is_set():
                 try:
                     self._housekeeping()
                     claim = claim_slot(self.db, self.worker_id)
                     outage_delay = 0.5
-                except DBAPIError as exc:
+                except (DBAPIError, StorageInternalError) as exc:
+                    if not is_transient(exc):  # a bug or a schema mismatch: say so and stop, never spin on it
+                        log.error("%s", StoreError("claiming a trial slot", exc))
+                        exit_code = 1
+                        break
                     # The database is down or restarting: wait and reconnect (pool_pre_ping replaces dead links).
-                    log.warning("database unavailable (%s); retrying in %.1f s", type(exc.orig).__name__, outage_delay)
+                    log.warning("database unavailable (%s); retrying in %.1f s",
+                                type(getattr(exc, "orig", exc)).__name__, outage_delay)
                     self._stop.wait(outage_delay)
                     outage_delay = min(outage_delay * 2, 15.0)
                     continue
@@ -122,6 +133,17 @@ class Worker:
                     continue
                 try:
                     self.run_claim(claim)
+                except StoreError as exc:
+                    log.error("stopping: %s (slot %d is retried once its heartbeat is stale)", exc, claim.slot_id)
+                    exit_code = 1
+                    break
+                except (DBAPIError, StorageInternalError) as exc:
+                    if not is_transient(exc):
+                        log.error("stopping: %s (slot %d is retried once its heartbeat is stale)",
+                                  StoreError(f"running slot {claim.slot_id}", exc), claim.slot_id)
+                        exit_code = 1
+                        break
+                    log.exception("trial on slot %d broke off; it will be retried", claim.slot_id)
                 except Exception:
                     # Left claimed: once its heartbeat is stale a worker takes the slot over and retries it.
                     log.exception("trial on slot %d broke off; it will be retried", claim.slot_id)
@@ -134,7 +156,7 @@ class Worker:
             self.db.dispose()
             self.optuna_storage.engine.dispose()
         log.info("worker %s stopped after %d trial(s)", self.worker_id, trials_run)
-        return 0
+        return exit_code
 
     def _status(self, status: str, study_id: int | None = None, trial_number: int | None = None) -> None:
         try:
@@ -152,6 +174,7 @@ class Worker:
         self._last_housekeeping = now
         self._status("idle")
         settle_expired_studies(self.db)
+        prune_workers(self.db, older_than_s=self.settings.worker_retention)
         for slot_id, _study_id, trial_id in reap_stale_slots(
             self.db, grace_period_s=self.settings.grace_period, reaper_id=self.worker_id
         ):

@@ -3,7 +3,17 @@
 from sqlalchemy import Engine
 
 from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
-from storage._db import TRANSIENT_ERRORS, engine_kwargs, is_sqlite, make_engine, retry_operational, session_scope
+from storage._db import (
+    TRANSIENT_ERRORS,
+    StoreError,
+    db_now,
+    engine_kwargs,
+    is_sqlite,
+    is_transient,
+    make_engine,
+    retry_operational,
+    session_scope,
+)
 from storage._models import (
     Base,
     NotificationRow,
@@ -43,6 +53,7 @@ from storage._queue import (
     finish_slot,
     get_study,
     heartbeat_slot,
+    prune_workers,
     reap_stale_slots,
     record_slot_trial,
     settle_expired_studies,
@@ -52,12 +63,14 @@ from storage._queue import (
     upsert_worker,
     worker_status,
 )
+from storage._schema import SchemaMismatch, check_schema, current_revision, head_revision, upgrade_schema
 from storage._seed_runs import SeedSpread, count_seed_runs, latest_seed_spread, record_seed_run, seed_runs
 
 
 def init_db(engine: Engine) -> None:
-    """Create kdsearch's tables if missing (Optuna creates its own through RDBStorage)."""
-    Base.metadata.create_all(engine)
+    """Create or upgrade kdsearch's tables to this release's schema (``upgrade_schema``; Optuna creates its own
+    through RDBStorage). What ``kdsearch serve`` and ``kdsearch db upgrade`` run; workers only check."""
+    upgrade_schema(engine)
 
 
 __all__ = [
@@ -69,28 +82,35 @@ __all__ = [
     "NotificationRow",
     "PreparationRow",
     "Preparing",
+    "SchemaMismatch",
     "SeedRunRow",
     "SeedSpread",
     "SlotState",
+    "StoreError",
     "StudyExistsError",
     "StudyRow",
     "StudyStatus",
     "TrialSlotRow",
     "WorkerRow",
     "cancel_study",
+    "check_schema",
     "claim_notification",
     "claim_slot",
     "count_seed_runs",
     "create_study",
+    "current_revision",
+    "db_now",
     "engine_kwargs",
     "enqueue_event",
     "ensure_optuna_study",
     "fail_study",
     "finish_slot",
     "get_study",
+    "head_revision",
     "heartbeat_slot",
     "init_db",
     "is_sqlite",
+    "is_transient",
     "latest_seed_spread",
     "make_engine",
     "make_optuna_storage",
@@ -101,6 +121,7 @@ __all__ = [
     "preparation_succeeded",
     "preparations",
     "preparing",
+    "prune_workers",
     "reap_stale_slots",
     "record_seed_run",
     "record_slot_trial",
@@ -117,6 +138,7 @@ __all__ = [
     "touch_worker",
     "trial_summaries",
     "unpack_directory",
+    "upgrade_schema",
     "upsert_worker",
     "utcnow",
     "worker_status",

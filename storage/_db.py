@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import TypeVar
 
 from optuna.exceptions import StorageInternalError
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, func, make_url, select
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -68,6 +69,19 @@ def configure_sqlite(engine: Engine, default_begin: str = "DEFERRED") -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock, for stamps and staleness checks that hosts compare with each other.
+
+    PostgreSQL: ``now()`` (the transaction's start, the same value every statement of the transaction sees), so no
+    host's clock is ever compared with another's. SQLite is one host by construction: its clock is the database's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.scalar(select(func.now()))
+        assert isinstance(value, datetime)
+        return value.astimezone(timezone.utc)
+    return datetime.now(timezone.utc)
+
+
 @contextmanager
 def session_scope(engine: Engine, *, write_lock: bool = False) -> Iterator[Session]:
     """Open a session, commit on success, roll back on error, always close.
@@ -87,17 +101,53 @@ def session_scope(engine: Engine, *, write_lock: bool = False) -> Iterator[Sessi
         session.close()
 
 
-# What a dropped connection or a briefly locked database looks like, from SQLAlchemy and through Optuna.
-TRANSIENT_ERRORS = (DBAPIError, StorageInternalError)
+# What a dropped connection or a briefly locked database looks like, from SQLAlchemy and through Optuna. Only these
+# are retried as outages; anything else (an integrity or programming error, a missing column) is a bug or a schema
+# mismatch, and retrying it would only hide it.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, StorageInternalError)
+# SQLite reports missing tables and columns as OperationalError too: only these messages are outages there.
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o", "interrupted")
 
 
-def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: float = 0.2) -> T:
-    """Run ``fn`` again with exponential backoff (about 40 s in all) when the database drops or is locked."""
+class StoreError(RuntimeError):
+    """A database error that is not an outage, with what the statement was for."""
+
+    def __init__(self, purpose: str, exc: BaseException) -> None:
+        orig = getattr(exc, "orig", None) or exc.__cause__ or exc
+        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        super().__init__(f"{purpose}: {type(orig).__name__}: {first}")
+        self.purpose = purpose
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is an outage (retry it) rather than a bug or a schema mismatch (surface it)."""
+    if isinstance(exc, StorageInternalError):  # Optuna's wrapper: judge what it wraps
+        cause = exc.__cause__ or exc.__context__
+        return cause is None or is_transient(cause)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        dialect_sqlite = type(exc.orig).__module__.startswith("sqlite3")
+        return not dialect_sqlite or any(word in str(exc.orig).lower() for word in _SQLITE_TRANSIENT)
+    return False
+
+
+def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: float = 0.2,
+                      purpose: str | None = None) -> T:
+    """Run ``fn`` again with exponential backoff (about 40 s in all) while the database is down or locked.
+
+    Any other database error is raised at once, as a ``StoreError`` naming ``purpose`` when one is given."""
     delay = first_delay_s
     for attempt in range(attempts):
         try:
             return fn()
-        except TRANSIENT_ERRORS:
+        except (DBAPIError, StorageInternalError) as exc:
+            if not is_transient(exc):
+                if purpose is not None:
+                    raise StoreError(purpose, exc) from exc
+                raise
             if attempt == attempts - 1:
                 raise
             time.sleep(delay)

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from storage._db import session_scope
-from storage._models import NotificationRow, StudyRow, utcnow
+from storage._db import db_now, session_scope
+from storage._models import NotificationRow, StudyRow
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
@@ -27,7 +27,7 @@ def enqueue(session: Session, study: StudyRow, event: str, payload: dict[str, An
     if not notify.get("webhook") or event not in notify.get("events", []):
         return
     session.add(NotificationRow(study_id=study.id, event=event, url=notify["webhook"], payload=payload or {},
-                                state=PENDING, attempts=0, next_attempt_at=utcnow()))
+                                state=PENDING, attempts=0, next_attempt_at=db_now(session)))
 
 
 def enqueue_event(engine: Engine, study_id: int, event: str, payload: dict[str, Any] | None = None) -> None:
@@ -39,9 +39,9 @@ def enqueue_event(engine: Engine, study_id: int, event: str, payload: dict[str, 
 
 def claim_notification(engine: Engine, deliverer: str, lease_s: float,
                        now: datetime | None = None) -> NotificationRow | None:
-    now = now or utcnow()
     earlier = aliased(NotificationRow)
     with session_scope(engine, write_lock=True) as session:
+        now = now or db_now(session)
         row = session.scalars(
             select(NotificationRow)
             .where(
@@ -67,8 +67,8 @@ def claim_notification(engine: Engine, deliverer: str, lease_s: float,
 def settle_notification(engine: Engine, notification_id: int, deliverer: str, *, error: str | None,
                         max_attempts: int, retry_delay_s: float, now: datetime | None = None) -> str:
     """Record a delivery attempt; returns the notification's state afterwards."""
-    now = now or utcnow()
     with session_scope(engine, write_lock=True) as session:
+        now = now or db_now(session)
         row = session.get(NotificationRow, notification_id, with_for_update=True)
         if row is None or row.claimed_by != deliverer or row.state != PENDING:
             return row.state if row is not None else FAILED

@@ -14,8 +14,8 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage._db import session_scope
-from storage._models import PreparationRow, SlotState, TrialSlotRow, utcnow
+from storage._db import db_now, session_scope
+from storage._models import PreparationRow, SlotState, TrialSlotRow
 
 
 def _row(session: Session, study_id: int) -> PreparationRow:
@@ -35,8 +35,8 @@ def _row(session: Session, study_id: int) -> PreparationRow:
 def report_progress(engine: Engine, study_id: int, worker_id: str, stage: str, done: int, total: int,
                     rate: float | None, now: datetime | None = None) -> None:
     """Record how far a preparation stage is (called a few times a minute, not per batch)."""
-    now = now or utcnow()
     with session_scope(engine, write_lock=True) as session:
+        now = now or db_now(session)
         row = _row(session, study_id)
         if row.stage != stage or row.worker_id != worker_id:
             row.started_at = now
@@ -52,7 +52,7 @@ def preparation_succeeded(engine: Engine, study_id: int, build_seconds: float | 
             return  # the usual case, every trial: nothing built, nothing failed, nothing to write
     with session_scope(engine, write_lock=True) as session:
         row = _row(session, study_id)
-        row.stage, row.attempts, row.retry_at, row.updated_at = None, 0, None, utcnow()
+        row.stage, row.attempts, row.retry_at, row.updated_at = None, 0, None, db_now(session)
         if build_seconds is not None:
             row.build_seconds = build_seconds
 
@@ -61,8 +61,8 @@ def preparation_failed(engine: Engine, study_id: int, reason: str, *, retry_dela
                        max_delay_s: float = 300.0, now: datetime | None = None) -> int:
     """Count one more consecutive failure and hold the study back (``retry_delay_s * 2^(n-1)``, capped); returns
     the number of consecutive failures so far."""
-    now = now or utcnow()
     with session_scope(engine, write_lock=True) as session:
+        now = now or db_now(session)
         row = _row(session, study_id)
         row.attempts += 1
         row.last_error = reason
@@ -101,12 +101,13 @@ def preparations(session: Session, study_ids: list[int]) -> dict[int, Preparatio
     return {row.study_id: row for row in rows}
 
 
-def preparing(row: PreparationRow | None, now: datetime | None = None) -> Preparing | None:
-    """The preparation under way (None when none is), with its ETA from the rate so far, counted from now."""
+def preparing(row: PreparationRow | None, now: datetime) -> Preparing | None:
+    """The preparation under way (None when none is), with its ETA from the rate so far, counted from ``now`` (the
+    database's clock, as the row's stamps)."""
     if row is None or row.stage is None or row.updated_at is None:
         return None
     eta = None
     if row.rate and row.total > row.done:
-        elapsed_since = ((now or utcnow()) - row.updated_at).total_seconds()
+        elapsed_since = (now - row.updated_at).total_seconds()
         eta = max(0.0, (row.total - row.done) / row.rate - elapsed_since)
     return Preparing(row.stage, row.done, row.total, row.rate, eta, row.updated_at)

@@ -15,12 +15,12 @@ import dataclasses
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Table, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, Table, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage._db import session_scope
-from storage._models import PreparationRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow, utcnow
+from storage._db import db_now, session_scope
+from storage._models import PreparationRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow
 from storage._notifications import enqueue
 
 
@@ -67,8 +67,13 @@ def get_study(session: Session, id_or_name: str | int) -> StudyRow | None:
 
 
 def claim_slot(engine: Engine, worker_id: str, now: datetime | None = None) -> Claim | None:
-    """Claim the next pending slot for ``worker_id``, or return None when there is no work."""
-    now = now or utcnow()
+    """Claim the next pending slot for ``worker_id``, or return None when there is no work. Times are the
+    database's (``db_now``): the claim, the first heartbeat and a study's deadline."""
+    with session_scope(engine, write_lock=True) as session:
+        return _claim(session, worker_id, now or db_now(session))
+
+
+def _claim(session: Session, worker_id: str, now: datetime) -> Claim | None:
     next_slot = (
         select(TrialSlotRow.id)
         .join(StudyRow, StudyRow.id == TrialSlotRow.study_id)
@@ -99,18 +104,17 @@ def claim_slot(engine: Engine, worker_id: str, now: datetime | None = None) -> C
         .returning(TrialSlotRow.id, TrialSlotRow.study_id, TrialSlotRow.slot_no, TrialSlotRow.attempts)
         .execution_options(synchronize_session=False)
     )
-    with session_scope(engine, write_lock=True) as session:
-        row = session.execute(claim_stmt).first()
-        if row is None:
-            return None
-        study = session.get(StudyRow, row.study_id)
-        assert study is not None
-        if study.status == StudyStatus.QUEUED:
-            study.status = StudyStatus.RUNNING
-            study.started_at = now
-            if study.timeout_s is not None:
-                study.deadline_at = now + timedelta(seconds=study.timeout_s)
-        return Claim(row.id, study.id, study.name, row.slot_no, row.attempts, dict(study.spec))
+    row = session.execute(claim_stmt).first()
+    if row is None:
+        return None
+    study = session.get(StudyRow, row.study_id)
+    assert study is not None
+    if study.status == StudyStatus.QUEUED:
+        study.status = StudyStatus.RUNNING
+        study.started_at = now
+        if study.timeout_s is not None:
+            study.deadline_at = now + timedelta(seconds=study.timeout_s)
+    return Claim(row.id, study.id, study.name, row.slot_no, row.attempts, dict(study.spec))
 
 
 def record_slot_trial(engine: Engine, slot_id: int, optuna_trial_id: int) -> None:
@@ -130,7 +134,7 @@ def heartbeat_slot(engine: Engine, slot_id: int, worker_id: str, now: datetime |
                 TrialSlotRow.worker_id == worker_id,
                 TrialSlotRow.state == SlotState.CLAIMED,
             )
-            .values(heartbeat_at=now or utcnow())
+            .values(heartbeat_at=now or db_now(session))
         )
         # An UPDATE's result is a CursorResult (Session.execute is typed to return the base Result).
         return cast(CursorResult[Any], result).rowcount == 1
@@ -138,8 +142,8 @@ def heartbeat_slot(engine: Engine, slot_id: int, worker_id: str, now: datetime |
 
 def study_should_stop(engine: Engine, study_id: int, now: datetime | None = None) -> str | None:
     """Why a running trial of this study should stop at its epoch boundary (cancelled, failed, timed out)."""
-    now = now or utcnow()
     with session_scope(engine) as session:
+        now = now or db_now(session)
         study = session.get(StudyRow, study_id)
         if study is None:
             return "study deleted"
@@ -176,7 +180,7 @@ def fail_study(engine: Engine, study_id: int, reason: str) -> None:
         if study.status in StudyStatus.ACTIVE:
             study.status = StudyStatus.FAILED
             study.error = reason
-            study.finished_at = utcnow()
+            study.finished_at = db_now(session)
             enqueue(session, study, "failed", {"error": reason})
         _close_pending(session, study.id)
 
@@ -186,7 +190,7 @@ def cancel_study(engine: Engine, study_id: int) -> StudyRow:
         study = _lock_study(session, study_id)
         if study.status in StudyStatus.ACTIVE:
             study.status = StudyStatus.CANCELLED
-            study.finished_at = utcnow()
+            study.finished_at = db_now(session)
             _close_pending(session, study.id)
         return study
 
@@ -198,8 +202,8 @@ def reap_stale_slots(engine: Engine, *, grace_period_s: float, reaper_id: str,
     The slots stay ``claimed`` but now belong to ``reaper_id``, which settles the Optuna trial and then calls
     ``finish_slot`` for each: so the dead worker (should it come back) and the reaper can never both close it.
     """
-    now = now or utcnow()
     with session_scope(engine, write_lock=True) as session:
+        now = now or db_now(session)
         stale = session.scalars(
             select(TrialSlotRow)
             .where(
@@ -217,8 +221,8 @@ def reap_stale_slots(engine: Engine, *, grace_period_s: float, reaper_id: str,
 
 def settle_expired_studies(engine: Engine, now: datetime | None = None) -> None:
     """Finish studies whose timeout has passed: pending slots are cancelled, running trials end at an epoch."""
-    now = now or utcnow()
     with session_scope(engine) as session:
+        now = now or db_now(session)
         ids = session.scalars(
             select(StudyRow.id).where(StudyRow.status == StudyStatus.RUNNING, StudyRow.deadline_at <= now)
         ).all()
@@ -249,13 +253,21 @@ def upsert_worker(engine: Engine, worker_id: str, *, host: str, pid: int, device
         row.status = status
         row.current_study_id = study_id
         row.current_trial_number = trial_number
-        row.heartbeat_at = utcnow()
+        row.heartbeat_at = db_now(session)
 
 
 def touch_worker(engine: Engine, worker_id: str) -> None:
     """Refresh a worker's own heartbeat (its heartbeat thread does, while it trains or prepares)."""
     with session_scope(engine) as session:
-        session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=utcnow()))
+        session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=db_now(session)))
+
+
+def prune_workers(engine: Engine, older_than_s: float) -> int:
+    """Forget workers gone (no heartbeat) for longer than ``older_than_s``; returns how many."""
+    with session_scope(engine) as session:
+        cutoff = db_now(session) - timedelta(seconds=older_than_s)
+        result = session.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < cutoff))
+        return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 def worker_status(row: WorkerRow, now: datetime, grace_period_s: float) -> str:
@@ -285,7 +297,7 @@ def _settle(session: Session, study: StudyRow, now: datetime | None = None) -> N
     """Move an active study to ``finished`` once no slot can run any more (all closed, or the timeout passed)."""
     if study.status not in StudyStatus.ACTIVE:
         return
-    now = now or utcnow()
+    now = now or db_now(session)
     if study.deadline_at is not None and study.deadline_at <= now:
         _close_pending(session, study.id)
     session.flush()

@@ -13,7 +13,8 @@ from storage._models import Base
 VERSION_TABLE = "kd_alembic_version"
 
 
-def _only_kd_tables(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+def _only_kd_tables(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Compare only kdsearch's tables: Optuna's share the database and migrate themselves."""
     return type_ != "table" or str(name).startswith("kd_")
 
 

@@ -43,6 +43,7 @@ from storage import (
     cancel_study,
     count_seed_runs,
     create_study,
+    db_now,
     ensure_optuna_study,
     get_study,
     latest_seed_spread,
@@ -52,7 +53,6 @@ from storage import (
     slot_counts,
     study_user_attrs,
     trial_summaries,
-    utcnow,
 )
 from storage._trials import learning_curves, optuna_study_id, page_trial_ids, study_fingerprint, trial_points
 
@@ -89,15 +89,19 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
 def _study_metric(row: StudyRow, attrs: dict[str, Any]) -> str | None:
     """The metric a study maximises: as resolved against its teacher (API or worker), else as the spec names it."""
     task = attrs.get("task")
-    return task["metric"] if task else row.spec.get("metric")
+    if task:
+        return str(task["metric"])
+    if "teacher_accuracy" in attrs:  # a study run before task metrics: every one of them scored accuracy
+        return "accuracy"
+    return row.spec.get("metric")
 
 
 def _summaries(session: Session, rows: list[StudyRow]) -> list[StudyOut]:
     optuna_side = trial_summaries(session, [r.name for r in rows])
     slots = slot_counts(session, [r.id for r in rows])
-    attrs = study_user_attrs(session, [r.name for r in rows], ["task"])
+    attrs = study_user_attrs(session, [r.name for r in rows], ["task", "teacher_accuracy"])
     preps = preparations(session, [r.id for r in rows])
-    now = utcnow()
+    now = db_now(session)  # started_at and progress stamps are the database's: so is this clock
     out = []
     for row in rows:
         states, best = optuna_side[row.name]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from service.api.deps import SessionDep, SettingsDep, require_read_access
 from service.api.schemas import ErrorOut, WorkerOut
-from storage import WorkerRow, utcnow, worker_status
+from storage import WorkerRow, db_now, worker_status
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(re
 @router.get("", response_model=list[WorkerOut])
 def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerOut]:
     """Every worker seen; ``lost`` for one that claims to run but stopped heart-beating (a crashed host)."""
-    now = utcnow()
+    now = db_now(session)  # heartbeats are stamped on the database's clock
     rows = session.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())).all()
     return [
         WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=worker_status(r, now, settings.grace_period),
