@@ -14,7 +14,7 @@ COPY search_space ./search_space
 COPY storage ./storage
 COPY distill ./distill
 COPY examples ./examples
-RUN pip install ".[onnx]"
+RUN pip install ".[onnx,s3]"
 
 VOLUME ["/artifacts"]
 EXPOSE 8000

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install browser typecheck demo test lint bench quality soak clean
+.PHONY: install test-tools typecheck demo test lint bench quality soak clean
 
 install: $(STAMP)
 
@@ -14,29 +14,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the local CPU wheel; pyproject keeps a range so pip never pulls CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,onnx]"
+	$(BIN)/python -m pip install -q -e ".[dev,onnx,s3]"
 	touch $(STAMP)
 
 demo: install
 	$(BIN)/kdsearch demo
 
-# The dashboard's browser tests drive Debian's Chromium (Playwright cannot download its own browser here): installed
-# when missing and running as root, else a one-line reason and a failure, never a silent skip.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages some tests drive: chromium (the dashboard's browser tests; Playwright cannot download its own
+# browser here) and faketime (libfaketime: worker "hosts" whose clocks disagree). Installed when missing and running
+# as root, else a one-line reason and a failure, never a silent skip.
+TEST_PACKAGES := chromium:/usr/bin/chromium faketime:/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+test-tools:
+	@missing=""; for entry in $(TEST_PACKAGES); do \
+	  [ -e "$${entry#*:}" ] || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the dashboard's browser tests"; \
+	    echo "installing Debian's$$missing for the tests"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "make test: the dashboard's browser tests need Chromium: run 'sudo apt-get install chromium' (or make test as root)" >&2; \
+	    echo "make test: the tests need Debian's$$missing: run 'sudo apt-get install$$missing' (or make test as root)" >&2; \
 	    exit 1; \
-	  fi; }
+	  fi; fi
 
 typecheck: install
 	$(BIN)/mypy
 
-test: install browser
+test: install test-tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -8,8 +8,6 @@ transfer set.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -26,17 +24,19 @@ Entry = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a cache entry: safeten
 
 
 def build_once(layout: ArtifactLayout, key: str, build: Callable[[], Entry]) -> Entry:
-    """Cache entry ``key``, built first if missing."""
-    with layout.locked(key) as directory:
-        if not (directory / "meta.json").is_file():
-            tensors, meta = build()
-            tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / "data.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            tmp.rename(directory)
-        return load_file(str(directory / "data.safetensors")), json.loads((directory / "meta.json").read_text())
+    """Cache entry ``key``, built first if missing: by one process of the cluster (``layout.build_lock``), the
+    others waiting, then loading what it published."""
+    directory = layout.fetch_entry(key)
+    if directory is None:
+        with layout.build_lock(key):
+            directory = layout.fetch_entry(key)  # built by another process while this one waited
+            if directory is None:
+                tensors, meta = build()
+                tmp = layout.scratch_dir(key)
+                save_file(tensors, str(tmp / "data.safetensors"))
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                directory = layout.publish_entry(key, tmp)
+    return load_file(str(directory / "data.safetensors")), json.loads((directory / "meta.json").read_text())
 
 
 def split_tensors(prefix: str, split: TokenizedSplit, logits: torch.Tensor) -> dict[str, torch.Tensor]:

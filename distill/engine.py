@@ -37,7 +37,7 @@ from distill.teacher import TeacherCache, build_or_load_cache
 from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
 from distill.transfer import build_or_load_transfer_set
 from search_space import MetricMismatch, SpecError, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
-from storage import ArtifactLayout
+from storage import ArtifactLayout, make_layout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -99,7 +99,7 @@ def resolve_device(device: str | None) -> torch.device:
 class DistillationEngine(TrialEngine):
     def __init__(self, artifacts: str | Path | ArtifactLayout, device: str | None = None,
                  log: Callable[[str], None] = print) -> None:
-        self.layout = artifacts if isinstance(artifacts, ArtifactLayout) else ArtifactLayout(artifacts)
+        self.layout = artifacts if isinstance(artifacts, ArtifactLayout) else make_layout(artifacts)
         self.device = resolve_device(device)
         self.log = log
         self._prepared: tuple[str, PreparedStudy] | None = None  # last study, reused across its trials

@@ -70,7 +70,8 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    logs = Path(settings.artifacts) / "logs"
+    local = not settings.artifacts.startswith("s3://")
+    logs = (Path(settings.artifacts) if local else settings.local_cache) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     kd = [sys.executable, "-m", "service.cli"]
     with open(logs / "demo-api.log", "w") as api_log, open(logs / "demo-worker.log", "w") as worker_log:

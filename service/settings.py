@@ -10,12 +10,23 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from storage import default_local_cache
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KDSEARCH_", env_file=".env", extra="ignore")
 
     database_url: str = "sqlite:///./kdsearch.db"
-    artifacts: Path = Path("./artifacts")
+    # Checkpoints and data caches: a directory (shared between hosts: NFS, a mounted volume), or an S3-compatible
+    # bucket, s3://bucket/prefix (endpoint and credentials from the standard AWS environment variables).
+    artifacts: str = "./artifacts"
+    # With an s3:// store: this host's verified read-through copy of cache entries (downloaded once per host).
+    local_cache: Path = Field(default_factory=lambda: default_local_cache())
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _artifacts_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
     api_token: str | None = None
     public_read: bool = Field(False, description="With a token set, let GET requests (dashboard) in without it.")
     # Local model and data paths a study may name (symlinks followed). Environment: paths separated by ':'.

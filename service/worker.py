@@ -37,7 +37,6 @@ from service.notifier import Notifier
 from service.progress import PreparationReporter
 from service.settings import Settings
 from storage import (
-    ArtifactLayout,
     Claim,
     SlotState,
     StoreError,
@@ -50,6 +49,7 @@ from storage import (
     heartbeat_slot,
     is_transient,
     make_engine,
+    make_layout,
     make_optuna_storage,
     optuna_study_exists,
     preparation_failed,
@@ -88,7 +88,7 @@ class Worker:
         self.optuna_storage = make_optuna_storage(
             settings.database_url, pool_size=settings.worker_pool_size,
             max_overflow=settings.worker_max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
-        self.layout = ArtifactLayout(settings.artifacts)
+        self.layout = make_layout(settings.artifacts, settings.local_cache, self.db)
         self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info)
         self._stop = threading.Event()
         self._last_housekeeping = 0.0

@@ -27,6 +27,7 @@ from storage._models import (
     utcnow,
 )
 from storage._notifications import claim_notification, enqueue_event, notifications, settle_notification
+from storage._object_store import ObjectStoreLayout, default_local_cache, make_layout
 from storage._optuna import (
     ensure_optuna_study,
     make_optuna_storage,
@@ -80,6 +81,7 @@ __all__ = [
     "Base",
     "Claim",
     "NotificationRow",
+    "ObjectStoreLayout",
     "PreparationRow",
     "Preparing",
     "SchemaMismatch",
@@ -100,6 +102,7 @@ __all__ = [
     "create_study",
     "current_revision",
     "db_now",
+    "default_local_cache",
     "engine_kwargs",
     "enqueue_event",
     "ensure_optuna_study",
@@ -113,6 +116,7 @@ __all__ = [
     "is_transient",
     "latest_seed_spread",
     "make_engine",
+    "make_layout",
     "make_optuna_storage",
     "notifications",
     "optuna_study_exists",

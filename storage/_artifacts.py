@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
@@ -46,15 +47,46 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
 
 
 class ArtifactLayout:
-    """The artifacts root: ``optuna/`` (checkpoints) and ``cache/<key>/`` (tokenized data and teacher logits)."""
+    """The artifacts root: ``optuna/`` (checkpoints) and ``cache/<key>/`` (tokenized data and teacher logits).
+
+    Cache entries are built once (``distill.cache.build_once``): ``fetch_entry`` finds a complete entry, else the
+    builder takes ``build_lock``, looks again, builds into a temporary directory and ``publish_entry`` renames it
+    into place. Here (a local or shared directory): a file lock across this host's processes; an entry is complete
+    once its directory exists (it is renamed into place whole). ``ObjectStoreLayout`` keeps entries in a bucket.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.checkpoints = AtomicFileSystemArtifactStore(self.root / "optuna")
+        self.checkpoints: ArtifactStore = AtomicFileSystemArtifactStore(self.root / "optuna")
         self.cache_root = self.root / "cache"
 
     def cache_dir(self, key: str) -> Path:
         return self.cache_root / key
+
+    def fetch_entry(self, key: str) -> Path | None:
+        """The directory of a complete cache entry, or None."""
+        directory = self.cache_dir(key)
+        return directory if (directory / "meta.json").is_file() else None
+
+    def publish_entry(self, key: str, built: Path) -> Path:
+        """Move a complete entry built in ``built`` (a sibling temporary directory) into place."""
+        directory = self.cache_dir(key)
+        shutil.rmtree(directory, ignore_errors=True)
+        built.rename(directory)
+        return directory
+
+    def scratch_dir(self, key: str) -> Path:
+        """An empty directory to build entry ``key`` in, on the same file system as the entry."""
+        tmp = self.cache_root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    @contextmanager
+    def build_lock(self, key: str) -> Iterator[None]:
+        """Exclusive lock on one cache entry across this host's processes: one builds, the others wait."""
+        with self.locked(key):
+            yield
 
     def store_checkpoint(self, directory: Path, study_or_trial: optuna.Study | optuna.Trial | FrozenTrial,
                          storage: BaseStorage | None = None) -> str:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 
 from optuna.artifacts import Boto3ArtifactStore
 from sqlalchemy import Engine, text
+
+from storage._artifacts import ArtifactLayout
 
 log = logging.getLogger("kdsearch.artifacts")
 MANIFEST = "manifest.json"
@@ -45,8 +47,10 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    import boto3
-
+    try:
+        import boto3
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("KDSEARCH_ARTIFACTS is an s3:// URL: install boto3 (pip install 'kdsearch[s3]')") from exc
     return boto3.client("s3")
 
 
@@ -107,7 +111,7 @@ class RemoteCache:
         manifest = self.manifest(key)
         if manifest is None:
             return False
-        tmp = directory.with_name(f".{directory.name}.download-{zlib.crc32(str(directory).encode())}")
+        tmp = directory.with_name(f".{directory.name}.download-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -160,3 +164,62 @@ def cluster_lock(db: Engine | None, key: str) -> Iterator[None]:
             yield
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _lock_id(key)})
+
+
+def _locally_complete(directory: Path) -> bool:
+    """A local copy is usable when its manifest is there and every file has the manifest's size (a copy is only
+    ever renamed into place whole; the size check catches one damaged on disk since)."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    files = json.loads(manifest_path.read_text())["files"]
+    return all((directory / name).is_file() and (directory / name).stat().st_size == meta["size"]
+               for name, meta in files.items())
+
+
+class ObjectStoreLayout(ArtifactLayout):
+    """Artifacts in an S3-compatible bucket (``s3://bucket/prefix``), cache entries read through a local copy under
+    ``local_cache``, built once in the cluster under a database lock."""
+
+    def __init__(self, url: str, local_cache: Path, db: Engine | None = None, client: Any = None) -> None:
+        bucket, prefix = parse_s3_url(url)
+        super().__init__(Path(local_cache) / bucket / (prefix or "_"))
+        self.url = url
+        self.db = db
+        self.client = client or s3_client()
+        self.checkpoints = PrefixedArtifactStore(Boto3ArtifactStore(bucket, self.client),
+                                                 "/".join(p for p in (prefix, "optuna") if p))
+        self.remote = RemoteCache(self.client, bucket, prefix, self.cache_root)
+
+    def fetch_entry(self, key: str) -> Path | None:
+        directory = self.cache_dir(key)
+        if _locally_complete(directory):
+            return directory
+        # One download per host at a time (its own lock: the builder calls this while holding the build lock).
+        with self.locked(f"{key}.download"):
+            if _locally_complete(directory) or self.remote.download(key, directory):
+                return directory
+        return None
+
+    def publish_entry(self, key: str, built: Path) -> Path:
+        self.remote.upload(key, built)  # files, then the manifest: the entry exists for every host from here
+        return super().publish_entry(key, built)
+
+    @contextmanager
+    def build_lock(self, key: str) -> Iterator[None]:
+        with super().build_lock(key), cluster_lock(self.db, key):
+            yield
+
+
+def default_local_cache() -> Path:
+    """``$XDG_CACHE_HOME/kdsearch`` (``~/.cache/kdsearch``): where a host keeps copies of remote cache entries."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kdsearch"
+
+
+def make_layout(artifacts: str | Path, local_cache: Path | None = None, db: Engine | None = None) -> ArtifactLayout:
+    """The artifact layout for ``KDSEARCH_ARTIFACTS``: a directory, or ``s3://bucket/prefix`` (then ``db``, the
+    shared database, holds the cluster-wide build locks)."""
+    if str(artifacts).startswith("s3://"):
+        return ObjectStoreLayout(str(artifacts), local_cache or default_local_cache(), db)
+    return ArtifactLayout(artifacts)

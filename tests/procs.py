@@ -29,9 +29,10 @@ class Stack:
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.root / log, "a")  # noqa: SIM115 - lives as long as the process
-        return subprocess.Popen([*KDSEARCH, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen([*KDSEARCH, *args], env={**self.env, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
 
     def start_api(self) -> subprocess.Popen:
         self.api = self._spawn(["serve", "--port", str(self.port), "--log-level", "warning"], "api.log")
@@ -43,9 +44,10 @@ class Stack:
                 time.sleep(0.1)
         raise AssertionError("API did not start: " + self.log("api.log"))
 
-    def start_worker(self, *args: str) -> subprocess.Popen:
+    def start_worker(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker process; ``env`` adds to (or overrides) the stack's environment, e.g. another host's."""
         index = len(self.workers)
-        worker = self._spawn(["worker", "--device", "cpu", *args], f"worker-{index}.log")
+        worker = self._spawn(["worker", "--device", "cpu", *args], f"worker-{index}.log", env)
         self.workers.append(worker)
         return worker
 
