@@ -26,6 +26,7 @@ from rich.table import Table
 from distill.deploy import DeployError
 from distill.export import VARIANT_LABELS, ExportError
 from service.exporting import export_best
+from service.progress import eta_text
 from service.settings import get_settings
 
 
@@ -118,17 +119,34 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
             _stop(server)
 
 
+def _describe(study: dict) -> str:
+    """What the study is doing, as the API says: preparing (rows, rate, ETA), or its trials."""
+    prep = study.get("preparing")
+    if prep:
+        eta = f", ETA {eta_text(prep['eta_s'])}" if prep.get("eta_s") is not None else ""
+        return f"preparing {prep['stage'].replace('_', ' ')}: {prep['done']:,} / {prep['total']:,} rows{eta}"
+    c = study["counts"]
+    best = f" best {study['best_value']:.4f}" if study["best_value"] is not None else ""
+    return f"running {c['running']} pruned {c['pruned']} failed {c['failed']}{best}"
+
+
 def _follow(console: Console, url: str, name: str, worker: subprocess.Popen) -> dict:
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[detail]}"), console=console) as progress:
+    """Follow the study until it ends: a live bar in a terminal; elsewhere (a CI log, a pipe) a plain line whenever
+    something changes, never a bar redrawn into a truncated line."""
+    live = console.is_terminal
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[detail]}"), console=console, disable=not live)
+    last_line = ""
+    with progress:
         task = progress.add_task(f"study {name}", total=None, detail="waiting for the worker")
         while True:
             study = httpx.get(f"{url}/api/studies/{name}", timeout=30).json()
-            c = study["counts"]
-            best = f"best {study['best_value']:.4f}" if study["best_value"] is not None else ""
-            detail = "building the teacher-logit cache" if study["status"] == "running" and not study["finished"] \
-                and not c["running"] else f"running {c['running']} pruned {c['pruned']} failed {c['failed']} {best}"
+            detail = _describe(study)
             progress.update(task, total=study["n_trials"], completed=study["finished"], detail=detail)
+            line = f"study {name}: {study['finished']}/{study['n_trials']} trials finished; {detail}"
+            if not live and line != last_line:
+                console.print(line, soft_wrap=True)
+                last_line = line
             if study["status"] not in ("queued", "running"):
                 return study
             if worker.poll() is not None:
