@@ -129,6 +129,9 @@ def run(args: argparse.Namespace, aws: dict[str, str]) -> None:
                             for t in trials)
                 lost += sum(t.state == TrialState.RUNNING for t in trials)
             logs = stack.worker_logs()
+            errors = [line for line in logs.splitlines() if " ERROR " in line]
+            if errors:
+                print(f"{len(errors)} ERROR lines in the worker logs; the first: {errors[:3]}", flush=True)
         finally:
             stack.stop()
     with admin.connect() as conn:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class FlakyEngine(SleepEngine):
             steps, pause = int(os.environ.get("KDSEARCH_TEST_PREP_STEPS", "20")), float(
                 os.environ.get("KDSEARCH_TEST_PREP_S", "0.2"))
             for step in range(1, steps + 1):
-                time.sleep(pause)
+                threading.Event().wait(pause)
                 progress(TEACHER_STAGE, step * 100, steps * 100)
         return spec
 
