@@ -9,11 +9,12 @@ train split over 3 seeds with ``export-best --seeds 3``.
     python bench/pareto.py --tiny                # a smoke run (200 rows, 2 trials) under bench/.cache/pareto-tiny
 
 What runs (all of it written into the report):
-- Search: study ``pareto-sst2``, objectives ``["metric", "params"]``, 40 trials of TPE (seed 33), same-shape median
-  pruning; students of 1-4 layers, hidden 64-256 (step 64), 1, 2 or 4 heads, intermediate 256-1024 (step 256), with
-  teacher-PCA embeddings; learning rate 1e-4..3e-3 (log), temperature 1-10, alpha 0-1, 2-4 epochs, batch 128. CPU time
-  is scarce, so the search trains on a fixed 8,000-sentence subset of the train split with a 5-copy teacher-labelled
-  transfer set (48,000 rows an epoch), and scores on the full validation split (872 sentences).
+- Search: study ``pareto-sst2`` (examples/sst2-pareto.json), objectives ``["metric", "params"]``, 40 trials of TPE
+  (seed 33), same-shape median pruning; students of 1-4 layers, hidden 64-256 (step 64), 1, 2 or 4 heads,
+  intermediate 256-1024 (step 256), with teacher-PCA embeddings; learning rate 1e-4..3e-3 (log), temperature 1-10,
+  alpha 0-1, 2-4 epochs, batch 128. CPU time is scarce, so the search trains on a fixed 8,000-sentence subset of the
+  train split with a 5-copy teacher-labelled transfer set (48,000 rows an epoch), and scores on the full validation
+  split (872 sentences).
 - Retraining: the most accurate front trial at most 4.4M parameters, the most accurate front trial overall, and the
   next most accurate front trials up to ``--retrain`` shapes: each becomes a one-trial study
   ``pareto-sst2-retrain-<trial>`` on the full train split (67,349 sentences) with the same transfer-set recipe, its
@@ -49,26 +50,17 @@ SEARCH_NAME = "pareto-sst2"
 
 
 def search_spec(tiny: bool, n_trials: int) -> dict[str, Any]:
-    """The search study (``--tiny``: the same recipe shrunk to a smoke run)."""
-    student = {"config": {"num_hidden_layers": {"low": 1, "high": 4},
-                          "hidden_size": {"low": 64, "high": 256, "step": 64},
-                          "num_attention_heads": {"choices": [1, 2, 4]},
-                          "intermediate_size": {"low": 256, "high": 1024, "step": 256}},
-               "embedding_init": "teacher_pca"}
-    space: dict[str, Any] = {"learning_rate": {"low": 1e-4, "high": 3e-3, "log": True},
-                             "temperature": {"low": 1, "high": 10}, "alpha": {"low": 0, "high": 1},
-                             "num_train_epochs": {"low": 2, "high": 4}, "batch_size": 128}
-    dataset: dict[str, Any] = {"path": str(SHARED / "data" / "sst2"), "max_seq_length": 128, "max_train_samples": 8000}
-    augment: dict[str, Any] = {"copies": 5}
+    """The search study: examples/sst2-pareto.json on the shared data (``--tiny``: shrunk to a smoke run)."""
+    spec: dict[str, Any] = json.loads((ROOT / "examples" / "sst2-pareto.json").read_text())
+    spec.update(name=SEARCH_NAME, teacher=str(SHARED / "models" / "sst2-teacher"), n_trials=n_trials)
+    spec["dataset"] = {**spec["dataset"], "path": str(SHARED / "data" / "sst2")}
     if tiny:
-        student["config"] = {"num_hidden_layers": 1, "hidden_size": {"choices": [64, 128]}, "num_attention_heads": 2,
-                             "intermediate_size": 256}
-        space = {**space, "num_train_epochs": 1}
-        dataset["max_train_samples"] = 200
-        augment = {"copies": 0}
-    return {"name": SEARCH_NAME, "teacher": str(SHARED / "models" / "sst2-teacher"), "student": student,
-            "dataset": dataset, "augment": augment, "search_space": space, "objectives": ["metric", "params"],
-            "n_trials": n_trials, "sampler": "tpe", "pruner": "median", "seed": 33}
+        spec["student"] = {**spec["student"], "config": {"num_hidden_layers": 1, "hidden_size": {"choices": [64, 128]},
+                                                         "num_attention_heads": 2, "intermediate_size": 256}}
+        spec["search_space"] = {**spec["search_space"], "num_train_epochs": 1}
+        spec["dataset"]["max_train_samples"] = 200
+        spec["augment"] = {"copies": 0}
+    return spec
 
 
 def retrain_spec(search: dict[str, Any], trial: dict[str, Any], tiny: bool) -> dict[str, Any]:
