@@ -183,7 +183,9 @@ def shape_values(spec: int | ShapeRange | ShapeChoices) -> list[int]:
 
 
 def _check_shape(name: str, spec: Any, low: int, high: int) -> Any:
-    for value in shape_values(spec):
+    # The bounds of a range, never its values: a range is only enumerated once it is known to be small.
+    ends = [spec.low, spec.high] if isinstance(spec, ShapeRange) else shape_values(spec)
+    for value in ends:
         if not low <= value <= high:
             raise ValueError(f"{name} must be within {low}..{high} (got {value})")
     return spec
@@ -192,6 +194,11 @@ def _check_shape(name: str, spec: Any, low: int, high: int) -> Any:
 def valid_attention_pairs(hidden_sizes: list[int], heads: list[int]) -> list[tuple[int, int]]:
     """The (hidden_size, num_attention_heads) pairs a BERT-style layer can have: the heads split the width evenly."""
     return [(h, a) for h in hidden_sizes for a in heads if h % a == 0]
+
+
+def any_attention_pair(hidden_sizes: list[int], heads: list[int]) -> bool:
+    """Whether some valid pair exists (stops at the first)."""
+    return any(h % a == 0 for h in hidden_sizes for a in heads)
 
 
 class StudentArchitecture(_Strict):
@@ -230,7 +237,7 @@ class StudentArchitecture(_Strict):
         if isinstance(hidden, int) and isinstance(v, int):
             if hidden % v:
                 raise ValueError(f"hidden_size ({hidden}) must be divisible by num_attention_heads ({v})")
-        elif not valid_attention_pairs(shape_values(hidden), shape_values(v)):
+        elif not any_attention_pair(shape_values(hidden), shape_values(v)):
             raise ValueError(f"no value divides any hidden_size value: no valid shape exists (hidden_size "
                              f"{_shown(hidden)}, num_attention_heads {_shown(v)})")
         return v

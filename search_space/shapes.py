@@ -119,12 +119,15 @@ def _config_space(student: StudentSpec, arch: StudentArchitecture, teacher_hidde
         if not hidden:
             raise SpecError("student.config.hidden_size", f"embedding_init teacher_pca needs hidden_size <= the "
                                                           f"teacher's ({teacher_hidden}); no value given is")
-    pairs = valid_attention_pairs(hidden, shape_values(arch.num_attention_heads))
-    if not pairs:
+    heads = shape_values(arch.num_attention_heads)
+    # Counted before any pair is built: up to 8,185 hidden sizes times 128 head counts.
+    pair_count = sum(1 for h in hidden for a in heads if h % a == 0)
+    if not pair_count:
         raise SpecError("student.config.num_attention_heads",
                         f"no value divides a hidden_size value{f' of at most {teacher_hidden}' if capped else ''}: "
                         "no valid shape exists")
-    hidden_sizes, head_counts = sorted({h for h, _ in pairs}), sorted({a for _, a in pairs})
+    hidden_sizes = [h for h in hidden if any(h % a == 0 for a in heads)]
+    head_counts = [a for a in heads if any(h % a == 0 for h in hidden)]
     distributions: dict[str, BaseDistribution] = {}
     fixed: dict[str, int] = {}
 
@@ -136,14 +139,15 @@ def _config_space(student: StudentSpec, arch: StudentArchitecture, teacher_hidde
             distributions[name] = found
 
     add("num_hidden_layers", arch.num_hidden_layers, shape_values(arch.num_hidden_layers))
-    if len(pairs) == len(hidden_sizes) * len(head_counts):  # every pair valid: two independent parameters
+    if pair_count == len(hidden_sizes) * len(head_counts):  # every pair valid: two independent parameters
         add("hidden_size", arch.hidden_size, hidden_sizes)
         add("num_attention_heads", arch.num_attention_heads, head_counts)
-    elif len(pairs) > MAX_JOINT_PAIRS:
+    elif pair_count > MAX_JOINT_PAIRS:
         raise SpecError("student.config.hidden_size",
-                        f"{len(pairs)} valid (hidden_size, num_attention_heads) pairs are too many to search as one "
+                        f"{pair_count} valid (hidden_size, num_attention_heads) pairs are too many to search as one "
                         f"parameter (at most {MAX_JOINT_PAIRS}): give hidden_size a step every head count divides")
     else:
+        pairs = valid_attention_pairs(hidden_sizes, head_counts)
         distributions[JOINT_ATTENTION] = CategoricalDistribution([f"{h}/{a}" for h, a in pairs])
     add("intermediate_size", arch.intermediate_size, shape_values(arch.intermediate_size))
     return StudentSpace("config", distributions, fixed)

@@ -129,6 +129,12 @@ def test_impossible_specs_are_422_naming_the_field(client: TestClient, tiny_asse
         "student.truncate_teacher.num_layers"
     assert field(student={"config": {**config, "num_hidden_layers": {"low": 0, "high": 3}}}).startswith(
         "student.config.num_hidden_layers")
+    # Bounds are checked before a range is enumerated (a huge one is refused at once, not listed).
+    assert field(student={"config": {**config, "hidden_size": {"low": -10**18, "high": 10**18}}}).startswith(
+        "student.config.hidden_size")
+    # Valid pairs past what one categorical parameter can learn: give a step instead.
+    assert field(student={"config": {**config, "hidden_size": {"low": 8, "high": 8192},
+                                     "num_attention_heads": {"low": 1, "high": 128}}}) == "student.config.hidden_size"
     assert field(objectives=["params"]) == "objectives"
     assert field(objectives=["metric", "accuracy"]).startswith("objectives")
     assert field(objectives=["metric", "params"], constraints={"max_params": 1000}) == "constraints"
