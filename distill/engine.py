@@ -14,6 +14,11 @@ Contract for a ``TrialEngine``:
   directory). An exception is a trial-level failure: the trial is FAIL and its slot retried.
 - ``teacher_metrics(prepared)`` is the teacher's score on the eval split for every metric of the task, a reference
   for the dashboard and model card.
+- ``student_space(prepared, spec)`` is the student shapes the study may sample (``search_space.shapes``): only valid
+  ones, given the teacher. A searched shape reaches ``run_trial`` in ``params``, under the dimensions' names.
+- ``profile(prepared, params)`` is the student's profile before training (``distill.profile``: shape, parameters,
+  FLOPs, CPU latency), and ``teacher_profile(prepared)`` the teacher's; None where an engine cannot tell (a study
+  with several objectives or constraints then fails its trials with the reason).
 """
 
 from __future__ import annotations
@@ -31,12 +36,23 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
+from distill.profile import architecture, profile_model
 from distill.progress import Progress
-from distill.student import build_student
+from distill.student import build_student, student_config
 from distill.teacher import TeacherCache, build_or_load_cache
 from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
 from distill.transfer import build_or_load_transfer_set
-from search_space import MetricMismatch, SpecError, StudySpec, TaskInfo, resolve_task, tokenizers_compatible
+from search_space import (
+    MetricMismatch,
+    SpecError,
+    StudentSpace,
+    StudySpec,
+    TaskInfo,
+    resolve_task,
+    student_space,
+    teacher_dims,
+    tokenizers_compatible,
+)
 from storage import ArtifactLayout, make_layout
 
 if TYPE_CHECKING:
@@ -73,6 +89,15 @@ class TrialEngine(ABC):
     def teacher_metrics(self, prepared: Any) -> dict[str, float] | None:
         return None
 
+    def student_space(self, prepared: Any, spec: StudySpec) -> StudentSpace:
+        return student_space(spec.student)  # no teacher known: only the spec's own rules
+
+    def profile(self, prepared: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def teacher_profile(self, prepared: Any) -> dict[str, Any] | None:
+        return None
+
 
 @dataclasses.dataclass
 class PreparedStudy:
@@ -85,6 +110,8 @@ class PreparedStudy:
     tokenizer: Any
     teacher_config: Any
     teacher_state: dict[str, torch.Tensor] | None  # only for students built from the teacher's weights
+    space: StudentSpace  # the student shapes this study samples (valid for this teacher)
+    teacher_profile: dict[str, Any] | None = None  # measured on first use
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -137,8 +164,13 @@ class DistillationEngine(TrialEngine):
             problem = tokenizers_compatible(tokenizer, load_tokenizer(spec.student.model))
             if problem:
                 raise DataError(f"teacher and student tokenizers differ: {problem}")
-        # Fail the study now, not in every trial, if the student cannot be built.
-        build_student(spec.student, teacher_config, seed=spec.seed, teacher_state=teacher_state)
+        try:
+            space = student_space(spec.student, *teacher_dims(teacher_config))
+        except SpecError as exc:  # a hub teacher: its width and depth are only known now
+            raise DataError(str(exc)) from exc
+        # Fail the study now, not in every trial, if the student (one valid shape of it) cannot be built.
+        build_student(space.student_for(spec.student, space.example()), teacher_config, seed=spec.seed,
+                      teacher_state=teacher_state)
         prepared = PreparedStudy(
             spec=spec,
             task=task,
@@ -149,6 +181,7 @@ class DistillationEngine(TrialEngine):
             tokenizer=tokenizer,
             teacher_config=teacher_config,
             teacher_state=teacher_state,
+            space=space,
         )
         self._prepared = (fingerprint, prepared)
         return prepared
@@ -158,6 +191,20 @@ class DistillationEngine(TrialEngine):
 
     def teacher_metrics(self, prepared: PreparedStudy) -> dict[str, float] | None:
         return prepared.cache.teacher_metrics
+
+    def student_space(self, prepared: PreparedStudy, spec: StudySpec) -> StudentSpace:
+        return prepared.space
+
+    def profile(self, prepared: PreparedStudy, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's student measured before training (the architecture with random weights: the trained one
+        has the same size, FLOPs and speed)."""
+        student = prepared.space.student_for(prepared.spec.student, params)
+        return profile_model(architecture(student_config(student, prepared.teacher_config)), prepared.eval)
+
+    def teacher_profile(self, prepared: PreparedStudy) -> dict[str, Any]:
+        if prepared.teacher_profile is None:
+            prepared.teacher_profile = profile_model(architecture(prepared.teacher_config), prepared.eval)
+        return prepared.teacher_profile
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
                   on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
@@ -171,8 +218,8 @@ class DistillationEngine(TrialEngine):
             warmup_ratio=float(params.get("warmup_ratio", 0.0)),
             seed=seed,
         )
-        model = build_student(prepared.spec.student, prepared.teacher_config, seed=seed,
-                              teacher_state=prepared.teacher_state)
+        student = prepared.space.student_for(prepared.spec.student, params)  # a searched shape: the trial's
+        model = build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
         result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
                                task=prepared.task)
         model.load_state_dict(result.best_state)

@@ -13,6 +13,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from distill.engine import TRIAL_RECORD
 from search_space import METRIC_TITLES
+from search_space.objectives import COST_TITLES
 
 
 class ExportError(RuntimeError):
@@ -135,11 +136,63 @@ def deployment_lines(deployment: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _shape_text(shape: dict[str, Any]) -> str:
+    return (f"{shape.get('num_hidden_layers')} layers, hidden {shape.get('hidden_size')}, "
+            f"{shape.get('num_attention_heads')} heads, intermediate {shape.get('intermediate_size')}")
+
+
+def size_lines(profile: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
+    """The card's size-and-speed section: the student's shape, parameters, FLOPs and CPU latency beside the
+    teacher's, as kdsearch measured them before training (``distill.profile``)."""
+    lines = [
+        "## Size and speed", "",
+        f"Measured by kdsearch on the architecture: forward FLOPs of one sequence of {profile['flops_seq_len']} tokens "
+        "(the evaluation split's median tokenized length; every matrix product, 2 FLOPs per multiply-add); CPU "
+        f"latency per sequence at batch 1 with {profile['latency_threads']} thread, median of "
+        f"{profile['latency_passes']} passes over {profile['latency_rows']} evaluation sentences, tokenization "
+        f"excluded, on {profile['machine']}.", "",
+        "| model | shape | parameters | without embeddings | FLOPs / sequence | CPU ms / sequence |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    rows = [("this student", profile), *([("teacher", teacher)] if teacher else [])]
+    for label, p in rows:
+        lines.append(f"| {label} | {_shape_text(p['shape'])} | {p['params']:,} | {p['params_no_embeddings']:,} | "
+                     f"{p['flops']:,} | {p['latency_ms']:.2f} |")
+    if teacher:
+        lines += ["", f"The student has {profile['params'] / teacher['params']:.1%} of the teacher's parameters and "
+                  f"{profile['flops'] / teacher['flops']:.1%} of its FLOPs, and runs "
+                  f"{teacher['latency_ms'] / profile['latency_ms']:.1f}x as fast on this CPU."]
+    return [*lines, ""]
+
+
+def front_lines(front: list[dict[str, Any]], trial_number: int, metric: str, cost: str, how: str) -> list[str]:
+    """The card's Pareto section: the front this export was chosen from, the exported trial marked."""
+    lines = [
+        "## Pareto front", "",
+        f"The study optimised {METRIC_TITLES.get(metric, metric)} (higher) and {COST_TITLES.get(cost, cost)} (lower) "
+        f"together, so it has no one best trial but a front of {len(front)} trial{'s' if len(front) != 1 else ''} that "
+        f"no other trial beats on both. This model is trial {trial_number} ({how}).", "",
+        f"| trial | {_title(metric)} | parameters | FLOPs / sequence | CPU ms / sequence | shape |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for entry in front:
+        p = entry.get("profile") or {}
+        mark = " (this model)" if entry["number"] == trial_number else ""
+        lines.append(f"| {entry['number']}{mark} | {entry['value']:.4f} | {p.get('params', 0):,} | "
+                     f"{p.get('flops', 0):,} | {p.get('latency_ms', float('nan')):.2f} | "
+                     f"{_shape_text(p['shape']) if p.get('shape') else ''} |")
+    return [*lines, ""]
+
+
 def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial_number: int, n_trials_run: int,
                study_name: str, seed_results: dict[int, float] | None = None,
-               deployment: dict[str, Any] | None = None) -> str:
+               deployment: dict[str, Any] | None = None, selection: str | None = None,
+               profile: dict[str, Any] | None = None, teacher_profile: dict[str, Any] | None = None,
+               front: list[dict[str, Any]] | None = None) -> str:
     """A Trainer-style card with every metric of the task. ``seed_results`` (seed → the study's metric of a
-    retraining) adds the mean and spread; ``deployment`` (``distill.deploy.deploy``) the ONNX variants."""
+    retraining) adds the mean and spread; ``deployment`` (``distill.deploy.deploy``) the ONNX variants;
+    ``profile`` and ``teacher_profile`` the size and speed section; ``front`` (a study with several objectives:
+    number, value and profile of each front trial) the front this trial was chosen from, ``selection`` how."""
     record = normalized_record(record)
     params = record["params"]
     dataset = spec["dataset"]
@@ -152,9 +205,19 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
     history = record["history"]
     best = next((h for h in history if h["epoch"] == record["best_epoch"]), history[-1] if history else None)
     student = spec["student"]
-    student_desc = (student.get("model") or
-                    (f"fresh {json.dumps(student['config'])}" if student.get("config") else
-                     f"{student['truncate_teacher']['num_layers']} layers truncated from the teacher"))
+    shape = (profile or {}).get("shape")
+    if student.get("model"):
+        student_desc = student["model"]
+    elif student.get("config"):
+        student_desc = f"fresh, {_shape_text(shape)}" if shape else f"fresh {json.dumps(student['config'])}"
+    else:
+        layers = shape["num_hidden_layers"] if shape else student["truncate_teacher"]["num_layers"]
+        student_desc = f"{layers} layers truncated from the teacher"
+    searched = [k for k, v in (student.get("config") or student.get("truncate_teacher") or {}).items()
+                if isinstance(v, dict)]
+    if searched:
+        student_desc += f" (shape searched: {', '.join(searched)})"
+    chosen_how = selection if selection and selection != "the best trial" else None
     card_data = ModelCardData(
         model_name=name,
         base_model=student["model"] if student.get("model") else None,
@@ -185,9 +248,10 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "<!-- This model card was generated by kdsearch export-best. -->", "",
         f"# {name}", "",
         f"This model is a distilled student of [{spec['teacher']}]({spec['teacher']}) on the "
-        f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset ({task_desc}), the best trial "
-        f"({trial_number}) of a {n_trials_run}-trial kdsearch study `{study_name}` by "
-        f"{METRIC_TITLES.get(metric, metric)}"
+        f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset ({task_desc}), "
+        + (f"trial {trial_number} ({chosen_how}) of a {n_trials_run}-trial kdsearch study `{study_name}`"
+           if chosen_how else f"the best trial ({trial_number}) of a {n_trials_run}-trial kdsearch study "
+                              f"`{study_name}` by {METRIC_TITLES.get(metric, metric)}")
         + (f", retrained with {len(seed_results)} seeds." if seed_results else "."),
         "It achieves the following results on the evaluation set:",
         f"- Loss: {best['eval_loss']:.4f}" if best else "- Loss: n/a",
@@ -199,6 +263,9 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
            if teacher else []),
         "",
         *(_seed_lines(seed_results, metric, int(record["seed"]), int(spec.get("seed", 33))) if seed_results else []),
+        *(size_lines(profile, teacher_profile) if profile else []),
+        *(front_lines(front, trial_number, metric, (spec.get("objectives") or ["metric", "cost"])[-1],
+                      chosen_how or "chosen by number") if front is not None else []),
         *(deployment_lines(deployment) if deployment else []),
         "## Model description", "",
         f"Student: {student_desc}. Trained by logit distillation with the objective {_objective(regression)}; "
@@ -223,6 +290,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         f"- num_epochs: {params['num_train_epochs']}",
         f"- teacher: {spec['teacher']}",
         f"- student: {student_desc}",
+        *([f"- student_shape: {json.dumps(shape)}"] if shape else []),
         f"- best epoch kept (by {METRIC_TITLES.get(metric, metric)}): {record['best_epoch']}"
         + (f" (trial stopped early: {record['stopped']})" if record.get("stopped") else ""),
         "",

@@ -80,36 +80,54 @@ def _project_teacher_embeddings(model: PreTrainedModel, teacher_state: dict[str,
     model.load_state_dict(student_state)
 
 
+def student_config(spec: StudentSpec, teacher_config: PretrainedConfig) -> PretrainedConfig:
+    """The config of the student ``spec`` describes (every dimension fixed), with the teacher's labels: what
+    ``build_student`` builds, and what ``distill.profile`` measures."""
+    labels = _label_kwargs(teacher_config)
+    if spec.model is not None:
+        name, revision = split_revision(spec.model)
+        return AutoConfig.from_pretrained(name, revision=revision, **labels)
+    config = copy.deepcopy(teacher_config)
+    config.update({k: v for k, v in labels.items() if k == "problem_type"})
+    if spec.config is not None:
+        config.update(spec.config.fixed_shape())
+        return config
+    assert spec.truncate_teacher is not None
+    if not isinstance(spec.truncate_teacher.num_layers, int):
+        raise ValueError("truncate_teacher.num_layers is still searched: fix it for the trial first")
+    config.num_hidden_layers = len(truncated_layer_indices(teacher_config.num_hidden_layers,
+                                                           spec.truncate_teacher.num_layers))
+    return config
+
+
 def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int,
                   teacher_state: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
-    """A sequence classifier with the teacher's labels; initial weights depend only on ``seed``."""
+    """A sequence classifier with the teacher's labels; initial weights depend only on ``seed``. Every dimension
+    of ``spec`` must be fixed (``search_space.StudentSpace.student_for`` fixes a trial's)."""
     torch.manual_seed(seed)
     labels = _label_kwargs(teacher_config)
     if spec.model is not None:
         name, revision = split_revision(spec.model)
-        student_config = AutoConfig.from_pretrained(name, revision=revision)
-        has_head = any(a.endswith("ForSequenceClassification") for a in student_config.architectures or [])
-        if has_head and student_config.num_labels != teacher_config.num_labels:
+        pretrained = AutoConfig.from_pretrained(name, revision=revision)
+        has_head = any(a.endswith("ForSequenceClassification") for a in pretrained.architectures or [])
+        if has_head and pretrained.num_labels != teacher_config.num_labels:
             # A fine-tuned classifier with other labels would silently lose its head: refuse instead.
             raise DataError(f"teacher and student label counts differ (teacher {teacher_config.num_labels}, "
-                            f"student {student_config.num_labels})")
+                            f"student {pretrained.num_labels})")
         # A base model (no classification head) gets a fresh head with the teacher's labels.
         return AutoModelForSequenceClassification.from_pretrained(
             name, revision=revision, ignore_mismatched_sizes=True, **labels
         )
-    config = copy.deepcopy(teacher_config)
-    config.update({k: v for k, v in labels.items() if k == "problem_type"})
     if spec.config is not None:
-        config.update(spec.config.model_dump())
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(student_config(spec, teacher_config))
         if spec.embedding_init == "teacher_pca":
             assert teacher_state is not None
             _project_teacher_embeddings(model, teacher_state)
         return model
     assert spec.truncate_teacher is not None and teacher_state is not None
+    assert isinstance(spec.truncate_teacher.num_layers, int)
     keep = truncated_layer_indices(teacher_config.num_hidden_layers, spec.truncate_teacher.num_layers)
-    config.num_hidden_layers = len(keep)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(student_config(spec, teacher_config))
     new_index = {old: new for new, old in enumerate(keep)}
     state: dict[str, torch.Tensor] = {}
     for key, value in teacher_state.items():

@@ -9,19 +9,26 @@ from search_space.distributions import (
     optuna_distributions,
     trial_params,
 )
+from search_space.errors import SpecError
 from search_space.schema import (
+    COST_OBJECTIVES,
     AugmentSpec,
+    Constraints,
     DatasetSpec,
     NotifySpec,
     ParamChoices,
     ParamRange,
     SearchSpace,
+    ShapeChoices,
+    ShapeRange,
     StudentArchitecture,
     StudentSpec,
     StudySpec,
     TruncateTeacher,
+    shape_values,
     values_of,
 )
+from search_space.shapes import JOINT_ATTENTION, SHAPE_FIELDS, StudentSpace, student_space, teacher_dims
 from search_space.tasks import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -32,7 +39,7 @@ from search_space.tasks import (
     task_type_of,
 )
 from search_space.validation import (
-    SpecError,
+    check_student_shapes,
     local_task,
     looks_local,
     split_file,
@@ -41,22 +48,30 @@ from search_space.validation import (
 )
 
 __all__ = [
+    "COST_OBJECTIVES",
     "INTEGER_PARAMS",
+    "JOINT_ATTENTION",
     "METRIC_NAMES",
     "METRIC_TITLES",
+    "SHAPE_FIELDS",
     "AugmentSpec",
+    "Constraints",
     "DatasetSpec",
     "MetricMismatch",
     "NotifySpec",
     "ParamChoices",
     "ParamRange",
     "SearchSpace",
+    "ShapeChoices",
+    "ShapeRange",
     "SpecError",
     "StudentArchitecture",
+    "StudentSpace",
     "StudentSpec",
     "StudySpec",
     "TaskInfo",
     "TruncateTeacher",
+    "check_student_shapes",
     "fitting_metrics",
     "fixed_params",
     "local_task",
@@ -66,8 +81,11 @@ __all__ = [
     "max_epochs",
     "optuna_distributions",
     "resolve_task",
+    "shape_values",
     "split_file",
+    "student_space",
     "task_type_of",
+    "teacher_dims",
     "tokenizers_compatible",
     "trial_params",
     "validate_spec",

@@ -72,7 +72,9 @@ def make_sampler(spec: StudySpec, slot_no: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    if spec.pruner == "none":
+    """Optuna's pruner for a single-objective study. Optuna's pruners rank trials on one objective only: a study with
+    several has none here, and its worker applies ``search_space.objectives.same_shape_should_prune`` itself."""
+    if spec.pruner == "none" or spec.multi_objective:
         return optuna.pruners.NopPruner()
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs(spec.search_space), 2))

@@ -9,7 +9,16 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from search_space.tasks import MetricName
 
@@ -128,24 +137,135 @@ class SearchSpace(_Strict):
         return _check("warmup_ratio", v, lambda x: 0 <= x < 1, "within [0, 1)")
 
 
-class StudentArchitecture(_Strict):
-    num_hidden_layers: int = Field(ge=1, le=48)
-    hidden_size: int = Field(ge=8, le=8192)
-    num_attention_heads: int = Field(ge=1, le=128)
-    intermediate_size: int = Field(ge=8, le=32768)
+class ShapeRange(_Strict):
+    """An integer range of a student dimension: ``low..high`` every ``step`` (default 1), or log-uniform."""
+
+    low: int
+    high: int
+    step: int | None = Field(None, ge=1)
+    log: bool = False
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> StudentArchitecture:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
+    def _ordered(self) -> ShapeRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
         return self
 
 
+class ShapeChoices(_Strict):
+    choices: list[int] = Field(min_length=1)
+
+
+def _shape_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "choices" if "choices" in value else "range"
+    if isinstance(value, ShapeRange | ShapeChoices):
+        return "choices" if isinstance(value, ShapeChoices) else "range"
+    return "value"
+
+
+# A student dimension: a fixed integer, an integer range or a list of choices (dispatched on shape, as ParamSpec).
+ShapeSpec = Annotated[
+    Annotated[int, Tag("value")] | Annotated[ShapeRange, Tag("range")] | Annotated[ShapeChoices, Tag("choices")],
+    Discriminator(_shape_kind),
+]
+
+
+def shape_values(spec: int | ShapeRange | ShapeChoices) -> list[int]:
+    """Every value a student dimension can take, ascending (a range enumerated on its step)."""
+    if isinstance(spec, ShapeRange):
+        return list(range(spec.low, spec.high + 1, spec.step or 1))
+    if isinstance(spec, ShapeChoices):
+        return sorted(set(spec.choices))
+    return [spec]
+
+
+def _check_shape(name: str, spec: Any, low: int, high: int) -> Any:
+    # The bounds of a range, never its values: a range is only enumerated once it is known to be small.
+    ends = [spec.low, spec.high] if isinstance(spec, ShapeRange) else shape_values(spec)
+    for value in ends:
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be within {low}..{high} (got {value})")
+    return spec
+
+
+def valid_attention_pairs(hidden_sizes: list[int], heads: list[int]) -> list[tuple[int, int]]:
+    """The (hidden_size, num_attention_heads) pairs a BERT-style layer can have: the heads split the width evenly."""
+    return [(h, a) for h in hidden_sizes for a in heads if h % a == 0]
+
+
+def any_attention_pair(hidden_sizes: list[int], heads: list[int]) -> bool:
+    """Whether some valid pair exists (stops at the first)."""
+    return any(h % a == 0 for h in hidden_sizes for a in heads)
+
+
+class StudentArchitecture(_Strict):
+    """A fresh student's shape; each dimension a fixed value, a range or choices (searched like the search space).
+
+    Only shapes that can exist are ever sampled: a hidden size the head count divides evenly.
+    """
+
+    num_hidden_layers: ShapeSpec
+    hidden_size: ShapeSpec
+    num_attention_heads: ShapeSpec
+    intermediate_size: ShapeSpec
+
+    @field_validator("num_hidden_layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _check_shape("num_hidden_layers", v, 1, 48)
+
+    @field_validator("hidden_size")
+    @classmethod
+    def _hidden(cls, v: Any) -> Any:
+        return _check_shape("hidden_size", v, 8, 8192)
+
+    @field_validator("intermediate_size")
+    @classmethod
+    def _intermediate(cls, v: Any) -> Any:
+        return _check_shape("intermediate_size", v, 8, 32768)
+
+    @field_validator("num_attention_heads")
+    @classmethod
+    def _heads_divide_width(cls, v: Any, info: ValidationInfo) -> Any:
+        _check_shape("num_attention_heads", v, 1, 128)
+        hidden = info.data.get("hidden_size")
+        if hidden is None:  # hidden_size itself was refused: that error names it
+            return v
+        if isinstance(hidden, int) and isinstance(v, int):
+            if hidden % v:
+                raise ValueError(f"hidden_size ({hidden}) must be divisible by num_attention_heads ({v})")
+        elif not any_attention_pair(shape_values(hidden), shape_values(v)):
+            raise ValueError(f"no value divides any hidden_size value: no valid shape exists (hidden_size "
+                             f"{_shown(hidden)}, num_attention_heads {_shown(v)})")
+        return v
+
+    @property
+    def searched(self) -> bool:
+        return any(not isinstance(getattr(self, name), int) for name in type(self).model_fields)
+
+    def fixed_shape(self) -> dict[str, int]:
+        """The four dimensions of a shape with no searched dimension left (``search_space.shapes`` fixes them)."""
+        shape = self.model_dump()
+        if self.searched:
+            raise ValueError(f"the student's shape is still searched ({shape}): fix it for the trial first")
+        return shape
+
+
+def _shown(spec: Any) -> str:
+    values = shape_values(spec)
+    return ", ".join(map(str, values)) if len(values) <= 8 else f"{values[0]}..{values[-1]}"
+
+
 class TruncateTeacher(_Strict):
-    num_layers: int = Field(ge=1, le=48)
+    num_layers: ShapeSpec  # a fixed count, a range or choices; at most the teacher's depth (checked against it)
+
+    @field_validator("num_layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return _check_shape("num_layers", v, 1, 48)
 
 
 class StudentSpec(_Strict):
@@ -169,6 +289,13 @@ class StudentSpec(_Strict):
         if self.embedding_init != "random" and self.config is None:
             raise ValueError("embedding_init applies to a fresh config student only")
         return self
+
+    @property
+    def searched(self) -> bool:
+        """Whether the student's shape is searched (a range or choices in ``config`` or ``truncate_teacher``)."""
+        if self.config is not None:
+            return self.config.searched
+        return self.truncate_teacher is not None and not isinstance(self.truncate_teacher.num_layers, int)
 
     @property
     def needs_teacher_weights(self) -> bool:
@@ -248,6 +375,35 @@ class NotifySpec(_Strict):
     events: list[NotifyEvent] = Field(default_factory=_default_events, min_length=1)
 
 
+# What a study optimises: the task metric (maximised) first, optionally one cost of the student (minimised).
+Objective = Literal["metric", "params", "flops", "latency_ms"]
+COST_OBJECTIVES: tuple[str, ...] = ("params", "flops", "latency_ms")
+
+
+def _default_objectives() -> list[Objective]:
+    return ["metric"]
+
+
+class Constraints(_Strict):
+    """Limits on the student of a single-objective study: a trial whose student breaks one is infeasible (never
+    "best"); its shape is measured before training, so it is not trained at all."""
+
+    max_params: int | None = Field(None, gt=0)  # total parameters
+    max_flops: int | None = Field(None, gt=0)  # forward FLOPs per sequence at the eval split's median length
+    max_latency_ms: float | None = Field(None, gt=0)  # CPU, batch 1, one thread, median of repeated runs
+
+    @model_validator(mode="after")
+    def _some(self) -> Constraints:
+        if self.max_params is None and self.max_flops is None and self.max_latency_ms is None:
+            raise ValueError("give at least one of max_params, max_flops, max_latency_ms")
+        return self
+
+    def limits(self) -> dict[str, float]:
+        """Profile key → limit, for the constraints given (``params``, ``flops``, ``latency_ms``)."""
+        given = {"params": self.max_params, "flops": self.max_flops, "latency_ms": self.max_latency_ms}
+        return {key: float(limit) for key, limit in given.items() if limit is not None}
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     teacher: str = Field(min_length=1, max_length=1024)
@@ -258,12 +414,57 @@ class StudySpec(_Strict):
     search_space: SearchSpace = SearchSpace()
     # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
     metric: MetricName | None = None
+    # ["metric"]: maximise the metric; ["metric", "params"|"flops"|"latency_ms"]: a Pareto front of the metric
+    # (maximised) against the student's cost (minimised).
+    objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1, max_length=2)
+    constraints: Constraints | None = None
     n_trials: int = Field(20, ge=1)  # capped by KDSEARCH_MAX_N_TRIALS
     timeout_s: float | None = Field(None, gt=0)
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    # Several objectives: "median" compares a trial with trials of the same student shape only, "hyperband" is refused.
     pruner: Literal["median", "hyperband", "none"] = "median"
     seed: int = Field(33, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-1000, le=1000)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if v[0] != "metric":
+            raise ValueError(f"the first objective is the task metric: [\"metric\"] or [\"metric\", X] with X one of "
+                             f"{', '.join(COST_OBJECTIVES)} (got {v})")
+        if len(v) == 2 and v[1] not in COST_OBJECTIVES:
+            raise ValueError(f"the second objective must be one of {', '.join(COST_OBJECTIVES)} (got {v[1]!r})")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _single_objective(cls, v: Constraints | None, info: ValidationInfo) -> Constraints | None:
+        if v is not None and len(info.data.get("objectives") or []) > 1:
+            raise ValueError("constraints apply to a single-objective study; a multi-objective study keeps every "
+                             "trade-off on its Pareto front (pick within a limit with export-best --max-params etc.)")
+        return v
+
+    @field_validator("pruner")
+    @classmethod
+    def _pruner_fits(cls, v: str, info: ValidationInfo) -> str:
+        if v == "hyperband" and len(info.data.get("objectives") or []) > 1:
+            raise ValueError("hyperband cannot rank trials on several objectives; use \"median\" (a trial is "
+                             "compared with trials of the same student shape) or \"none\"")
+        return v
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def cost_objective(self) -> str | None:
+        """The second objective (``params``, ``flops`` or ``latency_ms``), or None for a single-objective study."""
+        return self.objectives[1] if self.multi_objective else None
+
+    @property
+    def directions(self) -> list[Literal["maximize", "minimize"]]:
+        """Optuna's study directions: the metric is maximised, a cost minimised."""
+        return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
 
     @field_validator("name")
     @classmethod

@@ -10,9 +10,11 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from search_space.errors import SpecError
 from search_space.schema import StudySpec
+from search_space.shapes import student_space, teacher_dims
 from search_space.tasks import MetricMismatch, TaskInfo, resolve_task
 
 if TYPE_CHECKING:
@@ -28,15 +30,6 @@ TOKENIZER_PROBES = (
     "the film's unhurried pace is démodé yet oddly mesmerizing",
     "unbelievably overwrought and self-indulgent",
 )
-
-
-class SpecError(ValueError):
-    """A spec that cannot run; ``field`` is the dotted path of the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def looks_local(ref: str) -> bool:
@@ -152,30 +145,46 @@ def check_mask_token(spec: StudySpec) -> None:
         raise SpecError("augment.p_mask", "the teacher's tokenizer has no mask token; set augment.p_mask to 0")
 
 
-def local_task(spec: StudySpec) -> TaskInfo | None:
-    """The study's task when its teacher is a local directory (its config says it), else None (a worker finds out).
-
-    Raises ``SpecError`` naming ``metric`` when the metric does not fit the task.
-    """
+def _local_teacher_config(spec: StudySpec) -> Any | None:
+    """The teacher's config when it is a local directory (None for a hub id: a worker reads it)."""
     if not looks_local(spec.teacher):
         return None
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(spec.teacher)
+        return AutoConfig.from_pretrained(spec.teacher)
     except Exception as exc:
         raise SpecError("teacher", f"cannot read the teacher's config: {exc}") from exc
+
+
+def local_task(spec: StudySpec, config: Any | None = None) -> TaskInfo | None:
+    """The study's task when its teacher is a local directory (its config says it), else None (a worker finds out).
+
+    Raises ``SpecError`` naming ``metric`` when the metric does not fit the task.
+    """
+    config = config if config is not None else _local_teacher_config(spec)
+    if config is None:
+        return None
     try:
         return resolve_task(config, spec.metric)
     except MetricMismatch as exc:
         raise SpecError("metric" if spec.metric else "teacher", str(exc)) from exc
 
 
+def check_student_shapes(spec: StudySpec, teacher_config: Any | None) -> None:
+    """Some valid student shape exists (``search_space.shapes``), against the teacher's width and depth when its
+    config is known here; raises ``SpecError`` naming the field."""
+    hidden, layers = teacher_dims(teacher_config) if teacher_config is not None else (None, None)
+    student_space(spec.student, hidden, layers)
+
+
 def validate_spec(spec: StudySpec,
                   allowed_roots: Sequence[Path] | None = None) -> tuple[StudySpec, TaskInfo | None]:
     """The spec with local paths checked and made absolute, and its task when the teacher is local."""
     spec = normalize_spec(spec, allowed_roots)
-    task = local_task(spec)
+    teacher_config = _local_teacher_config(spec)
+    task = local_task(spec, teacher_config)
+    check_student_shapes(spec, teacher_config)
     check_tokenizers(spec)
     check_mask_token(spec)
     return spec, task

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +191,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(f"[red]{study['error']}[/]")
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
-        table = Table("#", "state", metric, "epochs", *columns, "duration s")
+        table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "duration s")
         formats = {"learning_rate": "{:.3g}", "temperature": "{:.2f}", "alpha": "{:.3f}"}
         for t in page["trials"]:
             p = t["params"]
             table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
                           str(len(t["epochs"])),
                           *(formats[c].format(p[c]) if isinstance(p.get(c), int | float) else "" for c in columns),
-                          f"{t['duration_s']:.1f}" if t["duration_s"] else "")
+                          *_size_cells(t.get("profile")), f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
+        if len(study.get("objectives") or []) > 1 or any(t.get("profile") for t in page["trials"]):
+            print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"))
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
@@ -207,6 +210,41 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
+
+
+def _shape_cell(shape: dict[str, int]) -> str:
+    return (f"L{shape.get('num_hidden_layers')} H{shape.get('hidden_size')} A{shape.get('num_attention_heads')} "
+            f"I{shape.get('intermediate_size')}")
+
+
+def _size_cells(profile: dict[str, Any] | None) -> tuple[str, str, str]:
+    """Shape, parameters (millions) and CPU latency of a trial's student, blank where not measured."""
+    if not profile:
+        return "", "", ""
+    return _shape_cell(profile["shape"]), f"{profile['params'] / 1e6:.2f}M", f"{profile['latency_ms']:.2f}"
+
+
+def print_front(console: Any, pareto: dict[str, Any]) -> None:
+    """The Pareto front (``GET /api/studies/{id}/pareto``) as a table, with the teacher as the reference."""
+    from rich.table import Table
+
+    metric, cost = pareto.get("metric") or "score", pareto["cost"]
+    table = Table("#", metric, "params", "FLOPs", "latency ms", "shape", "learning_rate", "temperature", "alpha",
+                  title=f"Pareto front: {metric} (higher) vs {cost} (lower), {len(pareto['front'])} of "
+                        f"{pareto['n_complete']} complete trials")
+    for point in pareto["front"]:
+        p, kd = point["profile"], point["params"]
+        table.add_row(str(point["number"]), f"{point['value']:.4f}", f"{p['params']:,}", f"{p['flops']:,}",
+                      f"{p['latency_ms']:.2f}", _shape_cell(p["shape"]),
+                      *(f"{kd[k]:.3g}" if isinstance(kd.get(k), int | float) else "" for k in
+                        ("learning_rate", "temperature", "alpha")))
+    teacher = pareto.get("teacher_profile")
+    if teacher:
+        score = pareto.get("teacher_metric")
+        table.add_row("teacher", f"{score:.4f}" if score is not None else "", f"{teacher['params']:,}",
+                      f"{teacher['flops']:,}", f"{teacher['latency_ms']:.2f}", _shape_cell(teacher["shape"]),
+                      "", "", "", style="dim")
+    console.print(table)
 
 
 def cmd_export_best(args: argparse.Namespace) -> int:
@@ -222,7 +260,9 @@ def cmd_export_best(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     try:
         result = export_best(get_settings(), args.study, Path(args.out), force=args.force, seeds=args.seeds,
-                             device=args.device, onnx=args.onnx, quantize=args.quantize)
+                             device=args.device, onnx=args.onnx, quantize=args.quantize, trial_number=args.trial,
+                             max_params=args.max_params, max_flops=args.max_flops,
+                             max_latency_ms=args.max_latency_ms)
     except DeployError as exc:
         return _fail(f"{exc} (the Hugging Face export in {args.out} was written and stays)")
     except (ExportError, DataError) as exc:
@@ -233,7 +273,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
         print(f"trial {result.trial_number} retrained with {len(spread.seeds)} seeds: eval {result.metric} "
               f"{spread.mean:.4f}{std} (mean{' ± sample std' if std else ''}); exporting seed {spread.best_seed}")
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
-    print(f"exported trial {result.trial_number} (eval {result.metric} {result.score:.4f}"
+    print(f"exported trial {result.trial_number}, {result.selection} (eval {result.metric} {result.score:.4f}"
           f"{'; ' + others if others else ''}) to {result.out_dir}")
     if result.deployment is not None:
         print_deployment(result.deployment)
@@ -279,7 +319,42 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="also write onnx/model.onnx, verified against PyTorch, with CPU latency on the card")
     parser.add_argument("--quantize", default=None, metavar="int8",
                         help="with --onnx: also write onnx/model.<int8>.onnx (dynamic quantization)")
+    pick = parser.add_argument_group(
+        "which trial", "default: the best trial (a study with two objectives needs one of these: it has a front)")
+    pick.add_argument("--trial", type=_count("--trial", 0), default=None, metavar="N", help="this trial")
+    pick.add_argument("--max-params", type=_count("--max-params", 1), default=None, metavar="N",
+                      help="the most accurate trial with at most N parameters (4400000 or 4.4e6)")
+    pick.add_argument("--max-flops", type=_count("--max-flops", 1), default=None, metavar="N",
+                      help="the most accurate trial with at most N forward FLOPs per sequence")
+    pick.add_argument("--max-latency-ms", type=_positive("--max-latency-ms"), default=None, metavar="X",
+                      help="the most accurate trial with at most X ms CPU latency per sequence (batch 1)")
     parser.set_defaults(func=cmd_export_best)
+
+
+def _count(flag: str, minimum: int) -> Callable[[str], int]:
+    """An integer option (``4400000`` or ``4.4e6``) of at least ``minimum``."""
+    def parse(value: str) -> int:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number (got {value!r})") from None
+        if number != int(number) or number < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= {minimum} (got {value})")
+        return int(number)
+    return parse
+
+
+def _positive(flag: str) -> Callable[[str], float]:
+    """A number option above 0."""
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number (got {value!r})") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be > 0 (got {value})")
+        return number
+    return parse
 
 
 def _seed_count(value: str) -> int:

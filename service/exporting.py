@@ -1,4 +1,9 @@
-"""export-best: find the study's best trial in the store, optionally retrain it over seeds, write the model directory.
+"""export-best: pick a trial of the study, optionally retrain it over seeds, write the model directory.
+
+Which trial, in order: ``trial`` (``--trial N``); else the most accurate COMPLETE trial whose student is within every
+limit given (``--max-params``, ``--max-flops``, ``--max-latency-ms``); else, for a single-objective study, the best
+trial. A study with several objectives has no one best trial: without a selector it is refused with its Pareto front
+listed.
 
 Without ``seeds`` the best trial's own checkpoint is written out. With ``seeds=N`` its configuration is retrained
 with N fresh seeds (``spec.seed + 1 .. spec.seed + N``: none is the seed the search scored, so the mean is not
@@ -8,6 +13,7 @@ resumes), and the best seed is exported with the mean and spread on its model ca
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -48,17 +54,105 @@ class ExportResult:
     metrics: dict[str, float]  # every metric of the task, of the exported checkpoint
     spread: SeedSpread | None = None
     deployment: dict[str, Any] | None = None  # the ONNX variants, their metrics and latency (--onnx)
+    selection: str = "the best trial"  # how the trial was chosen, as the card says it
 
 
-def _best_trial(study: optuna.Study) -> tuple[FrozenTrial, int]:
-    """The best COMPLETE trial (best PRUNED one if none completed), and how many trials finished."""
+@dataclass
+class Selection:
+    trial: FrozenTrial
+    how: str  # "the best trial", "chosen with --trial", "the most accurate trial within --max-params 5,000,000"
+    n_trials_run: int  # finished trials (COMPLETE and PRUNED)
+    front: list[FrozenTrial] | None  # several objectives: the Pareto front it was chosen from
+
+
+# Selector flag → the profile key it limits.
+LIMIT_FLAGS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latency_ms"}
+
+
+def _metric(trial: FrozenTrial) -> float:
+    """A finished trial's metric: its first value (``FrozenTrial.value`` refuses a trial with several)."""
+    return cast(list[float], trial.values)[0]
+
+
+def _limits_text(limits: dict[str, float]) -> str:
+    return " and ".join(f"--{flag.replace('_', '-')} {limit:,.2f}" if flag == "max_latency_ms" else
+                        f"--{flag.replace('_', '-')} {int(limit):,}" for flag, limit in limits.items())
+
+
+def _cost(trial: FrozenTrial, key: str) -> float:
+    """A measured trial's ``params``, ``flops`` or ``latency_ms``."""
+    return float(trial.user_attrs["profile"][key])
+
+
+def _within(trial: FrozenTrial, limits: dict[str, float]) -> bool:
+    profile = trial.user_attrs.get("profile")
+    return profile is not None and all(float(profile[LIMIT_FLAGS[flag]]) <= limit for flag, limit in limits.items())
+
+
+def describe_trial(trial: FrozenTrial, metric: str) -> str:
+    """One line: number, metric, size, FLOPs, latency and shape (what the front listing and the card show)."""
+    line = f"trial {trial.number}: {metric} {_metric(trial):.4f}"
+    profile = trial.user_attrs.get("profile")
+    if profile:
+        shape = profile["shape"]
+        line += (f", {profile['params']:,} params, {profile['flops']:,} FLOPs, {profile['latency_ms']:.2f} ms; "
+                 f"L{shape.get('num_hidden_layers')} H{shape.get('hidden_size')} A{shape.get('num_attention_heads')} "
+                 f"I{shape.get('intermediate_size')}")
+    return line
+
+
+def select_trial(study: optuna.Study, *, trial_number: int | None = None, max_params: float | None = None,
+                 max_flops: float | None = None, max_latency_ms: float | None = None,
+                 metric: str = "metric") -> Selection:
+    """The trial to export (module docstring for the order); ``ExportError`` when none fits, naming why."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    candidates = [t for t in trials if t.value is not None and "checkpoint_artifact_id" in t.user_attrs]
+    candidates = [t for t in trials if t.values is not None and "checkpoint_artifact_id" in t.user_attrs]
     complete = [t for t in candidates if t.state == TrialState.COMPLETE]
+    several = len(study.directions) > 1
+    front = sorted(study.best_trials, key=lambda t: (t.values[1], t.number)) if several else None
+    limits = {flag: float(v) for flag, v in (("max_params", max_params), ("max_flops", max_flops),
+                                              ("max_latency_ms", max_latency_ms)) if v is not None}
+    if trial_number is not None:
+        chosen = next((t for t in candidates if t.number == trial_number), None)
+        if chosen is None:
+            state = next((t.state.name for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
+            raise ExportError(f"study {study.study_name!r} has no trial {trial_number}" if state is None else
+                              f"trial {trial_number} is {state} without a checkpoint: nothing to export")
+        if limits and not _within(chosen, limits):
+            raise ExportError(f"trial {trial_number} is not within {_limits_text(limits)} "
+                              f"({describe_trial(chosen, metric)})")
+        return Selection(chosen, "chosen with --trial", len(trials), front)
+    if limits:
+        eligible = [t for t in complete if _within(t, limits)]
+        if not eligible:
+            measured = [t for t in complete if t.user_attrs.get("profile")]
+            smallest = [f"the smallest by {LIMIT_FLAGS[flag]}: "
+                        + describe_trial(min(measured, key=functools.partial(_cost, key=LIMIT_FLAGS[flag])), metric)
+                        for flag in limits] if measured else ["no COMPLETE trial has a measured student"]
+            raise ExportError(f"no COMPLETE trial of study {study.study_name!r} is within {_limits_text(limits)} "
+                              f"({'; '.join(smallest)})")
+        # The most accurate; among equals the cheaper (first limit's cost), then the earlier.
+        first = LIMIT_FLAGS[next(iter(limits))]
+        chosen = min(eligible, key=lambda t: (-_metric(t), _cost(t, first), t.number))
+        return Selection(chosen, f"the most accurate trial within {_limits_text(limits)}", len(trials), front)
+    if several:
+        listing = "\n".join(f"  {describe_trial(t, metric)}" for t in front or [])
+        cost = study.user_attrs.get("kdsearch_spec", {}).get("objectives", ["metric", "cost"])[-1]
+        raise ExportError(
+            f"study {study.study_name!r} has two objectives ({metric} and {cost}): there is no one best trial. "
+            f"Choose from its Pareto front with --trial N, or the most accurate within a limit with --max-params N, "
+            f"--max-flops N or --max-latency-ms X. The front ({len(front or [])} trial"
+            f"{'' if len(front or []) == 1 else 's'}, ascending {cost}):\n"
+            + (listing or "  (empty: no COMPLETE trial yet)"))
     if not candidates:
         raise ExportError(f"study {study.study_name!r} has no finished trial with a checkpoint yet")
-    # Every candidate has a value (filtered above).
-    return max(complete or candidates, key=lambda t: cast(float, t.value)), len(trials)
+    # The best COMPLETE trial (the best PRUNED one if none completed): every candidate has a value.
+    return Selection(max(complete or candidates, key=_metric), "the best trial", len(trials), None)
+
+
+def front_entry(trial: FrozenTrial) -> dict[str, Any]:
+    """A front trial as the model card lists it."""
+    return {"number": trial.number, "value": _metric(trial), "profile": trial.user_attrs.get("profile")}
 
 
 def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id: int, spec: StudySpec,
@@ -137,7 +231,8 @@ def _record_export(study: optuna.Study, entry: dict[str, Any]) -> None:
 
 def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = False, seeds: int = 0,
                 device: str = "auto", onnx: bool = False, quantize: str | None = None,
-                log: Callable[[str], None] = print) -> ExportResult:
+                trial_number: int | None = None, max_params: float | None = None, max_flops: float | None = None,
+                max_latency_ms: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
     check_deploy_options(onnx, quantize)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before any retraining, not after
@@ -157,7 +252,10 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                 raise ExportError(f"no study {study!r} in {settings.database_url}")
             study_id, name, spec_json = row.id, row.name, dict(row.spec)
         optuna_study = optuna.load_study(study_name=name, storage=storage)
-        best, n_trials_run = _best_trial(optuna_study)
+        metric = (optuna_study.user_attrs.get("task") or {}).get("metric") or spec_json.get("metric") or "metric"
+        selection = select_trial(optuna_study, trial_number=trial_number, max_params=max_params,
+                                 max_flops=max_flops, max_latency_ms=max_latency_ms, metric=metric)
+        best = selection.trial
         spread, artifact_id = None, best.user_attrs["checkpoint_artifact_id"]
         if seeds:
             spread, artifacts = retrain_seeds(settings, db, optuna_study, study_id, StudySpec.model_validate(spec_json),
@@ -173,8 +271,11 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
             record = normalized_record(json.loads((checkpoint / TRIAL_RECORD).read_text()))
             card_args: dict[str, Any] = dict(
                 name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,
-                n_trials_run=n_trials_run, study_name=name,
-                seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None)
+                n_trials_run=selection.n_trials_run, study_name=name,
+                seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None,
+                selection=selection.how, profile=best.user_attrs.get("profile"),
+                teacher_profile=optuna_study.user_attrs.get("teacher_profile"),
+                front=None if selection.front is None else [front_entry(t) for t in selection.front])
             write_export(checkpoint, out_dir, model_card(**card_args), force=force)
         deployment = None
         if onnx:  # the Hugging Face export is written first and stays, whatever happens here
@@ -184,7 +285,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                                       "out_dir": str(out_dir.resolve()), "exported_at": utcnow().isoformat(),
                                       "deployment": deployment})
         return ExportResult(out_dir, best.number, record["metric"], float(record["score"]), record["metrics"], spread,
-                            deployment)
+                            deployment, selection.how)
     finally:
         db.dispose()
         storage.engine.dispose()

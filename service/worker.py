@@ -11,6 +11,7 @@ epoch boundary (it is marked FAIL and retried elsewhere), exit 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -32,7 +33,16 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
 from distill import STUDY_FAULTS, EpochResult, TrialEngine, TrialOutcome, load_engine
-from search_space import StudySpec, TaskInfo, make_pruner, make_sampler, optuna_distributions, trial_params
+from search_space import (
+    StudentSpace,
+    StudySpec,
+    TaskInfo,
+    make_pruner,
+    make_sampler,
+    optuna_distributions,
+    trial_params,
+)
+from search_space.objectives import constraint_violations, infeasible_reason, same_shape_should_prune
 from service.notifier import Notifier
 from service.progress import PreparationReporter
 from service.settings import Settings
@@ -221,13 +231,19 @@ class Worker:
             log.warning("slot %d was taken over while the study was prepared; leaving it", claim.slot_id)
             return
         task = self.engine.task(prepared)
-        trial, params = self._ask(claim, spec, study, task)
+        trial, params = self._ask(claim, spec, study, task, self.engine.student_space(prepared, spec))
         self._status("busy", claim.study_id, trial.number)
         try:
-            outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost)
+            profile = self._profile(spec, prepared, trial, params)
+            if (reason := infeasible_reason(spec.constraints, profile or {})) is not None:
+                # Known before training: the student is never trained, the sampler learns from the violation.
+                retry_operational(lambda: self._record_infeasible(study, trial, reason))
+                log.info("study %s trial %d not trained: %s", claim.study_name, trial.number, reason)
+            else:
+                outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost, profile)
+                log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
+                         outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
             slot_outcome, error = SlotState.DONE, None
-            log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
-                     outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             error = describe_error(exc)
             if not isinstance(exc, InterruptedError):
@@ -246,7 +262,7 @@ class Worker:
     def _load_study(self, claim: Claim, spec: StudySpec) -> optuna.Study:
         if not optuna_study_exists(self.optuna_storage, claim.study_name):
             # The API crashed between our row and Optuna's: create the twin now.
-            ensure_optuna_study(self.optuna_storage, claim.study_name)
+            ensure_optuna_study(self.optuna_storage, claim.study_name, directions=spec.directions)
         return optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
                                  sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
 
@@ -285,6 +301,10 @@ class Worker:
         teacher_metrics = self.engine.teacher_metrics(prepared)
         if teacher_metrics is not None and "teacher_metrics" not in study.user_attrs:
             study.set_user_attr("teacher_metrics", teacher_metrics)
+        if "teacher_profile" not in study.user_attrs:  # the Pareto chart's reference point, measured once
+            teacher_profile = self.engine.teacher_profile(prepared)
+            if teacher_profile is not None:
+                study.set_user_attr("teacher_profile", teacher_profile)
         return prepared
 
     def _preparation_failed(self, claim: Claim, exc: Exception) -> None:
@@ -304,12 +324,17 @@ class Worker:
                     claim.study_name, reason, attempts, self.settings.max_prepare_attempts, delay)
         release_slot(self.db, claim.slot_id, self.worker_id)
 
-    def _ask(self, claim: Claim, spec: StudySpec, study: optuna.Study,
-             task: TaskInfo) -> tuple[optuna.Trial, dict[str, Any]]:
-        """A new trial over the parameters that mean something for the task, recorded on the slot."""
-        trial = study.ask(optuna_distributions(spec.search_space, task.ignored_params))
+    def _ask(self, claim: Claim, spec: StudySpec, study: optuna.Study, task: TaskInfo,
+             space: StudentSpace) -> tuple[optuna.Trial, dict[str, Any]]:
+        """A new trial over the parameters that mean something for the task and the student's searched shape (valid
+        shapes only), recorded on the slot. ``params`` holds the KD hyperparameters and the shape's searched
+        dimensions by name (what ``run_trial`` and ``export-best --seeds`` train)."""
+        kd_distributions = optuna_distributions(spec.search_space, task.ignored_params)
+        trial = study.ask({**kd_distributions, **space.distributions})
         record_slot_trial(self.db, claim.slot_id, trial._trial_id)
-        params = trial_params(spec.search_space, trial.params, task.ignored_params)
+        kd_sampled = {k: v for k, v in trial.params.items() if k in kd_distributions}
+        params: dict[str, Any] = {**trial_params(spec.search_space, kd_sampled, task.ignored_params),
+                                  **space.shape_params(trial.params)}
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", self.worker_id)
         trial.set_user_attr("slot", claim.slot_no)
@@ -318,15 +343,58 @@ class Worker:
                  claim.attempt, params)
         return trial, params
 
-    def _epoch_reporter(self, claim: Claim, trial: optuna.Trial, task: TaskInfo,
-                        lost: threading.Event) -> Callable[[EpochResult], str | None]:
+    def _profile(self, spec: StudySpec, prepared: Any, trial: optuna.Trial,
+                 params: dict[str, Any]) -> dict[str, Any] | None:
+        """Measure the trial's student before training (``distill.profile``), record it, and record how far it is
+        from each constraint (Optuna's ``Trial.set_constraint``: feasible at 0 or below)."""
+        profile = self.engine.profile(prepared, params)
+        if profile is None:
+            if spec.multi_objective or spec.constraints is not None:
+                raise RuntimeError("this trial engine measures no student profile, which objectives "
+                                   f"{spec.objectives} and constraints need")
+            return None
+        retry_operational(lambda: trial.set_user_attr("profile", profile))
+        if spec.constraints is not None:
+            # Optuna 5's successor of constraints_func: stored with the trial, read by the samplers that model
+            # feasibility (TPE) and by best_trial / best_trials, whatever sampler the study uses.
+            for name, violation in constraint_violations(spec.constraints, profile).items():
+                retry_operational(functools.partial(trial.set_constraint, name, violation))
+        return profile
+
+    def _record_infeasible(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+        """An untrained infeasible trial: PRUNED with its reason and no value, so it is never best, counts towards
+        ``n_trials`` and tells the sampler where not to go. Idempotent, like ``_record_outcome``."""
+        state = self.optuna_storage.get_trial(trial._trial_id).state
+        if state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
+        if state != TrialState.RUNNING:
+            raise InterruptedError(f"trial is {state.name} (failed by a reaper)")
+        trial.set_user_attr("stop_reason", reason)
+        study.tell(trial, state=TrialState.PRUNED)
+
+    def _epoch_reporter(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
+                        task: TaskInfo, lost: threading.Event,
+                        profile: dict[str, Any] | None) -> Callable[[EpochResult], str | None]:
         """The callback after each epoch: report the study's metric (the pruner decides), record every metric,
-        and say whether to stop (claim lost, shutdown, study cancelled or expired, pruned)."""
+        and say whether to stop (claim lost, shutdown, study cancelled or expired, pruned).
+
+        A study with several objectives reports nothing to Optuna (``Trial.report`` takes one objective; its
+        pruners and TPE's ranking of pruned trials need one direction): every epoch stays in the ``epochs``
+        attribute, and the pruning rule is ``same_shape_should_prune`` (a trial against trials of its shape)."""
         epochs: list[dict[str, Any]] = []
+
+        def should_prune(result: EpochResult) -> bool:
+            if not spec.multi_objective:
+                return bool(retry_operational(trial.should_prune))
+            if spec.pruner == "none" or profile is None:
+                return False
+            peers = retry_operational(lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            return same_shape_should_prune(peers, profile["shape"], result.epoch, result.score)
 
         def on_epoch_end(result: EpochResult) -> str | None:
             # Each store call is retried, so a database restart mid-trial costs a pause, not the trial.
-            retry_operational(lambda: trial.report(result.score, result.epoch))
+            if not spec.multi_objective:
+                retry_operational(lambda: trial.report(result.score, result.epoch))
             epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
                            "eval_loss": result.eval_loss, "score": result.score, "metrics": result.metrics,
                            "seconds": round(result.seconds, 3)})
@@ -339,7 +407,7 @@ class Worker:
                 return SHUTDOWN
             if reason := retry_operational(lambda: study_should_stop(self.db, claim.study_id)):
                 return reason
-            if retry_operational(trial.should_prune):
+            if should_prune(result):
                 return "pruned"
             return None
 
@@ -347,22 +415,26 @@ class Worker:
 
     def _train_and_store(self, claim: Claim, spec: StudySpec, prepared: Any, study: optuna.Study,
                          trial: optuna.Trial, params: dict[str, Any], task: TaskInfo,
-                         lost: threading.Event) -> TrialOutcome:
+                         lost: threading.Event, profile: dict[str, Any] | None) -> TrialOutcome:
         """Train, then store the checkpoint, then tell Optuna: a trial is only COMPLETE (or PRUNED) once its
         checkpoint is stored. A stop for shutdown or a lost claim raises ``InterruptedError``."""
-        on_epoch_end = self._epoch_reporter(claim, trial, task, lost)
+        on_epoch_end = self._epoch_reporter(claim, spec, study, trial, task, lost, profile)
         with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"
             outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
             if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
                 raise InterruptedError(outcome.stopped)
             artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
-        retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id))
+        values = [outcome.best_score]
+        if spec.cost_objective is not None:
+            assert profile is not None  # _profile refuses a multi-objective study without one
+            values.append(float(profile[spec.cost_objective]))
+        retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id, values))
         retry_operational(lambda: self._announce_best(claim, spec, study, trial, outcome))
         return outcome
 
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
-                        artifact_id: str) -> None:
+                        artifact_id: str, values: list[float]) -> None:
         """Attributes first, then ``tell``; safe to retry after a dropped connection (idempotent)."""
         state = self.optuna_storage.get_trial(trial._trial_id).state
         if state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -377,14 +449,16 @@ class Worker:
             trial.set_user_attr("stop_reason", outcome.stopped)
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            study.tell(trial, outcome.best_score)
+            study.tell(trial, values)  # the metric, then the cost of a multi-objective study
 
     def _announce_best(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
                        outcome: TrialOutcome) -> None:
         """A ``new_best`` notification when this trial is now the study's best (and the spec asked for it)."""
         if spec.notify is None or "new_best" not in spec.notify.events or outcome.stopped:
             return
-        if study.best_trial.number == trial.number:
+        # Several objectives: "best" is joining the Pareto front.
+        best = study.best_trials if spec.multi_objective else [study.best_trial]
+        if trial.number in {t.number for t in best}:
             enqueue_event(self.db, claim.study_id, "new_best",
                           {"trial_number": trial.number, "value": outcome.best_score})
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import optuna
 import sqlalchemy as sa
@@ -30,9 +31,12 @@ def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
     return storage
 
 
-def ensure_optuna_study(storage: RDBStorage, name: str, user_attrs: dict | None = None) -> optuna.Study:
-    """Create the study's Optuna twin (maximising the study's metric) or load it if another process already did."""
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+def ensure_optuna_study(storage: RDBStorage, name: str, user_attrs: dict | None = None,
+                        directions: Sequence[Literal["maximize", "minimize"]] | None = None) -> optuna.Study:
+    """Create the study's Optuna twin or load it if another process already did. ``directions``: the spec's (the
+    metric maximised, then a cost minimised); default one objective, the metric maximised."""
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions or ["maximize"],
+                                load_if_exists=True)
     for key, value in (user_attrs or {}).items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)

@@ -53,8 +53,19 @@ def _with_value(study_id: int) -> sa.Select:
     )
 
 
+def _trial_attr(session: Session, study_id: int, key: str) -> dict[int, Any]:
+    """Trial id → one user attribute (parsed), over every trial of a study that has it: one query."""
+    rows = session.execute(
+        sa.select(_trial_attrs.c.trial_id, _trial_attrs.c.value_json)
+        .join(_trials, _trials.c.trial_id == _trial_attrs.c.trial_id)
+        .where(_trials.c.study_id == study_id, _trial_attrs.c.key == key)
+    )
+    return {trial_id: json.loads(value) for trial_id, value in rows}
+
+
 def trial_points(session: Session, study_id: int) -> list[dict[str, Any]]:
-    """Every trial: number, state, value, start/complete times and searched params (external values)."""
+    """Every trial: number, state, value, start/complete times, searched params (external values) and the
+    student's profile (shape, size, FLOPs, latency) where recorded."""
     rows = session.execute(_with_value(study_id).order_by(_trials.c.number)).all()
     params: dict[int, dict[str, Any]] = {}
     for trial_id, name, internal, dist in session.execute(
@@ -63,13 +74,23 @@ def trial_points(session: Session, study_id: int) -> list[dict[str, Any]]:
         .where(_trials.c.study_id == study_id)
     ):
         params.setdefault(trial_id, {})[name] = _external(dist, internal)
+    profiles = _trial_attr(session, study_id, "profile")
     return [{"number": r.number, "state": r.state, "value": r.value, "params": params.get(r.trial_id, {}),
-             "started_at": r.datetime_start, "completed_at": r.datetime_complete} for r in rows]
+             "started_at": r.datetime_start, "completed_at": r.datetime_complete,
+             "profile": profiles.get(r.trial_id)} for r in rows]
 
 
-def learning_curves(session: Session, study_id: int) -> dict[int, list[tuple[int, float]]]:
-    """Per trial number, its reported (epoch, eval accuracy) pairs."""
+def learning_curves(session: Session, study_id: int, from_epochs: bool = False) -> dict[int, list[tuple[int, float]]]:
+    """Per trial number, its reported (epoch, score) pairs. ``from_epochs``: read the ``epochs`` attribute instead,
+    for studies with several objectives (Optuna keeps no intermediate values for them)."""
     curves: dict[int, list[tuple[int, float]]] = {}
+    if from_epochs:
+        numbers = {trial_id: number for trial_id, number in session.execute(
+            sa.select(_trials.c.trial_id, _trials.c.number).where(_trials.c.study_id == study_id))}
+        for trial_id, epochs in sorted(_trial_attr(session, study_id, "epochs").items(),
+                                       key=lambda item: numbers[item[0]]):
+            curves[numbers[trial_id]] = [(int(e["epoch"]), float(e["score"])) for e in epochs if "score" in e]
+        return curves
     for number, step, value in session.execute(
         sa.select(_trials.c.number, _steps.c.step, _steps.c.intermediate_value)
         .join(_trials, _trials.c.trial_id == _steps.c.trial_id)
@@ -78,6 +99,19 @@ def learning_curves(session: Session, study_id: int) -> dict[int, list[tuple[int
     ):
         curves.setdefault(number, []).append((int(step), float(value)))
     return curves
+
+
+def complete_trials(session: Session, study_id: int) -> list[dict[str, Any]]:
+    """Every COMPLETE trial's number, metric (objective 0), and its ``profile``, ``params`` and ``metrics``
+    attributes as stored (JSON text, parsed by whoever needs them): four queries whatever the trial count."""
+    rows = session.execute(_with_value(study_id).where(_state == "COMPLETE", _values.c.value.is_not(None))).all()
+    attrs = {key: {trial_id: value for trial_id, value in session.execute(
+        sa.select(_trial_attrs.c.trial_id, _trial_attrs.c.value_json)
+        .join(_trials, _trials.c.trial_id == _trial_attrs.c.trial_id)
+        .where(_trials.c.study_id == study_id, _state == "COMPLETE", _trial_attrs.c.key == key))}
+        for key in ("profile", "params", "metrics")}
+    return [{"number": r.number, "value": float(r.value), **{key: attrs[key].get(r.trial_id) for key in attrs}}
+            for r in rows]
 
 
 def page_trial_ids(session: Session, study_id: int, *, offset: int, limit: int, sort: str = "number",
@@ -117,14 +151,23 @@ def best_trial(session: Session, study_id: int) -> dict[str, Any] | None:
     return {"number": row.number, "value": row.value, "params": json.loads(params) if params else {}}
 
 
-def study_fingerprint(session: Session, study_id: int) -> str:
-    """Changes whenever a trial starts, reports an epoch or finishes: an ETag for conditional polling."""
+def study_fingerprint(session: Session, study_id: int, from_epochs: bool = False) -> str:
+    """Changes whenever a trial starts, reports an epoch or finishes: an ETag for conditional polling.
+    ``from_epochs``: epochs are counted by the size of the ``epochs`` attributes (a study with several objectives
+    keeps no intermediate values)."""
     n_trials, n_finished, last_complete = session.execute(
         sa.select(sa.func.count(), sa.func.count(_trials.c.datetime_complete), sa.func.max(_trials.c.datetime_complete))
         .where(_trials.c.study_id == study_id)
     ).one()
-    n_steps = session.scalar(
-        sa.select(sa.func.count()).select_from(_steps).join(_trials, _trials.c.trial_id == _steps.c.trial_id)
-        .where(_trials.c.study_id == study_id)
-    )
+    if from_epochs:
+        n_steps = session.scalar(
+            sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(_trial_attrs.c.value_json)), 0))
+            .join(_trials, _trials.c.trial_id == _trial_attrs.c.trial_id)
+            .where(_trials.c.study_id == study_id, _trial_attrs.c.key == "epochs")
+        )
+    else:
+        n_steps = session.scalar(
+            sa.select(sa.func.count()).select_from(_steps).join(_trials, _trials.c.trial_id == _steps.c.trial_id)
+            .where(_trials.c.study_id == study_id)
+        )
     return f"{n_trials}.{n_finished}.{n_steps}.{last_complete}"

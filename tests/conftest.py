@@ -186,3 +186,13 @@ def tiny_spec(assets: dict[str, Path], name: str = "tiny", **overrides) -> dict:
     }
     spec.update(overrides)
     return spec
+
+
+def front_spec(assets: dict[str, Path], name: str, n_trials: int = 4, **overrides) -> dict:  # type: ignore[no-untyped-def]
+    """A two-objective study (the metric against parameters) over student shapes and KD hyperparameters."""
+    student = {"config": {"num_hidden_layers": {"low": 1, "high": 2}, "hidden_size": {"choices": [8, 16]},
+                          "num_attention_heads": 2, "intermediate_size": {"choices": [16, 32]}}}
+    return tiny_spec(assets, name=name, n_trials=n_trials, objectives=["metric", "params"], student=student,
+                     pruner="median", search_space={"num_train_epochs": {"low": 1, "high": 2}, "batch_size": 32,
+                                                    "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+                     **overrides)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_spec
+from tests.conftest import front_spec, tiny_spec
 from tests.procs import Stack
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -163,5 +163,60 @@ def test_preparation_progress_sorting_and_fetch_errors(browser, sqlite_url: str,
         stack.api.wait(30)  # type: ignore[union-attr]
         page.wait_for_selector("#fetch-error:not([hidden])", timeout=30_000)
         assert "could not refresh" in page.inner_text("#fetch-error")
+    finally:
+        stack.stop()
+
+
+def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    """A two-objective study run by a real worker (the distillation engine, tiny models): the Pareto chart shows every
+    trial, the front from the API and the teacher; the best-trial card is the front; the table has size columns."""
+    import httpx
+
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_POLL_INTERVAL="0.1")
+    try:
+        stack.start_api()
+        stack.submit(front_spec(tiny_assets, "pareto-page", n_trials=4))
+        stack.start_worker()
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(f"{stack.url}/studies/pareto-page")
+        stack.wait_status("pareto-page")
+        page.wait_for_function("document.querySelectorAll('#trials tbody tr').length === 4", timeout=60_000)
+        page.wait_for_selector("#pareto svg.main-svg", timeout=30_000)
+        front = httpx.get(f"{stack.url}/api/studies/pareto-page/pareto").json()
+        complete = [t for t in stack.trials("pareto-page") if t["state"] == "COMPLETE"]
+        page.wait_for_function(f"document.getElementById('pareto-info').textContent.startsWith("
+                               f"'{len(front['front'])} of {len(complete)} complete')", timeout=30_000)
+        traces = page.evaluate("document.getElementById('pareto').data.map((t) => ({name: t.name, x: t.x, y: t.y, "
+                               "text: t.text, hovertext: t.hovertext}))")
+        by_name = {t["name"]: t for t in traces}
+        assert set(by_name) == {"dominated trial", "Pareto front", "teacher"}
+        assert by_name["Pareto front"]["x"] == [p["cost"] for p in front["front"]]
+        assert len(by_name["dominated trial"]["x"]) == len(complete) - len(front["front"])
+        assert by_name["teacher"]["x"] == [front["teacher_profile"]["params"]]
+        assert by_name["teacher"]["y"] == [front["teacher_metric"]]
+        # Hover: the shape and the KD parameters of each front point.
+        first = front["front"][0]
+        shape = first["profile"]["shape"]
+        hover = by_name["Pareto front"]["text"][0]
+        assert f"#{first['number']} accuracy" in hover
+        assert f"L{shape['num_hidden_layers']} H{shape['hidden_size']}" in hover
+        assert "lr=" in hover and "\u03b1=" in hover  # alpha
+        # The best-trial card is the front; the export command carries a selector.
+        best = page.inner_text("#best")
+        assert "Pareto front" in best and "--max-params" in best and f"#{first['number']}" in best
+        # Size and latency columns in the trials table.
+        header = page.locator("#trials thead th").all_inner_texts()
+        assert "Params" in header and "Latency (ms)" in header and "Shape" in header
+        params_col = header.index("Params") + 1
+        assert all(page.locator(f"#trials tbody tr td:nth-child({params_col})").all_inner_texts())
+        shot(page, tmp_path / "pareto.png")
+        # Another cost axis: the chart is redrawn against latency.
+        page.select_option("#pareto-cost", "latency_ms")
+        page.wait_for_function("document.getElementById('pareto').layout.xaxis.title.text.includes('CPU ms')",
+                               timeout=10_000)
+        assert not problems, problems
     finally:
         stack.stop()

@@ -28,6 +28,47 @@ class BestTrial(BaseModel):
     metrics: dict[str, float] = {}  # every metric of the task at the best epoch
 
 
+class StudentProfileOut(BaseModel):
+    """A student's (or the teacher's) cost, measured before training on the architecture (``distill.profile``)."""
+
+    shape: dict[str, int]  # num_hidden_layers, hidden_size, num_attention_heads, intermediate_size
+    params: int  # total parameters
+    params_no_embeddings: int  # without the embedding tables
+    flops: int  # forward FLOPs of one sequence of flops_seq_len tokens
+    flops_seq_len: int  # the eval split's median tokenized length
+    latency_ms: float  # CPU, batch 1, latency_threads thread(s): median over latency_passes passes
+    latency_rows: int
+    latency_passes: int
+    latency_threads: int
+    machine: str  # the CPU it was measured on
+    host: str | None = None
+
+
+class ParetoPointOut(BaseModel):
+    """A trial on the Pareto front: no other COMPLETE trial has a metric at least as high at a cost at least as low
+    (and is better on one of the two)."""
+
+    number: int
+    value: float  # the study's metric
+    cost: float  # the front's cost axis: the profile's params, flops or latency_ms
+    metrics: dict[str, float] = {}  # every metric of the task at the trial's best epoch
+    params: dict[str, Any]  # KD hyperparameters and the searched shape's dimensions
+    profile: StudentProfileOut
+
+
+class ParetoOut(BaseModel):
+    """``GET /api/studies/{id}/pareto``: the non-dominated COMPLETE trials, metric (maximised) against a cost
+    (minimised), ascending cost."""
+
+    objectives: list[str]
+    metric: str | None
+    cost: str  # params, flops or latency_ms
+    n_complete: int  # COMPLETE trials with a profile: what the front was computed over
+    front: list[ParetoPointOut]
+    teacher_metric: float | None  # the reference point: the teacher's metric and profile
+    teacher_profile: StudentProfileOut | None
+
+
 class TaskOut(BaseModel):
     """The task the teacher solves (read off its config) and the metric the study maximises."""
 
@@ -134,6 +175,10 @@ class StudyDetailOut(StudyOut):
     notes: list[str] = []  # what the spec asked that the task ignores, and why
     seed_retrain: SeedSpreadOut | None = None
     exports: list[ExportOut] = []  # export-best runs, latest per (trial, seed), with their ONNX deployment
+    objectives: list[str] = ["metric"]  # ["metric"] or ["metric", params|flops|latency_ms]
+    constraints: dict[str, float] | None = None  # max_params, max_flops, max_latency_ms (single objective)
+    teacher_profile: StudentProfileOut | None = None  # the teacher's size, FLOPs and latency, measured as a trial's
+    front: list[ParetoPointOut] | None = None  # several objectives: the Pareto front (there is no one best trial)
 
 
 class EpochOut(BaseModel):
@@ -160,6 +205,8 @@ class TrialOut(BaseModel):
     completed_at: datetime | None
     stop_reason: str | None
     fail_reason: str | None
+    values: list[float] | None = None  # every objective's value (the metric, then the cost) of a COMPLETE trial
+    profile: StudentProfileOut | None = None  # the student's shape, size, FLOPs and latency
 
 
 class TrialPoint(BaseModel):
@@ -169,6 +216,7 @@ class TrialPoint(BaseModel):
     params: dict[str, Any]
     started_at: datetime | None
     completed_at: datetime | None
+    profile: StudentProfileOut | None = None
 
 
 class StudySummary(BaseModel):

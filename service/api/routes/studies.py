@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
@@ -14,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from search_space import SpecError, StudySpec, TaskInfo, validate_spec, values_of
+from search_space.objectives import pareto_front
 from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
 from service.api.schemas import (
     BestTrial,
@@ -21,9 +23,12 @@ from service.api.schemas import (
     ErrorOut,
     ExportOut,
     Importances,
+    ParetoOut,
+    ParetoPointOut,
     PrepareRetryOut,
     PreparingOut,
     SeedSpreadOut,
+    StudentProfileOut,
     StudyDetailOut,
     StudyOut,
     StudySummary,
@@ -54,7 +59,14 @@ from storage import (
     study_user_attrs,
     trial_summaries,
 )
-from storage._trials import learning_curves, optuna_study_id, page_trial_ids, study_fingerprint, trial_points
+from storage._trials import (
+    complete_trials,
+    learning_curves,
+    optuna_study_id,
+    page_trial_ids,
+    study_fingerprint,
+    trial_points,
+)
 
 log = logging.getLogger("kdsearch.api")
 router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)],
@@ -160,6 +172,36 @@ def _epoch_out(epoch: dict[str, Any]) -> EpochOut:
                     eval_loss=epoch.get("eval_loss"), seconds=epoch.get("seconds"))
 
 
+def _objectives(row: StudyRow) -> list[str]:
+    """The study's objectives as its spec gives them (studies from before objectives had the metric alone)."""
+    return list(row.spec.get("objectives") or ["metric"])
+
+
+def _cost_axis(row: StudyRow, cost: str | None) -> str:
+    """The cost a front is computed on: as asked, else the study's second objective, else parameters."""
+    objectives = _objectives(row)
+    return cost or (objectives[1] if len(objectives) > 1 else "params")
+
+
+def _profile_out(profile: dict[str, Any] | None) -> StudentProfileOut | None:
+    return None if profile is None else StudentProfileOut.model_validate(profile)
+
+
+def _front(session: Session, study_id: int | None, cost: str) -> tuple[list[ParetoPointOut], int]:
+    """The Pareto front (metric maximised, ``cost`` minimised) over COMPLETE trials with a profile, ascending cost,
+    and how many trials it was computed over; read in four queries, computed in one sort."""
+    if study_id is None:
+        return [], 0
+    trials = [{**t, "profile": json.loads(t["profile"])} for t in complete_trials(session, study_id) if t["profile"]]
+    on_front = pareto_front((i, t["value"], float(t["profile"][cost])) for i, t in enumerate(trials))
+    points = [ParetoPointOut(number=t["number"], value=t["value"], cost=float(t["profile"][cost]),
+                             metrics=json.loads(t["metrics"]) if t["metrics"] else {},
+                             params=json.loads(t["params"]) if t["params"] else {},
+                             profile=StudentProfileOut.model_validate(t["profile"]))
+              for t in (trials[i] for i in on_front)]
+    return sorted(points, key=lambda p: (p.cost, -p.value, p.number)), len(trials)
+
+
 def _trial_out(trial: FrozenTrial) -> TrialOut:
     attrs = trial.user_attrs
     epochs = [_epoch_out(e) for e in attrs.get("epochs", [])]
@@ -168,9 +210,12 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
     best_epoch = attrs.get("best_epoch")
     metrics = attrs.get("metrics") or next((e.metrics for e in epochs if e.epoch == best_epoch), {})
     duration = trial.duration.total_seconds() if trial.duration is not None else None
+    # FrozenTrial.value refuses a trial with several values: the metric is the first of them.
+    value = trial.values[0] if trial.values and trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
     return TrialOut(
         number=trial.number, state=trial.state.name, params=attrs.get("params", trial.params),
-        value=trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None, metrics=metrics,
+        value=value, values=trial.values if trial.state == TrialState.COMPLETE else None,
+        profile=_profile_out(attrs.get("profile")), metrics=metrics,
         intermediate=dict(trial.intermediate_values), epochs=epochs, best_epoch=attrs.get("best_epoch"),
         duration_s=duration, worker=attrs.get("worker"), started_at=trial.datetime_start,
         completed_at=trial.datetime_complete, stop_reason=attrs.get("stop_reason"),
@@ -205,7 +250,7 @@ def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, s
     attrs: dict[str, Any] = {"kdsearch_spec": spec.model_dump(mode="json")}
     if task is not None:  # a local teacher: the task is known now; a worker records it for a hub teacher
         attrs["task"] = task.to_json()
-    ensure_optuna_study(optuna_storage, spec.name, attrs)
+    ensure_optuna_study(optuna_storage, spec.name, attrs, directions=spec.directions)
     _fresh_snapshot(session)
     return _detail(session, optuna_storage, row)
 
@@ -226,10 +271,14 @@ def _notes(task: TaskInfo | None) -> list[str]:
 
 def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow) -> StudyDetailOut:
     summary = _summaries(session, [row])[0]
-    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "exports"])[row.name]
+    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "exports",
+                                                   "teacher_profile"])[row.name]
     task = TaskInfo.from_json(attrs["task"]) if "task" in attrs else None
-    best_trial = None
-    if summary.best_value is not None:
+    objectives = _objectives(row)
+    best_trial = front = None
+    if len(objectives) > 1:  # no one best trial: the front
+        front, _ = _front(session, optuna_study_id(session, row.name), _cost_axis(row, None))
+    elif summary.best_value is not None:
         study = optuna.load_study(study_name=row.name, storage=storage)
         best = study.best_trial
         assert best.value is not None  # a COMPLETE trial's value
@@ -248,7 +297,9 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
         **summary.model_dump(), spec=row.spec, best_trial=best_trial,
         task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
         teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
-        exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])])
+        exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])], objectives=objectives,
+        constraints={k: v for k, v in (row.spec.get("constraints") or {}).items() if v is not None} or None,
+        teacher_profile=_profile_out(attrs.get("teacher_profile")), front=front)
 
 
 @router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)
@@ -287,7 +338,8 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
     """
     row = _load(session, id_or_name)
     study_id = optuna_study_id(session, row.name)
-    fingerprint = study_fingerprint(session, study_id) if study_id is not None else "none"
+    several = len(_objectives(row)) > 1  # epochs are in the trials' attributes, not Optuna's intermediate values
+    fingerprint = study_fingerprint(session, study_id, from_epochs=several) if study_id is not None else "none"
     prep = preparations(session, [row.id]).get(row.id)
     prep_mark = f"{prep.updated_at.timestamp() if prep.updated_at else 0}.{prep.attempts}" if prep else "-"
     etag = f'"{row.status}.{row.updated_at.timestamp()}.{fingerprint}.{count_seed_runs(session, row.id)}.{prep_mark}"'
@@ -296,9 +348,30 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
     response.headers["ETag"] = etag
     detail = _detail(session, optuna_storage, row)
     points = trial_points(session, study_id) if study_id is not None else []
-    curves = learning_curves(session, study_id) if study_id is not None else {}
+    curves = learning_curves(session, study_id, from_epochs=several) if study_id is not None else {}
     return StudySummary(study=detail, points=[TrialPoint(**p) for p in points], curves=curves,
                         elapsed_s=detail.elapsed_s, eta_s=detail.eta_s)
+
+
+@router.get("/{id_or_name}/pareto", response_model=ParetoOut, responses=NOT_FOUND)
+def pareto(id_or_name: str, session: SessionDep,
+           cost: Annotated[Literal["params", "flops", "latency_ms"] | None,
+                           Query(description="the cost axis (default: the study's second objective, else params)")]
+           = None) -> ParetoOut:
+    """The Pareto front: COMPLETE trials no other trial beats on both the metric (higher) and the cost (lower),
+    with their shapes, parameters, FLOPs, latency and KD hyperparameters; the teacher as the reference point.
+
+    Any study has one (every trial records its student's profile); for a study with several objectives, on its
+    second objective it is Optuna's ``best_trials``."""
+    row = _load(session, id_or_name)
+    axis = _cost_axis(row, cost)
+    front, considered = _front(session, optuna_study_id(session, row.name), axis)
+    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "teacher_profile"])
+    metric = _study_metric(row, attrs[row.name])
+    teacher_metrics = attrs[row.name].get("teacher_metrics") or {}
+    return ParetoOut(objectives=_objectives(row), metric=metric, cost=axis, n_complete=considered, front=front,
+                     teacher_metric=teacher_metrics.get(metric or ""),
+                     teacher_profile=_profile_out(attrs[row.name].get("teacher_profile")))
 
 
 @router.get("/{id_or_name}/importances", response_model=Importances, responses=NOT_FOUND)
@@ -319,7 +392,8 @@ def _importances(storage: optuna.storages.RDBStorage, name: str, n_complete: int
         if n_complete >= 2:
             study = optuna.load_study(study_name=name, storage=storage)
             try:
-                # PED-ANOVA: Optuna's own evaluator, no scikit-learn needed, fast on thousands of trials.
+                # PED-ANOVA: Optuna's own evaluator, no scikit-learn needed, fast on thousands of trials; with
+                # several objectives it scores the importance of reaching the Pareto front.
                 values = optuna.importance.get_param_importances(
                     study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
             except Exception:  # a chart must never fail the page (logged)

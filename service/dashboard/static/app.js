@@ -134,6 +134,58 @@ const kd = (() => {
     }
   }
 
+  // ------------------------------------------------------------------------------------------- Pareto front
+  const COSTS = {params: "parameters", flops: "FLOPs per sequence", latency_ms: "CPU ms per sequence"};
+  const shapeText = (s) => (s ? `L${s.num_hidden_layers} H${s.hidden_size} A${s.num_attention_heads} I${s.intermediate_size}` : "");
+  const millions = (v) => (v === null || v === undefined ? "" : v >= 1e6 ? `${(v / 1e6).toFixed(2)}M` : v >= 1e3 ? `${(v / 1e3).toFixed(1)}k` : String(v));
+  const costText = (cost, v) => (cost === "latency_ms" ? `${fmt(v, 2)} ms` : `${millions(v)} ${cost === "params" ? "params" : "FLOPs"}`);
+  const kdText = (p) => ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"].filter((k) => typeof p[k] === "number")
+    .map((k) => `${k === "learning_rate" ? "lr" : k === "temperature" ? "T" : k === "alpha" ? "α" : k === "num_train_epochs" ? "epochs" : "batch"}=${k === "learning_rate" ? sci(p[k]) : Number.isInteger(p[k]) ? p[k] : fmt(p[k], 2)}`).join(" ");
+  const pointText = (metric, number, value, profile, params) => `#${number} ${metric} ${fmt(value)}<br>${shapeText(profile.shape)} · ` +
+    `${millions(profile.params)} params · ${millions(profile.flops)} FLOPs · ${fmt(profile.latency_ms, 2)} ms<br>${kdText(params)}`;
+
+  // Metric against a cost: every measured COMPLETE trial, the front highlighted (from the server), the teacher a star.
+  async function drawPareto(base, summary, cost) {
+    const study = summary.study;
+    const metric = metricOf(study);
+    const measured = summary.points.filter((t) => t.state === "COMPLETE" && t.value !== null && t.profile);
+    const card = document.getElementById("pareto-card");
+    card.hidden = !measured.length && (study.objectives || []).length < 2;
+    if (card.hidden) return;
+    const pareto = await json(`${base}/pareto?cost=${cost}`);
+    const onFront = new Set(pareto.front.map((p) => p.number));
+    const others = measured.filter((t) => !onFront.has(t.number));
+    document.getElementById("pareto-metric").textContent = metric;
+    document.getElementById("pareto-info").textContent = `${pareto.front.length} of ${pareto.n_complete} complete trials on the front`;
+    const traces = [
+      {x: others.map((t) => t.profile[cost]), y: others.map((t) => t.value), mode: "markers", name: "dominated trial", hoverinfo: "text",
+       text: others.map((t) => pointText(metric, t.number, t.value, t.profile, t.params)), marker: {color: "#9aa5b1", size: 8}},
+      {x: pareto.front.map((p) => p.cost), y: pareto.front.map((p) => p.value), mode: "lines+markers", name: "Pareto front", hoverinfo: "text",
+       text: pareto.front.map((p) => pointText(metric, p.number, p.value, p.profile, p.params)), line: {shape: "hv", color: "#3563e9"},
+       marker: {color: "#3563e9", size: 11, line: {color: "#1d2330", width: 1}}},
+    ];
+    const teacher = pareto.teacher_profile;
+    if (teacher && pareto.teacher_metric !== null) {
+      traces.push({x: [teacher[cost]], y: [pareto.teacher_metric], mode: "markers+text", name: "teacher", text: ["teacher"], textposition: "top center",
+        hovertext: [`teacher ${metric} ${fmt(pareto.teacher_metric)}<br>${shapeText(teacher.shape)} · ${millions(teacher.params)} params · ` +
+          `${millions(teacher.flops)} FLOPs · ${fmt(teacher.latency_ms, 2)} ms`], hoverinfo: "text", marker: {symbol: "star", size: 16, color: "#1f9d55"}});
+    }
+    Plotly.react("pareto", traces, {...BASE, xaxis: {title: {text: COSTS[cost]}, type: cost === "latency_ms" ? "linear" : "log"},
+      yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
+  }
+
+  function frontCard(study, metric) {
+    const cost = (study.objectives || [])[1] || "params";
+    const front = study.front || [];
+    const flag = {params: "--max-params", flops: "--max-flops", latency_ms: "--max-latency-ms"}[cost];
+    const pick = front.length ? front[front.length - 1] : null;  // ascending cost: the last is the most accurate
+    const limit = pick ? (cost === "latency_ms" ? pick.cost.toFixed(2) : Math.round(pick.cost)) : "N";
+    return `<h2>Pareto front (${esc(metric)} against ${esc(COSTS[cost])})</h2><div class="big">${front.length} <span class="muted">trial${front.length === 1 ? "" : "s"} on the front</span></div>
+      <table id="front-list"><tbody>${front.map((p) => `<tr><td>#${p.number}</td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
+        <td>${esc(shapeText(p.profile.shape))}</td></tr>`).join("")}</tbody></table>
+      <p>no one best trial: pick one with <code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-student ${flag} ${limit}</code> or <code>--trial N</code></p>`;
+  }
+
   function studyPage(name) {
     const base = `/api/studies/${encodeURIComponent(name)}`;
     const table = {offset: 0, limit: 50, sort: "number", order: "desc", state: ""};
@@ -152,7 +204,9 @@ const kd = (() => {
         <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
         <td class="num">${sci(t.params.learning_rate)}</td>${withT ? `<td class="num">${fmt(t.params.temperature, 2)}</td>` : ""}
         <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
-        <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td><td>${esc(t.worker || "")}</td>
+        <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td>
+        <td>${esc(shapeText(t.profile && t.profile.shape))}</td><td class="num">${t.profile ? millions(t.profile.params) : ""}</td>
+        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.worker || "")}</td>
         <td class="muted">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
     };
     document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
@@ -163,9 +217,13 @@ const kd = (() => {
     document.getElementById("next").onclick = () => { table.offset += table.limit; drawTable(); };
     document.getElementById("state-filter").onchange = (e) => { table.state = e.target.value; table.offset = 0; drawTable(); };
     document.getElementById("cancel").onclick = () => cancel(name);
+    let lastSummary = null;
+    let paretoCost = null;  // the study's second objective until the user picks another axis
+    document.getElementById("pareto-cost").onchange = (e) => { paretoCost = e.target.value; if (lastSummary) drawPareto(base, lastSummary, paretoCost).catch(console.warn); };
     loop(async () => {
       const summary = await changed(`${base}/summary`);
       if (summary === null) return active(status);  // nothing new since the last poll
+      lastSummary = summary;
       const study = summary.study;
       const metric = metricOf(study);
       status = study.status;
@@ -189,7 +247,9 @@ const kd = (() => {
         study.prepare_retry ? `<span class="error">${retryText(study.prepare_retry)}</span>` : "";
       document.getElementById("error").textContent = study.error || "";
       const b = study.best_trial;
-      if (b) {
+      if (study.front) {
+        document.getElementById("best").innerHTML = frontCard(study, metric);
+      } else if (b) {
         const others = Object.entries(b.metrics || {}).filter(([k]) => k !== metric);
         document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)} <span class="muted">${esc(metric)}</span></div>
           <p>trial #${b.number}, best epoch ${b.epoch ?? "?"}</p>
@@ -203,6 +263,11 @@ const kd = (() => {
         }
       }
       drawCharts(summary);
+      if (paretoCost === null) {
+        paretoCost = (study.objectives || [])[1] || "params";
+        document.getElementById("pareto-cost").value = paretoCost;
+      }
+      await drawPareto(base, summary, paretoCost);
       await drawTable();
       const imp = await json(`${base}/importances`);
       const entries = Object.entries(imp.importances).sort((a, b) => a[1] - b[1]);
