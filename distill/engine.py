@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
+from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
 from distill.student import build_student, student_config
@@ -69,6 +70,7 @@ class TrialOutcome:
     best_score: float  # the study's metric at the best epoch
     stopped: str | None
     train_samples_per_second: float = 0.0
+    precision: Precision | None = None  # what the student's forward pass ran in (None: an engine that cannot tell)
 
     @property
     def best_metrics(self) -> dict[str, float]:
@@ -125,10 +127,14 @@ def resolve_device(device: str | None) -> torch.device:
 
 class DistillationEngine(TrialEngine):
     def __init__(self, artifacts: str | Path | ArtifactLayout, device: str | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, precision: str = "auto") -> None:
         self.layout = artifacts if isinstance(artifacts, ArtifactLayout) else make_layout(artifacts)
         self.device = resolve_device(device)
         self.log = log
+        self.precision = resolve_precision(precision, self.device)
+        if precision == "bf16" and not native_bf16(self.device):
+            log(f"precision bf16 asked for, but {self.device.type} has no native bf16 here: it is emulated, and "
+                "slower than fp32")
         self._prepared: tuple[str, PreparedStudy] | None = None  # last study, reused across its trials
 
     def prepare(self, spec: StudySpec, progress: Progress | None = None) -> PreparedStudy:
@@ -217,6 +223,7 @@ class DistillationEngine(TrialEngine):
             weight_decay=float(params.get("weight_decay", 0.0)),
             warmup_ratio=float(params.get("warmup_ratio", 0.0)),
             seed=seed,
+            precision=self.precision,
         )
         student = prepared.space.student_for(prepared.spec.student, params)  # a searched shape: the trial's
         model = build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
@@ -234,12 +241,13 @@ class DistillationEngine(TrialEngine):
             "history": [dataclasses.asdict(h) for h in result.history],
             "teacher_metrics": prepared.cache.teacher_metrics,
             "stopped": result.stopped,
+            "precision": self.precision,
         })
         del model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return TrialOutcome(result.history, result.best_epoch, result.best_score, result.stopped,
-                            result.samples_per_second)
+                            result.samples_per_second, self.precision)
 
 
 def _encodes_pairs(tokenizer: Any) -> bool:
@@ -264,11 +272,11 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def load_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
-                log: Callable[[str], None] = print) -> TrialEngine:
+                log: Callable[[str], None] = print, precision: str = "auto") -> TrialEngine:
     """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way); None → the
-    distillation engine."""
+    distillation engine, training in ``precision`` (``distill.precision``)."""
     if not dotted:
-        return DistillationEngine(artifacts, device=device, log=log)
+        return DistillationEngine(artifacts, device=device, log=log, precision=precision)
     module_name, _, class_name = dotted.partition(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
     return engine_cls(artifacts=artifacts, device=device)

@@ -173,7 +173,8 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
             log(f"seed {seed}: already retrained, eval {metric} {done[seed][0]:.4f}")
             continue
         if engine is None:
-            engine = load_engine(settings.engine, artifacts=layout, device=device, log=log)
+            engine = load_engine(settings.engine, artifacts=layout, device=device, log=log,
+                                 precision=settings.precision)
             prepared = engine.prepare(spec)  # the study's cached teacher logits (and transfer set)
         with tempfile.TemporaryDirectory(prefix="kdsearch-seed-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"

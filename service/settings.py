@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     progress_interval: float = Field(15.0, ge=0, description="Seconds between a preparing worker's progress writes.")
     worker_retention: float = Field(86400.0, gt=0, description="Rows of workers gone this long are pruned.")
     engine: str | None = Field(None, description="Trial engine as module:Class; default the distillation engine.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="The student's forward pass: bf16 autocast, fp32, or auto (bf16 where the device "
+                            "computes it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; fp32 elsewhere).")
+    threads: int = Field(0, ge=0, description="Torch threads per worker process; 0 leaves torch's default.")
 
     # Database connections (per process)
     pool_size: int = Field(5, ge=1, description="API connections per engine.")

@@ -99,7 +99,12 @@ class Worker:
             settings.database_url, pool_size=settings.worker_pool_size,
             max_overflow=settings.worker_max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
         self.layout = make_layout(settings.artifacts, settings.local_cache, self.db)
-        self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info)
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info,
+                                            precision=settings.precision)
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
 
@@ -445,6 +450,8 @@ class Worker:
         trial.set_user_attr("best_epoch", outcome.best_epoch)
         trial.set_user_attr("metrics", outcome.best_metrics)
         trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
+        if outcome.precision is not None:
+            trial.set_user_attr("precision", outcome.precision)
         if outcome.stopped:
             trial.set_user_attr("stop_reason", outcome.stopped)
             study.tell(trial, state=TrialState.PRUNED)

@@ -207,6 +207,7 @@ class TrialOut(BaseModel):
     fail_reason: str | None
     values: list[float] | None = None  # every objective's value (the metric, then the cost) of a COMPLETE trial
     profile: StudentProfileOut | None = None  # the student's shape, size, FLOPs and latency
+    precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
 
 
 class TrialPoint(BaseModel):

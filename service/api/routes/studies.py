@@ -220,6 +220,7 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
         duration_s=duration, worker=attrs.get("worker"), started_at=trial.datetime_start,
         completed_at=trial.datetime_complete, stop_reason=attrs.get("stop_reason"),
         fail_reason=attrs.get("fail_reason") or trial.system_attrs.get("fail_reason"),
+        precision=attrs.get("precision"),
     )
 
 
