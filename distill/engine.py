@@ -12,6 +12,13 @@ Contract for a ``TrialEngine``:
   ``on_epoch_end`` after every epoch with that epoch's metrics and score (the study's metric), stops when the
   callback returns a reason, and writes the best epoch's model to ``checkpoint_dir`` (a Hugging Face model
   directory). An exception is a trial-level failure: the trial is FAIL and its slot retried.
+- ``run_pack(prepared, members, batch_seed)`` (optional) trains several configurations of one student shape and
+  batch size together (``PackedTrial``: params, seed, callback, checkpoint directory each), sharing the batch order
+  drawn from ``batch_seed``. It returns one result per member, in order: its ``TrialOutcome`` (checkpoint written
+  as ``run_trial`` writes it), or the exception that failed that member alone (its trial is FAIL and its slot
+  retried; the others go on). An exception raised out of ``run_pack`` fails every member. The default runs the
+  members one after another through ``run_trial``; ``DistillationEngine`` trains them in one loop
+  (``distill.packed``), each member's numbers equal to its solo run with ``batch_seed``.
 - ``teacher_metrics(prepared)`` is the teacher's score on the eval split for every metric of the task, a reference
   for the dashboard and model card.
 - ``student_space(prepared, spec)`` is the student shapes the study may sample (``search_space.shapes``): only valid
@@ -36,12 +43,13 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
+from distill.packed import PackMember, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
 from distill.student import build_student, student_config
 from distill.teacher import TeacherCache, build_or_load_cache
-from distill.train import EpochCallback, EpochResult, TrainConfig, train_student
+from distill.train import EpochCallback, EpochResult, TrainConfig, TrainResult, train_student
 from distill.transfer import build_or_load_transfer_set
 from search_space import (
     MetricMismatch,
@@ -77,6 +85,16 @@ class TrialOutcome:
         return next((h.metrics for h in self.history if h.epoch == self.best_epoch), {})
 
 
+@dataclasses.dataclass
+class PackedTrial:
+    """One member of a pack, as ``TrialEngine.run_pack`` takes it."""
+
+    params: dict[str, Any]
+    seed: int  # its initial weights and dropout stream, as run_trial's seed
+    on_epoch_end: EpochCallback | None
+    checkpoint_dir: Path
+
+
 class TrialEngine(ABC):
     @abstractmethod
     def prepare(self, spec: StudySpec, progress: Progress | None = None) -> Any: ...
@@ -87,6 +105,18 @@ class TrialEngine(ABC):
     @abstractmethod
     def run_trial(self, prepared: Any, params: dict[str, Any], seed: int, on_epoch_end: EpochCallback | None,
                   checkpoint_dir: Path) -> TrialOutcome: ...
+
+    def run_pack(self, prepared: Any, members: list[PackedTrial],
+                 batch_seed: int) -> list[TrialOutcome | Exception]:
+        """Members one after another (an engine that cannot train them together); see the contract above."""
+        results: list[TrialOutcome | Exception] = []
+        for member in members:
+            try:
+                results.append(self.run_trial(prepared, member.params, member.seed, member.on_epoch_end,
+                                              member.checkpoint_dir))
+            except Exception as exc:  # noqa: BLE001 - that member's failure alone
+                results.append(exc)
+        return results
 
     def teacher_metrics(self, prepared: Any) -> dict[str, float] | None:
         return None
@@ -212,9 +242,8 @@ class DistillationEngine(TrialEngine):
             prepared.teacher_profile = profile_model(architecture(prepared.teacher_config), prepared.eval)
         return prepared.teacher_profile
 
-    def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
-                  on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
-        cfg = TrainConfig(
+    def train_config(self, params: dict[str, Any], seed: int, batch_seed: int | None = None) -> TrainConfig:
+        return TrainConfig(
             learning_rate=float(params["learning_rate"]),
             temperature=float(params.get("temperature", 1.0)),  # absent in regression studies
             alpha=float(params["alpha"]),
@@ -223,12 +252,17 @@ class DistillationEngine(TrialEngine):
             weight_decay=float(params.get("weight_decay", 0.0)),
             warmup_ratio=float(params.get("warmup_ratio", 0.0)),
             seed=seed,
+            batch_seed=batch_seed,
             precision=self.precision,
         )
+
+    def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
         student = prepared.space.student_for(prepared.spec.student, params)  # a searched shape: the trial's
-        model = build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
-        result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
-                               task=prepared.task)
+        return build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
+
+    def _store(self, prepared: PreparedStudy, model: PreTrainedModel, result: TrainResult, params: dict[str, Any],
+               seed: int, checkpoint_dir: Path, extra: dict[str, Any] | None = None) -> TrialOutcome:
+        """The best epoch's weights written to ``checkpoint_dir`` (a Hugging Face model directory), as the outcome."""
         model.load_state_dict(result.best_state)
         save_checkpoint(model.cpu(), prepared.tokenizer, checkpoint_dir, {
             "params": params,
@@ -242,12 +276,44 @@ class DistillationEngine(TrialEngine):
             "teacher_metrics": prepared.cache.teacher_metrics,
             "stopped": result.stopped,
             "precision": self.precision,
+            **(extra or {}),
         })
+        return TrialOutcome(result.history, result.best_epoch, result.best_score, result.stopped,
+                            result.samples_per_second, self.precision)
+
+    def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
+                  on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
+        cfg = self.train_config(params, seed)
+        model = self._student(prepared, params, seed)
+        result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
+                               task=prepared.task)
+        outcome = self._store(prepared, model, result, params, seed, checkpoint_dir)
         del model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return TrialOutcome(result.history, result.best_epoch, result.best_score, result.stopped,
-                            result.samples_per_second, self.precision)
+        return outcome
+
+    def run_pack(self, prepared: PreparedStudy, members: list[PackedTrial],
+                 batch_seed: int) -> list[TrialOutcome | Exception]:
+        """The members trained together (``distill.packed.train_pack``); they must share the student's shape and
+        the batch size (ValueError otherwise)."""
+        shapes = {prepared.space.student_for(prepared.spec.student, m.params).model_dump_json() for m in members}
+        if len(shapes) > 1:
+            raise ValueError(f"a pack trains one student shape, not {len(shapes)}")
+        pack = [PackMember(self._student(prepared, m.params, m.seed), self.train_config(m.params, m.seed, batch_seed),
+                           m.on_epoch_end) for m in members]
+        results = train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task)
+        outcomes: list[TrialOutcome | Exception] = []
+        for member, trained, result in zip(members, pack, results, strict=True):
+            if isinstance(result, Exception):
+                outcomes.append(result)
+                continue
+            outcomes.append(self._store(prepared, trained.model, result, member.params, member.seed,
+                                        member.checkpoint_dir, {"batch_seed": batch_seed, "pack_size": len(members)}))
+        del pack
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return outcomes
 
 
 def _encodes_pairs(tokenizer: Any) -> bool:

@@ -39,7 +39,10 @@ class TrainConfig:
     batch_size: int = 128
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
-    seed: int = 33
+    seed: int = 33  # the student's dropout stream (its initialisation: build_student's seed, the same number)
+    # The batch order's seed; None: ``seed``. A packed trial (distill.packed) shares its pack's batch order, and runs
+    # alone the same with this set to the pack's.
+    batch_seed: int | None = None
     max_grad_norm: float = 1.0  # as transformers.Trainer, which the seed used
     eval_batch_size: int = 256
     # Batches come from length-sorted chunks of this many batches; 1 gives plain random batches (more padding).
@@ -131,6 +134,26 @@ def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_adamw)
 
 
+def optimizer_and_schedule(model: PreTrainedModel, cfg: TrainConfig, train_rows: int, device: torch.device,
+                           ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The trial's AdamW (Trainer's groups) and its linear schedule: warm-up, then decay to 0 over its epochs."""
+    optimizer = _adamw(model, cfg, device)
+    total_steps = math.ceil(train_rows / cfg.batch_size) * cfg.num_train_epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler
+
+
+def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
+               labels: torch.Tensor, cfg: TrainConfig, task: TaskInfo, device: torch.device) -> torch.Tensor:
+    """One batch's distillation loss for ``model`` (its forward pass in ``cfg.precision``)."""
+    with autocast(device, cfg.precision):
+        logits = model(**inputs).logits  # the costly line: student forward
+    # The loss (softmax-KL or MSE) runs in fp32 whatever the forward pass's precision.
+    if task.is_regression:
+        return regression_distillation_loss(logits.float(), teacher_logits, labels, cfg.alpha)
+    return distillation_loss(logits.float(), teacher_logits, labels, cfg.alpha, cfg.temperature)
+
+
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
                   eval_split: TokenizedSplit, cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
                   task: TaskInfo | None = None) -> TrainResult:
@@ -141,12 +164,10 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
     # PreTrainedModel.to is declared @wraps(Module.to), which type-checks as the unbound function: call it (the
     # same method, transformers' override) through the Module type.
     cast(torch.nn.Module, model).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)  # batch order: reproducible per trial seed
+    generator = torch.Generator().manual_seed(cfg.seed if cfg.batch_seed is None else cfg.batch_seed)  # batch order
     torch.manual_seed(cfg.seed)  # dropout
-    optimizer = _adamw(model, cfg, device)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, len(train), device)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.num_train_epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     history: list[EpochResult] = []
     best_score, best_epoch, best_state = -math.inf, 0, {}
@@ -158,14 +179,7 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
         loss_sum = torch.zeros((), device=device)
         for idx in length_bucketed_batches(train.lengths, cfg.batch_size, generator, cfg.bucket_batches):
             idx = idx.to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
-                logits = model(**train.batch(idx)).logits  # the costly line: student forward
-            # The loss below (softmax-KL or MSE) runs in fp32 whatever the forward pass's precision.
-            if task.is_regression:
-                loss = regression_distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha)
-            else:
-                loss = distillation_loss(logits.float(), train_logits[idx], train.labels[idx], cfg.alpha,
-                                         cfg.temperature)
+            loss = batch_loss(model, train.batch(idx), train_logits[idx], train.labels[idx], cfg, task, device)
             loss.backward()  # the other costly line
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()

@@ -1,0 +1,149 @@
+"""Packed trials: the fused loop equals solo runs; claim_slots; packed workers through real processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
+
+from distill.data import TokenizedSplit
+from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, train_pack
+from distill.train import EpochResult, TrainConfig, TrainResult, train_student
+from search_space import TaskInfo
+
+TASK = TaskInfo("classification", 2, "accuracy", ("negative", "positive"))
+BATCH_SEED = 1234
+
+
+def tiny_split(n: int, seed: int, vocab: int = 50, width: int = 12) -> TokenizedSplit:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, width + 1, (n,), generator=g)
+    ids = torch.randint(5, vocab, (n, width), generator=g)
+    ids[torch.arange(width)[None, :] >= lengths[:, None]] = 0
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return TokenizedSplit(ids, lengths, labels, pad_id=0)
+
+
+def tiny_student(seed: int, dropout: float) -> PreTrainedModel:
+    torch.manual_seed(seed)  # as build_student seeds a student's initial weights
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[TokenizedSplit, torch.Tensor, TokenizedSplit]:
+    train = tiny_split(96, seed=0)
+    logits = torch.randn(len(train), 2, generator=torch.Generator().manual_seed(1)) * 3
+    return train, logits, tiny_split(40, seed=2)
+
+
+CONFIGS = [
+    TrainConfig(learning_rate=3e-3, alpha=0.5, num_train_epochs=3, temperature=2.0, batch_size=16, seed=7),
+    TrainConfig(learning_rate=1e-3, alpha=0.1, num_train_epochs=2, temperature=4.0, batch_size=16, seed=8,
+                weight_decay=0.1, warmup_ratio=0.3),
+    TrainConfig(learning_rate=8e-3, alpha=0.9, num_train_epochs=4, temperature=1.0, batch_size=16, seed=9,
+                weight_decay=0.01, warmup_ratio=0.1),
+]
+
+
+def solo(data: Any, cfg: TrainConfig, dropout: float) -> TrainResult:
+    train, logits, eval_split = data
+    return train_student(tiny_student(cfg.seed, dropout), train, logits, eval_split,
+                         dataclasses.replace(cfg, batch_seed=BATCH_SEED), task=TASK)
+
+
+def assert_same(packed: TrainResult | MemberDiverged, alone: TrainResult, epochs: int | None = None) -> None:
+    assert isinstance(packed, TrainResult), packed
+    expected = alone.history[:epochs] if epochs is not None else alone.history
+    assert len(packed.history) == len(expected)
+    for got, want in zip(packed.history, expected, strict=True):
+        assert got.epoch == want.epoch and got.step == want.step
+        assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5, abs=1e-6)
+        assert got.eval_loss == pytest.approx(want.eval_loss, rel=1e-5, abs=1e-6)
+        assert got.metrics == pytest.approx(want.metrics, rel=1e-5, abs=1e-6)
+    best = max(expected, key=lambda h: h.score)
+    assert packed.best_epoch == best.epoch
+    for name, value in alone.best_state.items() if epochs is None else ():
+        torch.testing.assert_close(packed.best_state[name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["dropout-off", "dropout-on"])
+def test_members_equal_their_solo_runs(data, dropout: float) -> None:  # type: ignore[no-untyped-def]
+    train, logits, eval_split = data
+    members = [PackMember(tiny_student(cfg.seed, dropout), cfg) for cfg in CONFIGS]
+    results = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK)
+    for cfg, result in zip(CONFIGS, results, strict=True):
+        assert_same(result, solo(data, cfg, dropout))
+        assert isinstance(result, TrainResult) and len(result.history) == cfg.num_train_epochs
+        assert result.stopped is None
+
+
+def test_dropout_streams_are_per_member(data) -> None:  # type: ignore[no-untyped-def]
+    """Two members with the same seed and config stay identical with dropout on (each its own stream)."""
+    train, logits, eval_split = data
+    cfg = CONFIGS[0]
+    members = [PackMember(tiny_student(cfg.seed, 0.1), cfg) for _ in range(2)]
+    first, second = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK)
+    assert isinstance(first, TrainResult) and isinstance(second, TrainResult)
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+
+
+def test_pruned_member_leaves_and_the_rest_go_on(data) -> None:  # type: ignore[no-untyped-def]
+    train, logits, eval_split = data
+    seen: list[int] = []
+
+    def prune_at_one(result: EpochResult) -> str | None:
+        seen.append(result.epoch)
+        return "pruned" if result.epoch == 1 else None
+
+    members = [PackMember(tiny_student(cfg.seed, 0.1), cfg) for cfg in CONFIGS]
+    members[2].on_epoch_end = prune_at_one
+    results = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK)
+    assert seen == [1]
+    pruned = results[2]
+    assert isinstance(pruned, TrainResult) and pruned.stopped == "pruned"
+    assert_same(pruned, solo(data, CONFIGS[2], 0.1), epochs=1)
+    for cfg, result in zip(CONFIGS[:2], results[:2], strict=True):
+        assert_same(result, solo(data, cfg, 0.1))
+
+
+def test_diverging_member_fails_alone(data) -> None:  # type: ignore[no-untyped-def]
+    """One member's loss is NaN from its first step (temperature 0), another's turns NaN in epoch 2 (its weights
+    poisoned after epoch 1): both fail with the epoch and step, the third equals its solo run."""
+    train, logits, eval_split = data
+    members = [PackMember(tiny_student(cfg.seed, 0.1), cfg) for cfg in CONFIGS]
+    members[1].cfg = dataclasses.replace(CONFIGS[1], temperature=0.0)
+
+    def poison(result: EpochResult) -> None:
+        with torch.no_grad():
+            members[2].model.classifier.weight.fill_(math.inf)
+
+    members[2].on_epoch_end = poison
+    results = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK)
+    assert isinstance(results[1], MemberDiverged)
+    assert (results[1].epoch, results[1].step) == (1, 1) and "loss diverged (nan) at epoch 1 step 1" in str(results[1])
+    assert isinstance(results[2], MemberDiverged) and (results[2].epoch, results[2].step) == (2, 1)
+    assert_same(results[0], solo(data, CONFIGS[0], 0.1))
+
+
+def test_a_pack_shares_its_batch_size(data) -> None:  # type: ignore[no-untyped-def]
+    train, logits, eval_split = data
+    members = [PackMember(tiny_student(7, 0.0), CONFIGS[0]),
+               PackMember(tiny_student(7, 0.0), dataclasses.replace(CONFIGS[0], batch_size=32))]
+    with pytest.raises(ValueError, match="batch size"):
+        train_pack(members, train, logits, eval_split, BATCH_SEED, TASK)
+
+
+def test_pack_setting() -> None:
+    assert resolve_pack("auto", "cpu") == 1 and resolve_pack("auto", "cuda") == 1
+    assert resolve_pack("3", "cpu") == 3 and resolve_pack(2, "cpu") == 2
+    assert parse_pack(" AUTO ") == "auto"
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match="pack must be"):
+            parse_pack(bad)
