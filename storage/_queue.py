@@ -4,6 +4,9 @@ Contract (both backends):
 - ``claim_slot`` hands a pending slot of the highest-priority, oldest active study to exactly one worker.
   PostgreSQL: ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)``; SQLite: the same statement inside
   ``BEGIN IMMEDIATE``, which serialises writers.
+- ``claim_slots`` (a packed worker) hands up to k pending slots of one study to one worker, in one statement of
+  the same kind: the study of the first slot ``claim_slot`` would take, then up to k of its pending slots (SKIP
+  LOCKED). It never claims more slots than are pending, so a budget stays exact whatever k is.
 - A study's slots only ever end ``done``, ``failed`` or ``cancelled``; at most ``n_trials`` are ``done``.
 - Study status changes (``settle_study``) lock the study row first, so two workers finishing the last slots at the
   same moment cannot both miss the transition to ``finished``.
@@ -15,7 +18,7 @@ import dataclasses
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Table, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Engine, Select, Table, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,8 +76,18 @@ def claim_slot(engine: Engine, worker_id: str, now: datetime | None = None) -> C
         return _claim(session, worker_id, now or db_now(session))
 
 
-def _claim(session: Session, worker_id: str, now: datetime) -> Claim | None:
-    next_slot = (
+def claim_slots(engine: Engine, worker_id: str, k: int, now: datetime | None = None) -> list[Claim]:
+    """Claim up to ``k`` pending slots of one study (the one ``claim_slot`` would pick) for ``worker_id``, in one
+    statement, in slot order; an empty list when there is no work."""
+    if k < 1:
+        raise ValueError(f"k must be 1 or more, not {k}")
+    with session_scope(engine, write_lock=True) as session:
+        return _claim_many(session, worker_id, now or db_now(session), k)
+
+
+def _eligible_slots(now: datetime) -> Select[int]:
+    """Pending slots of active studies, in the order workers take them (priority, then study age, then slot)."""
+    return (
         select(TrialSlotRow.id)
         .join(StudyRow, StudyRow.id == TrialSlotRow.study_id)
         .outerjoin(PreparationRow, PreparationRow.study_id == StudyRow.id)
@@ -86,13 +99,40 @@ def _claim(session: Session, worker_id: str, now: datetime) -> Claim | None:
             or_(PreparationRow.retry_at.is_(None), PreparationRow.retry_at <= now),
         )
         .order_by(StudyRow.priority.desc(), StudyRow.id, TrialSlotRow.slot_no)
-        .limit(1)
-        .with_for_update(skip_locked=True, of=TrialSlotRow)
-        .scalar_subquery()
     )
+
+
+def _claim(session: Session, worker_id: str, now: datetime) -> Claim | None:
+    next_slot = _eligible_slots(now).limit(1).with_for_update(skip_locked=True, of=TrialSlotRow).scalar_subquery()
+    claims = _take(session, worker_id, now, TrialSlotRow.id == next_slot)
+    return claims[0] if claims else None
+
+
+def _claim_many(session: Session, worker_id: str, now: datetime, k: int) -> list[Claim]:
+    first_study = (
+        _eligible_slots(now).with_only_columns(TrialSlotRow.study_id)
+        .limit(1).with_for_update(skip_locked=True, of=TrialSlotRow).scalar_subquery()
+    )
+    # A materialised CTE: PostgreSQL evaluates it once. As a plain ``IN (SELECT ... LIMIT k FOR UPDATE SKIP LOCKED)``
+    # the planner may run the sub-select again and claim more than k slots (seen here: 5 of k=3).
+    picked = (
+        select(TrialSlotRow.id)
+        .where(TrialSlotRow.study_id == first_study, TrialSlotRow.state == SlotState.PENDING)
+        .order_by(TrialSlotRow.slot_no)
+        .limit(k)
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return _take(session, worker_id, now, TrialSlotRow.id.in_(select(picked.c.id)),
+                 TrialSlotRow.state == SlotState.PENDING)
+
+
+def _take(session: Session, worker_id: str, now: datetime, *where: ColumnElement[bool]) -> list[Claim]:
+    """Claim the slots ``where`` picks (one study's) in one UPDATE ... RETURNING; start their study if queued."""
     claim_stmt = (
         update(TrialSlotRow)
-        .where(TrialSlotRow.id == next_slot)
+        .where(*where)
         .values(
             state=SlotState.CLAIMED,
             worker_id=worker_id,
@@ -104,17 +144,18 @@ def _claim(session: Session, worker_id: str, now: datetime) -> Claim | None:
         .returning(TrialSlotRow.id, TrialSlotRow.study_id, TrialSlotRow.slot_no, TrialSlotRow.attempts)
         .execution_options(synchronize_session=False)
     )
-    row = session.execute(claim_stmt).first()
-    if row is None:
-        return None
-    study = session.get(StudyRow, row.study_id)
+    rows = sorted(session.execute(claim_stmt).all(), key=lambda row: row.slot_no)
+    if not rows:
+        return []
+    assert len({row.study_id for row in rows}) == 1
+    study = session.get(StudyRow, rows[0].study_id)
     assert study is not None
     if study.status == StudyStatus.QUEUED:
         study.status = StudyStatus.RUNNING
         study.started_at = now
         if study.timeout_s is not None:
             study.deadline_at = now + timedelta(seconds=study.timeout_s)
-    return Claim(row.id, study.id, study.name, row.slot_no, row.attempts, dict(study.spec))
+    return [Claim(row.id, study.id, study.name, row.slot_no, row.attempts, dict(study.spec)) for row in rows]
 
 
 def record_slot_trial(engine: Engine, slot_id: int, optuna_trial_id: int) -> None:

@@ -16,6 +16,7 @@ from storage import (
     TrialSlotRow,
     cancel_study,
     claim_slot,
+    claim_slots,
     create_study,
     fail_study,
     finish_slot,
@@ -62,18 +63,22 @@ def test_priority_then_first_come(db) -> None:  # type: ignore[no-untyped-def]
     assert claim_slot(db, "w") is None
 
 
-def test_concurrent_workers_never_exceed_budget(db) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("pack", [1, 3], ids=["solo", "packed"])
+def test_concurrent_workers_never_exceed_budget(db, pack: int) -> None:  # type: ignore[no-untyped-def]
+    """Six workers; packed: half claim up to 3 slots at once (claim_slots), half one (claim_slot)."""
     studies = [_new(db, f"s{i}", n) for i, n in enumerate((7, 5, 9))]
     claimed: list[tuple[int, int]] = []
     lock = threading.Lock()
 
-    def worker(worker_id: str) -> None:
-        while (claim := claim_slot(db, worker_id)) is not None:
+    def worker(worker_id: str, k: int) -> None:
+        while claims := (claim_slots(db, worker_id, k) if k > 1 else [c for c in [claim_slot(db, worker_id)] if c]):
+            assert len(claims) <= k and len({c.study_id for c in claims}) == 1
             with lock:
-                claimed.append((claim.slot_id, claim.study_id))
-            finish_slot(db, claim.slot_id, worker_id, outcome=SlotState.DONE)
+                claimed.extend((claim.slot_id, claim.study_id) for claim in claims)
+            for claim in claims:
+                finish_slot(db, claim.slot_id, worker_id, outcome=SlotState.DONE)
 
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    threads = [threading.Thread(target=worker, args=(f"w{i}", pack if i % 2 else 1)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -82,6 +87,35 @@ def test_concurrent_workers_never_exceed_budget(db) -> None:  # type: ignore[no-
     per_study = Counter(study for _, study in claimed)
     assert per_study == {s.id: s.n_trials for s in studies}
     assert all(_status(db, s.id) == StudyStatus.FINISHED for s in studies)
+
+
+def test_claim_slots_takes_one_study_in_one_statement(db) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import event
+
+    high = _new(db, "high", 2, priority=5)
+    low = _new(db, "low", 4)
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(db, "before_cursor_execute", record)
+    try:
+        first = claim_slots(db, "w", 3)  # K larger than the study's budget: its 2 slots, never the next study's
+    finally:
+        event.remove(db, "before_cursor_execute", record)
+    assert [(c.study_id, c.slot_no, c.attempt) for c in first] == [(high.id, 0, 1), (high.id, 1, 1)]
+    assert len([s for s in statements if "UPDATE kd_trial_slots" in s]) == 1, statements
+    assert _status(db, high.id) == StudyStatus.RUNNING
+    second = claim_slots(db, "w", 3)
+    assert [(c.study_id, c.slot_no) for c in second] == [(low.id, 0), (low.id, 1), (low.id, 2)]
+    # A failed slot goes back to pending and is claimed again, with the one left.
+    finish_slot(db, second[1].slot_id, "w", outcome=SlotState.FAILED)
+    third = claim_slots(db, "w", 3)
+    assert [(c.slot_no, c.attempt) for c in third] == [(1, 2), (3, 1)]
+    assert claim_slots(db, "w", 3) == [] and claim_slot(db, "w") is None
+    with pytest.raises(ValueError):
+        claim_slots(db, "w", 0)
 
 
 def test_status_moves_queued_running_finished(db) -> None:  # type: ignore[no-untyped-def]
