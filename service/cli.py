@@ -137,6 +137,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     extra = ["--log-level", args.log_level]
     if args.exit_when_idle:
         extra.append("--exit-when-idle")
+    if args.pack is not None:
+        extra += ["--pack", args.pack]
     if args.gpus:
         gpus = visible_gpus(args.gpus)
         if not gpus:
@@ -150,9 +152,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail(f"--device: {exc}", 2)
     from storage import SchemaMismatch
 
+    settings = get_settings()
+    if args.pack is not None:
+        from distill.packed import parse_pack
+
+        try:
+            settings = settings.model_copy(update={"pack": str(parse_pack(args.pack))})
+        except ValueError as exc:
+            return _fail(f"--pack: {exc}", 2)
     try:
-        worker = Worker(get_settings(), device=device, exit_when_idle=args.exit_when_idle,
-                        max_trials=args.max_trials)
+        worker = Worker(settings, device=device, exit_when_idle=args.exit_when_idle, max_trials=args.max_trials)
     except SchemaMismatch as exc:
         return _fail(f"worker not started: {exc}", 2)
     return worker.run()
@@ -384,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--workers-per-gpu", type=int, default=1, choices=range(1, 33), metavar="N",
                         help="with --gpus: worker processes per GPU (small students leave a GPU idle)")
     worker.add_argument("--exit-when-idle", action="store_true", help="exit once no trial is left to run")
+    worker.add_argument("--pack", metavar="K|auto", help="claim up to K trials of a study and train them together "
+                        "(KDSEARCH_PACK; default auto)")
     worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)

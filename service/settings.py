@@ -80,6 +80,17 @@ class Settings(BaseSettings):
         "auto", description="The student's forward pass: bf16 autocast, fp32, or auto (bf16 where the device "
                             "computes it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; fp32 elsewhere).")
     threads: int = Field(0, ge=0, description="Torch threads per worker process; 0 leaves torch's default.")
+    pack: str = Field("auto", description="Trials a worker claims (of one study) and trains together: a whole number, "
+                                         "1 or more, or auto (1 wherever the bench does not show packing faster).")
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_setting(cls, value: object) -> object:
+        # As distill.packed.parse_pack, which this module does not import (the API never loads torch).
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isascii() and text.isdigit() and int(text) >= 1):
+            raise ValueError(f"pack must be 'auto' or a whole number of trials, 1 or more, not {value!r}")
+        return text if text == "auto" else str(int(text))
 
     # Database connections (per process)
     pool_size: int = Field(5, ge=1, description="API connections per engine.")

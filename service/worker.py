@@ -2,6 +2,7 @@
 
     kdsearch worker --device cpu          # one worker on this machine's CPU
     kdsearch worker --gpus all            # one worker process per visible GPU
+    kdsearch worker --pack 3              # claim up to 3 slots of a study and train them together
 
 Workers need only the database and the artifacts directory, never the API. A failing trial is marked FAIL and
 retried; a study that cannot run at all (bad data, a model that will not load) is marked failed with the reason,
@@ -33,6 +34,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
 from distill import STUDY_FAULTS, EpochResult, TrialEngine, TrialOutcome, load_engine
+from distill.packed import resolve_pack
 from search_space import (
     StudentSpace,
     StudySpec,
@@ -44,6 +46,7 @@ from search_space import (
 )
 from search_space.objectives import constraint_violations, infeasible_reason, same_shape_should_prune
 from service.notifier import Notifier
+from service.packing import PackRunner
 from service.progress import PreparationReporter
 from service.settings import Settings
 from storage import (
@@ -52,6 +55,7 @@ from storage import (
     StoreError,
     check_schema,
     claim_slot,
+    claim_slots,
     enqueue_event,
     ensure_optuna_study,
     fail_study,
@@ -105,6 +109,8 @@ class Worker:
             torch.set_num_threads(settings.threads)
         self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info,
                                             precision=settings.precision)
+        # Trials trained together per claim (distill.packed): 1 runs each trial alone, as without packing.
+        self.pack = resolve_pack(settings.pack, device)
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
 
@@ -128,7 +134,7 @@ class Worker:
             while not self._stop.is_set():
                 try:
                     self._housekeeping()
-                    claim = claim_slot(self.db, self.worker_id)
+                    claims = self._claim()
                     outage_delay = 0.5
                 except (DBAPIError, StorageInternalError) as exc:
                     if not is_transient(exc):  # a bug or a schema mismatch: say so and stop, never spin on it
@@ -141,28 +147,32 @@ class Worker:
                     self._stop.wait(outage_delay)
                     outage_delay = min(outage_delay * 2, 15.0)
                     continue
-                if claim is None:
+                if not claims:
                     if self.exit_when_idle:
                         break
                     self._stop.wait(self.settings.poll_interval)
                     continue
+                slots = ", ".join(str(claim.slot_id) for claim in claims)
                 try:
-                    self.run_claim(claim)
+                    if len(claims) == 1:
+                        self.run_claim(claims[0])
+                    else:
+                        PackRunner(self, claims).run()
                 except StoreError as exc:
-                    log.error("stopping: %s (slot %d is retried once its heartbeat is stale)", exc, claim.slot_id)
+                    log.error("stopping: %s (slot %s is retried once its heartbeat is stale)", exc, slots)
                     exit_code = 1
                     break
                 except (DBAPIError, StorageInternalError) as exc:
                     if not is_transient(exc):
-                        log.error("stopping: %s (slot %d is retried once its heartbeat is stale)",
-                                  StoreError(f"running slot {claim.slot_id}", exc), claim.slot_id)
+                        log.error("stopping: %s (slot %s is retried once its heartbeat is stale)",
+                                  StoreError(f"running slot {slots}", exc), slots)
                         exit_code = 1
                         break
-                    log.exception("trial on slot %d broke off; it will be retried", claim.slot_id)
+                    log.exception("trial on slot %s broke off; it will be retried", slots)
                 except Exception:
                     # Left claimed: once its heartbeat is stale a worker takes the slot over and retries it.
-                    log.exception("trial on slot %d broke off; it will be retried", claim.slot_id)
-                trials_run += 1
+                    log.exception("trial on slot %s broke off; it will be retried", slots)
+                trials_run += len(claims)
                 if self.max_trials is not None and trials_run >= self.max_trials:
                     break
         finally:
@@ -172,6 +182,13 @@ class Worker:
             self.optuna_storage.engine.dispose()
         log.info("worker %s stopped after %d trial(s)", self.worker_id, trials_run)
         return exit_code
+
+    def _claim(self) -> list[Claim]:
+        """The next work: one slot, or with packing up to ``pack`` slots of one study (``claim_slots``)."""
+        if self.pack > 1:
+            return claim_slots(self.db, self.worker_id, self.pack)
+        claim = claim_slot(self.db, self.worker_id)
+        return [] if claim is None else [claim]
 
     def _status(self, status: str, study_id: int | None = None, trial_number: int | None = None) -> None:
         try:
@@ -216,7 +233,7 @@ class Worker:
         # can take far longer than the grace period, and must not look like a dead worker.
         lost = threading.Event()
         beating = threading.Event()
-        heart = threading.Thread(target=self._heartbeat, args=(claim, lost, beating), daemon=True)
+        heart = threading.Thread(target=self._heartbeat, args=([claim], [lost], beating), daemon=True)
         heart.start()
         try:
             self._status("busy", claim.study_id)
@@ -246,22 +263,34 @@ class Worker:
                 log.info("study %s trial %d not trained: %s", claim.study_name, trial.number, reason)
             else:
                 outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost, profile)
-                log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
-                         outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
+                self._log_outcome(claim, trial, task, outcome)
             slot_outcome, error = SlotState.DONE, None
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
-            error = describe_error(exc)
-            if not isinstance(exc, InterruptedError):
-                log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
-                log.debug("%s", traceback.format_exc())
-            try:
-                trial.set_user_attr("fail_reason", error)
-                study.tell(trial, state=TrialState.FAIL)
-            except Exception:  # noqa: BLE001 - a reaper may have failed it already
-                log.debug("trial %d was already finished", trial.number)
+            error = self._fail_trial(claim, study, trial, exc)
             slot_outcome = SlotState.FAILED
+        self._finish_slot(claim, lost, slot_outcome, error)
+
+    def _log_outcome(self, claim: Claim, trial: optuna.Trial, task: TaskInfo, outcome: TrialOutcome) -> None:
+        log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
+                 outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
+
+    def _fail_trial(self, claim: Claim, study: optuna.Study, trial: optuna.Trial, exc: BaseException) -> str:
+        """Record a trial's failure (FAIL, with the reason); returns the reason for its slot."""
+        error = describe_error(exc)
+        if not isinstance(exc, InterruptedError):
+            log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
+            log.debug("%s", "".join(traceback.format_exception(exc)))
+        try:
+            trial.set_user_attr("fail_reason", error)
+            study.tell(trial, state=TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - a reaper may have failed it already
+            log.debug("trial %d was already finished", trial.number)
+        return error
+
+    def _finish_slot(self, claim: Claim, lost: threading.Event, outcome: str, error: str | None) -> None:
+        """Close the slot (done, or failed and retried while attempts remain), unless it was taken over."""
         if not lost.is_set():
-            retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=slot_outcome,
+            retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=outcome,
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
 
     def _load_study(self, claim: Claim, spec: StudySpec) -> optuna.Study:
@@ -427,16 +456,22 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"
             outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
-            if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
-                raise InterruptedError(outcome.stopped)
-            artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
+            self._store_outcome(claim, spec, study, trial, outcome, checkpoint, profile)
+        return outcome
+
+    def _store_outcome(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
+                       outcome: TrialOutcome, checkpoint: Path, profile: dict[str, Any] | None) -> None:
+        """Store a trained trial's checkpoint, then tell Optuna (COMPLETE, or PRUNED with its stop reason). A stop for
+        shutdown or a lost claim raises ``InterruptedError``: the trial is failed and its slot retried."""
+        if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
+            raise InterruptedError(outcome.stopped)
+        artifact_id = self.layout.store_checkpoint(checkpoint, trial, storage=self.optuna_storage)
         values = [outcome.best_score]
         if spec.cost_objective is not None:
             assert profile is not None  # _profile refuses a multi-objective study without one
             values.append(float(profile[spec.cost_objective]))
         retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id, values))
         retry_operational(lambda: self._announce_best(claim, spec, study, trial, outcome))
-        return outcome
 
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
                         artifact_id: str, values: list[float]) -> None:
@@ -469,15 +504,18 @@ class Worker:
             enqueue_event(self.db, claim.study_id, "new_best",
                           {"trial_number": trial.number, "value": outcome.best_score})
 
-    def _heartbeat(self, claim: Claim, lost: threading.Event, done: threading.Event) -> None:
-        """Beat for the claimed slot, and for the worker's own row (so a busy worker never looks lost)."""
-        while not done.wait(self.settings.heartbeat_interval):
+    def _heartbeat(self, claims: list[Claim], lost: list[threading.Event], done: threading.Event) -> None:
+        """Beat for each claimed slot (a pack holds several), and for the worker's own row (so a busy worker never
+        looks lost). A slot taken over sets its own ``lost`` event and is not beaten again."""
+        beating = list(zip(claims, lost, strict=True))
+        while beating and not done.wait(self.settings.heartbeat_interval):
             try:
                 touch_worker(self.db, self.worker_id)
-                if not heartbeat_slot(self.db, claim.slot_id, self.worker_id):
-                    log.warning("slot %d was taken over by another worker", claim.slot_id)
-                    lost.set()
-                    return
+                for claim, its_lost in list(beating):
+                    if not heartbeat_slot(self.db, claim.slot_id, self.worker_id):
+                        log.warning("slot %d was taken over by another worker", claim.slot_id)
+                        its_lost.set()
+                        beating.remove((claim, its_lost))
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -61,13 +61,24 @@ def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         stack.stop()
 
 
-def test_eight_workers_three_priorities_on_postgres(make_stack, postgres_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+# Packed: workers that claim up to 3 slots of a study at once (--pack 3, service.packing) beside solo ones.
+PACKS = pytest.mark.parametrize("pack", [None, "3"], ids=["solo", "packed"])
+
+
+def worker_args(pack: str | None, index: int) -> list[str]:
+    """Every other worker packed when ``pack`` is set (so packed and solo workers share the queue)."""
+    return ["--pack", pack] if pack is not None and index % 2 == 0 else []
+
+
+@PACKS
+def test_eight_workers_three_priorities_on_postgres(make_stack, postgres_url: str, tiny_assets,  # type: ignore[no-untyped-def]
+                                                     pack: str | None) -> None:
     stack = make_stack(postgres_url)
     sizes = {"low": (0, 10), "mid": (5, 12), "high": (10, 14)}
     for name, (priority, n) in sizes.items():
         stack.submit(sleep_spec(tiny_assets, name, n, priority=priority))
-    for _ in range(8):
-        stack.start_worker()
+    for i in range(8):
+        stack.start_worker(*worker_args(pack, i))
     for name in sizes:
         assert stack.wait_status(name)["status"] == "finished"
     for name, (_, n) in sizes.items():
@@ -92,12 +103,14 @@ def stack_studies(stack: Stack) -> list[dict]:
     return httpx.get(f"{stack.url}/api/studies").json()
 
 
-def test_three_workers_and_api_share_sqlite(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+@PACKS
+def test_three_workers_and_api_share_sqlite(make_stack, sqlite_url: str, tiny_assets,  # type: ignore[no-untyped-def]
+                                            pack: str | None) -> None:
     stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.02")
     for name in ("a", "b"):
         stack.submit(sleep_spec(tiny_assets, name, 12))
-    for _ in range(3):
-        stack.start_worker()
+    for i in range(3):
+        stack.start_worker(*worker_args(pack, i))
     # Read through the API all the while, as a dashboard would.
     stack.wait_for(lambda: all(s["status"] == "finished" for s in stack_studies(stack)), what="both studies")
     for name in ("a", "b"):
@@ -106,35 +119,45 @@ def test_three_workers_and_api_share_sqlite(make_stack, sqlite_url: str, tiny_as
     assert "database is locked" not in logs and "Traceback" not in logs
 
 
+@PACKS
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_killed_worker_trial_is_retried(make_stack, request, backend: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+def test_killed_worker_trial_is_retried(make_stack, request, backend: str, tiny_assets,  # type: ignore[no-untyped-def]
+                                        pack: str | None) -> None:
+    """SIGKILL mid-trial: the slot (a packed worker: all 3 of its pack's) is retried once, the budget exact."""
     db_url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "postgres_url")
     stack = make_stack(db_url, KDSEARCH_TEST_EPOCH_S="0.4")
     stack.submit(sleep_spec(tiny_assets, "kill", 5, epochs=4))
-    victim = stack.start_worker()
-    stack.wait_for(lambda: stack.study("kill")["counts"]["running"] == 1, what="a running trial")
+    victim = stack.start_worker(*worker_args(pack, 0))
+    lost = 1 if pack is None else 3
+    stack.wait_for(lambda: stack.study("kill")["counts"]["running"] == lost, what="running trials")
     time.sleep(0.6)  # into an epoch, after the first report
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    stack.start_worker()
+    stack.start_worker(*worker_args(pack, 0))
     assert stack.wait_status("kill")["status"] == "finished"
     trials = assert_exact(db_url, "kill", 5)
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and failed[0].system_attrs.get("fail_reason") == "stale heartbeat"
-    slot = failed[0].user_attrs["slot"]
-    retried = [t for t in trials if t.user_attrs["slot"] == slot and t.state == TrialState.COMPLETE]
-    assert len(retried) == 1 and retried[0].user_attrs["attempt"] == 2
+    assert len(failed) == lost and all(t.system_attrs.get("fail_reason") == "stale heartbeat" for t in failed)
+    for slot in {t.user_attrs["slot"] for t in failed}:
+        retried = [t for t in trials if t.user_attrs["slot"] == slot and t.state == TrialState.COMPLETE]
+        assert len(retried) == 1 and retried[0].user_attrs["attempt"] == 2
+    if pack is not None:
+        assert {t.user_attrs["pack"]["size"] for t in failed} == {3}
 
 
-def test_sigterm_exits_cleanly_and_leaves_nothing_running(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+@PACKS
+def test_sigterm_exits_cleanly_and_leaves_nothing_running(make_stack, sqlite_url: str, tiny_assets,  # type: ignore[no-untyped-def]
+                                                          pack: str | None) -> None:
     stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.3")
     stack.submit(sleep_spec(tiny_assets, "term", 3, epochs=50))
-    worker = stack.start_worker()
-    stack.wait_for(lambda: stack.study("term")["counts"]["running"] == 1, what="a running trial")
+    worker = stack.start_worker(*worker_args(pack, 0))
+    running = 1 if pack is None else 3
+    stack.wait_for(lambda: stack.study("term")["counts"]["running"] == running, what="running trials")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0
     study = stack.study("term")
-    assert study["counts"]["running"] == 0 and study["counts"]["failed"] == 1 and study["counts"]["waiting"] == 3
+    assert study["counts"]["running"] == 0 and study["counts"]["failed"] == running
+    assert study["counts"]["waiting"] == 3
     assert study["status"] == "running", "the interrupted slot is back in the queue"
 
 
