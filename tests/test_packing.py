@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
 
 from distill.data import TokenizedSplit
+from distill.engine import TrialOutcome
 from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, train_pack
 from distill.train import EpochResult, TrainConfig, TrainResult, train_student
 from search_space import TaskInfo
@@ -147,3 +151,102 @@ def test_pack_setting() -> None:
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match="pack must be"):
             parse_pack(bad)
+
+
+# -- the engine and real workers -----------------------------------------------------------------------------------
+
+ENGINE_PARAMS = [
+    {"learning_rate": 5e-3, "temperature": 2.0, "alpha": 0.5, "num_train_epochs": 2, "batch_size": 32},
+    {"learning_rate": 2e-3, "temperature": 4.0, "alpha": 0.2, "num_train_epochs": 3, "batch_size": 32,
+     "weight_decay": 0.05, "warmup_ratio": 0.2},
+    {"learning_rate": 9e-3, "temperature": 1.0, "alpha": 0.8, "num_train_epochs": 1, "batch_size": 32},
+]
+
+
+def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """DistillationEngine.run_pack with the study's seed as batch seed: each member equals run_trial exactly as a
+    solo trial runs (a packed trial cannot be told from a solo one), and writes its own checkpoint."""
+    from distill import DistillationEngine
+    from distill.engine import TRIAL_RECORD, PackedTrial
+    from search_space import StudySpec
+    from tests.conftest import tiny_spec
+
+    spec = StudySpec.model_validate(tiny_spec(tiny_assets))
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu")
+    prepared = engine.prepare(spec)
+    members = [PackedTrial(p, spec.seed, None, tmp_path / f"packed-{i}") for i, p in enumerate(ENGINE_PARAMS)]
+    outcomes = engine.run_pack(prepared, members, batch_seed=spec.seed)
+    for i, (params, outcome) in enumerate(zip(ENGINE_PARAMS, outcomes, strict=True)):
+        alone = engine.run_trial(prepared, params, spec.seed, None, tmp_path / f"solo-{i}")
+        assert isinstance(outcome, TrialOutcome), outcome
+        assert len(outcome.history) == params["num_train_epochs"]
+        for got, want in zip(outcome.history, alone.history, strict=True):
+            assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5)
+            assert got.metrics == pytest.approx(want.metrics, rel=1e-5)
+        record = json.loads((tmp_path / f"packed-{i}" / TRIAL_RECORD).read_text())
+        assert record["best_epoch"] == outcome.best_epoch and record["batch_seed"] == spec.seed
+        assert (tmp_path / f"packed-{i}" / "model.safetensors").is_file()
+    shaped = tiny_spec(tiny_assets, student={"config": {"num_hidden_layers": {"low": 1, "high": 2}, "hidden_size": 16,
+                                                        "num_attention_heads": 2, "intermediate_size": 32}})
+    prepared = engine.prepare(StudySpec.model_validate(shaped))
+    mixed = [PackedTrial({**ENGINE_PARAMS[0], "num_hidden_layers": n}, 1, None, tmp_path / f"mixed-{n}")
+             for n in (1, 2)]
+    with pytest.raises(ValueError, match="one student shape"):
+        engine.run_pack(prepared, mixed, batch_seed=1)
+
+
+def test_pack_groups_split_shapes_and_batch_sizes() -> None:
+    from service.packing import pack_groups
+
+    params = [{"num_hidden_layers": 1, "batch_size": 32}, {"num_hidden_layers": 2, "batch_size": 32},
+              {"num_hidden_layers": 1, "batch_size": 16}, {"num_hidden_layers": 1, "batch_size": 32}]
+    assert pack_groups(params, {"num_hidden_layers"}) == [[0, 3], [1], [2]]
+    assert pack_groups(params, set()) == [[0, 1, 3], [2]]
+
+
+def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real ``kdsearch worker --pack 3`` (the distillation engine) on SQLite and PostgreSQL: 5 trials run as a pack
+    of 3 then one of 2, the budget exact, each trial with its pack attribute, its checkpoint and the numbers of its
+    solo run; export-best works on the best."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from distill import DistillationEngine
+    from search_space import StudySpec
+    from tests.conftest import tiny_spec
+    from tests.procs import KDSEARCH, Stack
+
+    stack = Stack(db_url, tmp_path)
+    try:
+        stack.start_api()
+        spec = tiny_spec(tiny_assets, name="packed", n_trials=5)
+        stack.submit(spec)
+        stack.start_worker("--pack", "3", "--exit-when-idle")
+        study = stack.wait_status("packed")
+        assert study["status"] == "finished", study
+        assert study["counts"]["complete"] == 5 and study["counts"]["failed"] == 0
+        trials = optuna.load_study(study_name="packed", storage=db_url).get_trials()
+        assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+        assert sorted(t.user_attrs["slot"] for t in trials) == list(range(5))
+        packs = sorted({tuple(t.user_attrs["pack"]["members"]) for t in trials})
+        assert [len(members) for members in packs] == [3, 2]
+        assert all(t.user_attrs["pack"]["batch_seed"] == 33 and t.number in t.user_attrs["pack"]["members"]
+                   for t in trials)
+        assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 5, "the pack's trials differ"
+        assert all(t.user_attrs["checkpoint_artifact_id"] for t in trials)
+        # One packed trial, run alone in this process with the study's seed: the same epochs.
+        trial = trials[1]
+        engine = DistillationEngine(tmp_path / "solo-artifacts", device="cpu")
+        prepared = engine.prepare(StudySpec.model_validate(stack.study("packed")["spec"]))
+        alone = engine.run_trial(prepared, trial.user_attrs["params"], 33, None, tmp_path / "solo")
+        assert [e["train_loss"] for e in trial.user_attrs["epochs"]] == pytest.approx(
+            [h.train_loss for h in alone.history], rel=1e-5)
+        assert trial.value == pytest.approx(alone.best_score, rel=1e-6)
+
+        out = tmp_path / "export"
+        export = subprocess.run([*KDSEARCH, "export-best", "packed", "--out", str(out)], env=stack.env,
+                                capture_output=True, text=True)
+        assert export.returncode == 0, export.stderr
+        assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    finally:
+        stack.stop()
