@@ -250,3 +250,48 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
         assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     finally:
         stack.stop()
+
+
+def test_heartbeat_beats_every_slot_and_loses_only_the_taken_one(db_url: str) -> None:
+    """A pack's heartbeat thread: every claimed slot is beaten; a slot another worker took over sets its member's
+    ``lost`` alone, and the others keep beating."""
+    import threading
+    import time
+    import types
+
+    from sqlalchemy import select, update
+
+    from service.worker import Worker
+    from storage import TrialSlotRow, claim_slots, create_study, init_db, make_engine, session_scope
+
+    def beats(session: Any) -> dict[int, Any]:
+        return {row.id: row.heartbeat_at for row in session.execute(select(TrialSlotRow.id, TrialSlotRow.heartbeat_at))}
+
+    db = make_engine(db_url)
+    init_db(db)
+    try:
+        create_study(db, name="beats", spec={"name": "beats"}, n_trials=3, priority=0, timeout_s=None)
+        claims = claim_slots(db, "packer", 3)
+        assert len(claims) == 3
+        with session_scope(db) as session:
+            session.execute(update(TrialSlotRow).where(TrialSlotRow.id == claims[1].slot_id)
+                            .values(worker_id="reaper"))
+            before = beats(session)
+        fake = types.SimpleNamespace(db=db, worker_id="packer",
+                                     settings=types.SimpleNamespace(heartbeat_interval=0.05))
+        lost = [threading.Event() for _ in claims]
+        done = threading.Event()
+        heart = threading.Thread(target=Worker._heartbeat, args=(fake, claims, lost, done))
+        heart.start()
+        assert lost[1].wait(10)
+        time.sleep(1.2)  # heartbeat times are the database's: SQLite's keep whole seconds
+        done.set()
+        heart.join()
+        assert not lost[0].is_set() and not lost[2].is_set()
+        with session_scope(db) as session:
+            after = beats(session)
+        assert after[claims[0].slot_id] > before[claims[0].slot_id]
+        assert after[claims[2].slot_id] > before[claims[2].slot_id]
+        assert after[claims[1].slot_id] == before[claims[1].slot_id]
+    finally:
+        db.dispose()
