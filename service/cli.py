@@ -129,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
-    from service.worker import Worker, configure_logging, run_gpu_workers, visible_gpus
+    from service.supervisor import cpu_children, cpu_layout, gpu_children, run_worker_processes
+    from service.worker import Worker, configure_logging, visible_gpus
 
     if problem := _check_database():
         return _fail(problem, 2)
@@ -137,34 +138,76 @@ def cmd_worker(args: argparse.Namespace) -> int:
     extra = ["--log-level", args.log_level]
     if args.exit_when_idle:
         extra.append("--exit-when-idle")
+    if args.max_trials is not None:
+        extra += ["--max-trials", str(args.max_trials)]
+    pack: str | None = None
     if args.pack is not None:
-        extra += ["--pack", args.pack]
+        from distill.packed import parse_pack
+
+        try:
+            pack = str(parse_pack(args.pack))
+        except ValueError as exc:
+            return _fail(f"--pack: {exc}", 2)
+        extra += ["--pack", pack]
     if args.gpus:
         gpus = visible_gpus(args.gpus)
         if not gpus:
             return _fail("--gpus: no CUDA device is visible on this host", 2)
-        return run_gpu_workers(gpus, extra, args.workers_per_gpu)
+        if problem := _check_schema():
+            return _fail(f"worker not started: {problem}", 2)
+        return run_worker_processes(gpu_children(gpus, args.workers_per_gpu, extra))
     from distill import resolve_device
 
     try:
         device = str(resolve_device(args.device))
     except RuntimeError as exc:
         return _fail(f"--device: {exc}", 2)
+    threads = 0
+    if device == "cpu":
+        try:
+            procs, threads = cpu_layout(args.procs, args.threads_per_proc)
+        except ValueError as exc:
+            return _fail(str(exc), 2)
+        if procs > 1:
+            if problem := _check_schema():
+                return _fail(f"worker not started: {problem}", 2)
+            return run_worker_processes(cpu_children(procs, threads, extra))
+    elif args.procs not in ("auto", "1"):
+        return _fail(f"--procs is for CPU workers (this one runs on {device}); use --gpus with "
+                     "--workers-per-gpu for several GPU workers", 2)
     from storage import SchemaMismatch
 
     settings = get_settings()
-    if args.pack is not None:
-        from distill.packed import parse_pack
-
-        try:
-            settings = settings.model_copy(update={"pack": str(parse_pack(args.pack))})
-        except ValueError as exc:
-            return _fail(f"--pack: {exc}", 2)
+    if threads:
+        settings = settings.model_copy(update={"threads": threads})
+    if pack is not None:
+        settings = settings.model_copy(update={"pack": pack})
     try:
         worker = Worker(settings, device=device, exit_when_idle=args.exit_when_idle, max_trials=args.max_trials)
     except SchemaMismatch as exc:
         return _fail(f"worker not started: {exc}", 2)
     return worker.run()
+
+
+def _check_schema() -> str | None:
+    """Why this database's schema does not match this release's (workers never migrate), or None."""
+    from service.settings import get_settings
+    from storage import SchemaMismatch, check_schema, make_engine
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        check_schema(engine)
+    except SchemaMismatch as exc:
+        return str(exc)
+    finally:
+        engine.dispose()
+    return None
+
+
+def _count_or_auto(value: str) -> str:
+    if value == "auto" or (value.isdigit() and 1 <= int(value) <= 256):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a number from 1 to 256 or 'auto', not {value!r}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -392,10 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--gpus", help="'all' or a list like 0,1: one worker process per GPU")
     worker.add_argument("--workers-per-gpu", type=int, default=1, choices=range(1, 33), metavar="N",
                         help="with --gpus: worker processes per GPU (small students leave a GPU idle)")
+    worker.add_argument("--procs", type=_count_or_auto, default="auto", metavar="N|auto",
+                        help="CPU workers: worker processes on this host (auto: one per physical core)")
+    worker.add_argument("--threads-per-proc", type=_count_or_auto, default="auto", metavar="M|auto",
+                        help="CPU workers: torch threads per process (auto: 1 with --procs auto, else the cores "
+                             "shared out)")
     worker.add_argument("--exit-when-idle", action="store_true", help="exit once no trial is left to run")
+    worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials (per worker process)")
     worker.add_argument("--pack", metavar="K|auto", help="claim up to K trials of a study and train them together "
                         "(KDSEARCH_PACK; default auto)")
-    worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)
 

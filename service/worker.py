@@ -1,7 +1,8 @@
 """A worker: claims trial slots from the shared store, trains, reports to Optuna, stores checkpoints, loops.
 
-    kdsearch worker --device cpu          # one worker on this machine's CPU
-    kdsearch worker --gpus all            # one worker process per visible GPU
+    kdsearch worker --device cpu          # one worker process per physical core, one thread each
+    kdsearch worker --device cpu --procs 1 --threads-per-proc 2   # one process, two threads
+    kdsearch worker --gpus all            # one worker process per visible GPU (service.supervisor)
     kdsearch worker --pack 3              # claim up to 3 slots of a study and train them together
 
 Workers need only the database and the artifacts directory, never the API. A failing trial is marked FAIL and
@@ -17,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -124,7 +124,10 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        log.info("worker %s started (database %s)", self.worker_id, self.db.url.render_as_string())
+        import torch
+
+        log.info("worker %s started (database %s, %d torch thread(s), precision setting %s)", self.worker_id,
+                 self.db.url.render_as_string(), torch.get_num_threads(), self.settings.precision)
         self._status("idle")
         notifier = Notifier(self.db, self.settings, f"{self.worker_id}:notifier").start()
         trials_run = 0
@@ -538,30 +541,6 @@ def visible_gpus(gpus: str) -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def run_gpu_workers(gpus: list[str], extra_args: list[str], workers_per_gpu: int = 1) -> int:
-    """``workers_per_gpu`` worker processes per GPU, each seeing only its own device; signals are passed on.
-
-    Several processes per GPU keep it busy when one small student cannot (each trial is its own CUDA context).
-    """
-    children = []
-    for gpu in gpus:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--device", "cuda", *extra_args]
-        for _ in range(workers_per_gpu):
-            children.append(subprocess.Popen(cmd, env=env))
-            log.info("started worker pid %d on GPU %s", children[-1].pid, gpu)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, default=0)
 
 
 def configure_logging(level: str = "INFO") -> None:

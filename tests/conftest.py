@@ -196,3 +196,26 @@ def front_spec(assets: dict[str, Path], name: str, n_trials: int = 4, **override
                      pruner="median", search_space={"num_train_epochs": {"low": 1, "high": 2}, "batch_size": 32,
                                                     "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
                      **overrides)
+
+
+# Real worker processes on tests.sleep_engine.SleepEngine (sleeps per epoch): queue and Optuna paths in seconds.
+FAST = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_POLL_INTERVAL": "0.1",
+        "KDSEARCH_HEARTBEAT_INTERVAL": "0.5", "KDSEARCH_GRACE_PERIOD": "3", "KDSEARCH_TEST_EPOCH_S": "0.05"}
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """``make(db_url, **env)``: an API process on ``db_url`` with the fast test settings; stopped afterwards."""
+    from tests.procs import Stack
+
+    stacks: list[Stack] = []
+
+    def make(db_url: str, **env: str) -> Stack:
+        stack = Stack(db_url, tmp_path, **{**FAST, **env})
+        stacks.append(stack)
+        stack.start_api()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()

@@ -45,9 +45,10 @@ class Stack:
         raise AssertionError("API did not start: " + self.log("api.log"))
 
     def start_worker(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """A worker process; ``env`` adds to (or overrides) the stack's environment, e.g. another host's."""
+        """A worker process; ``env`` adds to (or overrides) the stack's environment, e.g. another host's. One
+        process unless ``args`` says ``--procs N`` (the last one given wins), so a test can signal the worker."""
         index = len(self.workers)
-        worker = self._spawn(["worker", "--device", "cpu", *args], f"worker-{index}.log", env)
+        worker = self._spawn(["worker", "--device", "cpu", "--procs", "1", *args], f"worker-{index}.log", env)
         self.workers.append(worker)
         return worker
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import optuna
 import pytest
+import torch
 import yaml
 
+from distill.precision import resolve_precision
 from tests.conftest import tiny_spec
 from tests.procs import KDSEARCH, Stack
 
@@ -42,6 +44,8 @@ def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str
     assert len(trials) == 5
     for t in trials:
         assert t["state"] == "COMPLETE" and t["worker"] and t["duration_s"] > 0
+        # KDSEARCH_PRECISION=auto: what this CPU computes natively, recorded on every trial.
+        assert t["precision"] == resolve_precision("auto", torch.device("cpu"))
         assert len(t["epochs"]) == t["params"]["num_train_epochs"]
         assert set(t["intermediate"]) == {str(e) for e in range(1, t["params"]["num_train_epochs"] + 1)}
         assert t["value"] == max(e["score"] for e in t["epochs"]) == max(e["metrics"]["accuracy"] for e in t["epochs"])

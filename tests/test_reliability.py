@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -22,9 +21,6 @@ from optuna.trial import TrialState
 from storage import TrialSlotRow, make_engine, session_scope
 from tests.conftest import tiny_spec
 from tests.procs import Stack
-
-FAST = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_POLL_INTERVAL": "0.1",
-        "KDSEARCH_HEARTBEAT_INTERVAL": "0.5", "KDSEARCH_GRACE_PERIOD": "3", "KDSEARCH_TEST_EPOCH_S": "0.05"}
 
 
 def sleep_spec(assets, name: str, n: int, epochs: int = 2, **kw) -> dict:  # type: ignore[no-untyped-def]
@@ -44,21 +40,6 @@ def assert_exact(db_url: str, name: str, n: int) -> list[optuna.trial.FrozenTria
     slots = Counter(t.user_attrs["slot"] for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
     assert sorted(slots) == list(range(n)) and set(slots.values()) == {1}, "a slot finished twice"
     return trials
-
-
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    stacks: list[Stack] = []
-
-    def make(db_url: str, **env: str) -> Stack:
-        stack = Stack(db_url, tmp_path, **{**FAST, **env})
-        stacks.append(stack)
-        stack.start_api()
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.stop()
 
 
 # Packed: workers that claim up to 3 slots of a study at once (--pack 3, service.packing) beside solo ones.
