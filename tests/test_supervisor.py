@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from service import supervisor
 from tests.procs import Stack
-from tests.test_reliability import assert_exact, sleep_spec
+from tests.test_reliability import PACKS, assert_exact, sleep_spec, worker_args
 
 
 @pytest.mark.parametrize(("procs", "threads", "expected"), [
@@ -45,21 +45,25 @@ def children_of(pid: int, count: int, timeout_s: float = 60) -> list[psutil.Proc
     raise AssertionError(f"supervisor {pid} did not have {count} children")
 
 
+@PACKS
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_procs_share_the_budget_and_a_killed_child_is_replaced(make_stack, request, backend: str,  # type: ignore[no-untyped-def]
-                                                               tiny_assets) -> None:
+                                                               tiny_assets, pack: str | None) -> None:
+    """Packed: each child claims and runs 3 trials at once (--pack 3); the killed one's 3 are all retried."""
     db_url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "postgres_url")
     stack: Stack = make_stack(db_url, KDSEARCH_TEST_EPOCH_S="0.3")
     stack.submit(sleep_spec(tiny_assets, "procs", 8, epochs=3))
-    parent = stack.start_worker("--procs", "2", "--threads-per-proc", "1")
+    parent = stack.start_worker("--procs", "2", "--threads-per-proc", "1", *worker_args(pack, 0))
     first, second = children_of(parent.pid, 2)
-    stack.wait_for(lambda: stack.study("procs")["counts"]["running"] == 2, what="two trials running at once")
+    per_child = 1 if pack is None else 3
+    stack.wait_for(lambda: stack.study("procs")["counts"]["running"] == 2 * per_child,
+                   what="both children's trials running at once")
     time.sleep(0.4)  # into an epoch
     first.send_signal(signal.SIGKILL)
     assert stack.wait_status("procs")["status"] == "finished"
     trials = assert_exact(db_url, "procs", 8)
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and failed[0].system_attrs.get("fail_reason") == "stale heartbeat"
+    assert len(failed) == per_child and all(t.system_attrs.get("fail_reason") == "stale heartbeat" for t in failed)
     assert {str(first.pid), str(second.pid)} <= {t.user_attrs["worker"].split(":")[1] for t in trials}
     assert "was killed by signal 9; starting it again" in stack.worker_logs()
     # Each child, and the killed one's replacement, is a worker with one torch thread.
