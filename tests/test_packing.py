@@ -295,3 +295,44 @@ def test_heartbeat_beats_every_slot_and_loses_only_the_taken_one(db_url: str) ->
         assert after[claims[1].slot_id] == before[claims[1].slot_id]
     finally:
         db.dispose()
+
+
+def test_packed_worker_groups_shapes_and_skips_infeasible_members(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    """A packed worker (pack 3, in this process) on a study that searches the hidden size under max_params: wide
+    members are recorded infeasible and never trained, the others train in packs of one shape; budget exact."""
+    import optuna
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import Worker
+    from tests.conftest import tiny_spec
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3")
+    # Seed 27 samples hidden sizes [32, 8, 32], [8, 8, 16], [16, 32, 16] for the three claims of 3 slots.
+    spec = tiny_spec(tiny_assets, name="shapes", n_trials=9, sampler="random", seed=27,
+                     constraints={"max_params": 5000}, search_space={"num_train_epochs": 1, "batch_size": 32},
+                     student={"config": {"num_hidden_layers": 1, "hidden_size": {"choices": [8, 16, 32]},
+                                         "num_attention_heads": 2, "intermediate_size": 16}})
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/studies", json=spec).status_code == 201
+        worker = Worker(settings, device="cpu", exit_when_idle=True)
+        assert worker.pack == 3
+        worker.run()
+        detail = client.get("/api/studies/shapes").json()
+        study = optuna.load_study(study_name="shapes", storage=client.app.state.optuna_storage)  # type: ignore[attr-defined]
+    assert detail["status"] == "finished" and detail["finished"] == 9
+    trials = {t.number: t for t in study.trials}
+    assert len(trials) == 9 and sorted(t.user_attrs["slot"] for t in trials.values()) == list(range(9))
+    wide = [t for t in trials.values() if t.user_attrs["profile"]["params"] > 5000]
+    trained = [t for t in trials.values() if t.user_attrs["profile"]["params"] <= 5000]
+    assert wide and trained, "seed 27 samples both"
+    for t in wide:
+        assert t.state.name == "PRUNED" and "pack" not in t.user_attrs and "checkpoint_artifact_id" not in t.user_attrs
+    for t in trained:
+        assert t.state.name == "COMPLETE" and t.user_attrs["checkpoint_artifact_id"]
+        members = [trials[n] for n in t.user_attrs["pack"]["members"]]
+        assert t in members and len(members) == t.user_attrs["pack"]["size"]
+        assert {m.user_attrs["params"]["hidden_size"] for m in members} == {t.user_attrs["params"]["hidden_size"]}
+    sizes = sorted(t.user_attrs["pack"]["size"] for t in trained)
+    assert sizes.count(2) >= 4, f"two packs of two trials (one claim split by shape): {sizes}"
