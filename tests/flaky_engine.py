@@ -4,6 +4,7 @@
 - ``oserror-always-*``: every preparation raises OSError.
 - ``data-*``: the preparation raises DataError (the data's fault).
 - ``oom-once-*``: the first trial raises CUDA's out-of-memory error, later ones train.
+- ``diverge-once-*``: in the first pack, the first member's loss turns NaN (``MemberDiverged``); the rest train.
 - ``slow-*``: the preparation reports ``KDSEARCH_TEST_PREP_STEPS`` batches of progress, ``KDSEARCH_TEST_PREP_S``
   seconds apart, like a teacher labelling rows.
 
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 
 from distill import DataError
-from distill.engine import TrialOutcome
+from distill.engine import PackedTrial, TrialOutcome
+from distill.packed import MemberDiverged
 from distill.progress import TEACHER_STAGE, Progress
 from distill.train import EpochCallback
 from search_space import StudySpec
@@ -64,3 +66,10 @@ class FlakyEngine(SleepEngine):
         if prepared.name.startswith("oom-once-") and self._bump(prepared.name) == 0:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)
+
+    def run_pack(self, prepared: StudySpec, members: list[PackedTrial],
+                 batch_seed: int) -> list[TrialOutcome | Exception]:
+        results = super().run_pack(prepared, members, batch_seed)
+        if prepared.name.startswith("diverge-once-") and self._bump(prepared.name) == 0:
+            results[0] = MemberDiverged(float("nan"), 1, 3)
+        return results

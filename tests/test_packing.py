@@ -336,3 +336,36 @@ def test_packed_worker_groups_shapes_and_skips_infeasible_members(tmp_path: Path
         assert {m.user_attrs["params"]["hidden_size"] for m in members} == {t.user_attrs["params"]["hidden_size"]}
     sizes = sorted(t.user_attrs["pack"]["size"] for t in trained)
     assert sizes.count(2) >= 4, f"two packs of two trials (one claim split by shape): {sizes}"
+
+
+def test_a_diverged_member_fails_alone_and_its_slot_is_retried(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    """Through the worker: the pack's first member diverges (its trial FAIL with the reason, its slot retried), the
+    other members complete; the budget stays exact."""
+    import optuna
+    from fastapi.testclient import TestClient
+    from optuna.trial import TrialState
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import Worker
+    from tests.conftest import tiny_spec
+    from tests.flaky_engine import FlakyEngine
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/studies", json=tiny_spec(tiny_assets, name="diverge-once-a", n_trials=4,
+                                                          search_space={"num_train_epochs": 2})).status_code == 201
+        Worker(settings, device="cpu", engine=FlakyEngine(tmp_path / "artifacts"), exit_when_idle=True).run()
+        detail = client.get("/api/studies/diverge-once-a").json()
+        trials = optuna.load_study(study_name="diverge-once-a",
+                                   storage=client.app.state.optuna_storage).trials  # type: ignore[attr-defined]
+    assert detail["status"] == "finished" and detail["finished"] == 4
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == (
+        "MemberDiverged: loss diverged (nan) at epoch 1 step 3")
+    first_pack = failed[0].user_attrs["pack"]["members"]
+    assert len(first_pack) == 3 and failed[0].number == first_pack[0]
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.number in first_pack[1:])
+    retried = [t for t in trials if t.user_attrs["slot"] == failed[0].user_attrs["slot"] and t is not failed[0]]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].user_attrs["attempt"] == 2
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
