@@ -11,17 +11,18 @@ member runs forward, backward, its own clip and its own fused AdamW in turn, wit
 swapped in around its forward and backward. That is what guarantees the solo numbers, dropout on or off.
 
 The alternative, ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap(grad_and_value)``, one fused
-AdamW over the stacked parameters), was probed on this host's CPU (2 threads, shared with a running benchmark:
-load average near 5 on 2 cores, so the absolute figures are inflated), an L2-H128 BERT student (30522-word
-vocabulary), 128x40 batches, ms per step of all K members; the probe's vmap step had no gradient clipping::
+AdamW over the stacked parameters), was probed against this loop on this host's CPU: 2 threads, an L2-H128 BERT
+student (30522-word vocabulary), 128x40 batches, ms per step of all K members. The host was shared with a running
+benchmark (load average 4 to 5 on 2 cores), and it shows: two runs disagree by up to 4x::
 
-    K=1: loop 1994, vmap 2274     K=2: loop 3740, vmap 2235     K=4: loop 6546, vmap 3675
+    run 1 (vmap without clipping):        K=1 loop 1994 vmap 2274   K=2 loop 3740 vmap 2235   K=4 loop 6546 vmap 3675
+    run 2 (vmap with per-member clipping): K=1 loop 3602 vmap 4169   K=2 loop 2408 vmap 1919   K=4 loop 7033 vmap 13737
 
-So batched matmuls may pay off for K >= 2 even on a CPU. This module does not take that path: ``vmap`` draws its
-dropout masks from one stream (``randomness="different"`` splits it, not as K solo runs would), and per-member
-clipping, learning rates, weight decay and schedules over stacked parameters need a hand-written AdamW to stay
-equal to solo runs. ``resolve_pack``'s ``auto`` stays 1 until ``bench/throughput.py`` measures both on an idle
-host.
+Nothing can be concluded from them but that neither path is clearly faster here. This module takes the loop: with
+``vmap`` the dropout masks come from one stream (``randomness="different"`` splits it, not as K solo runs would),
+and per-member clipping, learning rates, weight decay and schedules over stacked parameters need a hand-written
+AdamW to stay equal to solo runs. ``resolve_pack``'s ``auto`` stays 1 until ``bench/throughput.py`` measures
+packing on an idle host (and a vmap path, if it is ever worth one, on CUDA).
 
 Per member at every epoch boundary: evaluation, then its ``on_epoch_end`` callback (report, prune, stop); a member
 that is stopped, or has run its epochs, leaves and the rest go on. A member whose loss turns NaN or inf fails
