@@ -355,7 +355,7 @@ def test_a_diverged_member_fails_alone_and_its_slot_is_retried(tmp_path: Path, t
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/studies", json=tiny_spec(tiny_assets, name="diverge-once-a", n_trials=4,
                                                           search_space={"num_train_epochs": 2})).status_code == 201
-        Worker(settings, device="cpu", engine=FlakyEngine(tmp_path / "artifacts"), exit_when_idle=True).run()
+        Worker(settings, device="cpu", engine=FlakyEngine(str(tmp_path / "artifacts")), exit_when_idle=True).run()
         detail = client.get("/api/studies/diverge-once-a").json()
         trials = optuna.load_study(study_name="diverge-once-a",
                                    storage=client.app.state.optuna_storage).trials  # type: ignore[attr-defined]
@@ -369,3 +369,44 @@ def test_a_diverged_member_fails_alone_and_its_slot_is_retried(tmp_path: Path, t
     retried = [t for t in trials if t.user_attrs["slot"] == failed[0].user_attrs["slot"] and t is not failed[0]]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].user_attrs["attempt"] == 2
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+
+
+@pytest.mark.parametrize("name", ["data-bad", "oserror-once-disk"])
+def test_a_failed_preparation_closes_or_gives_back_the_whole_pack(tmp_path: Path, tiny_assets, name: str) -> None:  # type: ignore[no-untyped-def]
+    """The data's fault fails the study and closes every claimed slot; a transient error gives every slot back
+    untried (no attempt counted), and the study then runs its exact budget."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import Worker
+    from storage import TrialSlotRow, make_engine, session_scope
+    from tests.conftest import tiny_spec
+    from tests.flaky_engine import FlakyEngine
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3",
+                        prepare_retry_delay=0.1, poll_interval=0.1)
+    with TestClient(create_app(settings)) as client:
+        spec = tiny_spec(tiny_assets, name=name, n_trials=4, search_space={"num_train_epochs": 1})
+        assert client.post("/api/studies", json=spec).status_code == 201
+        for _ in range(50):  # a study held back after a failed preparation is claimable again 0.1 s later
+            Worker(settings, device="cpu", engine=FlakyEngine(str(tmp_path / "artifacts")), exit_when_idle=True).run()
+            detail = client.get(f"/api/studies/{name}").json()
+            if detail["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.1)
+    db = make_engine(settings.database_url)
+    with session_scope(db) as session:
+        rows = session.execute(select(TrialSlotRow.state, TrialSlotRow.attempts))
+        slots = [(row.state, row.attempts) for row in rows]
+    db.dispose()
+    if name.startswith("data"):
+        assert detail["status"] == "failed" and "maybe" in detail["error"]
+        assert sorted(state for state, _ in slots) == ["cancelled", "failed", "failed", "failed"]
+    else:
+        assert detail["status"] == "finished" and detail["finished"] == 4
+        assert slots == [("done", 1)] * 4, "the given-back slots were not counted as attempts"
+        assert len((tmp_path / "artifacts" / f"flaky-{name}").read_text()) >= 2, "the first preparation failed"
