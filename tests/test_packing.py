@@ -234,6 +234,8 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
                    for t in trials)
         assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 5, "the pack's trials differ"
         assert all(t.user_attrs["checkpoint_artifact_id"] for t in trials)
+        listed = stack.trials("packed")  # the API (and so the dashboard) lists packed trials as any others
+        assert len(listed) == 5 and all(t["state"] == "COMPLETE" and t["epochs"] for t in listed)
         # One packed trial, run alone in this process with the study's seed: the same epochs.
         trial = trials[1]
         engine = DistillationEngine(tmp_path / "solo-artifacts", device="cpu")
