@@ -77,13 +77,16 @@ def measure(cell: str, epochs: int, data: Path, teacher_dir: Path) -> dict[str, 
     task = resolve_task(teacher.config, "accuracy")
     text = load_split(DatasetSpec(path=str(data)), "validation", task)
     split = tokenize(AutoTokenizer.from_pretrained(work), text, 128)
+    load_before = os.getloadavg()[0]
     record = deploy(work, eval_split=split, texts=text.texts, pairs=None, task=task, quantize="int8",
                     teacher=teacher, max_length=128, latency_rows=(200, 864))
     params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(work).parameters())
     size = {name: (work / v["file"]).stat().st_size for name, v in record["variants"].items()}
     teacher_metrics = compute_metrics(task, predict(teacher, split, 64).numpy(), split.labels.numpy())
+    # Latency is only as good as the machine is quiet: the 1-minute load average around the measurement says.
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return {"cell": cell, "epochs": epochs, "params": params, "file_bytes": size, **record,
-            "teacher_metrics": teacher_metrics, "finished": time.strftime("%Y-%m-%d %H:%M")}
+            "teacher_metrics": teacher_metrics, "load": load, "finished": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def write_report() -> None:
@@ -112,7 +115,10 @@ def write_report() -> None:
             f"{run['eval_rows']} validation sentences; {run['threads']} thread(s) on {run['machine']}; latency over "
             f"{run['latency_rows']['batch1']} sentences at batch 1 and {run['latency_rows']['batch32']} at batch 32. "
             f"ONNX fp32 logits within atol {run['tolerance']['atol']:g} + rtol {run['tolerance']['rtol']:g} of "
-            f"PyTorch's (largest difference {run['max_abs_logit_diff']:.2g}).", "",
+            f"PyTorch's (largest difference {run['max_abs_logit_diff']:.2g}). 1-minute load average around the "
+            f"measurement: {' → '.join(str(x) for x in run.get('load', [])) or 'not recorded'}"
+            f"{' (other work was running: latencies are noisy)' if max(run.get('load', [0])) > 2.5 else ''}; "
+            f"measured {run['finished']}.", "",
             "| model | file size | accuracy | ms/sentence, batch 1 | ms/sentence, batch 32 | speed-up vs PyTorch "
             "(batch 1 / 32) |",
             "|---|---:|---:|---:|---:|---:|",

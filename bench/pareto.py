@@ -49,10 +49,13 @@ TEACHER_NOTE = "MiniLM-L6-H384 fine-tuned on SST-2 (../shared/models/sst2-teache
 SEARCH_NAME = "pareto-sst2"
 
 
-def search_spec(tiny: bool, n_trials: int) -> dict[str, Any]:
-    """The search study: examples/sst2-pareto.json on the shared data (``--tiny``: shrunk to a smoke run)."""
+def search_spec(tiny: bool, n_trials: int, copies: int | None = None) -> dict[str, Any]:
+    """The search study: examples/sst2-pareto.json on the shared data (``--tiny``: shrunk to a smoke run; ``copies``:
+    another transfer-set size, 0 for none, for search and retraining alike)."""
     spec: dict[str, Any] = json.loads((ROOT / "examples" / "sst2-pareto.json").read_text())
     spec.update(name=SEARCH_NAME, teacher=str(SHARED / "models" / "sst2-teacher"), n_trials=n_trials)
+    if copies is not None:
+        spec["augment"] = {**spec.get("augment", {}), "copies": copies}
     spec["dataset"] = {**spec["dataset"], "path": str(SHARED / "data" / "sst2")}
     if tiny:
         spec["student"] = {**spec["student"], "config": {"num_hidden_layers": 1, "hidden_size": {"choices": [64, 128]},
@@ -314,6 +317,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=["all", "search", "retrain", "report"], default="all")
     parser.add_argument("--report", action="store_true", help="only re-render the report (same as --stage report)")
     parser.add_argument("--trials", type=int, default=40, help="search trials")
+    parser.add_argument("--copies", type=int, default=None,
+                        help="transfer-set copies for search and retraining (default: the example's 5; 0: none)")
     parser.add_argument("--retrain", type=int, default=3, help="front shapes to retrain on the full data")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="the worker's and export-best's device (cpu, cuda)")
@@ -334,7 +339,7 @@ def main() -> None:
             raise SystemExit(f"needs {SHARED / 'models' / 'sst2-teacher'} and {SHARED / 'data' / 'sst2'}")
         with Bench(work, args.device) as bench:
             if stage in ("all", "search"):
-                stage_search(bench, payload, search_spec(args.tiny, args.trials))
+                stage_search(bench, payload, search_spec(args.tiny, args.trials, args.copies))
                 save(results_json, payload)
             if stage in ("all", "retrain"):
                 stage_retrain(bench, payload, args.retrain, args.seeds, args.tiny)
