@@ -118,7 +118,7 @@ def write_report() -> None:
             f"PyTorch's (largest difference {run['max_abs_logit_diff']:.2g}). 1-minute load average around the "
             f"measurement: {' → '.join(str(x) for x in run.get('load', [])) or 'not recorded'}"
             f"{' (other work was running: latencies are noisy)' if max(run.get('load', [0])) > 2.5 else ''}; "
-            f"measured {run['finished']}.", "",
+            f"measured {run['finished']}.{(' ' + run['note']) if run.get('note') else ''}", "",
             "| model | file size | accuracy | ms/sentence, batch 1 | ms/sentence, batch 32 | speed-up vs PyTorch "
             "(batch 1 / 32) |",
             "|---|---:|---:|---:|---:|---:|",

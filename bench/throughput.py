@@ -159,8 +159,9 @@ def run_config(config: Config, data: Path, teacher: Path, device: str, n_trials:
     }
 
 
-def run_parity(data: Path, teacher: Path, seeds: int, precision: str, device: str) -> dict[str, Any]:
-    """Accuracy of one configuration (trial_speed's parameters) over ``seeds`` init seeds, in ``precision``."""
+def run_parity(data: Path, teacher: Path, seeds: int, precision: str, device: str, results: Path) -> None:
+    """Accuracy of one configuration (trial_speed's parameters) over ``seeds`` init seeds, in ``precision``; merged
+    into ``results`` after every seed (an interrupted run keeps the seeds it finished)."""
     from distill import DistillationEngine
     from search_space import StudySpec
 
@@ -175,9 +176,11 @@ def run_parity(data: Path, teacher: Path, seeds: int, precision: str, device: st
             seconds.append(time.perf_counter() - started)
         scores.append(outcome.best_score)
         print(f"parity {precision} seed {seed}: accuracy {outcome.best_score:.4f} ({seconds[-1]:.0f} s)", flush=True)
-    return {"config": f"parity-{precision}", "rep": 0, "device": device, "precision": [engine.precision],
-            "scores": scores, "seconds": seconds, "machine": machine_name(device),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
+        merge_results(results, [{"config": f"parity-{precision}", "rep": 0, "device": device,
+                                 "precision": [engine.precision], "scores": scores, "seconds": seconds,
+                                 "seeds_asked": seeds, "machine": machine_name(device), "load": load_average(),
+                                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}], {},
+                      key=lambda r: (r["config"], r["rep"]))
 
 
 def prepare_cache(data: Path, teacher: Path, device: str) -> None:
@@ -275,8 +278,10 @@ def write_report(device: str) -> None:
         for key in ("parity-fp32", "parity-bf16"):
             if key in parity:
                 r = parity[key]
-                lines.append(f"| {r['precision'][0]} | {len(r['scores'])} | {_fmt(r['scores'])} "
-                             f"| {_fmt(r['seconds'], 1)} |")
+                asked = r.get("seeds_asked", len(r["scores"]))
+                stopped = f" of {asked} (stopped for CPU time)" if asked > len(r["scores"]) else ""
+                count = f"{len(r['scores'])}{stopped}"
+                lines.append(f"| {r['precision'][0]} | {count} | {_fmt(r['scores'])} | {_fmt(r['seconds'], 1)} |")
     notes = RESULTS / f"throughput-{device}.notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
@@ -291,6 +296,7 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="GPU mode: random-weight models, synthetic data")
     parser.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
     parser.add_argument("--reps", type=int, default=1, help="alternating repetitions of every configuration")
+    parser.add_argument("--first-rep", type=int, default=0, help="number repetitions from here (keeps earlier ones)")
     parser.add_argument("--trials", type=int, default=N_TRIALS)
     parser.add_argument("--max-minutes", type=float, default=12.0, help="stop a configuration's study after this")
     parser.add_argument("--parity-seeds", type=int, default=0, help="fp32 against bf16 over this many seeds")
@@ -317,11 +323,10 @@ def main() -> None:
     results = (CACHE / f"throughput-{device}-tiny.json") if args.tiny else RESULTS / f"throughput-{device}.json"
     prepare_cache(data, teacher, device)
     for precision in ("fp32", "bf16") if args.parity_seeds else ():
-        merge_results(results, [run_parity(data, teacher, args.parity_seeds, precision, device)], {},
-                      key=lambda r: (r["config"], r["rep"]))
-    for rep in range(args.reps):
+        run_parity(data, teacher, args.parity_seeds, precision, device, results)
+    for rep in range(args.first_rep, args.first_rep + args.reps):
         for config in configs:
-            print(f"{config.name} (rep {rep + 1}/{args.reps}): {config.what}", flush=True)
+            print(f"{config.name} (rep {rep}): {config.what}", flush=True)
             run = run_config(config, data, teacher, device, args.trials, args.max_minutes, rep)
             print(f"  {run['trials']} trials in {run['span_s']:.0f} s: {run['trials_per_hour']:.0f} trials/hour "
                   f"(load {run['load_before']} → {run['load_after']})", flush=True)

@@ -4,6 +4,7 @@ signals passed on, a killed child started again, exact budgets on SQLite and Pos
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import psutil
@@ -77,12 +78,18 @@ def test_procs_share_the_budget_and_a_killed_child_is_replaced(make_stack, reque
     assert not alive
 
 
-def test_sigterm_reaches_every_child(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
-    stack: Stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.3")
-    stack.submit(sleep_spec(tiny_assets, "term", 4, epochs=50))
+def two_children_training(stack: Stack, tiny_assets, name: str) -> tuple[subprocess.Popen, list[psutil.Process]]:  # type: ignore[no-untyped-def]
+    """A supervisor of two single-threaded workers, each in the middle of a long trial of study ``name``."""
+    stack.submit(sleep_spec(tiny_assets, name, 4, epochs=50))
     parent = stack.start_worker("--procs", "2", "--threads-per-proc", "1")
     children = children_of(parent.pid, 2)
-    stack.wait_for(lambda: stack.study("term")["counts"]["running"] == 2, what="two trials running")
+    stack.wait_for(lambda: stack.study(name)["counts"]["running"] == 2, what="two trials running")
+    return parent, children
+
+
+def test_sigterm_reaches_every_child(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.3")
+    parent, children = two_children_training(stack, tiny_assets, "term")
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=30) == 0
     for child in children:
@@ -94,10 +101,7 @@ def test_sigterm_reaches_every_child(make_stack, sqlite_url: str, tiny_assets) -
 
 def test_children_die_with_a_killed_supervisor(make_stack, sqlite_url: str, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(sqlite_url, KDSEARCH_TEST_EPOCH_S="0.3")
-    stack.submit(sleep_spec(tiny_assets, "orphans", 4, epochs=50))
-    parent = stack.start_worker("--procs", "2", "--threads-per-proc", "1")
-    children = children_of(parent.pid, 2)
-    stack.wait_for(lambda: stack.study("orphans")["counts"]["running"] == 2, what="two trials running")
+    parent, children = two_children_training(stack, tiny_assets, "orphans")
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     # PR_SET_PDEATHSIG: each child gets SIGTERM and leaves at its next epoch boundary, no orphan keeps training.
