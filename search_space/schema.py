@@ -50,18 +50,22 @@ class ParamChoices(_Strict):
     choices: list[float] = Field(min_length=1)
 
 
-def _param_kind(value: Any) -> str:
+def _spec_kind(value: Any) -> str:
+    """The tag of a value / range / choices spec (search-space parameters and student dimensions alike), from a raw
+    dict or an already-built model."""
     if isinstance(value, dict):
         return "choices" if "choices" in value else "range"
-    if isinstance(value, ParamRange | ParamChoices):
-        return "choices" if isinstance(value, ParamChoices) else "range"
+    if isinstance(value, ParamChoices | ShapeChoices):
+        return "choices"
+    if isinstance(value, ParamRange | ShapeRange):
+        return "range"
     return "value"
 
 
 # A fixed value, a range or a list of choices; dispatched on shape, so an error names one alternative only.
 ParamSpec = Annotated[
     Annotated[float, Tag("value")] | Annotated[ParamRange, Tag("range")] | Annotated[ParamChoices, Tag("choices")],
-    Discriminator(_param_kind),
+    Discriminator(_spec_kind),
 ]
 
 
@@ -158,18 +162,10 @@ class ShapeChoices(_Strict):
     choices: list[int] = Field(min_length=1)
 
 
-def _shape_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "choices" if "choices" in value else "range"
-    if isinstance(value, ShapeRange | ShapeChoices):
-        return "choices" if isinstance(value, ShapeChoices) else "range"
-    return "value"
-
-
 # A student dimension: a fixed integer, an integer range or a list of choices (dispatched on shape, as ParamSpec).
 ShapeSpec = Annotated[
     Annotated[int, Tag("value")] | Annotated[ShapeRange, Tag("range")] | Annotated[ShapeChoices, Tag("choices")],
-    Discriminator(_shape_kind),
+    Discriminator(_spec_kind),
 ]
 
 
