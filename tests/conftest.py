@@ -219,3 +219,15 @@ def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield make
     for stack in stacks:
         stack.stop()
+
+
+@pytest.fixture
+def stack(sqlite_url: str, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """An API process and one worker on a SQLite database (a module may override it, as test_e2e does)."""
+    from tests.procs import Stack
+
+    s = Stack(sqlite_url, tmp_path)
+    s.start_api()
+    s.start_worker()
+    yield s
+    s.stop()

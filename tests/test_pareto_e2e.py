@@ -5,24 +5,13 @@ selector and exports within ``--max-params``, with the size and the front on the
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import optuna
-import pytest
 
 from tests.conftest import front_spec
 from tests.procs import KDSEARCH, ROOT, Stack
-
-
-@pytest.fixture
-def stack(sqlite_url: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(sqlite_url, tmp_path)
-    s.start_api()
-    s.start_worker()
-    yield s
-    s.stop()
 
 
 def test_two_objective_study_end_to_end(stack: Stack, tiny_assets, tmp_path: Path, sqlite_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,6 @@ from distill import compute_metrics
 from search_space import TaskInfo
 from tests.conftest import NLI_LABELS, pair_spec
 from tests.procs import KDSEARCH, Stack
-
-
-@pytest.fixture
-def stack(sqlite_url: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(sqlite_url, tmp_path)
-    s.start_api()
-    s.start_worker()
-    yield s
-    s.stop()
 
 
 def _rows(data: Path) -> list[dict[str, str]]:
