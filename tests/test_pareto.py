@@ -255,6 +255,12 @@ def test_pareto_endpoint_is_exactly_the_non_dominated_set(db_url: str, tmp_path:
             assert set(numbers) == _brute_force(expected) and len(numbers) == len(set(numbers)), cost
             assert body["cost"] == cost and body["n_complete"] == len(expected)
             assert [p["cost"] for p in body["front"]] == sorted(p["cost"] for p in body["front"])
+            assert body["dominated"] is None  # only when asked for
+            both = client.get(f"/api/studies/seeded/pareto?cost={cost}&dominated=true").json()
+            assert both["front"] == body["front"]
+            off = [p["number"] for p in both["dominated"]]  # every other measured COMPLETE trial, once
+            assert set(off) == {n for n, _, _ in expected} - set(numbers) and len(off) == len(set(off))
+            assert [p["cost"] for p in both["dominated"]] == sorted(p["cost"] for p in both["dominated"])
         assert set(numbers) == _brute_force(points["latency_ms"])
         default = client.get("/api/studies/seeded/pareto").json()  # the study's second objective
         assert default["cost"] == "params"

@@ -65,6 +65,7 @@ class ParetoOut(BaseModel):
     cost: str  # params, flops or latency_ms
     n_complete: int  # COMPLETE trials with a profile: what the front was computed over
     front: list[ParetoPointOut]
+    dominated: list[ParetoPointOut] | None = None  # the other trials counted in n_complete, when asked for
     teacher_metric: float | None  # the reference point: the teacher's metric and profile
     teacher_profile: StudentProfileOut | None
 

@@ -187,19 +187,21 @@ def _profile_out(profile: dict[str, Any] | None) -> StudentProfileOut | None:
     return None if profile is None else StudentProfileOut.model_validate(profile)
 
 
-def _front(session: Session, study_id: int | None, cost: str) -> tuple[list[ParetoPointOut], int]:
-    """The Pareto front (metric maximised, ``cost`` minimised) over COMPLETE trials with a profile, ascending cost,
-    and how many trials it was computed over; read in four queries, computed in one sort."""
+def _front(session: Session, study_id: int | None, cost: str) -> tuple[list[ParetoPointOut], list[ParetoPointOut]]:
+    """The Pareto front (metric maximised, ``cost`` minimised) over COMPLETE trials with a profile, and the trials
+    it dominates, each ascending cost; read in four queries, computed in one sort."""
     if study_id is None:
-        return [], 0
+        return [], []
     trials = [{**t, "profile": json.loads(t["profile"])} for t in complete_trials(session, study_id) if t["profile"]]
-    on_front = pareto_front((i, t["value"], float(t["profile"][cost])) for i, t in enumerate(trials))
+    on_front = set(pareto_front((i, t["value"], float(t["profile"][cost])) for i, t in enumerate(trials)))
     points = [ParetoPointOut(number=t["number"], value=t["value"], cost=float(t["profile"][cost]),
                              metrics=json.loads(t["metrics"]) if t["metrics"] else {},
                              params=json.loads(t["params"]) if t["params"] else {},
                              profile=StudentProfileOut.model_validate(t["profile"]))
-              for t in (trials[i] for i in on_front)]
-    return sorted(points, key=lambda p: (p.cost, -p.value, p.number)), len(trials)
+              for t in trials]
+    points.sort(key=lambda p: (p.cost, -p.value, p.number))
+    front_numbers = {trials[i]["number"] for i in on_front}
+    return ([p for p in points if p.number in front_numbers], [p for p in points if p.number not in front_numbers])
 
 
 def _trial_out(trial: FrozenTrial) -> TrialOut:
@@ -358,7 +360,10 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
 def pareto(id_or_name: str, session: SessionDep,
            cost: Annotated[Literal["params", "flops", "latency_ms"] | None,
                            Query(description="the cost axis (default: the study's second objective, else params)")]
-           = None) -> ParetoOut:
+           = None,
+           dominated: Annotated[bool, Query(description="also list the trials off the front (the dashboard's chart "
+                                                        "draws from this one answer, so front and the rest agree)")]
+           = False) -> ParetoOut:
     """The Pareto front: COMPLETE trials no other trial beats on both the metric (higher) and the cost (lower),
     with their shapes, parameters, FLOPs, latency and KD hyperparameters; the teacher as the reference point.
 
@@ -366,11 +371,12 @@ def pareto(id_or_name: str, session: SessionDep,
     second objective it is Optuna's ``best_trials``."""
     row = _load(session, id_or_name)
     axis = _cost_axis(row, cost)
-    front, considered = _front(session, optuna_study_id(session, row.name), axis)
+    front, off_front = _front(session, optuna_study_id(session, row.name), axis)
     attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "teacher_profile"])
     metric = _study_metric(row, attrs[row.name])
     teacher_metrics = attrs[row.name].get("teacher_metrics") or {}
-    return ParetoOut(objectives=_objectives(row), metric=metric, cost=axis, n_complete=considered, front=front,
+    return ParetoOut(objectives=_objectives(row), metric=metric, cost=axis, n_complete=len(front) + len(off_front),
+                     front=front, dominated=off_front if dominated else None,
                      teacher_metric=teacher_metrics.get(metric or ""),
                      teacher_profile=_profile_out(attrs[row.name].get("teacher_profile")))
 

@@ -152,13 +152,13 @@ const kd = (() => {
     const card = document.getElementById("pareto-card");
     card.hidden = !measured.length && (study.objectives || []).length < 2;
     if (card.hidden) return;
-    const pareto = await json(`${base}/pareto?cost=${cost}`);
-    const onFront = new Set(pareto.front.map((p) => p.number));
-    const others = measured.filter((t) => !onFront.has(t.number));
+    // Front and dominated trials from one answer: the summary may be a moment older, and the two must agree.
+    const pareto = await json(`${base}/pareto?cost=${cost}&dominated=true`);
+    const others = pareto.dominated;
     document.getElementById("pareto-metric").textContent = metric;
     document.getElementById("pareto-info").textContent = `${pareto.front.length} of ${pareto.n_complete} complete trials on the front`;
     const traces = [
-      {x: others.map((t) => t.profile[cost]), y: others.map((t) => t.value), mode: "markers", name: "dominated trial", hoverinfo: "text",
+      {x: others.map((p) => p.cost), y: others.map((p) => p.value), mode: "markers", name: "dominated trial", hoverinfo: "text",
        text: others.map((t) => pointText(metric, t.number, t.value, t.profile, t.params)), marker: {color: "#9aa5b1", size: 8}},
       {x: pareto.front.map((p) => p.cost), y: pareto.front.map((p) => p.value), mode: "lines+markers", name: "Pareto front", hoverinfo: "text",
        text: pareto.front.map((p) => pointText(metric, p.number, p.value, p.profile, p.params)), line: {shape: "hv", color: "#3563e9"},
