@@ -91,18 +91,21 @@ def choose(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
 class Bench:
     """The API and a worker on the bench's database; each stage talks to them as a user would."""
 
-    def __init__(self, work: Path, device: str) -> None:
+    def __init__(self, work: Path, device: str, procs: str) -> None:
         from tests.procs import Stack
 
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.stack = Stack(f"sqlite:///{work / 'kdsearch.db'}", work, KDSEARCH_ARTIFACTS=str(CACHE),
                            KDSEARCH_POLL_INTERVAL="1")
-        self.device = device
+        self.device, self.procs = device, procs
+
+    def worker_command(self) -> str:
+        return f"kdsearch worker --device {self.device}" + (f" --procs {self.procs}" if self.device == "cpu" else "")
 
     def __enter__(self) -> Bench:
         self.stack.start_api()
-        self.stack.start_worker("--device", self.device)
+        self.stack.start_worker("--device", self.device, *(["--procs", self.procs] if self.device == "cpu" else []))
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -159,7 +162,7 @@ def stage_search(bench: Bench, payload: dict[str, Any], spec: dict[str, Any]) ->
         "trials": [{k: t[k] for k in ("number", "state", "value", "params", "profile", "stop_reason", "duration_s")}
                    for t in trials],
         "seconds": round(time.time() - started), "machine": machine_name(bench.device), "finished": time.strftime(
-            "%Y-%m-%d %H:%M")}
+            "%Y-%m-%d %H:%M"), "worker": bench.worker_command()}
 
 
 def stage_retrain(bench: Bench, payload: dict[str, Any], count: int, seeds: int, tiny: bool) -> None:
@@ -211,6 +214,9 @@ def write_report(payload: dict[str, Any], out: Path) -> None:
         f"`{json.dumps(spec['student'])}`. KD search space: `{json.dumps(spec['search_space'])}`. Data: "
         f"`{json.dumps(spec['dataset'])}`, transfer set `{json.dumps(spec['augment'])}`; scored on the full validation "
         "split (872 sentences), the trial's best epoch.",
+        f"- Worker: `{search.get('worker', 'kdsearch worker --device cpu --procs 1')}`"
+        + (" (with several processes a trial's latency is measured while the others train: a few per cent high)."
+           if "--procs 1" not in search.get("worker", "--procs 1") else "."),
         f"- Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed.",
         "- Retraining: each chosen front trial's shape and KD hyperparameters as a one-trial study on the full train "
         "split (same max length and transfer-set recipe), then `export-best --seeds 3` (seeds 34-36).",
@@ -322,6 +328,8 @@ def main() -> None:
     parser.add_argument("--retrain", type=int, default=3, help="front shapes to retrain on the full data")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="the worker's and export-best's device (cpu, cuda)")
+    parser.add_argument("--procs", default="auto",
+                        help="CPU worker processes (kdsearch worker --procs): auto is one 1-thread process per core")
     parser.add_argument("--tiny", action="store_true",
                         help="a smoke run: 200 train rows, 2 trials of 1 epoch, 1 retrain over 1 seed, results under "
                              "bench/.cache/pareto-tiny (nothing in bench/results)")
@@ -337,7 +345,7 @@ def main() -> None:
     if stage != "report":
         if not (SHARED / "models" / "sst2-teacher" / "config.json").is_file():
             raise SystemExit(f"needs {SHARED / 'models' / 'sst2-teacher'} and {SHARED / 'data' / 'sst2'}")
-        with Bench(work, args.device) as bench:
+        with Bench(work, args.device, args.procs) as bench:
             if stage in ("all", "search"):
                 stage_search(bench, payload, search_spec(args.tiny, args.trials, args.copies))
                 save(results_json, payload)
