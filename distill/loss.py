@@ -11,27 +11,27 @@ NO_LABEL = -100  # a transfer-set row: the teacher's logits are its only target 
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float) -> torch.Tensor:
+                      alpha: float | torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Per row ``alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))``,
-    averaged over the batch; a row labelled ``NO_LABEL`` contributes ``T^2 * KL`` alone.
+    averaged over the batch; a row labelled ``NO_LABEL`` contributes ``T^2 * KL`` alone. ``alpha`` and ``temperature``
+    may be 0-d tensors (a stacked pack's members, each its own under ``torch.func.vmap``).
 
     On a batch of labelled rows this is exactly the seed's loss (its KL used ``reduction="batchmean"``); the T^2
     factor keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al., 2015).
     """
     labelled = labels != NO_LABEL
     ce = F.cross_entropy(student_logits, labels, ignore_index=NO_LABEL, reduction="none")  # 0 on unlabelled rows
-    kl = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="none",
-        log_target=True,
-    ).sum(-1)
+    # KL(teacher || student) per row, written out as F.kl_div(log_target=True) computes it: kl_div has no vmap rule,
+    # and a stacked pack (distill.stacked) computes this loss under vmap.
+    student_log = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
     kd_weight = torch.where(labelled, 1.0 - alpha, 1.0)
     return (alpha * ce + kd_weight * temperature**2 * kl).mean()
 
 
 def regression_distillation_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor,
-                                 targets: torch.Tensor, alpha: float) -> torch.Tensor:
+                                 targets: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """Per row ``alpha * (student - gold)^2 + (1 - alpha) * (student - teacher)^2``, averaged over the batch; a row
     whose target is NaN (a transfer-set row) contributes ``(student - teacher)^2`` alone. Outputs are ``[N, 1]``
     or ``[N]``; there is no temperature: the teacher's output is already the soft target."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import cast
+from typing import Literal, Protocol, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -54,6 +54,8 @@ from distill.train import (
 from search_space import TaskInfo
 
 PACK_SETTINGS = "'auto' or a whole number of trials, 1 or more"
+PackStepName = Literal["loop", "stacked"]
+PACK_STEPS: tuple[str, ...] = ("auto", "loop", "stacked")
 
 
 def parse_pack(setting: str | int) -> str | int:
@@ -99,22 +101,32 @@ class PackMember:
 
 
 @dataclasses.dataclass
-class _State:
-    """One member's training state inside the loop."""
+class _Record:
+    """One member's epochs so far."""
 
     member: PackMember
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    rng: list[torch.Tensor]  # its random streams (CPU, and the CUDA device's), swapped in around its steps
-    bad_step: torch.Tensor  # the first step whose loss was not finite (-1: none), kept on the device: no sync
-    bad_value: torch.Tensor
     history: list[EpochResult] = dataclasses.field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    step: int = 0
     train_seconds: float = 0.0
     samples: int = 0
+
+
+class PackStep(Protocol):
+    """How the pack's members take one training step together (``loop`` or ``stacked``)."""
+
+    def step(self, inputs: dict[str, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Train every member still in the pack on the batch; their losses in pack order, detached."""
+        ...
+
+    def sync(self, position: int) -> None:
+        """Make the member at ``position`` hold its current weights in its own model."""
+        ...
+
+    def keep(self, positions: list[int]) -> None:
+        """Go on with the members at ``positions`` only."""
+        ...
 
 
 def _get_rng(device: torch.device) -> list[torch.Tensor]:
@@ -130,9 +142,46 @@ def _set_rng(device: torch.device, states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
+class LoopStep:
+    """Each member in turn: forward, backward, its own clip and fused AdamW, with its own random streams swapped in
+    around them (so its dropout masks are its solo run's)."""
+
+    def __init__(self, members: list[PackMember], train_rows: int, task: TaskInfo, device: torch.device) -> None:
+        self.task, self.device = task, device
+        self.members: list[tuple[PackMember, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]] = []
+        self.rngs: list[list[torch.Tensor]] = []
+        for member in members:
+            torch.manual_seed(member.cfg.seed)  # its dropout stream, as train_student seeds it
+            self.rngs.append(_get_rng(device))
+            self.members.append((member, *optimizer_and_schedule(member.model, member.cfg, train_rows, device)))
+
+    def step(self, inputs: dict[str, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses = []
+        for position, (member, optimizer, scheduler) in enumerate(self.members):
+            _set_rng(self.device, self.rngs[position])
+            loss = batch_loss(member.model, inputs, teacher, labels, member.cfg, self.task, self.device)
+            loss.backward()
+            self.rngs[position] = _get_rng(self.device)
+            torch.nn.utils.clip_grad_norm_(member.model.parameters(), member.cfg.max_grad_norm)  # its own norm
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def sync(self, position: int) -> None:
+        pass  # each member trains in its own model
+
+    def keep(self, positions: list[int]) -> None:
+        self.members = [self.members[i] for i in positions]
+        self.rngs = [self.rngs[i] for i in positions]
+
+
 def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: torch.Tensor,
-               eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo) -> list[TrainResult | MemberDiverged]:
-    """Train every member on the same batches (order from ``batch_seed``); one result per member, in order: its
+               eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo,
+               step: PackStepName = "loop") -> list[TrainResult | MemberDiverged]:
+    """Train every member on the same batches (order from ``batch_seed``), ``step`` choosing how one batch's step
+    is taken (``loop``: one by one; ``stacked``: ``distill.stacked``); one result per member, in order: its
     ``TrainResult`` (``stopped`` set when its callback stopped it), or ``MemberDiverged``."""
     if not members:
         return []
@@ -147,73 +196,75 @@ def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: t
     generator = torch.Generator().manual_seed(batch_seed)
 
     outer_rng = _get_rng(device)
-    states: list[_State] = []
     for member in members:
         cast(torch.nn.Module, member.model).to(device)  # see train_student on this cast
-        torch.manual_seed(member.cfg.seed)  # its dropout stream, as train_student seeds it
-        rng = _get_rng(device)
-        optimizer, scheduler = optimizer_and_schedule(member.model, member.cfg, len(train), device)
-        states.append(_State(member, optimizer, scheduler, rng,
-                             bad_step=torch.full((), -1, dtype=torch.long, device=device),
-                             bad_value=torch.zeros((), device=device)))
+    stepper: PackStep
+    if step == "stacked":
+        from distill.stacked import StackedStudents
+
+        torch.manual_seed(batch_seed)  # the pack's one dropout stream (vmap's randomness="different" splits it)
+        stepper = StackedStudents([m.model for m in members], [m.cfg for m in members], len(train), task, device)
+    else:
+        stepper = LoopStep(members, len(train), task, device)
+    records = [_Record(member) for member in members]
     results: list[TrainResult | MemberDiverged | None] = [None] * len(members)
-    active = list(range(len(members)))
-    epoch = 0
+    active = list(range(len(members)))  # member indices, in the stepper's order
+    # The first step whose loss was not finite (-1: none) and that loss, per active member, kept on the device.
+    bad_step = torch.full((len(active),), -1, dtype=torch.long, device=device)
+    bad_value = torch.zeros(len(active), device=device)
+    steps, epoch = 0, 0
     while active:
         epoch += 1
         # Drawn every epoch, as a solo run draws it: epoch e's order is the generator's e-th draw for every member.
         batches = length_bucketed_batches(train.lengths, batch_size, generator, buckets)
         started = time.perf_counter()
-        loss_sums = {i: torch.zeros((), device=device) for i in active}
+        loss_sums = torch.zeros(len(active), device=device)
         for i in active:
-            states[i].member.model.train()
+            members[i].model.train()
         for idx in batches:
             idx = idx.to(device, non_blocking=True)
-            inputs, teacher, labels = train.batch(idx), train_logits[idx], train.labels[idx]
-            for i in active:
-                state, cfg = states[i], states[i].member.cfg
-                _set_rng(device, state.rng)
-                loss = batch_loss(state.member.model, inputs, teacher, labels, cfg, task, device)
-                loss.backward()
-                state.rng = _get_rng(device)
-                torch.nn.utils.clip_grad_norm_(state.member.model.parameters(), cfg.max_grad_norm)  # its own norm
-                state.optimizer.step()
-                state.scheduler.step()
-                state.optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                detached = loss.detach()
-                loss_sums[i] += detached
-                first_bad = (state.bad_step < 0) & ~torch.isfinite(detached)
-                state.bad_step = torch.where(first_bad, state.step, state.bad_step)
-                state.bad_value = torch.where(first_bad, detached, state.bad_value)
+            losses = stepper.step(train.batch(idx), train_logits[idx], train.labels[idx])
+            steps += 1
+            loss_sums += losses  # no .item(): that would sync the device every step
+            first_bad = (bad_step < 0) & ~torch.isfinite(losses)
+            bad_step = torch.where(first_bad, steps, bad_step)
+            bad_value = torch.where(first_bad, losses, bad_value)
         train_time = time.perf_counter() - started
-        for i in list(active):
-            state, cfg = states[i], states[i].member.cfg
+        finite = torch.isfinite(loss_sums).tolist()  # the epoch's host sync
+        staying: list[int] = []
+        for position, i in enumerate(active):
+            record, cfg = records[i], members[i].cfg
             eval_started = time.perf_counter()
-            if not torch.isfinite(loss_sums[i]).item():
-                results[i] = MemberDiverged(float(state.bad_value.item()), epoch,
-                                            int(state.bad_step.item()) - (epoch - 1) * steps_per_epoch)
-                active.remove(i)
+            if not finite[position]:
+                results[i] = MemberDiverged(float(bad_value[position].item()), epoch,
+                                            int(bad_step[position].item()) - (epoch - 1) * steps_per_epoch)
                 continue
+            stepper.sync(position)
             with autocast(device, cfg.precision):
-                metrics, eval_loss = evaluate(state.member.model, eval_split, cfg.eval_batch_size, task)
+                metrics, eval_loss = evaluate(members[i].model, eval_split, cfg.eval_batch_size, task)
             # Each member's epoch took the pack's training time and its own evaluation.
             seconds = train_time + time.perf_counter() - eval_started
-            state.train_seconds += seconds
-            state.samples += len(train)
+            record.train_seconds += seconds
+            record.samples += len(train)
             score = metrics[task.metric]
-            result = EpochResult(epoch, state.step, loss_sums[i].item() / steps_per_epoch, eval_loss, metrics, score,
-                                 seconds)
-            state.history.append(result)
-            if score > state.best_score:
-                state.best_score, state.best_epoch = score, epoch
-                state.best_state = {k: v.detach().to("cpu", copy=True)
-                                    for k, v in state.member.model.state_dict().items()}
-            callback = state.member.on_epoch_end
+            result = EpochResult(epoch, steps, loss_sums[position].item() / steps_per_epoch, eval_loss, metrics,
+                                 score, seconds)
+            record.history.append(result)
+            if score > record.best_score:
+                record.best_score, record.best_epoch = score, epoch
+                record.best_state = {k: v.detach().to("cpu", copy=True)
+                                     for k, v in members[i].model.state_dict().items()}
+            callback = members[i].on_epoch_end
             stopped = callback(result) if callback is not None else None
             if stopped or epoch >= cfg.num_train_epochs:
-                results[i] = TrainResult(state.history, state.best_epoch, state.best_score, state.best_state,
-                                         stopped or None, state.train_seconds, state.samples)
-                active.remove(i)
+                results[i] = TrainResult(record.history, record.best_epoch, record.best_score, record.best_state,
+                                         stopped or None, record.train_seconds, record.samples)
+                continue
+            staying.append(position)
+        if len(staying) < len(active):
+            stepper.keep(staying)
+            index = torch.tensor(staying, dtype=torch.long, device=device)
+            bad_step, bad_value = bad_step[index], bad_value[index]
+            active = [active[position] for position in staying]
     _set_rng(device, outer_rng)
     return [r for r in results if r is not None]

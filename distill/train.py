@@ -124,23 +124,41 @@ def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
     return metrics, loss.item()
 
 
+def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Trainer's grouping: weight decay on weight matrices, none on biases and LayerNorm weights."""
+    return not (param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower())
+
+
 def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Trainer's grouping: no weight decay on biases and LayerNorm weights.
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
+        (decay if takes_weight_decay(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_adamw)
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    train_rows: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The trial's learning-rate schedule: linear warm-up, then linear decay to 0 over its own epochs."""
+    total_steps = math.ceil(train_rows / cfg.batch_size) * cfg.num_train_epochs
+    return get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+
 def optimizer_and_schedule(model: PreTrainedModel, cfg: TrainConfig, train_rows: int, device: torch.device,
                            ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The trial's AdamW (Trainer's groups) and its linear schedule: warm-up, then decay to 0 over its epochs."""
+    """The trial's AdamW (Trainer's groups) and its linear schedule (``linear_schedule``)."""
     optimizer = _adamw(model, cfg, device)
-    total_steps = math.ceil(train_rows / cfg.batch_size) * cfg.num_train_epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    return optimizer, scheduler
+    return optimizer, linear_schedule(optimizer, cfg, train_rows)
+
+
+def logits_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                alpha: float | torch.Tensor, temperature: float | torch.Tensor, task: TaskInfo) -> torch.Tensor:
+    """The distillation loss of a student's logits: softmax-KL for classification, MSE for regression, in fp32
+    whatever the forward pass's precision."""
+    if task.is_regression:
+        return regression_distillation_loss(logits.float(), teacher_logits, labels, alpha)
+    return distillation_loss(logits.float(), teacher_logits, labels, alpha, temperature)
 
 
 def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
@@ -148,10 +166,7 @@ def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_
     """One batch's distillation loss for ``model`` (its forward pass in ``cfg.precision``)."""
     with autocast(device, cfg.precision):
         logits = model(**inputs).logits  # the costly line: student forward
-    # The loss (softmax-KL or MSE) runs in fp32 whatever the forward pass's precision.
-    if task.is_regression:
-        return regression_distillation_loss(logits.float(), teacher_logits, labels, cfg.alpha)
-    return distillation_loss(logits.float(), teacher_logits, labels, cfg.alpha, cfg.temperature)
+    return logits_loss(logits, teacher_logits, labels, cfg.alpha, cfg.temperature, task)
 
 
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,

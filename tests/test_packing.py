@@ -136,6 +136,52 @@ def test_diverging_member_fails_alone(data) -> None:  # type: ignore[no-untyped-
     assert_same(results[0], solo(data, CONFIGS[0], 0.1))
 
 
+def test_stacked_members_equal_their_solo_runs(data) -> None:  # type: ignore[no-untyped-def]
+    """The stacked step (one vmapped forward/backward and one AdamW over [K, P]): with dropout off, each member's
+    losses, metrics and best weights equal its solo run's, different lr/T/alpha/epochs/decay/warm-up in one pack."""
+    train, logits, eval_split = data
+    members = [PackMember(tiny_student(cfg.seed, 0.0), cfg) for cfg in CONFIGS]
+    results = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK, step="stacked")
+    for cfg, result in zip(CONFIGS, results, strict=True):
+        assert_same(result, solo(data, cfg, 0.0))
+        assert isinstance(result, TrainResult) and len(result.history) == cfg.num_train_epochs
+
+
+def test_stacked_dropout_is_reproducible_and_per_member(data) -> None:  # type: ignore[no-untyped-def]
+    """With dropout on, the stacked pack draws one stream from its batch seed: the same pack gives the same numbers
+    again, and two members of the same seed and config get different masks (so different losses)."""
+    train, logits, eval_split = data
+    cfg = CONFIGS[0]
+
+    def run() -> list[TrainResult | MemberDiverged]:
+        members = [PackMember(tiny_student(cfg.seed, 0.1), cfg) for _ in range(2)]
+        return train_pack(members, train, logits, eval_split, BATCH_SEED, TASK, step="stacked")
+
+    first, second = run()
+    again, _ = run()
+    assert isinstance(first, TrainResult) and isinstance(second, TrainResult) and isinstance(again, TrainResult)
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in again.history]
+    assert [h.train_loss for h in first.history] != [h.train_loss for h in second.history]
+
+
+def test_stacked_pruned_and_diverging_members_leave_alone(data) -> None:  # type: ignore[no-untyped-def]
+    """Stacked: a member pruned after epoch 1 leaves, one whose loss is NaN from step 1 (temperature 0) and one
+    whose first update is infinite (NaN from step 2) fail with their step; the last equals its solo run."""
+    train, logits, eval_split = data
+    cfgs = [*CONFIGS, CONFIGS[0]]
+    members = [PackMember(tiny_student(cfg.seed, 0.0), cfg) for cfg in cfgs]
+    members[0].on_epoch_end = lambda result: "pruned" if result.epoch == 1 else None
+    members[1].cfg = dataclasses.replace(CONFIGS[1], temperature=0.0)
+    members[3].cfg = dataclasses.replace(CONFIGS[0], learning_rate=math.inf)
+    pruned, nan_loss, survivor, blown_up = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK,
+                                                      step="stacked")
+    assert isinstance(pruned, TrainResult) and pruned.stopped == "pruned"
+    assert_same(pruned, solo(data, CONFIGS[0], 0.0), epochs=1)
+    assert isinstance(nan_loss, MemberDiverged) and (nan_loss.epoch, nan_loss.step) == (1, 1)
+    assert isinstance(blown_up, MemberDiverged) and (blown_up.epoch, blown_up.step) == (1, 2)
+    assert_same(survivor, solo(data, CONFIGS[2], 0.0))
+
+
 def test_a_pack_shares_its_batch_size(data) -> None:  # type: ignore[no-untyped-def]
     train, logits, eval_split = data
     members = [PackMember(tiny_student(7, 0.0), CONFIGS[0]),
