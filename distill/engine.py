@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
-from distill.packed import PackMember, train_pack
+from distill.packed import PackMember, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
@@ -157,11 +157,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 class DistillationEngine(TrialEngine):
     def __init__(self, artifacts: str | Path | ArtifactLayout, device: str | None = None,
-                 log: Callable[[str], None] = print, precision: str = "auto") -> None:
+                 log: Callable[[str], None] = print, precision: str = "auto", pack_step: str = "auto") -> None:
         self.layout = artifacts if isinstance(artifacts, ArtifactLayout) else make_layout(artifacts)
         self.device = resolve_device(device)
         self.log = log
         self.precision = resolve_precision(precision, self.device)
+        self.pack_step = resolve_pack_step(pack_step, self.device)  # how a pack's members step together
         if precision == "bf16" and not native_bf16(self.device):
             log(f"precision bf16 asked for, but {self.device.type} has no native bf16 here: it is emulated, and "
                 "slower than fp32")
@@ -302,14 +303,16 @@ class DistillationEngine(TrialEngine):
             raise ValueError(f"a pack trains one student shape, not {len(shapes)}")
         pack = [PackMember(self._student(prepared, m.params, m.seed), self.train_config(m.params, m.seed, batch_seed),
                            m.on_epoch_end) for m in members]
-        results = train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task)
+        results = train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
+                             self.pack_step)
         outcomes: list[TrialOutcome | Exception] = []
         for member, trained, result in zip(members, pack, results, strict=True):
             if isinstance(result, Exception):
                 outcomes.append(result)
                 continue
             outcomes.append(self._store(prepared, trained.model, result, member.params, member.seed,
-                                        member.checkpoint_dir, {"batch_seed": batch_seed, "pack_size": len(members)}))
+                                        member.checkpoint_dir, {"batch_seed": batch_seed, "pack_size": len(members),
+                                         "pack_step": self.pack_step}))
         del pack
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -338,11 +341,12 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def load_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
-                log: Callable[[str], None] = print, precision: str = "auto") -> TrialEngine:
+                log: Callable[[str], None] = print, precision: str = "auto", pack_step: str = "auto") -> TrialEngine:
     """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way); None → the
-    distillation engine, training in ``precision`` (``distill.precision``)."""
+    distillation engine, training in ``precision`` (``distill.precision``), packs stepping as ``pack_step``
+    (``distill.packed.resolve_pack_step``)."""
     if not dotted:
-        return DistillationEngine(artifacts, device=device, log=log, precision=precision)
+        return DistillationEngine(artifacts, device=device, log=log, precision=precision, pack_step=pack_step)
     module_name, _, class_name = dotted.partition(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
     return engine_cls(artifacts=artifacts, device=device)

@@ -85,6 +85,17 @@ def resolve_pack(setting: str | int, device: torch.device | str) -> int:
     return value
 
 
+def resolve_pack_step(setting: str, device: torch.device | str) -> PackStepName:
+    """How a pack on ``device`` takes its steps for the ``KDSEARCH_PACK_STEP`` setting: ``auto`` stacks the members
+    on CUDA (one vectorised model fills the device: the point of packing there) and runs them one by one on a CPU,
+    where stacking measured no faster (bench/results/throughput-cpu.md)."""
+    if setting not in PACK_STEPS:
+        raise ValueError(f"pack step must be one of {', '.join(PACK_STEPS)}, not {setting!r}")
+    if setting == "auto":
+        return "stacked" if torch.device(device).type == "cuda" else "loop"
+    return "stacked" if setting == "stacked" else "loop"
+
+
 class MemberDiverged(ArithmeticError):
     """A pack member's training loss turned NaN or inf: that member's trial fails, the others go on."""
 

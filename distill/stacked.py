@@ -3,9 +3,10 @@
 This is the packing that can fill a GPU (HFTA, MLSys 2021): a 4.4M-parameter student uses a few per cent of one, and
 K students of one shape run as one vectorised model instead of K small ones. How:
 
-- The members' parameters are one ``[K, P]`` leaf tensor (row k: member k's parameters, flattened in the module's
-  order by ``parameters_to_vector``). ``torch.func.vmap`` runs ``functional_call`` of one template module over the
-  rows: every matmul becomes one batched matmul over the K members, on the same input batch.
+- The members' parameters live in one ``[K, P]`` tensor (row k: member k's parameters, flattened in the module's
+  order by ``parameters_to_vector``), each parameter a ``[K, *shape]`` leaf view into it. ``torch.func.vmap`` runs
+  ``functional_call`` of one template module over the K members: every matmul becomes one batched matmul, on the
+  same input batch.
 - ``losses.sum().backward()``: the rows are disjoint, so row k's gradient is member k's own loss's gradient.
 - Each member keeps its own temperature, alpha, gradient-clipping norm, weight decay and learning-rate schedule
   (``[K]`` tensors; the schedules are transformers' own, on a one-number optimizer each). The AdamW update is
@@ -22,6 +23,7 @@ step (``distill.packed``) keeps the solo numbers exactly; which one runs is ``KD
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, cast
 
 import torch
@@ -32,6 +34,10 @@ from transformers import PreTrainedModel
 from distill.precision import autocast
 from distill.train import TrainConfig, linear_schedule, logits_loss, takes_weight_decay
 from search_space import TaskInfo
+
+# The parameters are [K, *shape] views with a row stride of P: autograd accumulates into their gradient views in
+# place as asked, but warns that such strides are not the layout it would have chosen.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which the one-by-one step uses
 
@@ -60,7 +66,7 @@ class StackedStudents:
         self.buffers = dict(self.template.named_buffers())
         with torch.no_grad():
             rows = [parameters_to_vector(model.parameters()).to(device, torch.float32) for model in models]
-        self.flat = torch.stack(rows).requires_grad_()
+        self._views(torch.stack(rows))
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         decays = torch.cat([torch.full((param.numel(),), float(takes_weight_decay(name, param)), device=device)
@@ -77,15 +83,24 @@ class StackedStudents:
                                           cfg, train_rows).lr_lambdas[0] for cfg in cfgs]
         self.steps = 0
 
+    def _views(self, flat: torch.Tensor) -> None:
+        """``flat`` ([K, P]) becomes the pack's storage: each parameter a leaf view ``[K, *shape]`` into it, and each
+        gradient a view into one ``[K, P]`` gradient buffer. Slicing one big leaf instead would make every
+        parameter's backward write a zero-filled ``[K, P]`` tensor; views make the optimizer's update eight
+        kernels over the flat tensors, and backward accumulates straight into the flat gradient."""
+        self.flat, self.flat_grad = flat, torch.zeros_like(flat)
+        self.params: dict[str, torch.Tensor] = {}
+        for name, shape, start, end in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True):
+            param = flat[:, start:end].view(len(flat), *shape).requires_grad_()
+            param.grad = self.flat_grad[:, start:end].view(len(flat), *shape)
+            self.params[name] = param
+
     def _column(self, values: Any) -> torch.Tensor:
         return torch.tensor([float(v) for v in values], device=self.device)[:, None]
 
-    def _member_loss(self, row: torch.Tensor, temperature: torch.Tensor, alpha: torch.Tensor,
+    def _member_loss(self, params: dict[str, torch.Tensor], temperature: torch.Tensor, alpha: torch.Tensor,
                      inputs: dict[str, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One member's loss on the batch, ``row`` its flattened parameters (called under vmap)."""
-        params = {name: row[start:end].view(shape)
-                  for name, shape, start, end in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:],
-                                                     strict=True)}
+        """One member's loss on the batch, ``params`` its parameters (called under vmap)."""
         with autocast(self.device, self.precision):
             logits = functional_call(self.template, (params, self.buffers), args=(), kwargs=inputs).logits
         return logits_loss(logits, teacher, labels, alpha, temperature, self.task)
@@ -94,10 +109,9 @@ class StackedStudents:
         """One training step of every member on one batch; their losses, ``[K]``, detached (no host sync)."""
         self.template.train()
         losses = vmap(self._member_loss, in_dims=(0, 0, 0, None, None, None), randomness="different")(
-            self.flat, self.temperature, self.alpha, inputs, teacher, labels)  # the costly line: K forwards in one
+            self.params, self.temperature, self.alpha, inputs, teacher, labels)  # the costly line: K forwards in one
         losses.sum().backward()  # the other one; rows are disjoint, so each row gets its own loss's gradient
-        grad = self.flat.grad
-        assert grad is not None
+        grad = self.flat_grad
         lr = self._column(base * schedule(self.steps) for base, schedule in zip(self.learning_rates, self.schedules,
                                                                                 strict=True))
         self.steps += 1
@@ -113,19 +127,19 @@ class StackedStudents:
             bias1, bias2 = 1.0 - beta1**self.steps, 1.0 - beta2**self.steps
             denominator = (self.exp_avg_sq.sqrt() / bias2**0.5).add_(EPS)
             self.flat.sub_(self.exp_avg / denominator * (lr / bias1))
-        self.flat.grad = None
+        grad.zero_()  # the parameters' .grad are views into it: backward adds in place
         return losses.detach()
 
     def sync(self, position: int) -> None:
         """Copy the member at ``position`` into its own model (for evaluation and its checkpoint)."""
         model = self.models[position]
         with torch.no_grad():
-            vector_to_parameters(self.flat[position].detach().clone(), model.parameters())
+            vector_to_parameters(self.flat[position].clone(), model.parameters())
 
     def keep(self, positions: list[int]) -> None:
         """Go on with the members at ``positions`` only (the others left the pack)."""
         index = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.flat = self.flat.detach()[index].clone().requires_grad_()
+        self._views(self.flat[index])
         self.exp_avg, self.exp_avg_sq = self.exp_avg[index], self.exp_avg_sq[index]
         self.temperature, self.alpha = self.temperature[index], self.alpha[index]
         self.weight_decay, self.max_grad_norm = self.weight_decay[index], self.max_grad_norm[index]

@@ -149,6 +149,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail(f"--pack: {exc}", 2)
         extra += ["--pack", pack]
+    if args.pack_step is not None:
+        extra += ["--pack-step", args.pack_step]
     if args.gpus:
         gpus = visible_gpus(args.gpus)
         if not gpus:
@@ -182,6 +184,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"threads": threads})
     if pack is not None:
         settings = settings.model_copy(update={"pack": pack})
+    if args.pack_step is not None:
+        settings = settings.model_copy(update={"pack_step": args.pack_step})
     try:
         worker = Worker(settings, device=device, exit_when_idle=args.exit_when_idle, max_trials=args.max_trials)
     except SchemaMismatch as exc:
@@ -444,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials (per worker process)")
     worker.add_argument("--pack", metavar="K|auto", help="claim up to K trials of a study and train them together "
                         "(KDSEARCH_PACK; default auto)")
+    worker.add_argument("--pack-step", choices=["auto", "loop", "stacked"], default=None,
+                        help="how a pack trains: stacked (one vectorised step for all its trials), loop (one by "
+                             "one, each exactly as alone), auto: stacked on CUDA, loop on CPU (KDSEARCH_PACK_STEP)")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)
 

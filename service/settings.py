@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     pack: str = Field("auto", description="Trials a worker claims (of one study) and trains together: a whole number, "
                                          "1 or more, or auto (1 wherever the bench does not show packing faster).")
 
+    pack_step: Literal["auto", "loop", "stacked"] = Field(
+        "auto", description="How a pack's members train together: stacked (one vectorised model, one step for all; "
+                            "dropout masks from one stream), loop (one by one, each exactly its solo run), or auto "
+                            "(stacked on CUDA, loop on CPU).")
+
     @field_validator("pack", mode="before")
     @classmethod
     def _pack_setting(cls, value: object) -> object:

@@ -108,7 +108,7 @@ class Worker:
 
             torch.set_num_threads(settings.threads)
         self.engine = engine or load_engine(settings.engine, artifacts=self.layout, device=device, log=log.info,
-                                            precision=settings.precision)
+                                            precision=settings.precision, pack_step=settings.pack_step)
         # Trials trained together per claim (distill.packed): 1 runs each trial alone, as without packing.
         self.pack = resolve_pack(settings.pack, device)
         self._stop = threading.Event()
