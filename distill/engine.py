@@ -96,6 +96,9 @@ class PackedTrial:
 
 
 class TrialEngine(ABC):
+    # How run_pack's members step together (distill.packed.resolve_pack_step); this base runs them one after another.
+    pack_step: str = "sequential"
+
     @abstractmethod
     def prepare(self, spec: StudySpec, progress: Progress | None = None) -> Any: ...
 
@@ -162,7 +165,8 @@ class DistillationEngine(TrialEngine):
         self.device = resolve_device(device)
         self.log = log
         self.precision = resolve_precision(precision, self.device)
-        self.pack_step = resolve_pack_step(pack_step, self.device)  # how a pack's members step together
+        self.stacking = resolve_pack_step(pack_step, self.device)  # how a pack's members step together
+        self.pack_step = self.stacking
         if precision == "bf16" and not native_bf16(self.device):
             log(f"precision bf16 asked for, but {self.device.type} has no native bf16 here: it is emulated, and "
                 "slower than fp32")
@@ -304,7 +308,7 @@ class DistillationEngine(TrialEngine):
         pack = [PackMember(self._student(prepared, m.params, m.seed), self.train_config(m.params, m.seed, batch_seed),
                            m.on_epoch_end) for m in members]
         results = train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
-                             self.pack_step)
+                             self.stacking)
         outcomes: list[TrialOutcome | Exception] = []
         for member, trained, result in zip(members, pack, results, strict=True):
             if isinstance(result, Exception):

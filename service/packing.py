@@ -150,7 +150,8 @@ class PackRunner:
             for i, member in enumerate(group):
                 trial = member.trial
                 assert trial is not None
-                info = {"size": len(group), "members": numbers, "batch_seed": batch_seed}
+                info = {"size": len(group), "members": numbers, "batch_seed": batch_seed,
+                        "step": worker.engine.pack_step}
                 retry_operational(functools.partial(trial.set_user_attr, "pack", info))
                 packed.append(PackedTrial(member.params, spec.seed,
                                           worker._epoch_reporter(member.claim, spec, member.study, trial, task,

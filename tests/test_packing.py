@@ -15,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedMo
 
 from distill.data import TokenizedSplit
 from distill.engine import TrialOutcome
-from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, train_pack
+from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, resolve_pack_step, train_pack
 from distill.train import EpochResult, TrainConfig, TrainResult, train_student
 from search_space import TaskInfo
 
@@ -194,6 +194,10 @@ def test_pack_setting() -> None:
     assert resolve_pack("auto", "cpu") == 1 and resolve_pack("auto", "cuda") == 1
     assert resolve_pack("3", "cpu") == 3 and resolve_pack(2, "cpu") == 2
     assert parse_pack(" AUTO ") == "auto"
+    assert resolve_pack_step("auto", "cpu") == "loop" and resolve_pack_step("auto", "cuda") == "stacked"
+    assert resolve_pack_step("stacked", "cpu") == "stacked" and resolve_pack_step("loop", "cuda") == "loop"
+    with pytest.raises(ValueError, match="pack step must be one of auto, loop, stacked"):
+        resolve_pack_step("fused", "cpu")
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match="pack must be"):
             parse_pack(bad)
@@ -241,6 +245,36 @@ def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path) -> None:  #
         engine.run_pack(prepared, mixed, batch_seed=1)
 
 
+def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """DistillationEngine(pack_step="stacked"): each member's checkpoint holds its own trained weights (its stored
+    model scores what its trial recorded on the eval split), and its record says how it was packed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distill import DistillationEngine
+    from distill.engine import TRIAL_RECORD, PackedTrial
+    from distill.train import evaluate
+    from search_space import StudySpec
+    from tests.conftest import tiny_spec
+
+    spec = StudySpec.model_validate(tiny_spec(tiny_assets))
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", pack_step="stacked")
+    assert engine.pack_step == "stacked"
+    prepared = engine.prepare(spec)
+    members = [PackedTrial(p, spec.seed, None, tmp_path / f"stacked-{i}") for i, p in enumerate(ENGINE_PARAMS)]
+    outcomes = engine.run_pack(prepared, members, batch_seed=spec.seed)
+    weights = []
+    for i, (params, outcome) in enumerate(zip(ENGINE_PARAMS, outcomes, strict=True)):
+        assert isinstance(outcome, TrialOutcome), outcome
+        assert len(outcome.history) == params["num_train_epochs"]
+        record = json.loads((tmp_path / f"stacked-{i}" / TRIAL_RECORD).read_text())
+        assert record["pack_step"] == "stacked" and record["pack_size"] == 3
+        stored = AutoModelForSequenceClassification.from_pretrained(tmp_path / f"stacked-{i}")
+        metrics, _ = evaluate(stored, prepared.eval, 64, prepared.task)
+        assert metrics == pytest.approx(outcome.best_metrics, abs=1e-6)
+        weights.append(stored.classifier.weight.detach())
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+
+
 def test_pack_groups_split_shapes_and_batch_sizes() -> None:
     from service.packing import pack_groups
 
@@ -277,7 +311,7 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
         packs = sorted({tuple(t.user_attrs["pack"]["members"]) for t in trials})
         assert [len(members) for members in packs] == [3, 2]
         assert all(t.user_attrs["pack"]["batch_seed"] == 33 and t.number in t.user_attrs["pack"]["members"]
-                   for t in trials)
+                   and t.user_attrs["pack"]["step"] == "loop" for t in trials)
         assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 5, "the pack's trials differ"
         assert all(t.user_attrs["checkpoint_artifact_id"] for t in trials)
         listed = stack.trials("packed")  # the API (and so the dashboard) lists packed trials as any others
