@@ -62,6 +62,7 @@ class Config:
     threads: int
     pack: int
     what: str
+    step: str = "auto"  # --pack-step: how a pack trains (auto: stacked on CUDA, loop on CPU)
 
 
 CPU_CONFIGS = [
@@ -72,12 +73,14 @@ CPU_CONFIGS = [
     Config("pack2", "fp32", 1, 2, 2, "fp32, one 2-thread worker, --pack 2"),
     Config("pack4", "fp32", 1, 2, 4, "fp32, one 2-thread worker, --pack 4"),
     Config("pack8", "fp32", 1, 2, 8, "fp32, one 2-thread worker, --pack 8"),
+    Config("pack4-stacked", "fp32", 1, 2, 4, "fp32, one 2-thread worker, --pack 4 --pack-step stacked", "stacked"),
 ]
 CUDA_CONFIGS = [
     Config("cuda-k1", "auto", 1, 1, 1, "one worker, K = 1"),
-    Config("cuda-k4", "auto", 1, 1, 4, "one worker, --pack 4"),
-    Config("cuda-k16", "auto", 1, 1, 16, "one worker, --pack 16"),
-    Config("cuda-k64", "auto", 1, 1, 64, "one worker, --pack 64"),
+    Config("cuda-k4", "auto", 1, 1, 4, "one worker, --pack 4 (auto: stacked)"),
+    Config("cuda-k16", "auto", 1, 1, 16, "one worker, --pack 16 (auto: stacked)"),
+    Config("cuda-k64", "auto", 1, 1, 64, "one worker, --pack 64 (auto: stacked)"),
+    Config("cuda-k16-loop", "auto", 1, 1, 16, "one worker, --pack 16 --pack-step loop", "loop"),
     Config("cuda-w4", "auto", 4, 1, 1, "--workers-per-gpu 4, K = 1"),
 ]
 BASELINE = {"cpu": "fp32-1x2", "cuda": "cuda-k1"}
@@ -100,7 +103,7 @@ def worker_args(config: Config, device: str) -> list[str]:
         where = ["--gpus", "0", "--workers-per-gpu", str(config.procs)]
     else:
         where = ["--device", "cpu", "--procs", str(config.procs), "--threads-per-proc", str(config.threads)]
-    packing = ["--pack", str(config.pack)] if config.pack > 1 else []  # K = 1: the plain worker, no pack option
+    packing = ["--pack", str(config.pack), "--pack-step", config.step] if config.pack > 1 else []  # K = 1: no pack
     return [*where, *packing, "--exit-when-idle"]
 
 

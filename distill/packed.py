@@ -4,25 +4,23 @@ A pack shares the batch order (one generator, ``batch_seed``), the student's sha
 keeps everything else of its own: initial weights and dropout stream (its ``cfg.seed``), AdamW with Trainer's
 groups, learning rate and linear schedule over its own epoch count, temperature, alpha, weight decay, gradient
 clipping (its own norm). So a member's numbers equal its solo ``train_student`` run with
-``TrainConfig(batch_seed=<the pack's>)``, within float tolerance, dropout on or off.
+``TrainConfig(batch_seed=<the pack's>)``, within float tolerance (with the ``stacked`` step: dropout off).
 
-How the step is fused: one batch is gathered once (indices, ids, mask, teacher logits, labels) and then each
-member runs forward, backward, its own clip and its own fused AdamW in turn, with its own CPU/CUDA random state
-swapped in around its forward and backward. That is what guarantees the solo numbers, dropout on or off.
+A pack shares one batch per step (gathered once: indices, ids, mask, teacher logits, labels); how its members
+step on it is ``step`` (``KDSEARCH_PACK_STEP``, ``resolve_pack_step``):
 
-The alternative, ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap(grad_and_value)``, one fused
-AdamW over the stacked parameters), was probed against this loop on this host's CPU: 2 threads, an L2-H128 BERT
-student (30522-word vocabulary), 128x40 batches, ms per step of all K members. The host was shared with a running
-benchmark (load average 4 to 5 on 2 cores), and it shows: two runs disagree by up to 4x::
+- ``loop`` (``LoopStep``): each member in turn runs forward, backward, its own clip and its own fused AdamW, with its
+  own CPU/CUDA random state swapped in around them. It does the work of K solo trials, no less, and keeps their
+  numbers exactly, dropout on or off.
+- ``stacked`` (``distill.stacked.StackedStudents``): the K members as one vectorised model (``torch.func.vmap`` over
+  parameters stacked on a member axis), one forward, one backward and one AdamW update of all K per batch: K small
+  models become one large one, which is what a GPU needs to be busy. Per-member lr, schedule, weight decay,
+  clipping, temperature and alpha as in the loop; equal to the solo runs with dropout off, and in distribution only
+  with dropout on (one dropout stream for the pack, seeded from ``batch_seed``).
 
-    run 1 (vmap without clipping):        K=1 loop 1994 vmap 2274   K=2 loop 3740 vmap 2235   K=4 loop 6546 vmap 3675
-    run 2 (vmap with per-member clipping): K=1 loop 3602 vmap 4169   K=2 loop 2408 vmap 1919   K=4 loop 7033 vmap 13737
-
-Nothing can be concluded from them but that neither path is clearly faster here. This module takes the loop: with
-``vmap`` the dropout masks come from one stream (``randomness="different"`` splits it, not as K solo runs would),
-and per-member clipping, learning rates, weight decay and schedules over stacked parameters need a hand-written
-AdamW to stay equal to solo runs. ``resolve_pack``'s ``auto`` stays 1 until ``bench/throughput.py`` measures
-packing on an idle host (and a vmap path, if it is ever worth one, on CUDA).
+``auto`` is ``stacked`` on CUDA and ``loop`` on CPU, where ``bench/pack_step.py`` measured stacking no faster
+(bench/results/pack-step-cpu.md); ``resolve_pack``'s ``auto`` (K) stays 1 until ``bench/throughput.py`` shows
+packing faster on a device.
 
 Per member at every epoch boundary: evaluation, then its ``on_epoch_end`` callback (report, prune, stop); a member
 that is stopped, or has run its epochs, leaves and the rest go on. A member whose loss turns NaN or inf fails
