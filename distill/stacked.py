@@ -23,6 +23,7 @@ step (``distill.packed``) keeps the solo numbers exactly; which one runs is ``KD
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, cast
 
@@ -76,11 +77,16 @@ class StackedStudents:
         self.alpha = self._column(cfg.alpha for cfg in cfgs)[:, 0]
         self.weight_decay = self._column(cfg.weight_decay for cfg in cfgs)
         self.max_grad_norm = self._column(cfg.max_grad_norm for cfg in cfgs)
-        # transformers' linear schedule (on an optimizer of one number), read as LambdaLR reads it at each step:
-        # the same learning rates as a solo run.
-        self.learning_rates = [cfg.learning_rate for cfg in cfgs]
-        self.schedules = [linear_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate),
-                                          cfg, train_rows).lr_lambdas[0] for cfg in cfgs]
+        # Every member's learning rate at every step, on the device: transformers' linear schedule (on an optimizer
+        # of one number) read as LambdaLR reads it, so the same rates as a solo run, and no host-to-device copy (a
+        # sync on CUDA) per step.
+        steps = max(math.ceil(train_rows / cfg.batch_size) * cfg.num_train_epochs for cfg in cfgs) + 1
+        rates = []
+        for cfg in cfgs:
+            schedule = linear_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate),
+                                       cfg, train_rows).lr_lambdas[0]
+            rates.append([cfg.learning_rate * schedule(step) for step in range(steps)])
+        self.learning_rates = torch.tensor(rates, device=device)  # [K, steps]
         self.steps = 0
 
     def _views(self, flat: torch.Tensor) -> None:
@@ -112,8 +118,7 @@ class StackedStudents:
             self.params, self.temperature, self.alpha, inputs, teacher, labels)  # the costly line: K forwards in one
         losses.sum().backward()  # the other one; rows are disjoint, so each row gets its own loss's gradient
         grad = self.flat_grad
-        lr = self._column(base * schedule(self.steps) for base, schedule in zip(self.learning_rates, self.schedules,
-                                                                                strict=True))
+        lr = self.learning_rates[:, self.steps, None]  # [K, 1]
         self.steps += 1
         beta1, beta2 = BETAS
         with torch.no_grad():
@@ -143,6 +148,5 @@ class StackedStudents:
         self.exp_avg, self.exp_avg_sq = self.exp_avg[index], self.exp_avg_sq[index]
         self.temperature, self.alpha = self.temperature[index], self.alpha[index]
         self.weight_decay, self.max_grad_norm = self.weight_decay[index], self.max_grad_norm[index]
-        self.schedules = [self.schedules[i] for i in positions]
-        self.learning_rates = [self.learning_rates[i] for i in positions]
+        self.learning_rates = self.learning_rates[index]
         self.models = [self.models[i] for i in positions]
