@@ -379,6 +379,38 @@ def test_heartbeat_beats_every_slot_and_loses_only_the_taken_one(db_url: str) ->
         db.dispose()
 
 
+def test_stacked_worker_end_to_end(sqlite_url: str, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``kdsearch worker --pack 3 --pack-step stacked``: the study finishes with an exact budget, the packed trials
+    say they ran stacked, and export-best exports the best one; a pack step the worker does not know is refused."""
+    import optuna
+
+    from tests.conftest import tiny_spec
+    from tests.procs import KDSEARCH, Stack
+
+    stack = Stack(sqlite_url, tmp_path)
+    try:
+        stack.start_api()
+        stack.submit(tiny_spec(tiny_assets, name="stacked", n_trials=4))
+        bad = subprocess.run([*KDSEARCH, "worker", "--device", "cpu", "--pack-step", "fused", "--exit-when-idle"],
+                             env=stack.env, capture_output=True, text=True)
+        assert bad.returncode == 2 and "--pack-step" in bad.stderr and "'fused'" in bad.stderr
+        stack.start_worker("--pack", "3", "--pack-step", "stacked", "--exit-when-idle")
+        study = stack.wait_status("stacked")
+        assert study["status"] == "finished" and study["counts"]["complete"] == 4, study
+        trials = optuna.load_study(study_name="stacked", storage=sqlite_url).get_trials()
+        assert sorted(t.user_attrs["slot"] for t in trials) == list(range(4))
+        packed = [t for t in trials if "pack" in t.user_attrs]  # a pack of 3, then the last trial alone
+        assert len(packed) == 3 and all(t.user_attrs["pack"]["step"] == "stacked" for t in packed)
+        assert all(len(t.user_attrs["pack"]["members"]) == 3 for t in packed)
+        out = tmp_path / "export"
+        export = subprocess.run([*KDSEARCH, "export-best", "stacked", "--out", str(out)], env=stack.env,
+                                capture_output=True, text=True)
+        assert export.returncode == 0, export.stderr
+        assert (out / "model.safetensors").is_file()
+    finally:
+        stack.stop()
+
+
 def test_packed_worker_groups_shapes_and_skips_infeasible_members(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     """A packed worker (pack 3, in this process) on a study that searches the hidden size under max_params: wide
     members are recorded infeasible and never trained, the others train in packs of one shape; budget exact."""
