@@ -16,7 +16,9 @@ Contract for a ``TrialEngine``:
   batch size together (``PackedTrial``: params, seed, callback, checkpoint directory each), sharing the batch order
   drawn from ``batch_seed``. It returns one result per member, in order: its ``TrialOutcome`` (checkpoint written
   as ``run_trial`` writes it), or the exception that failed that member alone (its trial is FAIL and its slot
-  retried; the others go on). An exception raised out of ``run_pack`` fails every member. The default runs the
+  retried; the others go on). ``on_member_done(index, result)``, when given, is called with each member's result as
+  soon as it is final (checkpoint written), while the others may still train: the worker stores and tells that
+  trial at once. An exception raised out of ``run_pack`` fails every member not yet done. The default runs the
   members one after another through ``run_trial``; ``DistillationEngine`` trains them in one loop
   (``distill.packed``), each member's numbers equal to its solo run with ``batch_seed``.
 - ``teacher_metrics(prepared)`` is the teacher's score on the eval split for every metric of the task, a reference
@@ -43,7 +45,7 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
-from distill.packed import PackMember, resolve_pack_step, train_pack
+from distill.packed import MemberDiverged, PackMember, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
@@ -85,6 +87,10 @@ class TrialOutcome:
         return next((h.metrics for h in self.history if h.epoch == self.best_epoch), {})
 
 
+# Told each pack member's final result (its index in the pack, its outcome or the exception that failed it).
+MemberDone = Callable[[int, TrialOutcome | Exception], None]
+
+
 @dataclasses.dataclass
 class PackedTrial:
     """One member of a pack, as ``TrialEngine.run_pack`` takes it."""
@@ -109,16 +115,20 @@ class TrialEngine(ABC):
     def run_trial(self, prepared: Any, params: dict[str, Any], seed: int, on_epoch_end: EpochCallback | None,
                   checkpoint_dir: Path) -> TrialOutcome: ...
 
-    def run_pack(self, prepared: Any, members: list[PackedTrial],
-                 batch_seed: int) -> list[TrialOutcome | Exception]:
+    def run_pack(self, prepared: Any, members: list[PackedTrial], batch_seed: int,
+                 on_member_done: MemberDone | None = None) -> list[TrialOutcome | Exception]:
         """Members one after another (an engine that cannot train them together); see the contract above."""
         results: list[TrialOutcome | Exception] = []
-        for member in members:
+        for index, member in enumerate(members):
+            result: TrialOutcome | Exception
             try:
-                results.append(self.run_trial(prepared, member.params, member.seed, member.on_epoch_end,
-                                              member.checkpoint_dir))
+                result = self.run_trial(prepared, member.params, member.seed, member.on_epoch_end,
+                                        member.checkpoint_dir)
             except Exception as exc:  # noqa: BLE001 - that member's failure alone
-                results.append(exc)
+                result = exc
+            results.append(result)
+            if on_member_done is not None:
+                on_member_done(index, result)
         return results
 
     def teacher_metrics(self, prepared: Any) -> dict[str, float] | None:
@@ -298,8 +308,8 @@ class DistillationEngine(TrialEngine):
             torch.cuda.empty_cache()
         return outcome
 
-    def run_pack(self, prepared: PreparedStudy, members: list[PackedTrial],
-                 batch_seed: int) -> list[TrialOutcome | Exception]:
+    def run_pack(self, prepared: PreparedStudy, members: list[PackedTrial], batch_seed: int,
+                 on_member_done: MemberDone | None = None) -> list[TrialOutcome | Exception]:
         """The members trained together (``distill.packed.train_pack``); they must share the student's shape and
         the batch size (ValueError otherwise)."""
         shapes = {prepared.space.student_for(prepared.spec.student, m.params).model_dump_json() for m in members}
@@ -307,20 +317,24 @@ class DistillationEngine(TrialEngine):
             raise ValueError(f"a pack trains one student shape, not {len(shapes)}")
         pack = [PackMember(self._student(prepared, m.params, m.seed), self.train_config(m.params, m.seed, batch_seed),
                            m.on_epoch_end) for m in members]
-        results = train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
-                             self.stacking)
-        outcomes: list[TrialOutcome | Exception] = []
-        for member, trained, result in zip(members, pack, results, strict=True):
-            if isinstance(result, Exception):
-                outcomes.append(result)
-                continue
-            outcomes.append(self._store(prepared, trained.model, result, member.params, member.seed,
-                                        member.checkpoint_dir, {"batch_seed": batch_seed, "pack_size": len(members),
-                                         "pack_step": self.pack_step}))
-        del pack
+        outcomes: dict[int, TrialOutcome | Exception] = {}
+
+        def done(index: int, result: TrainResult | MemberDiverged) -> None:
+            """A member left the pack: its checkpoint is written now, while the others train on."""
+            member = members[index]
+            outcome: TrialOutcome | Exception = result if isinstance(result, Exception) else self._store(
+                prepared, pack[index].model, result, member.params, member.seed, member.checkpoint_dir,
+                {"batch_seed": batch_seed, "pack_size": len(members), "pack_step": self.pack_step})
+            outcomes[index] = outcome
+            if on_member_done is not None:
+                on_member_done(index, outcome)
+
+        train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
+                   self.stacking, done)
+        pack.clear()  # the members' models: free before the cache is emptied
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return outcomes
+        return [outcomes[index] for index in range(len(members))]
 
 
 def _encodes_pairs(tokenizer: Any) -> bool:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol, cast
 
 import torch
@@ -188,10 +189,14 @@ class LoopStep:
 
 def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: torch.Tensor,
                eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo,
-               step: PackStepName = "loop") -> list[TrainResult | MemberDiverged]:
+               step: PackStepName = "loop",
+               on_done: Callable[[int, TrainResult | MemberDiverged], None] | None = None,
+               ) -> list[TrainResult | MemberDiverged]:
     """Train every member on the same batches (order from ``batch_seed``), ``step`` choosing how one batch's step
     is taken (``loop``: one by one; ``stacked``: ``distill.stacked``); one result per member, in order: its
-    ``TrainResult`` (``stopped`` set when its callback stopped it), or ``MemberDiverged``."""
+    ``TrainResult`` (``stopped`` set when its callback stopped it), or ``MemberDiverged``. ``on_done(index,
+    result)`` is called as soon as a member leaves, while the others train on (so its trial can be stored and told
+    without waiting for the pack)."""
     if not members:
         return []
     batch_sizes = {m.cfg.batch_size for m in members}
@@ -245,8 +250,11 @@ def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: t
             record, cfg = records[i], members[i].cfg
             eval_started = time.perf_counter()
             if not finite[position]:
-                results[i] = MemberDiverged(float(bad_value[position].item()), epoch,
-                                            int(bad_step[position].item()) - (epoch - 1) * steps_per_epoch)
+                diverged = MemberDiverged(float(bad_value[position].item()), epoch,
+                                          int(bad_step[position].item()) - (epoch - 1) * steps_per_epoch)
+                results[i] = diverged
+                if on_done is not None:
+                    on_done(i, diverged)
                 continue
             stepper.sync(position)
             with autocast(device, cfg.precision):
@@ -266,8 +274,11 @@ def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: t
             callback = members[i].on_epoch_end
             stopped = callback(result) if callback is not None else None
             if stopped or epoch >= cfg.num_train_epochs:
-                results[i] = TrainResult(record.history, record.best_epoch, record.best_score, record.best_state,
-                                         stopped or None, record.train_seconds, record.samples)
+                trained = TrainResult(record.history, record.best_epoch, record.best_score, record.best_state,
+                                      stopped or None, record.train_seconds, record.samples)
+                results[i] = trained
+                if on_done is not None:
+                    on_done(i, trained)
                 continue
             staying.append(position)
         if len(staying) < len(active):

@@ -14,8 +14,9 @@
   pack's ``batch_seed`` (the study's seed too), exactly as a solo trial's: a packed trial equals the same trial run
   alone. Its ``pack`` user attribute says so: ``{"size", "members" (trial numbers), "batch_seed"}``;
 - per member, at every epoch boundary, the worker's own epoch callback reports, prunes and stops it (pruned, study
-  cancelled or expired, shutdown, lost claim); each result is then stored and told exactly as a solo trial's
-  (checkpoint first, then COMPLETE/PRUNED), or failed alone (a diverged loss, a shutdown: FAIL, slot retried).
+  cancelled or expired, shutdown, lost claim); as soon as a member leaves the pack (its epochs done, stopped or
+  diverged) its result is stored and told exactly as a solo trial's (checkpoint first, then COMPLETE/PRUNED) or
+  failed alone (a diverged loss, a shutdown: FAIL, slot retried), and its slot closed, while the others train on.
 
 A SIGKILL loses every slot of the pack: each one's heartbeat goes stale and each is retried, as a solo slot is.
 """
@@ -157,13 +158,21 @@ class PackRunner:
                                           worker._epoch_reporter(member.claim, spec, member.study, trial, task,
                                                                  member.lost, member.profile),
                                           Path(tmp) / f"checkpoint-{i}"))
+            settled: set[int] = set()
+
+            def member_done(index: int, result: TrialOutcome | Exception) -> None:
+                """A member left the pack: stored and told now, its slot closed, while the others train on."""
+                settled.add(index)
+                self._settle(group[index], result, packed[index].checkpoint_dir, spec, task)
+
             results: list[TrialOutcome | Exception]
             try:
-                results = worker.engine.run_pack(prepared, packed, batch_seed)
-            except Exception as exc:  # noqa: BLE001 - the whole pack failed: every member is retried
+                results = worker.engine.run_pack(prepared, packed, batch_seed, member_done)
+            except Exception as exc:  # noqa: BLE001 - the pack failed: every member not yet done is retried
                 results = [exc] * len(group)
-            for member, result, trained in zip(group, results, packed, strict=True):
-                self._settle(member, result, trained.checkpoint_dir, spec, task)
+            for index, (member, result, trained) in enumerate(zip(group, results, packed, strict=True)):
+                if index not in settled:
+                    self._settle(member, result, trained.checkpoint_dir, spec, task)
 
     def _settle(self, member: _Member, result: TrialOutcome | Exception, checkpoint: Path, spec: StudySpec,
                 task: TaskInfo) -> None:

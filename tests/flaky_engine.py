@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from distill import DataError
-from distill.engine import PackedTrial, TrialOutcome
+from distill.engine import MemberDone, PackedTrial, TrialOutcome
 from distill.packed import MemberDiverged
 from distill.progress import TEACHER_STAGE, Progress
 from distill.train import EpochCallback
@@ -67,9 +67,17 @@ class FlakyEngine(SleepEngine):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)
 
-    def run_pack(self, prepared: StudySpec, members: list[PackedTrial],
-                 batch_seed: int) -> list[TrialOutcome | Exception]:
-        results = super().run_pack(prepared, members, batch_seed)
-        if prepared.name.startswith("diverge-once-") and self._bump(prepared.name) == 0:
+    def run_pack(self, prepared: StudySpec, members: list[PackedTrial], batch_seed: int,
+                 on_member_done: MemberDone | None = None) -> list[TrialOutcome | Exception]:
+        diverge = prepared.name.startswith("diverge-once-") and self._bump(prepared.name) == 0
+
+        def done(index: int, result: TrialOutcome | Exception) -> None:
+            if diverge and index == 0:  # the pack's first member diverges, the first time only
+                result = MemberDiverged(float("nan"), 1, 3)
+            if on_member_done is not None:
+                on_member_done(index, result)
+
+        results = super().run_pack(prepared, members, batch_seed, done)
+        if diverge:
             results[0] = MemberDiverged(float("nan"), 1, 3)
         return results

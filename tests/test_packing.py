@@ -245,6 +245,33 @@ def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path) -> None:  #
         engine.run_pack(prepared, mixed, batch_seed=1)
 
 
+def test_engine_pack_hands_each_member_over_as_it_leaves(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """run_pack's on_member_done: a member is handed over (its checkpoint written) right after its last epoch, while
+    the members with more epochs are still training, so the worker can store and tell its trial at once."""
+    from distill import DistillationEngine
+    from distill.engine import PackedTrial
+    from search_space import StudySpec
+    from tests.conftest import tiny_spec
+
+    spec = StudySpec.model_validate(tiny_spec(tiny_assets))
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu")
+    prepared = engine.prepare(spec)
+    events: list[tuple[str, int, int]] = []
+
+    def epochs_of(index: int) -> Any:
+        return lambda result: events.append(("epoch", index, result.epoch))
+
+    def handed_over(index: int, outcome: TrialOutcome | Exception) -> None:
+        assert isinstance(outcome, TrialOutcome) and (tmp_path / f"m-{index}" / "model.safetensors").is_file()
+        events.append(("done", index, len(outcome.history)))
+
+    members = [PackedTrial(p, spec.seed, epochs_of(i), tmp_path / f"m-{i}") for i, p in enumerate(ENGINE_PARAMS)]
+    outcomes = engine.run_pack(prepared, members, spec.seed, handed_over)  # epochs: 2, 3 and 1
+    assert events == [("epoch", 0, 1), ("epoch", 1, 1), ("epoch", 2, 1), ("done", 2, 1),
+                      ("epoch", 0, 2), ("done", 0, 2), ("epoch", 1, 2), ("epoch", 1, 3), ("done", 1, 3)]
+    assert [len(o.history) for o in outcomes if isinstance(o, TrialOutcome)] == [2, 3, 1]
+
+
 def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """DistillationEngine(pack_step="stacked"): each member's checkpoint holds its own trained weights (its stored
     model scores what its trial recorded on the eval split), and its record says how it was packed."""
