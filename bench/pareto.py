@@ -259,7 +259,10 @@ def write_report(payload: dict[str, Any], out: Path) -> None:
               f"the seed's 83.26% and the 83.94% of bench/results/quality.md: {verdict}.",
               f"- The whole front plotted against the teacher ({teacher_metric:.2%}, {teacher['params'] / 1e6:.1f}M): "
               f"[{out.with_suffix('.png').name}]({out.with_suffix('.png').name}).", ""]
-    out.write_text("\n".join(lines))
+    notes = out.with_suffix(".notes.md")  # hand-written observations on the recorded run, kept across re-renders
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
+    out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     render_png(payload, out.with_suffix(".png"))
 
