@@ -268,11 +268,15 @@ def write_report(device: str) -> None:
                 f"| {len(mine)} | {sum(r['trials'] for r in mine)}{early} | {rate:.0f} | {ratio} "
                 f"| {_fmt([r['wall_s'] for r in mine], 0)} | {_fmt(accuracies)} "
                 f"| {', '.join(str(r['load_before']) + ' → ' + str(r['load_after']) for r in mine)} |")
-        best = max(configs, key=lambda c: statistics.fmean(
-            [r["trials_per_hour"] for r in study_runs if r["config"] == c.name] or [0.0]))
         base_by_rep = {r["rep"]: r["trials_per_hour"] for r in study_runs if r["config"] == BASELINE[device]}
-        best_paired = [r["trials_per_hour"] / base_by_rep[r["rep"]] for r in study_runs
-                       if r["config"] == best.name and r["rep"] in base_by_rep]
+
+        def paired(name: str) -> list[float]:
+            """A configuration's trials per hour over the baseline's of the same repetition (batches differ)."""
+            return [r["trials_per_hour"] / base_by_rep[r["rep"]] for r in study_runs
+                    if r["config"] == name and r["rep"] in base_by_rep]
+
+        best = max(configs, key=lambda c: statistics.fmean(paired(c.name) or [0.0]))
+        best_paired = paired(best.name)
         if base_rate and best_paired:
             ratio_best = statistics.fmean(best_paired)
             met = ratio_best >= TARGET[device]
