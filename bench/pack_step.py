@@ -34,7 +34,7 @@ RESULTS = ROOT / "bench" / "results"
 VOCAB, BATCH = 30_522, 128
 
 
-def build_pack(k: int, device: Any) -> tuple[list[Any], list[Any]]:
+def build_pack(k: int, device: Any) -> list[Any]:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -49,7 +49,7 @@ def build_pack(k: int, device: Any) -> tuple[list[Any], list[Any]]:
         cfg = TrainConfig(learning_rate=3e-4 * (1 + i % 5), alpha=(i % 10) / 10, num_train_epochs=3,
                           temperature=1.0 + i % 8, batch_size=BATCH, seed=100 + i)
         members.append(PackMember(model, cfg))
-    return members, [m.cfg for m in members]
+    return members
 
 
 def stepper(kind: str, members: list[Any], device: Any) -> Any:
@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace, device_name: str, out: Path) -> None:
     for rep in range(args.reps):
         for k in ks:
             for kind in ("loop", "stacked"):
-                members, _ = build_pack(k, device)
+                members = build_pack(k, device)
                 load = os.getloadavg()[0]
                 ms = time_steps(stepper(kind, members, device), batch, steps, args.warmup, device)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
