@@ -64,7 +64,11 @@ def test_procs_share_the_budget_and_a_killed_child_is_replaced(make_stack, reque
     assert stack.wait_status("procs")["status"] == "finished"
     trials = assert_exact(db_url, "procs", 8)
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == per_child and all(t.system_attrs.get("fail_reason") == "stale heartbeat" for t in failed)
+    # The killed child's unfinished trials are reaped and retried. Packed, its members run one after another here
+    # (the sleep engine), and a member it had already handed over (told COMPLETE) stays done: 1 to 3 are reaped.
+    assert 1 <= len(failed) <= per_child
+    assert all(t.system_attrs.get("fail_reason") == "stale heartbeat" for t in failed)
+    assert all(t.user_attrs["worker"].split(":")[1] == str(first.pid) for t in failed)
     assert {str(first.pid), str(second.pid)} <= {t.user_attrs["worker"].split(":")[1] for t in trials}
     assert "was killed by signal 9; starting it again" in stack.worker_logs()
     # Each child, and the killed one's replacement, is a worker with one torch thread.
