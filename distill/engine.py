@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
-from distill.packed import MemberDiverged, PackMember, resolve_pack_step, train_pack
+from distill.packed import MemberDiverged, PackMember, PackStepName, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
@@ -175,8 +175,7 @@ class DistillationEngine(TrialEngine):
         self.device = resolve_device(device)
         self.log = log
         self.precision = resolve_precision(precision, self.device)
-        self.stacking = resolve_pack_step(pack_step, self.device)  # how a pack's members step together
-        self.pack_step = self.stacking
+        self.pack_step: PackStepName = resolve_pack_step(pack_step, self.device)  # how a pack's members step together
         if precision == "bf16" and not native_bf16(self.device):
             log(f"precision bf16 asked for, but {self.device.type} has no native bf16 here: it is emulated, and "
                 "slower than fp32")
@@ -330,7 +329,7 @@ class DistillationEngine(TrialEngine):
                 on_member_done(index, outcome)
 
         train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
-                   self.stacking, done)
+                   self.pack_step, done)
         pack.clear()  # the members' models: free before the cache is emptied
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -87,7 +87,7 @@ def resolve_pack(setting: str | int, device: torch.device | str) -> int:
 def resolve_pack_step(setting: str, device: torch.device | str) -> PackStepName:
     """How a pack on ``device`` takes its steps for the ``KDSEARCH_PACK_STEP`` setting: ``auto`` stacks the members
     on CUDA (one vectorised model fills the device: the point of packing there) and runs them one by one on a CPU,
-    where stacking measured no faster (bench/results/throughput-cpu.md)."""
+    where stacking measured no faster (bench/results/pack-step-cpu.md)."""
     if setting not in PACK_STEPS:
         raise ValueError(f"pack step must be one of {', '.join(PACK_STEPS)}, not {setting!r}")
     if setting == "auto":
@@ -114,7 +114,6 @@ class PackMember:
 class _Record:
     """One member's epochs so far."""
 
-    member: PackMember
     history: list[EpochResult] = dataclasses.field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = 0
@@ -220,7 +219,7 @@ def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: t
         stepper = StackedStudents([m.model for m in members], [m.cfg for m in members], len(train), task, device)
     else:
         stepper = LoopStep(members, len(train), task, device)
-    records = [_Record(member) for member in members]
+    records = [_Record() for _ in members]
     results: list[TrainResult | MemberDiverged | None] = [None] * len(members)
     active = list(range(len(members)))  # member indices, in the stepper's order
     # The first step whose loss was not finite (-1: none) and that loss, per active member, kept on the device.
