@@ -31,7 +31,18 @@ SORTABLE = {"number": _trials.c.number, "value": _values.c.value, "state": _stat
 def duration_seconds(dialect: str) -> sa.ColumnElement:
     """A finished trial's duration in seconds, in SQL (NULL while it runs)."""
     if dialect == "sqlite":
-        return (sa.func.julianday(_trials.c.datetime_complete) - sa.func.julianday(_trials.c.datetime_start)) * 86400
+        # SQLite's date functions keep milliseconds only, so two trials 0.6 ms apart would sort as equal or
+        # swapped. SQLAlchemy stores 'YYYY-MM-DD HH:MM:SS.ffffff': whole seconds from julianday (exact once
+        # rounded), microseconds from the text.
+        def whole(column: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.func.julianday(sa.func.substr(column, 1, 19))
+
+        def micros(column: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.cast(sa.func.substr(column, 21, 6), sa.Integer)
+
+        complete, start = _trials.c.datetime_complete, _trials.c.datetime_start
+        return (sa.func.round((whole(complete) - whole(start)) * 86400)
+                + (micros(complete) - micros(start)) / 1e6)
     return sa.extract("epoch", _trials.c.datetime_complete - _trials.c.datetime_start)
 
 

@@ -173,3 +173,39 @@ def test_prometheus_metrics_match_the_api(db_url: str, tmp_path: Path, tiny_asse
             "study", "metrics-a"))) not in samples  # only running studies report a best value
     finally:
         stack.stop()
+
+
+def test_duration_sort_keeps_microseconds(db_url: str) -> None:
+    """Trials a fraction of a millisecond apart sort by their true durations on both backends (SQLite's date
+    functions alone keep milliseconds: 0.24172 s and 0.241126 s came out swapped)."""
+    import datetime as dt
+
+    import optuna
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from storage._trials import _trials, duration_seconds, optuna_study_id, page_trial_ids
+
+    storage = optuna.storages.RDBStorage(db_url)
+    study = optuna.create_study(study_name="micro", storage=storage)
+    start = dt.datetime(2026, 1, 1, 23, 59, 59, 999_500)  # a day and a second boundary inside the durations
+    seconds = [0.24172, 0.241126, 0.241127, 86_400.5, 0.000001]
+    for _ in seconds:
+        study.enqueue_trial({})
+        study.tell(study.ask(), 0.5)
+    engine = sa.create_engine(db_url)
+    with Session(engine) as session, session.begin():
+        study_id = optuna_study_id(session, "micro")
+        assert study_id is not None
+        for number, s in enumerate(seconds):
+            session.execute(sa.update(_trials).where(_trials.c.study_id == study_id, _trials.c.number == number)
+                            .values(datetime_start=start, datetime_complete=start + dt.timedelta(seconds=s)))
+    with Session(engine) as session:
+        measured = session.execute(sa.select(_trials.c.number, duration_seconds(engine.dialect.name))
+                                   .where(_trials.c.study_id == study_id).order_by(_trials.c.number)).all()
+        assert [round(float(d), 6) for _, d in measured] == seconds
+        for descending in (False, True):
+            _, ids = page_trial_ids(session, study_id, offset=0, limit=10, sort="duration", descending=descending)
+            numbers = [session.scalar(sa.select(_trials.c.number).where(_trials.c.trial_id == i)) for i in ids]
+            assert numbers == sorted(range(len(seconds)), key=lambda n: seconds[n], reverse=descending)
+    engine.dispose()
