@@ -75,16 +75,9 @@ class PackRunner:
 
     def run(self) -> None:
         worker = self.worker
-        beating = threading.Event()
-        heart = threading.Thread(target=worker._heartbeat, daemon=True,
-                                 args=(self.claims, self.lost, beating))
-        heart.start()
-        try:
+        with worker.heartbeat({claim.slot_id: lost for claim, lost in zip(self.claims, self.lost, strict=True)}):
             worker._status("busy", self.claims[0].study_id)
             self._run()
-        finally:
-            beating.set()
-            heart.join()
         worker._status("idle")
 
     def _run(self) -> None:
@@ -112,6 +105,7 @@ class PackRunner:
         worker = self.worker
         reason = retry_operational(lambda: study_should_stop(worker.db, members[0].claim.study_id)) if members else None
         for member in members:
+            worker._stop_beating(member.claim)
             if reason:  # the study failed while it was prepared: these slots close with it
                 finish_slot(worker.db, member.claim.slot_id, worker.worker_id, outcome=SlotState.FAILED,
                             error=reason, max_attempts=0)

@@ -24,7 +24,8 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from search_space import (
     trial_params,
 )
 from search_space.objectives import constraint_violations, infeasible_reason, same_shape_should_prune
+from service.heartbeat import SlotHeartbeat
 from service.notifier import Notifier
 from service.packing import PackRunner
 from service.progress import PreparationReporter
@@ -60,7 +62,6 @@ from storage import (
     ensure_optuna_study,
     fail_study,
     finish_slot,
-    heartbeat_slot,
     is_transient,
     make_engine,
     make_layout,
@@ -75,7 +76,6 @@ from storage import (
     retry_operational,
     settle_expired_studies,
     study_should_stop,
-    touch_worker,
     upsert_worker,
 )
 
@@ -113,6 +113,7 @@ class Worker:
         self.pack = resolve_pack(settings.pack, device)
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
+        self._heart: SlotHeartbeat | None = None  # while a claim (or a pack) runs
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -235,16 +236,26 @@ class Worker:
         # The slot's heartbeat starts with the claim: a preparation (the teacher labelling a 20-copy transfer set)
         # can take far longer than the grace period, and must not look like a dead worker.
         lost = threading.Event()
-        beating = threading.Event()
-        heart = threading.Thread(target=self._heartbeat, args=([claim], [lost], beating), daemon=True)
-        heart.start()
-        try:
+        with self.heartbeat({claim.slot_id: lost}):
             self._status("busy", claim.study_id)
             self._run_slot(claim, lost)
-        finally:
-            beating.set()
-            heart.join()
         self._status("idle")
+
+    @contextmanager
+    def heartbeat(self, lost: dict[int, threading.Event]) -> Iterator[SlotHeartbeat]:
+        """Beat for these claimed slots (slot id -> its lost event) while the block runs."""
+        with SlotHeartbeat(self.db, self.worker_id, lost, interval_s=self.settings.heartbeat_interval,
+                           grace_period_s=self.settings.grace_period) as heart:
+            self._heart = heart
+            try:
+                yield heart
+            finally:
+                self._heart = None
+
+    def _stop_beating(self, claim: Claim) -> None:
+        """Before this worker closes or gives back a slot: its heartbeat must not mistake it for one taken over."""
+        if self._heart is not None:
+            self._heart.release(claim.slot_id)
 
     def _run_slot(self, claim: Claim, lost: threading.Event) -> None:
         spec = StudySpec.model_validate(claim.spec)
@@ -292,6 +303,7 @@ class Worker:
 
     def _finish_slot(self, claim: Claim, lost: threading.Event, outcome: str, error: str | None) -> None:
         """Close the slot (done, or failed and retried while attempts remain), unless it was taken over."""
+        self._stop_beating(claim)
         if not lost.is_set():
             retry_operational(lambda: finish_slot(self.db, claim.slot_id, self.worker_id, outcome=outcome,
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
@@ -322,6 +334,7 @@ class Worker:
             log.error("study %s failed during setup: %s", claim.study_name, reason)
             log.debug("%s", traceback.format_exc())
             fail_study(self.db, claim.study_id, reason)
+            self._stop_beating(claim)
             finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=reason,
                         max_attempts=0)
             return None
@@ -353,12 +366,14 @@ class Worker:
             final = f"{reason} (preparation failed {attempts} times in a row)"
             log.error("study %s failed: %s", claim.study_name, final)
             fail_study(self.db, claim.study_id, final)
+            self._stop_beating(claim)
             finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=final,
                         max_attempts=0)
             return
         delay = min(self.settings.prepare_retry_delay * 2 ** (attempts - 1), 300.0)
         log.warning("study %s: preparation failed (%s), attempt %d of %d; any worker retries in %.0f s",
                     claim.study_name, reason, attempts, self.settings.max_prepare_attempts, delay)
+        self._stop_beating(claim)
         release_slot(self.db, claim.slot_id, self.worker_id)
 
     def _ask(self, claim: Claim, spec: StudySpec, study: optuna.Study, task: TaskInfo,
@@ -506,21 +521,6 @@ class Worker:
         if trial.number in {t.number for t in best}:
             enqueue_event(self.db, claim.study_id, "new_best",
                           {"trial_number": trial.number, "value": outcome.best_score})
-
-    def _heartbeat(self, claims: list[Claim], lost: list[threading.Event], done: threading.Event) -> None:
-        """Beat for each claimed slot (a pack holds several), and for the worker's own row (so a busy worker never
-        looks lost). A slot taken over sets its own ``lost`` event and is not beaten again."""
-        beating = list(zip(claims, lost, strict=True))
-        while beating and not done.wait(self.settings.heartbeat_interval):
-            try:
-                touch_worker(self.db, self.worker_id)
-                for claim, its_lost in list(beating):
-                    if not heartbeat_slot(self.db, claim.slot_id, self.worker_id):
-                        log.warning("slot %d was taken over by another worker", claim.slot_id)
-                        its_lost.set()
-                        beating.remove((claim, its_lost))
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -210,3 +210,30 @@ def test_artifact_writes_are_atomic(tmp_path) -> None:  # type: ignore[no-untype
     with _pytest.raises(OSError):
         store.write("half", Broken(b"partial content"))
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ok"], "no half-written file, no temp file"
+
+
+def test_heartbeat_never_mistakes_its_own_finished_slot_for_one_taken_over(db, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A beat racing the worker's own ``finish_slot`` used to find the slot closed and log it as taken over (and
+    set ``lost``): ``release`` first, and only a real takeover sets ``lost``."""
+    import time
+
+    from service.heartbeat import SlotHeartbeat
+
+    _new(db, "beats", 2)
+    mine, theirs = claim_slot(db, "w"), claim_slot(db, "w")
+    lost = {mine.slot_id: threading.Event(), theirs.slot_id: threading.Event()}
+    with caplog.at_level("WARNING", logger="kdsearch.worker"), \
+            SlotHeartbeat(db, "w", lost, interval_s=0.001, grace_period_s=60) as heart:
+        time.sleep(0.05)
+        heart.release(mine.slot_id)
+        finish_slot(db, mine.slot_id, "w", outcome=SlotState.DONE)
+        # The other slot is really taken over: a reaper on a clock 120 s ahead finds it stale.
+        assert [s for s, _, _ in reap_stale_slots(db, grace_period_s=60, reaper_id="reaper",
+                                                   now=utcnow() + timedelta(seconds=120))] == [theirs.slot_id]
+        deadline = time.monotonic() + 10
+        while not lost[theirs.slot_id].is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # many more beats
+    assert lost[theirs.slot_id].is_set() and not lost[mine.slot_id].is_set()
+    taken = [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()]
+    assert len(taken) == 1 and taken[0].startswith(f"slot {theirs.slot_id} was taken over"), taken
