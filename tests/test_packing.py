@@ -323,7 +323,7 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
     from tests.conftest import tiny_spec
     from tests.procs import KDSEARCH, Stack
 
-    stack = Stack(db_url, tmp_path)
+    stack = Stack(db_url, tmp_path, KDSEARCH_HEARTBEAT_INTERVAL="0.05")  # a beat between any two members leaving
     try:
         stack.start_api()
         spec = tiny_spec(tiny_assets, name="packed", n_trials=5)
@@ -357,6 +357,8 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
                                 capture_output=True, text=True)
         assert export.returncode == 0, export.stderr
         assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+        # Members handed over as they left: their slots were closed by this worker, never "taken over".
+        assert "taken over" not in stack.worker_logs()
     finally:
         stack.stop()
 
@@ -366,11 +368,10 @@ def test_heartbeat_beats_every_slot_and_loses_only_the_taken_one(db_url: str) ->
     ``lost`` alone, and the others keep beating."""
     import threading
     import time
-    import types
 
     from sqlalchemy import select, update
 
-    from service.worker import Worker
+    from service.heartbeat import SlotHeartbeat
     from storage import TrialSlotRow, claim_slots, create_study, init_db, make_engine, session_scope
 
     def beats(session: Any) -> dict[int, Any]:
@@ -386,16 +387,11 @@ def test_heartbeat_beats_every_slot_and_loses_only_the_taken_one(db_url: str) ->
             session.execute(update(TrialSlotRow).where(TrialSlotRow.id == claims[1].slot_id)
                             .values(worker_id="reaper"))
             before = beats(session)
-        fake = types.SimpleNamespace(db=db, worker_id="packer",
-                                     settings=types.SimpleNamespace(heartbeat_interval=0.05))
         lost = [threading.Event() for _ in claims]
-        done = threading.Event()
-        heart = threading.Thread(target=Worker._heartbeat, args=(fake, claims, lost, done))
-        heart.start()
-        assert lost[1].wait(10)
-        time.sleep(1.2)  # heartbeat times are the database's: SQLite's keep whole seconds
-        done.set()
-        heart.join()
+        with SlotHeartbeat(db, "packer", {c.slot_id: e for c, e in zip(claims, lost, strict=True)},
+                           interval_s=0.05, grace_period_s=60):
+            assert lost[1].wait(10)
+            time.sleep(1.2)  # heartbeat times are the database's: SQLite's keep whole seconds
         assert not lost[0].is_set() and not lost[2].is_set()
         with session_scope(db) as session:
             after = beats(session)
