@@ -16,7 +16,7 @@ from types import TracebackType
 
 from sqlalchemy import Engine
 
-from storage import heartbeat_slot, touch_worker
+from storage import heartbeat_slot, slot_holder, touch_worker
 
 log = logging.getLogger("kdsearch.worker")
 
@@ -67,7 +67,9 @@ class SlotHeartbeat:
         touch_worker(self.db, self.worker_id)
         for slot_id, lost in list(self._held.items()):
             if not heartbeat_slot(self.db, slot_id, self.worker_id):
-                log.warning("slot %d was taken over by another worker (%.1f s after this worker's last heartbeat; "
-                            "grace period %.0f s)", slot_id, time.monotonic() - last_beat, self.grace_period_s)
+                state, holder = slot_holder(self.db, slot_id) or ("gone", None)
+                log.warning("slot %d was taken over by another worker (now %s, held by %s; %.1f s after this "
+                            "worker's last heartbeat, grace period %.0f s)", slot_id, state, holder,
+                            time.monotonic() - last_beat, self.grace_period_s)
                 lost.set()
                 del self._held[slot_id]

@@ -181,6 +181,14 @@ def heartbeat_slot(engine: Engine, slot_id: int, worker_id: str, now: datetime |
         return cast(CursorResult[Any], result).rowcount == 1
 
 
+def slot_holder(engine: Engine, slot_id: int) -> tuple[str, str | None] | None:
+    """A slot's state and the worker that holds it (None once it is gone): what a lost heartbeat reports."""
+    with session_scope(engine) as session:
+        row = session.execute(select(TrialSlotRow.state, TrialSlotRow.worker_id)
+                              .where(TrialSlotRow.id == slot_id)).first()
+        return None if row is None else (row.state, row.worker_id)
+
+
 def study_should_stop(engine: Engine, study_id: int, now: datetime | None = None) -> str | None:
     """Why a running trial of this study should stop at its epoch boundary (cancelled, failed, timed out)."""
     with session_scope(engine) as session:

@@ -237,3 +237,4 @@ def test_heartbeat_never_mistakes_its_own_finished_slot_for_one_taken_over(db, c
     assert lost[theirs.slot_id].is_set() and not lost[mine.slot_id].is_set()
     taken = [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()]
     assert len(taken) == 1 and taken[0].startswith(f"slot {theirs.slot_id} was taken over"), taken
+    assert "now claimed, held by reaper" in taken[0]  # the log names who holds it now
