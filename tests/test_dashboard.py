@@ -207,6 +207,9 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
         # The best-trial card is the front; the export command carries a selector.
         best = page.inner_text("#best")
         assert "Pareto front" in best and "--max-params" in best and f"#{first['number']}" in best
+        # Card and chart from one answer: the card lists exactly the chart's front (it lagged a poll behind once).
+        assert page.locator("#front-list tbody tr td:first-child").all_inner_texts() == [
+            f"#{p['number']}" for p in front["front"]]
         # Size and latency columns in the trials table.
         header = page.locator("#trials thead th").all_inner_texts()
         assert "Params" in header and "Latency (ms)" in header and "Shape" in header

@@ -157,6 +157,11 @@ const kd = (() => {
     const others = pareto.dominated;
     document.getElementById("pareto-metric").textContent = metric;
     document.getElementById("pareto-info").textContent = `${pareto.front.length} of ${pareto.n_complete} complete trials on the front`;
+    // The front card too, on the study's own cost axis: from this answer, so card and chart never disagree (the
+    // summary that drew the card a moment ago may predate a trial that has just completed).
+    if (study.front && cost === ((study.objectives || [])[1] || "params")) {
+      document.getElementById("best").innerHTML = frontCard({...study, front: pareto.front}, metric);
+    }
     const traces = [
       {x: others.map((p) => p.cost), y: others.map((p) => p.value), mode: "markers", name: "dominated trial", hoverinfo: "text",
        text: others.map((t) => pointText(metric, t.number, t.value, t.profile, t.params)), marker: {color: "#9aa5b1", size: 8}},
