@@ -56,7 +56,8 @@ class SlotHeartbeat:
                 except Exception:
                     log.warning("heartbeat failed", exc_info=True)
                     continue
-            gap, last_beat = time.monotonic() - last_beat, time.monotonic()
+            now = time.monotonic()
+            gap, last_beat = now - last_beat, now
             if gap > self.grace_period_s / 2:
                 # Half the grace period between two beats: the host is overloaded or the database slow, and a little
                 # more would have had this worker's healthy trials taken over.
