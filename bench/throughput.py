@@ -171,8 +171,9 @@ def run_parity(data: Path, teacher: Path, seeds: int, precision: str, device: st
     engine = DistillationEngine(CACHE / f"artifacts-{device}", device=device, precision=precision,
                                 log=lambda _m: None)
     prepared = engine.prepare(StudySpec.model_validate(spec_for(data, teacher, "parity", 1)))
-    scores, seconds = [], []
+    scores, seconds, loads = [], [], []
     for seed in range(1, seeds + 1):
+        loads.append(load_average())
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             outcome = engine.run_trial(prepared, PARITY_PARAMS, seed, None, Path(tmp) / "ckpt")
@@ -182,6 +183,7 @@ def run_parity(data: Path, teacher: Path, seeds: int, precision: str, device: st
         merge_results(results, [{"config": f"parity-{precision}", "rep": 0, "device": device,
                                  "precision": [engine.precision], "scores": scores, "seconds": seconds,
                                  "seeds_asked": seeds, "machine": machine_name(device), "load": load_average(),
+                                 "loads": loads, "scored_in": "fp32",
                                  "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}], {},
                       key=lambda r: (r["config"], r["rep"]))
 
@@ -286,15 +288,19 @@ def write_report(device: str) -> None:
     if parity:
         lines += ["", "## fp32 against bf16 over seeds", "",
                   "trial_speed's parameters (lr 7.2e-4, T 4, alpha 0.5, 3 epochs, batch 128), init seeds 1…N, "
-                  "in one process on the cached logits (`DistillationEngine.run_trial`).", "",
-                  "| precision | seeds | accuracy | seconds per trial |", "|---|---:|---|---:|"]
+                  "in one process on the cached logits (`DistillationEngine.run_trial`). Each run trains in its "
+                  "precision and is scored in fp32, as every trial is (the exported model's accuracy).", "",
+                  "| precision | seeds | accuracy (scored in fp32) | seconds per trial | machine | 1-min load |",
+                  "|---|---:|---|---:|---|---|"]
         for key in ("parity-fp32", "parity-bf16"):
             if key in parity:
                 r = parity[key]
                 asked = r.get("seeds_asked", len(r["scores"]))
                 stopped = f" of {asked} (stopped for CPU time)" if asked > len(r["scores"]) else ""
                 count = f"{len(r['scores'])}{stopped}"
-                lines.append(f"| {r['precision'][0]} | {count} | {_fmt(r['scores'])} | {_fmt(r['seconds'], 1)} |")
+                loads = r.get("loads") or [r["load"]]
+                lines.append(f"| {r['precision'][0]} | {count} | {_fmt(r['scores'])} | {_fmt(r['seconds'], 1)} "
+                             f"| {r['machine']} | {min(loads):.2f} to {max(loads):.2f} |")
     notes = RESULTS / f"throughput-{device}.notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().strip()]

@@ -253,7 +253,8 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
            if chosen_how else f"the best trial ({trial_number}) of a {n_trials_run}-trial kdsearch study "
                               f"`{study_name}` by {METRIC_TITLES.get(metric, metric)}")
         + (f", retrained with {len(seed_results)} seeds." if seed_results else "."),
-        "It achieves the following results on the evaluation set:",
+        "It achieves the following results on the evaluation set (measured in fp32, with the weights exported "
+        "here" + (f"; the student trained in {precision}" if (precision := record.get("precision")) else "") + "):",
         f"- Loss: {best['eval_loss']:.4f}" if best else "- Loss: n/a",
         *(f"- {_title(k)}: {v:.4f}" + (chosen if k == metric else "") for k, v in metrics.items()),
         *( [f"- {_title(metric)} over {len(seed_results)} seeds: {statistics.fmean(seed_results.values()):.4f}"
@@ -283,6 +284,9 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         f"- alpha: {params['alpha']}",
         f"- train_batch_size: {params.get('batch_size', 128)}",
         f"- seed: {record['seed']}",
+        *([f"- training_precision: {precision}"
+           + (" (bf16 autocast of the student's forward pass; weights, loss and optimizer in fp32)"
+              if precision == "bf16" else "")] if precision else []),
         "- optimizer: AdamW with betas=(0.9,0.999) and epsilon=1e-08",
         f"- weight_decay: {params.get('weight_decay', 0.0)}",
         "- lr_scheduler_type: linear",

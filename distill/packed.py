@@ -40,7 +40,6 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.data import TokenizedSplit, length_bucketed_batches
-from distill.precision import autocast
 from distill.train import (
     EpochCallback,
     EpochResult,
@@ -256,8 +255,8 @@ def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: t
                     on_done(i, diverged)
                 continue
             stepper.sync(position)
-            with autocast(device, cfg.precision):
-                metrics, eval_loss = evaluate(members[i].model, eval_split, cfg.eval_batch_size, task)
+            # In fp32 whatever the training precision, as a solo trial (train.train_student) evaluates.
+            metrics, eval_loss = evaluate(members[i].model, eval_split, cfg.eval_batch_size, task)
             # Each member's epoch took the pack's training time and its own evaluation.
             seconds = train_time + time.perf_counter() - eval_started
             record.train_seconds += seconds

@@ -94,7 +94,10 @@ RowsDone = Callable[[int], None]
 def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
             out_device: torch.device | str | None = None, on_rows: RowsDone | None = None) -> torch.Tensor:
     """The model's outputs ([N, num_labels], float32) for every row, in row order, on ``out_device`` (default:
-    the split's device). Batches are sorted by length so little is padded."""
+    the split's device). Batches are sorted by length so little is padded.
+
+    Always an fp32 forward pass, also when called inside a bf16 ``autocast``: what a trial records, prunes on and
+    is exported by is what the saved fp32 model computes."""
     model.eval()
     device = next(model.parameters()).device
     out_device = split.input_ids.device if out_device is None else out_device
@@ -104,7 +107,8 @@ def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
     done = 0
     for idx in length_bucketed_batches(split.lengths, batch_size):
         inputs = {k: v.to(device, non_blocking=True) for k, v in split.batch(idx.to(split.lengths.device)).items()}
-        out[idx.to(out_device)] = model(**inputs).logits.float().to(out_device)
+        with torch.autocast(device.type, enabled=False):  # fp32, whatever context the caller trains in
+            out[idx.to(out_device)] = model(**inputs).logits.float().to(out_device)
         done += len(idx)
         if on_rows is not None:
             on_rows(done)
@@ -202,8 +206,8 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # no .item() here: that would sync the device every step
             step += 1
-        with autocast(device, cfg.precision):
-            metrics, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size, task)
+        # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
+        metrics, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size, task)
         seconds = time.perf_counter() - started
         train_seconds += seconds
         samples += len(train)

@@ -247,14 +247,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(f"[red]{study['error']}[/]")
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
-        table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "duration s")
+        table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "precision",
+                      "duration s")
         formats = {"learning_rate": "{:.3g}", "temperature": "{:.2f}", "alpha": "{:.3f}"}
         for t in page["trials"]:
             p = t["params"]
             table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
                           str(len(t["epochs"])),
                           *(formats[c].format(p[c]) if isinstance(p.get(c), int | float) else "" for c in columns),
-                          *_size_cells(t.get("profile")), f"{t['duration_s']:.1f}" if t["duration_s"] else "")
+                          *_size_cells(t.get("profile")), t.get("precision") or "",
+                          f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
         if len(study.get("objectives") or []) > 1 or any(t.get("profile") for t in page["trials"]):
             print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"))

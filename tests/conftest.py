@@ -221,12 +221,24 @@ def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         stack.stop()
 
 
+# Both training precisions, forced on every machine (a CPU without native bf16 runs it emulated): whatever the
+# training precision, a trial's recorded metric is the one its exported fp32 model gives.
+PRECISIONS = ["fp32", "bf16"]
+
+
 @pytest.fixture
-def stack(sqlite_url: str, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def precision() -> str:
+    """KDSEARCH_PRECISION for the workers a test starts: ``auto`` (this machine's default) unless the test is
+    parametrized over ``precision`` (``@pytest.mark.parametrize("precision", PRECISIONS)``)."""
+    return "auto"
+
+
+@pytest.fixture
+def stack(sqlite_url: str, tmp_path: Path, precision: str) -> Iterator:  # type: ignore[type-arg]
     """An API process and one worker on a SQLite database (a module may override it, as test_e2e does)."""
     from tests.procs import Stack
 
-    s = Stack(sqlite_url, tmp_path)
+    s = Stack(sqlite_url, tmp_path, KDSEARCH_PRECISION=precision)
     s.start_api()
     s.start_worker()
     yield s

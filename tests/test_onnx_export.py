@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from service.api import create_app
 from service.settings import Settings
 from service.worker import Worker
-from tests.conftest import NLI_LABELS, pair_spec, tiny_spec
+from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec, tiny_spec
 from tests.procs import KDSEARCH, ROOT
 
 CASES = ("single", "pair", "regression")
@@ -35,11 +35,12 @@ def _spec(case: str, tiny_assets, pair_assets) -> dict:  # type: ignore[no-untyp
                      search_space={"num_train_epochs": 2, "batch_size": 32, "learning_rate": 5e-3})
 
 
-@pytest.fixture(scope="module")
-def studies(tmp_path_factory, tiny_assets, pair_assets) -> dict:  # type: ignore[no-untyped-def]
-    """One finished one-trial study per case, in one SQLite store."""
-    root = tmp_path_factory.mktemp("onnx")
-    settings = Settings(database_url=f"sqlite:///{root / 'db'}", artifacts=root / "artifacts")
+@pytest.fixture(scope="module", params=PRECISIONS)
+def studies(request, tmp_path_factory, tiny_assets, pair_assets) -> dict:  # type: ignore[no-untyped-def]
+    """One finished one-trial study per case, in one SQLite store, trained in each precision (forced)."""
+    root = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    settings = Settings(database_url=f"sqlite:///{root / 'db'}", artifacts=root / "artifacts",
+                        precision=request.param)
     with TestClient(create_app(settings)) as client:
         for case in CASES:
             assert client.post("/api/studies", json=_spec(case, tiny_assets, pair_assets)).status_code == 201
@@ -47,7 +48,7 @@ def studies(tmp_path_factory, tiny_assets, pair_assets) -> dict:  # type: ignore
         for case in CASES:
             assert client.get(f"/api/studies/{case}").json()["status"] == "finished"
     env = {**os.environ, "KDSEARCH_DATABASE_URL": settings.database_url, "KDSEARCH_ARTIFACTS": str(root / "artifacts")}
-    return {"settings": settings, "env": env, "root": root}
+    return {"settings": settings, "env": env, "root": root, "precision": request.param}
 
 
 def _eval_rows(data: Path) -> list[dict[str, str]]:
@@ -105,6 +106,8 @@ def test_onnx_and_int8_export(case: str, studies, tiny_assets, pair_assets) -> N
     assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
     assert variants["onnx_fp32"]["metrics"][metric] == pytest.approx(fp32_score, abs=1e-6)
     assert variants["onnx_int8"]["metrics"][metric] == pytest.approx(int8_score, abs=1e-6)
+    # The trial's metric is the exported fp32 model's, whatever precision it trained in.
+    assert detail["best_trial"]["precision"] == studies["precision"]
     assert variants["pytorch_fp32"]["metrics"][metric] == pytest.approx(detail["best_trial"]["value"], abs=1e-6)
     assert all(v["ms_batch1"] > 0 and v["ms_batch32"] > 0 for v in variants.values())
     assert deployment["teacher"]["ms_batch1"] > 0 and deployment["threads"] >= 1

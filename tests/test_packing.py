@@ -18,6 +18,7 @@ from distill.engine import TrialOutcome
 from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, resolve_pack_step, train_pack
 from distill.train import EpochResult, TrainConfig, TrainResult, train_student
 from search_space import TaskInfo
+from tests.conftest import PRECISIONS
 
 TASK = TaskInfo("classification", 2, "accuracy", ("negative", "positive"))
 BATCH_SEED = 1234
@@ -213,29 +214,44 @@ ENGINE_PARAMS = [
 ]
 
 
-def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def rescore(checkpoint: Path, prepared: Any) -> dict[str, float]:
+    """A stored checkpoint's metrics on the eval split, loaded as an ordinary fp32 model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distill.train import evaluate
+
+    metrics, _ = evaluate(AutoModelForSequenceClassification.from_pretrained(checkpoint), prepared.eval, 64,
+                          prepared.task)
+    return metrics
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
     """DistillationEngine.run_pack with the study's seed as batch seed: each member equals run_trial exactly as a
-    solo trial runs (a packed trial cannot be told from a solo one), and writes its own checkpoint."""
+    solo trial runs (a packed trial cannot be told from a solo one), and writes its own checkpoint, which re-scores
+    to the recorded metrics in either training precision."""
     from distill import DistillationEngine
     from distill.engine import TRIAL_RECORD, PackedTrial
     from search_space import StudySpec
     from tests.conftest import tiny_spec
 
     spec = StudySpec.model_validate(tiny_spec(tiny_assets))
-    engine = DistillationEngine(tmp_path / "artifacts", device="cpu")
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", precision=precision)
     prepared = engine.prepare(spec)
     members = [PackedTrial(p, spec.seed, None, tmp_path / f"packed-{i}") for i, p in enumerate(ENGINE_PARAMS)]
     outcomes = engine.run_pack(prepared, members, batch_seed=spec.seed)
     for i, (params, outcome) in enumerate(zip(ENGINE_PARAMS, outcomes, strict=True)):
         alone = engine.run_trial(prepared, params, spec.seed, None, tmp_path / f"solo-{i}")
         assert isinstance(outcome, TrialOutcome), outcome
+        assert outcome.precision == alone.precision == precision
         assert len(outcome.history) == params["num_train_epochs"]
         for got, want in zip(outcome.history, alone.history, strict=True):
             assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5)
             assert got.metrics == pytest.approx(want.metrics, rel=1e-5)
         record = json.loads((tmp_path / f"packed-{i}" / TRIAL_RECORD).read_text())
         assert record["best_epoch"] == outcome.best_epoch and record["batch_seed"] == spec.seed
-        assert (tmp_path / f"packed-{i}" / "model.safetensors").is_file()
+        assert rescore(tmp_path / f"packed-{i}", prepared) == pytest.approx(outcome.best_metrics, abs=1e-4)
+        assert rescore(tmp_path / f"solo-{i}", prepared) == pytest.approx(alone.best_metrics, abs=1e-4)
     shaped = tiny_spec(tiny_assets, student={"config": {"num_hidden_layers": {"low": 1, "high": 2}, "hidden_size": 16,
                                                         "num_attention_heads": 2, "intermediate_size": 32}})
     prepared = engine.prepare(StudySpec.model_validate(shaped))
@@ -272,19 +288,20 @@ def test_engine_pack_hands_each_member_over_as_it_leaves(tiny_assets, tmp_path: 
     assert [len(o.history) for o in outcomes if isinstance(o, TrialOutcome)] == [2, 3, 1]
 
 
-def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
     """DistillationEngine(pack_step="stacked"): each member's checkpoint holds its own trained weights (its stored
-    model scores what its trial recorded on the eval split), and its record says how it was packed."""
+    model scores what its trial recorded on the eval split, in either training precision), and its record says how
+    it was packed."""
     from transformers import AutoModelForSequenceClassification
 
     from distill import DistillationEngine
     from distill.engine import TRIAL_RECORD, PackedTrial
-    from distill.train import evaluate
     from search_space import StudySpec
     from tests.conftest import tiny_spec
 
     spec = StudySpec.model_validate(tiny_spec(tiny_assets))
-    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", pack_step="stacked")
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", pack_step="stacked", precision=precision)
     assert engine.pack_step == "stacked"
     prepared = engine.prepare(spec)
     members = [PackedTrial(p, spec.seed, None, tmp_path / f"stacked-{i}") for i, p in enumerate(ENGINE_PARAMS)]
@@ -295,9 +312,9 @@ def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path) -> 
         assert len(outcome.history) == params["num_train_epochs"]
         record = json.loads((tmp_path / f"stacked-{i}" / TRIAL_RECORD).read_text())
         assert record["pack_step"] == "stacked" and record["pack_size"] == 3
+        assert record["precision"] == outcome.precision == precision
+        assert rescore(tmp_path / f"stacked-{i}", prepared) == pytest.approx(outcome.best_metrics, abs=1e-4)
         stored = AutoModelForSequenceClassification.from_pretrained(tmp_path / f"stacked-{i}")
-        metrics, _ = evaluate(stored, prepared.eval, 64, prepared.task)
-        assert metrics == pytest.approx(outcome.best_metrics, abs=1e-6)
         weights.append(stored.classifier.weight.detach())
     assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
 

@@ -50,9 +50,10 @@ def test_autocast_reaches_the_forward_pass_and_the_loss_stays_fp32(tiny_assets, 
     prepared = DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
     student = build_student(spec.student, prepared.teacher_config, seed=0)
     forward_dtypes: set[torch.dtype] = set()
-    # The first attention projection's output: a matmul autocast runs in bf16.
+    # The first attention projection's output: a matmul autocast runs in bf16; training forwards only (every
+    # evaluation runs in fp32: test_evaluation_is_fp32_inside_a_bf16_autocast).
     student.base_model.encoder.layer[0].attention.self.query.register_forward_hook(
-        lambda _m, _a, out: forward_dtypes.add(out.dtype))
+        lambda module, _a, out: forward_dtypes.add(out.dtype) if module.training else None)
     result = train_student(student, prepared.train, prepared.train_logits, prepared.eval,
                            TrainConfig(learning_rate=1e-3, alpha=0.5, num_train_epochs=1, batch_size=32,
                                        precision=precision),  # type: ignore[arg-type]
@@ -72,3 +73,23 @@ def test_a_trial_records_its_precision(tiny_assets, tmp_path: Path) -> None:  # 
     assert json.loads((tmp_path / "ckpt" / TRIAL_RECORD).read_text())["precision"] == "bf16"
     weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float32}, "the checkpoint is an ordinary fp32 model"
+
+
+def test_evaluation_is_fp32_inside_a_bf16_autocast(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """predict/evaluate run the model in fp32 even when called inside bf16 autocast (as a training loop is): a
+    trial records what its exported fp32 model scores, never a bf16-quantised figure."""
+    from distill.train import evaluate, predict
+
+    spec = StudySpec.model_validate(tiny_spec(tiny_assets))
+    prepared = DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
+    student = build_student(spec.student, prepared.teacher_config, seed=0)
+    forward_dtypes: set[torch.dtype] = set()
+    student.base_model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda _m, _a, out: forward_dtypes.add(out.dtype))
+    plain = predict(student, prepared.eval, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = predict(student, prepared.eval, 16)
+        metrics, loss = evaluate(student, prepared.eval, 16, prepared.task)
+    assert forward_dtypes == {torch.float32}
+    assert torch.equal(plain, inside)
+    assert (metrics, loss) == evaluate(student, prepared.eval, 16, prepared.task)

@@ -13,7 +13,7 @@ import yaml
 
 from distill import compute_metrics
 from search_space import TaskInfo
-from tests.conftest import NLI_LABELS, pair_spec
+from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec
 from tests.procs import KDSEARCH, Stack
 
 
@@ -29,7 +29,9 @@ def _export(stack: Stack, study: str, out: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                      precision: str) -> None:
     stack.submit(pair_spec(pair_assets, "nli", name="nli", metric="macro_f1"))
     study = stack.wait_status("nli")
     assert study["status"] == "finished", study
@@ -37,6 +39,7 @@ def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path)
     assert set(study["teacher_metrics"]) == {"accuracy", "macro_f1", "matthews_correlation"}
     assert study["teacher_metric"] == study["teacher_metrics"]["macro_f1"]
     for trial in stack.trials("nli"):
+        assert trial["precision"] == precision
         assert trial["value"] == trial["metrics"]["macro_f1"] == max(e["score"] for e in trial["epochs"])
         assert all(set(e["metrics"]) == {"accuracy", "macro_f1", "matthews_correlation"} for e in trial["epochs"])
 
@@ -63,7 +66,8 @@ def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path)
     assert rescored["accuracy"] == pytest.approx(best["metrics"]["accuracy"], abs=1e-6)
 
 
-def test_regression_task(stack: Stack, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_regression_task(stack: Stack, pair_assets, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
     spec = pair_spec(pair_assets, "sts", name="sts", augment={"copies": 1},
                      search_space={"num_train_epochs": 2, "batch_size": 32, "temperature": {"low": 2, "high": 9},
                                    "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}})
@@ -75,6 +79,7 @@ def test_regression_task(stack: Stack, pair_assets, tmp_path: Path) -> None:  # 
     trials = stack.trials("sts")
     assert len(trials) == 3
     for trial in trials:
+        assert trial["precision"] == precision
         assert "temperature" not in trial["params"]  # not sampled, not shown
         assert set(trial["metrics"]) == {"pearson", "spearmanr", "pearson_spearman"}
     status = subprocess.run([*KDSEARCH, "status", "sts", "--url", stack.url], env=stack.env, capture_output=True,

@@ -25,7 +25,8 @@ class BestTrial(BaseModel):
     params: dict[str, Any]
     value: float  # the study's metric
     epoch: int | None
-    metrics: dict[str, float] = {}  # every metric of the task at the best epoch
+    metrics: dict[str, float] = {}  # every metric of the task at the best epoch, scored in fp32
+    precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
 
 
 class StudentProfileOut(BaseModel):

@@ -287,7 +287,8 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
         assert best.value is not None  # a COMPLETE trial's value
         best_trial = BestTrial(number=best.number, params=best.user_attrs.get("params", best.params),
                                value=float(best.value), epoch=best.user_attrs.get("best_epoch"),
-                               metrics=best.user_attrs.get("metrics", {}))
+                               metrics=best.user_attrs.get("metrics", {}),
+                               precision=best.user_attrs.get("precision"))
     # Studies recorded before task metrics held the teacher's accuracy alone.
     teacher_metrics = attrs.get("teacher_metrics") or (
         {"accuracy": attrs["teacher_accuracy"]} if "teacher_accuracy" in attrs else None)

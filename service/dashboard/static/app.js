@@ -211,7 +211,7 @@ const kd = (() => {
         <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
         <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td>
         <td>${esc(shapeText(t.profile && t.profile.shape))}</td><td class="num">${t.profile ? millions(t.profile.params) : ""}</td>
-        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.worker || "")}</td>
+        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.precision || "")}</td><td>${esc(t.worker || "")}</td>
         <td class="muted">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
     };
     document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
