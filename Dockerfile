@@ -1,4 +1,5 @@
-# kdsearch API and worker image. GPU hosts: run with the NVIDIA container runtime (see docker-compose.yml).
+# kdsearch API and worker image (runs as the unprivileged user kdsearch). GPU hosts: run with the NVIDIA container
+# runtime (docker-compose.yml's gpu profile builds it with TORCH_INDEX set to a CUDA index).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 KDSEARCH_ARTIFACTS=/artifacts
@@ -15,6 +16,11 @@ COPY storage ./storage
 COPY distill ./distill
 COPY examples ./examples
 RUN pip install ".[onnx,s3]"
+
+# An unprivileged user owns the artifacts folder (a new named volume takes this ownership) and nothing else.
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app kdsearch \
+    && mkdir -p /artifacts /shared && chown kdsearch:kdsearch /artifacts
+USER 10001:10001
 
 VOLUME ["/artifacts"]
 EXPOSE 8000

@@ -6,35 +6,22 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import statistics
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
 
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (the platform's name where it has none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_name(device: str) -> str:
     """The device a figure was measured on: the GPU's name, or the CPU's model, cores and whether it computes bf16
-    natively (its lscpu flags; CPUs of the same model name differ here), which decides what ``auto`` trains in."""
+    natively (``distill.hardware.machine``), which decides what ``auto`` trains in."""
     import torch
 
-    from distill.precision import cpu_has_native_bf16
+    from distill.hardware import machine
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    bf16 = "native bf16: avx512_bf16/amx_bf16" if cpu_has_native_bf16() else "no native bf16 (avx2, no avx512_bf16)"
-    return f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {bf16}"
+    return machine()
 
 
 def merge_results(path: Path, runs: list[dict[str, Any]], extra: dict[str, Any],

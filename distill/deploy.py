@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from distill.data import TokenizedSplit, length_bucketed_batches
+from distill.hardware import load_1min, machine
 
 # ONNX fp32 logits must match PyTorch's within this (numpy.allclose: |a - b| <= ATOL + RTOL * |b|).
 ATOL, RTOL = 1e-4, 1e-4
@@ -175,13 +176,6 @@ def onnx_latency_ms(sess: Any, batches: list[dict[str, torch.Tensor]], n_rows: i
     return per_sequence_ms(lambda f: sess.run(["logits"], f), prepared, n_rows)
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def deploy(export_dir: Path, *, eval_split: TokenizedSplit, texts: Sequence[str], pairs: Sequence[str] | None,
            task: Any, quantize: str | None, teacher: Any | None, max_length: int,
            latency_rows: tuple[int, int] = (200, 512), log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -240,7 +234,8 @@ def deploy(export_dir: Path, *, eval_split: TokenizedSplit, texts: Sequence[str]
         teacher_ms = {"ms_batch1": torch_latency_ms(teacher, small, rows1),
                       "ms_batch32": torch_latency_ms(teacher, large, rows32)}
     record: dict[str, Any] = {
-        "metric": task.metric, "eval_rows": len(eval_split), "threads": threads, "machine": _machine(),
+        "metric": task.metric, "eval_rows": len(eval_split), "threads": threads, "machine": machine(),
+        "load_1min": load_1min(),
         "latency_rows": {"batch1": rows1, "batch32": rows32},
         "tolerance": {"atol": ATOL, "rtol": RTOL}, "max_abs_logit_diff": gap,
         "variants": variants, "teacher": teacher_ms,

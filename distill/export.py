@@ -1,4 +1,4 @@
-"""Write a trial checkpoint out as a ready Hugging Face model directory with a Trainer-style model card."""
+"""Write a trial checkpoint out as a ready Hugging Face model directory with a Hub-ready model card."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from distill.engine import TRIAL_RECORD
 from search_space import METRIC_TITLES
 from search_space.objectives import COST_TITLES
+from search_space.tasks import HUB_METRIC_IDS
 
 
 class ExportError(RuntimeError):
@@ -25,6 +26,37 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
+
+
+def is_local_model(reference: str) -> bool:
+    """Whether a teacher or student reference names a local folder rather than a Hub id: a folder that exists
+    here, or a path (absolute, ``./``, ``../`` or ``~``) even where it does not (an export on another host)."""
+    return Path(reference).expanduser().is_dir() or reference.startswith(("/", ".", "~"))
+
+
+def model_reference(reference: str) -> str:
+    """How a card names a model: a Hub id as it is, a local folder by its name alone (never a local path)."""
+    return Path(reference).name if is_local_model(reference) else reference
+
+
+def teacher_card_data(teacher: str) -> dict[str, Any]:
+    """The teacher's own model card metadata (``license``, ``language``...); {} where it has no card or it
+    cannot be read (a Hub teacher offline)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        if is_local_model(teacher):
+            readme = Path(teacher).expanduser() / "README.md"
+            return ModelCard.load(readme).data.to_dict() if readme.is_file() else {}
+        return ModelCard.load(teacher).data.to_dict()
+    except Exception:  # noqa: BLE001 - a missing, unreachable or malformed card only leaves the defaults
+        return {}
+
+
+def _listed(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _dataset_card_fields(dataset: dict[str, Any]) -> dict[str, str]:
@@ -43,6 +75,12 @@ def _augment_sentence(augment: dict[str, Any], regression: bool = False) -> str:
             f"n-gram sampling p={augment['p_ngram']} with n up to {augment['max_ngram']}; seed {augment['seed']}, "
             "after Tang et al., 2019; a pair is augmented side by side); the variants have no gold label and were "
             f"trained on the teacher's outputs alone ({target}).")
+
+
+def _teacher_link(teacher: str) -> str:
+    if is_local_model(teacher):
+        return f"`{model_reference(teacher)}` (a local model)"
+    return f"[{teacher}](https://huggingface.co/{teacher})"
 
 
 def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +151,8 @@ def deployment_lines(deployment: dict[str, Any]) -> list[str]:
         f"Every variant re-scored on the evaluation split ({deployment['eval_rows']} rows). The ONNX fp32 logits "
         f"match PyTorch's within atol {deployment['tolerance']['atol']:g} + rtol {deployment['tolerance']['rtol']:g} "
         f"(largest difference {deployment['max_abs_logit_diff']:.2g}). Latency per sequence on "
-        f"{deployment['machine']} with {deployment['threads']} thread(s), median of 5 passes over "
+        f"{deployment['machine']}{_load_text(deployment)} with {deployment['threads']} thread(s), median of 5 "
+        "passes over "
         f"{deployment['latency_rows']['batch1']} eval sequences at batch 1 and "
         f"{deployment['latency_rows']['batch32']} at batch 32, tokenization excluded.", "",
         f"| model | file | {METRIC_TITLES.get(metric, metric)} | ms/sequence, batch 1 | ms/sequence, batch 32 | "
@@ -136,6 +175,12 @@ def deployment_lines(deployment: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load_text(measured: dict[str, Any]) -> str:
+    """The host's load when a latency was measured (figures recorded before kdsearch kept it have none)."""
+    load = measured.get("load_1min")
+    return "" if load is None else f" (1-minute load average {load:.2f} when measured)"
+
+
 def _shape_text(shape: dict[str, Any]) -> str:
     return (f"{shape.get('num_hidden_layers')} layers, hidden {shape.get('hidden_size')}, "
             f"{shape.get('num_attention_heads')} heads, intermediate {shape.get('intermediate_size')}")
@@ -150,7 +195,7 @@ def size_lines(profile: dict[str, Any], teacher: dict[str, Any] | None) -> list[
         "(the evaluation split's median tokenized length; every matrix product, 2 FLOPs per multiply-add); CPU "
         f"latency per sequence at batch 1 with {profile['latency_threads']} thread, median of "
         f"{profile['latency_passes']} passes over {profile['latency_rows']} evaluation sentences, tokenization "
-        f"excluded, on {profile['machine']}.", "",
+        f"excluded, on {profile['machine']}{_load_text(profile)}.", "",
         "| model | shape | parameters | without embeddings | FLOPs / sequence | CPU ms / sequence |",
         "|---|---|---:|---:|---:|---:|",
     ]
@@ -184,15 +229,48 @@ def front_lines(front: list[dict[str, Any]], trial_number: int, metric: str, cos
     return [*lines, ""]
 
 
+def _how_to_use(name: str, pair: bool, regression: bool) -> list[str]:
+    call = ('classifier({"text": "first sentence", "text_pair": "second sentence"})' if pair
+            else 'classifier("a sentence to classify")')
+    note = ("# a regression head: pass function_to_apply=\"none\" for the raw score"
+            if regression else "# [{'label': ..., 'score': ...}]")
+    return [
+        "## How to use", "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'classifier = pipeline("text-classification", model="{name}")  # this folder, or the Hub repo it is '
+        "uploaded to",
+        f"{call}  {note}",
+        "```", "",
+    ]
+
+
+def _intended_uses(task_desc: str, dataset_name: str, teacher_name: str, metric: str) -> list[str]:
+    return [
+        "## Intended uses & limitations", "",
+        f"A smaller, faster stand-in for the teacher `{teacher_name}` on its own task ({task_desc} on "
+        f"{dataset_name}), where the teacher's accuracy is not needed at any cost. It was trained to imitate that "
+        "teacher, so it inherits the teacher's errors and biases, and knows nothing the teacher's task data did not "
+        "show it. It has not been evaluated beyond the evaluation split named below; the search chose this trial by "
+        f"its {METRIC_TITLES.get(metric, metric)} on that same split, so the figure is optimistic for new data of "
+        "the same kind (retrain over seeds with `export-best --seeds N` for an unbiased mean), and unknown for text "
+        "of another domain.", "",
+    ]
+
+
 def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial_number: int, n_trials_run: int,
                study_name: str, seed_results: dict[int, float] | None = None,
                deployment: dict[str, Any] | None = None, selection: str | None = None,
                profile: dict[str, Any] | None = None, teacher_profile: dict[str, Any] | None = None,
-               front: list[dict[str, Any]] | None = None) -> str:
-    """A Trainer-style card with every metric of the task. ``seed_results`` (seed → the study's metric of a
+               front: list[dict[str, Any]] | None = None, teacher_card: dict[str, Any] | None = None,
+               widget_text: str | None = None) -> str:
+    """A Hub-ready card with every metric of the task. ``seed_results`` (seed → the study's metric of a
     retraining) adds the mean and spread; ``deployment`` (``distill.deploy.deploy``) the ONNX variants;
     ``profile`` and ``teacher_profile`` the size and speed section; ``front`` (a study with several objectives:
-    number, value and profile of each front trial) the front this trial was chosen from, ``selection`` how."""
+    number, value and profile of each front trial) the front this trial was chosen from, ``selection`` how.
+    ``teacher_card`` (``teacher_card_data``) gives the license and language unless the spec's ``card`` does;
+    ``widget_text`` the Hub widget's example (single-text tasks)."""
     record = normalized_record(record)
     params = record["params"]
     dataset = spec["dataset"]
@@ -218,22 +296,35 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
     if searched:
         student_desc += f" (shape searched: {', '.join(searched)})"
     chosen_how = selection if selection and selection != "the best trial" else None
+    teacher_name = model_reference(spec["teacher"])
+    card_spec = spec.get("card") or {}
+    inherited = teacher_card or {}
+    pair = bool(dataset.get("text_pair_column"))
+    # The study's metric first (what the search optimised), then the others; only metrics with a Hub id.
+    # The Hub's text-classification widget takes one text: an example for single-text tasks only.
+    widget: dict[str, Any] = {"widget": [{"text": widget_text}]} if widget_text and not pair else {}
+    hub_metrics = [(key, metrics[key]) for key in sorted(metrics, key=lambda k: k != metric) if key in HUB_METRIC_IDS]
     card_data = ModelCardData(
         model_name=name,
-        base_model=student["model"] if student.get("model") else None,
+        # The model this one was distilled from; a local teacher by its folder's name (no local path in a card).
+        base_model=teacher_name,
+        license=card_spec.get("license") or inherited.get("license"),
+        language=card_spec.get("language") or _listed(inherited.get("language")),
         library_name="transformers",
-        tags=["generated_from_trainer", "knowledge-distillation", "kdsearch"],
-        datasets=[ds["name"]],
-        metrics=list(metrics),
+        pipeline_tag="text-classification",
+        tags=["knowledge-distillation", "kdsearch"],
+        datasets=[ds["name"]] if dataset.get("hub") else None,  # a Hub id only: a local folder is no dataset id
+        metrics=sorted({HUB_METRIC_IDS[key][0] for key, _ in hub_metrics}),
         eval_results=[EvalResult(
             task_type="text-classification", task_name="Text Classification", dataset_type=ds["type"],
             dataset_name=ds["name"], dataset_config=ds["config"] or None, dataset_split=dataset["eval_split"],
             # The dataset's config name, as Trainer's model cards record it; huggingface_hub declares the field as
             # Metric.compute()'s arguments (dict[str, Any]), though it writes any value through to the card's YAML.
             dataset_args=ds["config"] or None,  # type: ignore[arg-type]
-            metric_type=key, metric_name=_title(key),
+            metric_type=HUB_METRIC_IDS[key][0], metric_name=_title(key), metric_args=HUB_METRIC_IDS[key][1],
             metric_value=round(value, 4),
-        ) for key, value in metrics.items()],
+        ) for key, value in hub_metrics],
+        **widget,
     )
     names = list(metrics)
     rows = "\n".join(
@@ -247,7 +338,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "---", card_data.to_yaml(), "---", "",
         "<!-- This model card was generated by kdsearch export-best. -->", "",
         f"# {name}", "",
-        f"This model is a distilled student of [{spec['teacher']}]({spec['teacher']}) on the "
+        f"This model is a distilled student of {_teacher_link(spec['teacher'])} on the "
         f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''} dataset ({task_desc}), "
         + (f"trial {trial_number} ({chosen_how}) of a {n_trials_run}-trial kdsearch study `{study_name}`"
            if chosen_how else f"the best trial ({trial_number}) of a {n_trials_run}-trial kdsearch study "
@@ -268,6 +359,9 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         *(front_lines(front, trial_number, metric, (spec.get("objectives") or ["metric", "cost"])[-1],
                       chosen_how or "chosen by number") if front is not None else []),
         *(deployment_lines(deployment) if deployment else []),
+        *_how_to_use(name, pair, regression),
+        *_intended_uses(task_desc, f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''}", teacher_name,
+                        metric),
         "## Model description", "",
         f"Student: {student_desc}. Trained by logit distillation with the objective {_objective(regression)}; "
         "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset), "",
@@ -292,7 +386,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "- lr_scheduler_type: linear",
         f"- lr_scheduler_warmup_ratio: {params.get('warmup_ratio', 0.0)}",
         f"- num_epochs: {params['num_train_epochs']}",
-        f"- teacher: {spec['teacher']}",
+        f"- teacher: {teacher_name}",
         f"- student: {student_desc}",
         *([f"- student_shape: {json.dumps(shape)}"] if shape else []),
         f"- best epoch kept (by {METRIC_TITLES.get(metric, metric)}): {record['best_epoch']}"

@@ -18,12 +18,9 @@ before training, which is what lets a study skip a student that breaks a constra
 
 from __future__ import annotations
 
-import os
-import platform
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -31,23 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distill.data import TokenizedSplit
 from distill.deploy import torch_latency_ms
+from distill.hardware import load_1min, machine
 
 LATENCY_ROWS = 64
 LATENCY_PASSES = 5
 LATENCY_THREADS = 1
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-
-
-@lru_cache(maxsize=1)
-def machine() -> str:
-    """The CPU that latencies are measured on, e.g. ``Intel(R) Xeon(R) Platinum 8480+ (x86_64, 2 cores)``."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 @contextmanager
@@ -133,5 +119,6 @@ def profile_model(model: Any, split: TokenizedSplit, *, rows: int = LATENCY_ROWS
         "latency_passes": passes,
         "latency_threads": LATENCY_THREADS,
         "machine": machine(),
+        "load_1min": load_1min(),
         "host": socket.gethostname(),
     }

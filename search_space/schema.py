@@ -371,6 +371,14 @@ class NotifySpec(_Strict):
     events: list[NotifyEvent] = Field(default_factory=_default_events, min_length=1)
 
 
+class CardSpec(_Strict):
+    """What the exported model card declares beyond what kdsearch knows: by default the teacher's own card's
+    license and language (a student inherits its teacher's terms), which these replace."""
+
+    license: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$")
+    language: list[str] | None = Field(None, min_length=1, max_length=20)
+
+
 # What a study optimises: the task metric (maximised) first, optionally one cost of the student (minimised).
 Objective = Literal["metric", "params", "flops", "latency_ms"]
 COST_OBJECTIVES: tuple[str, ...] = ("params", "flops", "latency_ms")
@@ -407,6 +415,7 @@ class StudySpec(_Strict):
     dataset: DatasetSpec
     augment: AugmentSpec = AugmentSpec()
     notify: NotifySpec | None = None
+    card: CardSpec | None = None  # the exported model card's license and language (default: the teacher's)
     search_space: SearchSpace = SearchSpace()
     # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
     metric: MetricName | None = None

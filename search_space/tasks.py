@@ -22,6 +22,13 @@ METRIC_TITLES = {
     "accuracy": "accuracy", "f1": "F1", "macro_f1": "macro F1", "matthews_correlation": "Matthews correlation",
     "pearson": "Pearson", "spearmanr": "Spearman", "pearson_spearman": "mean of Pearson and Spearman",
 }
+# Each metric as the Hugging Face Hub's model-index names it (the `evaluate` metric id, with its arguments);
+# pearson_spearman, their mean, has no Hub id: model cards state it in their text alone.
+HUB_METRIC_IDS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "accuracy": ("accuracy", None), "f1": ("f1", {"average": "binary"}), "macro_f1": ("f1", {"average": "macro"}),
+    "matthews_correlation": ("matthews_correlation", None), "pearson": ("pearsonr", None),
+    "spearmanr": ("spearmanr", None),
+}
 # Search-space parameters that have no meaning for a task: not sampled, not shown.
 IGNORED_PARAMS: dict[str, tuple[str, ...]] = {"classification": (), "regression": ("temperature",)}
 

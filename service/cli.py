@@ -117,14 +117,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     host = args.host or "127.0.0.1"
     if not settings.api_token:
-        if args.host is None:
-            print("kdsearch: no KDSEARCH_API_TOKEN set: listening on loopback only (give --host to expose it)")
+        if _is_loopback(host):
+            print("kdsearch: no KDSEARCH_API_TOKEN set: listening on loopback only (set a token to expose it "
+                  "with --host)")
+        elif not args.allow_no_token:
+            return _fail(f"--host {host}: listening beyond loopback needs KDSEARCH_API_TOKEN (or --allow-no-token "
+                         "for a network you trust: anyone who reaches it could launch and cancel studies)", 2)
         else:
             print(f"kdsearch: warning: no KDSEARCH_API_TOKEN set and listening on {host}: anyone who reaches it "
                   "can launch studies", file=sys.stderr)
     print(f"kdsearch: serving the API and dashboard on http://{host}:{args.port}/", flush=True)
     uvicorn.run(create_app(settings), host=host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the API on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to any interface
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -430,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the REST API and dashboard")
-    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1, loopback only; any "
+                       "other needs KDSEARCH_API_TOKEN)")
+    serve.add_argument("--allow-no-token", action="store_true",
+                       help="listen beyond loopback without KDSEARCH_API_TOKEN (default: refused)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Engine, inspect
 
 from distill.engine import TRIAL_RECORD, load_engine
-from distill.export import ExportError, model_card, normalized_record, write_export
+from distill.export import ExportError, model_card, normalized_record, teacher_card_data, write_export
 from search_space import StudySpec, resolve_task
 from service.settings import Settings
 from storage import (
@@ -202,6 +202,21 @@ def check_deploy_options(onnx: bool, quantize: str | None) -> None:
         raise ExportError(f"--quantize {quantize} quantizes the ONNX model: add --onnx")
 
 
+def widget_example(spec_json: dict[str, Any]) -> str | None:
+    """The first evaluation text of the study's own data, the card's widget example (None for a pair task, or
+    where the data cannot be read here)."""
+    from distill.data import DataError, read_split
+
+    spec = StudySpec.model_validate(spec_json)
+    if spec.dataset.text_pair_column:
+        return None
+    try:
+        rows = read_split(spec.dataset, spec.dataset.eval_split)
+        return str(rows[0][spec.dataset.text_column]) if len(rows) else None
+    except (DataError, OSError, KeyError):
+        return None
+
+
 def deploy_export(out_dir: Path, spec: StudySpec, record: dict[str, Any], quantize: str | None,
                   log: Callable[[str], None] = print, latency_rows: tuple[int, int] = (200, 512)) -> dict[str, Any]:
     """ONNX (and int8) beside the Hugging Face export in ``out_dir``, verified and timed on the study's eval split
@@ -276,7 +291,8 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                 seed_results=dict(zip(spread.seeds, spread.values, strict=True)) if spread else None,
                 selection=selection.how, profile=best.user_attrs.get("profile"),
                 teacher_profile=optuna_study.user_attrs.get("teacher_profile"),
-                front=None if selection.front is None else [front_entry(t) for t in selection.front])
+                front=None if selection.front is None else [front_entry(t) for t in selection.front],
+                teacher_card=teacher_card_data(spec_json["teacher"]), widget_text=widget_example(spec_json))
             write_export(checkpoint, out_dir, model_card(**card_args), force=force)
         deployment = None
         if onnx:  # the Hugging Face export is written first and stays, whatever happens here

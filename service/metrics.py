@@ -53,12 +53,14 @@ class StoreCollector(Collector):
         with session_scope(self.db) as session:
             now = db_now(session)  # heartbeats are stamped on the database's clock: judge them on it
             studies = session.execute(select(StudyRow.id, StudyRow.name, StudyRow.status)).all()
-            names = [s.name for s in studies]
             by_status = {status: 0 for status in StudyStatus.ALL}
             for study in studies:
                 by_status[study.status] = by_status.get(study.status, 0) + 1
-            summaries = trial_summaries(session, names)
-            tasks = study_user_attrs(session, names, ["task"])
+            # Per-study series for running studies only: a finished study's would stay forever, one more label set
+            # per study ever launched.
+            running = [study for study in studies if study.status == StudyStatus.RUNNING]
+            summaries = trial_summaries(session, [s.name for s in running])
+            tasks = study_user_attrs(session, [s.name for s in running], ["task"])
             pending = dict(session.execute(
                 select(TrialSlotRow.study_id, func.count()).where(TrialSlotRow.state == SlotState.PENDING)
                 .group_by(TrialSlotRow.study_id)).all())
@@ -76,20 +78,21 @@ class StoreCollector(Collector):
             gauge.add_metric([status], n)
         yield gauge
 
-        trials = GaugeMetricFamily("kdsearch_trials", "Optuna trials by state, per study", labels=["study", "state"])
-        for study in studies:
+        trials = GaugeMetricFamily("kdsearch_trials", "Optuna trials by state, per running study",
+                                   labels=["study", "state"])
+        for study in running:
             states = summaries[study.name][0]
             for state in TRIAL_STATES:
                 trials.add_metric([study.name, state], states.get(state, 0))
         yield trials
 
-        queue = GaugeMetricFamily("kdsearch_pending_slots", "Trial slots waiting for a worker (queue depth), per study",
+        queue = GaugeMetricFamily("kdsearch_pending_slots", "Trial slots waiting for a worker, per running study",
                                   labels=["study"])
-        for study in studies:
+        for study in running:
             queue.add_metric([study.name], pending.get(study.id, 0))
         yield queue
-        yield GaugeMetricFamily("kdsearch_pending_slots_total", "Trial slots waiting for a worker, all studies",
-                                value=sum(pending.values()))
+        yield GaugeMetricFamily("kdsearch_queue_depth", "Trial slots waiting for a worker, all studies (queued ones "
+                                "too)", value=sum(pending.values()))
 
         by_worker = {status: 0 for status in WORKER_STATUSES}
         for row in workers:
@@ -110,9 +113,9 @@ class StoreCollector(Collector):
 
         best = GaugeMetricFamily("kdsearch_best_value", "Best COMPLETE trial's value on the study's metric, per "
                                  "running study", labels=["study", "metric"])
-        for study in studies:
+        for study in running:
             value = summaries[study.name][1]
-            if study.status == StudyStatus.RUNNING and value is not None:
+            if value is not None:
                 metric = (tasks[study.name].get("task") or {}).get("metric", "")
                 best.add_metric([study.name, metric], value)
         yield best

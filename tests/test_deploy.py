@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +13,51 @@ import yaml
 ROOT = Path(__file__).parent.parent
 
 
-def test_compose_wires_postgres_api_and_gpu_workers() -> None:
+def test_compose_wires_postgres_api_and_cpu_and_gpu_workers() -> None:
+    """docker-compose.yml, read as YAML: no Docker engine or compose plugin runs on the test machines (its `docker`
+    has no `compose` command and no daemon), so `docker compose config` and a real `up` are not run here."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "api", "worker"} <= set(services)
+    assert {"postgres", "api", "worker-cpu", "worker-gpu"} <= set(services)
     assert "healthcheck" in services["postgres"] and "pgdata" in str(services["postgres"]["volumes"])
-    for name in ("api", "worker"):
+    # Secrets come from .env: compose refuses to start without them (${VAR:?message}), nothing is hard-coded.
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    for name in ("api", "worker-cpu", "worker-gpu"):
         service = services[name]
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         env = service["environment"]
-        assert env["KDSEARCH_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in \
-            env["KDSEARCH_DATABASE_URL"]
-        assert env["KDSEARCH_ARTIFACTS"] == "/artifacts"
+        assert env["KDSEARCH_DATABASE_URL"].startswith("postgresql+psycopg://kdsearch:${POSTGRES_PASSWORD:?")
+        assert "@postgres:5432/" in env["KDSEARCH_DATABASE_URL"]
+        # The API binds 0.0.0.0 in its container: the token is required, never defaulted to empty.
+        assert env["KDSEARCH_API_TOKEN"].startswith("${KDSEARCH_API_TOKEN:?")
+        assert env["KDSEARCH_ARTIFACTS"] == "/artifacts" and env["KDSEARCH_ALLOWED_ROOTS"] == "/shared"
+        # Data and models mounted read-only at /shared: from the image's /app, the examples' ../shared paths.
         assert "artifacts:/artifacts" in service["volumes"]
-    assert services["worker"]["command"][:3] == ["worker", "--gpus", "all"]
-    device = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+        assert "${KDSEARCH_SHARED:-../shared}:/shared:ro" in service["volumes"]
+    assert services["api"]["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    # A CPU profile that comes up without the NVIDIA runtime, beside the GPU one.
+    cpu, gpu = services["worker-cpu"], services["worker-gpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["command"] == ["worker", "--device", "cpu"] and "deploy" not in cpu
+    assert gpu["profiles"] == ["gpu"] and gpu["command"][:3] == ["worker", "--gpus", "all"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "profiles" not in services["api"] and "profiles" not in services["postgres"]
     assert {"pgdata", "artifacts"} <= set(compose["volumes"])
+    # Every variable compose interpolates is documented in .env.example, and .env itself is never committed.
+    example = (ROOT / ".env.example").read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    assert used and all(f"{name}=" in example for name in used), used
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_image_runs_as_an_unprivileged_user() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    last_user = max(i for i, line in enumerate(dockerfile) if line.startswith("USER "))
+    assert not any(line.startswith("RUN ") for line in dockerfile[last_user:]), "nothing runs as root after USER"
+    assert any("chown kdsearch:kdsearch /artifacts" in line for line in dockerfile)
+    assert any(line.startswith("WORKDIR /app") for line in dockerfile)
 
 
 def test_console_scripts_and_packages() -> None:

@@ -51,7 +51,12 @@ def test_reads_need_the_token_unless_public(tmp_path: Path, tiny_assets) -> None
 def test_serve_without_token_binds_loopback_and_says_so(tmp_path: Path) -> None:
     env = {**os.environ, "KDSEARCH_DATABASE_URL": f"sqlite:///{tmp_path / 'kd.db'}"}
     env.pop("KDSEARCH_API_TOKEN", None)
-    for host_args, expected in (([], "loopback only"), (["--host", "0.0.0.0"], "anyone who reaches it")):
+    # Beyond loopback without a token: refused, unless asked for by name.
+    refused = subprocess.run([*KDSEARCH, "serve", "--port", str(free_port()), "--host", "0.0.0.0"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "needs KDSEARCH_API_TOKEN" in refused.stderr, refused.stderr
+    for host_args, expected in (([], "loopback only"), (["--host", "::1"], "loopback only"),
+                                (["--host", "0.0.0.0", "--allow-no-token"], "anyone who reaches it")):
         proc = subprocess.Popen([*KDSEARCH, "serve", "--port", str(free_port()), *host_args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

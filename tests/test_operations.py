@@ -159,10 +159,22 @@ def test_prometheus_metrics_match_the_api(db_url: str, tmp_path: Path, tiny_asse
             assert sample("kdsearch_studies", status=status) == sum(s["status"] == status for s in studies), status
         for study in studies:
             counts = study["counts"]
+            if study["status"] != "running":  # per-study series for running studies only
+                assert not any(dict(labels).get("study") == study["name"] for _, labels in samples), study["name"]
+                continue
             assert sample("kdsearch_trials", study=study["name"], state="COMPLETE") == counts["complete"]
             assert sample("kdsearch_trials", study=study["name"], state="FAIL") == counts["failed"]
             assert sample("kdsearch_pending_slots", study=study["name"]) == counts["waiting"]
-        assert sample("kdsearch_pending_slots_total") == 3
+        assert sample("kdsearch_queue_depth") == 3
+        # Only counters end in _total (Prometheus' naming rules).
+        counters = {f.name for f in text_string_to_metric_families(scraped.text) if f.type == "counter"}
+        assert all(f.type == "counter" or not f.name.endswith("_total")
+                   for f in text_string_to_metric_families(scraped.text))
+        # This API process's own metrics and its HTTP requests (prometheus-fastapi-instrumentator).
+        assert sample("process_cpu_seconds_total") > 0 and "python_gc_objects_collected" in counters
+        assert sample("http_requests_total", handler="/api/studies", method="POST", status="2xx") == 3
+        assert not any(name == "http_requests_total" and dict(labels).get("handler") == "/metrics"
+                       for name, labels in samples)
         assert sample("kdsearch_workers", status="stopped") == 1 and sample("kdsearch_workers", status="lost") == 0
         finished = sum(s["finished"] for s in studies)
         assert sample("kdsearch_trial_duration_seconds_count") == finished == 4
@@ -171,6 +183,18 @@ def test_prometheus_metrics_match_the_api(db_url: str, tmp_path: Path, tiny_asse
         done = next(s for s in studies if s["name"] == "metrics-a")
         assert done["status"] == "finished" and ("kdsearch_best_value", (("metric", "accuracy"), (
             "study", "metrics-a"))) not in samples  # only running studies report a best value
+
+        # One trial of the queued study: it is running now, and has its per-study series.
+        stack.start_worker("--max-trials", "1")
+        stack.wait_for(lambda: stack.workers[1].poll() is not None, 120, "the second worker to stop")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(
+            httpx.get(f"{stack.url}/metrics", headers=auth).text) for s in family.samples}
+        running = httpx.get(f"{stack.url}/api/studies/metrics-queued", headers=auth).json()
+        assert running["status"] == "running" and running["counts"]["complete"] == 1
+        assert sample("kdsearch_trials", study="metrics-queued", state="COMPLETE") == 1
+        assert sample("kdsearch_pending_slots", study="metrics-queued") == running["counts"]["waiting"] == 2
+        assert sample("kdsearch_queue_depth") == 2
+        assert sample("kdsearch_best_value", study="metrics-queued", metric="accuracy") == running["best_value"]
     finally:
         stack.stop()
 

@@ -48,9 +48,18 @@ def test_pair_task_with_string_labels(stack: Stack, pair_assets, tmp_path: Path,
     assert "eval macro_f1" in printed and "accuracy" in printed
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    # The Hub's metric ids: macro F1 is "f1" with its averaging in args; the study's metric comes first.
+    entries = front["model-index"][0]["results"][0]["metrics"]
     best = study["best_trial"]
-    assert metrics == {k: round(v, 4) for k, v in best["metrics"].items()}
+    assert entries[0] == {"type": "f1", "args": {"average": "macro"}, "name": "Macro F1",
+                          "value": round(best["metrics"]["macro_f1"], 4)}
+    assert {m["type"]: m["value"] for m in entries} == {
+        "f1": round(best["metrics"]["macro_f1"], 4), "accuracy": round(best["metrics"]["accuracy"], 4),
+        "matthews_correlation": round(best["metrics"]["matthews_correlation"], 4)}
+    assert front["pipeline_tag"] == "text-classification" and front["base_model"] == "nli-teacher"
+    assert "generated_from_trainer" not in front["tags"] and "widget" not in front  # no one-text widget for pairs
+    assert "datasets" not in front  # a local folder is no Hub dataset id
+    assert 'classifier({"text": "first sentence", "text_pair": "second sentence"})' in card
     assert "text_pair" in card and "3-class classification" in card and "- temperature:" in card
 
     # The export is a ready pair classifier: given {"text", "text_pair"}, the pipeline reproduces the metrics.
@@ -92,8 +101,9 @@ def test_regression_task(stack: Stack, pair_assets, tmp_path: Path, precision: s
     card = (out / "README.md").read_text()
     assert "regression" in card and "MSE(student, teacher)" in card and "- temperature:" not in card
     front = yaml.safe_load(card.split("---")[1])
-    assert {m["type"] for m in front["model-index"][0]["results"][0]["metrics"]} == {
-        "pearson", "spearmanr", "pearson_spearman"}
+    # pearson_spearman has no Hub metric id: in the card's text, not its model-index.
+    assert [m["type"] for m in front["model-index"][0]["results"][0]["metrics"]] == ["pearsonr", "spearmanr"]
+    assert "Mean of Pearson and Spearman" in card
 
     # Re-scored through the pipeline: raw scores (no sigmoid), pair inputs, same Pearson as the search recorded.
     from transformers import pipeline

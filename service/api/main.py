@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import health, metrics, studies, workers
 from service.dashboard import mount_dashboard
+from service.metrics import StoreCollector
 from service.notifier import Notifier
 from service.settings import Settings, get_settings
 from storage import init_db, make_engine, make_optuna_storage
@@ -28,11 +29,17 @@ def open_state(app: FastAPI, settings: Settings) -> None:
     # Webhooks are delivered in the background by the API as well as by workers (a cancelled or failed study
     # announces itself even when no worker runs).
     app.state.notifier = Notifier(app.state.db, settings).start()
+    if getattr(app.state, "store_collector", None) is not None:  # state opened before: its engine is replaced
+        app.state.metrics_registry.unregister(app.state.store_collector)
+    app.state.store_collector = StoreCollector(app.state.db, settings.grace_period)
+    app.state.metrics_registry.register(app.state.store_collector)
     # Launch validation reads teacher configs and tokenizers: import transformers now, not in the first request.
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
 
 def close_state(app: FastAPI) -> None:
+    app.state.metrics_registry.unregister(app.state.store_collector)
+    app.state.store_collector = None
     app.state.notifier.stop()
     app.state.db.dispose()
     app.state.optuna_storage.engine.dispose()
@@ -57,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(workers.router)
     app.include_router(api)
     app.include_router(metrics.router)
+    app.state.metrics_registry = metrics.metrics_registry(app)
     mount_dashboard(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

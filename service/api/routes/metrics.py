@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from service.api.deps import require_read_access
 from service.api.schemas import ErrorOut
-from service.metrics import StoreCollector
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
 
 
-def registry_for(request: Request) -> CollectorRegistry:
-    """One registry per app, holding only the store collector (no process metrics of this one API process)."""
-    state = request.app.state
-    if getattr(state, "metrics_registry", None) is None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(StoreCollector(state.db, state.settings.grace_period))
-        state.metrics_registry = registry
-    return state.metrics_registry
+def metrics_registry(app: FastAPI) -> CollectorRegistry:
+    """The app's own registry (one per app, never prometheus_client's global one, so several apps share a process):
+    this API process's metrics (process_*, python_*) and its HTTP requests, from prometheus-fastapi-instrumentator
+    (``http_requests_total``, ``http_request_duration_seconds``...). The store's collector joins it at start-up
+    (``StoreCollector``, registered by ``service.api.main.open_state``, once the database engine exists)."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
+    return registry
 
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
-    """Studies by status, trials by state, queue depth, workers by status, trial and cache-build duration
-    histograms, best value per running study: all computed from the database now."""
-    return Response(generate_latest(registry_for(request)), media_type=CONTENT_TYPE_LATEST)
+    """Studies by status, queue depth, workers by status, trial and cache-build duration histograms, trials by
+    state and best value per running study (all computed from the database now), this API process's own metrics
+    and its HTTP requests (docs/metrics.md lists every series)."""
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
