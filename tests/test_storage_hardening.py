@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,41 @@ def test_a_signed_store_accepts_its_own_manifests_and_refuses_others(s3_client: 
     assert _layout(s3_client, tmp_path / "host-h", signing_key="s3cret").fetch_entry(other) is None
     # Host b's local copy, signed with the key, is still good.
     assert _layout(s3_client, tmp_path / "host-b", signing_key="s3cret").fetch_entry(KEY) == directory
+
+
+def test_a_reaped_workers_preparation_no_longer_shows(db_url: str, tmp_path: Path) -> None:
+    """A worker killed while preparing leaves its progress row behind; once its slot is reaped, the API no longer
+    shows the study as preparing (it showed "preparing, ETA 0" forever). Another worker's progress stays."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+    from storage import claim_slot, create_study, make_engine, reap_stale_slots, report_progress, utcnow
+
+    with TestClient(create_app(Settings(database_url=db_url, artifacts=str(tmp_path / "artifacts")))) as client:
+        db = make_engine(db_url)
+        try:
+            killed = create_study(db, name="killed-while-preparing", spec={"name": "killed-while-preparing"},
+                                  n_trials=1, priority=0, timeout_s=None)
+            alive = create_study(db, name="still-preparing", spec={"name": "still-preparing"}, n_trials=1,
+                                 priority=0, timeout_s=None)
+            an_hour_ago = utcnow() - timedelta(hours=1)
+            claim = claim_slot(db, "dead-worker", now=an_hour_ago)
+            assert claim is not None and claim.study_id == killed.id
+            report_progress(db, killed.id, "dead-worker", "teacher_logits", 100, 4000, 50.0, now=an_hour_ago)
+            other = claim_slot(db, "live-worker")
+            assert other is not None and other.study_id == alive.id
+            report_progress(db, alive.id, "live-worker", "teacher_logits", 10, 4000, 5.0)
+
+            before = client.get(f"/api/studies/{killed.id}").json()
+            assert before["preparing"] is not None and before["preparing"]["eta_s"] == 0
+
+            reaped = reap_stale_slots(db, grace_period_s=60, reaper_id="reaper")
+            assert [slot_id for slot_id, _, _ in reaped] == [claim.slot_id]
+
+            assert client.get(f"/api/studies/{killed.id}").json()["preparing"] is None
+            listed = {study["id"]: study for study in client.get("/api/studies").json()}
+            assert listed[killed.id]["preparing"] is None
+            assert listed[alive.id]["preparing"]["done"] == 10
+        finally:
+            db.dispose()
