@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +19,7 @@ from pydantic import SecretStr
 
 from storage import ENTRY_META, ENTRY_TENSORS, ObjectStoreLayout
 
+REPO = Path(__file__).resolve().parents[1]
 BUCKET = "kdsearch-hardening"
 KEY = "teacher-logits-0123abcd"
 
@@ -193,3 +197,68 @@ def test_a_reaped_workers_preparation_no_longer_shows(db_url: str, tmp_path: Pat
             assert listed[alive.id]["preparing"]["done"] == 10
         finally:
             db.dispose()
+
+
+# One process starting against a fresh database: a server (``kdsearch serve``: upgrade, then open Optuna's store) or
+# a worker started beside it (waits for the server's schema, as a restarted worker would, then opens Optuna's store).
+# Every process signals it is ready and waits for "go", so all of them initialise at the same moment.
+_START_TOGETHER = """
+import sys, time
+from pathlib import Path
+from storage import SchemaMismatch, check_schema, init_db, make_engine, make_optuna_storage
+
+url, role, barrier, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+(barrier / f"ready-{me}").touch()
+while not (barrier / "go").exists():
+    time.sleep(0.005)
+engine = make_engine(url)
+if role == "serve":
+    init_db(engine)
+else:
+    while True:
+        try:
+            check_schema(engine)
+            break
+        except SchemaMismatch:
+            time.sleep(0.01)
+make_optuna_storage(url).engine.dispose()
+engine.dispose()
+print(role, "initialised")
+"""
+
+
+def test_servers_and_a_worker_starting_at_once_all_initialise(db_url: str, tmp_path: Path) -> None:
+    """Three servers and a worker on one fresh database, at once: all start (on PostgreSQL two servers raced to
+    CREATE TYPE studydirection, on SQLite the upgrade failed with "database is locked"), and each schema is at its
+    head exactly once."""
+    import sqlalchemy as sa
+
+    from storage import current_revision, head_revision, make_engine
+
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    roles = ["serve", "serve", "serve", "worker"]
+    procs = [subprocess.Popen([sys.executable, "-c", _START_TOGETHER, db_url, role, str(barrier), str(i)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, role in enumerate(roles)]
+    try:
+        while len(list(barrier.glob("ready-*"))) < len(roles) and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        (barrier / "go").touch()
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for role, proc, output in zip(roles, procs, outputs, strict=True):
+        assert proc.returncode == 0, f"a {role} failed to start:\n{output[-3000:]}"
+
+    engine = make_engine(db_url)
+    try:
+        assert current_revision(engine) == head_revision()
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM kd_alembic_version")) == 1
+            assert conn.scalar(sa.text("SELECT count(*) FROM alembic_version")) == 1  # Optuna's own
+            assert conn.scalar(sa.text("SELECT count(*) FROM version_info")) == 1
+    finally:
+        engine.dispose()
