@@ -247,7 +247,7 @@ def _locally_complete(directory: Path, key: str, signing_key: bytes | None) -> b
         return False
     try:
         files = checked_files(json.loads(manifest_path.read_text()), key, directory, signing_key)
-    except (ManifestRefused, ValueError) as exc:
+    except ValueError as exc:  # ManifestRefused, or not JSON
         log.warning("cache entry %s: refusing the local copy's manifest (%s): downloading the entry again", key, exc)
         return False
     return all((directory / name).is_file() and (directory / name).stat().st_size == meta["size"]
