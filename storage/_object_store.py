@@ -119,8 +119,9 @@ def checked_files(manifest: Any, key: str, directory: Path, signing_key: bytes |
         raise ManifestRefused("it is the manifest of another entry")
     files: dict[str, Any] = manifest["files"]
     unexpected = sorted(str(name) for name in files if name not in ENTRY_FILES)
-    if unexpected:
-        raise ManifestRefused(f"it names files a cache entry never has: {unexpected!r}")
+    if unexpected:  # named in the log: a few, shortened (the manifest is anyone's with write access to the bucket)
+        shown = ", ".join(repr(name[:80]) for name in unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        raise ManifestRefused(f"it names {len(unexpected)} file(s) a cache entry never has: {shown}")
     if set(files) != ENTRY_FILES:
         raise ManifestRefused(f"it lacks {sorted(ENTRY_FILES - set(files))!r}")
     root = directory.resolve()
