@@ -58,4 +58,4 @@ soak: install
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) artifacts demo-export kdsearch.db kdsearch.db-wal kdsearch.db-shm
+	rm -rf $(VENV) artifacts demo-export kdsearch.db kdsearch.db-wal kdsearch.db-shm kdsearch.db-schema-lock

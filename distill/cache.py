@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.data import TokenizedSplit
-from storage import ArtifactLayout
+from storage import ENTRY_META, ENTRY_TENSORS, ArtifactLayout
 
 # Bumped whenever the tensors or meta change shape: 2 added segment ids, float targets and the task.
 CACHE_FORMAT = 2
@@ -33,10 +33,10 @@ def build_once(layout: ArtifactLayout, key: str, build: Callable[[], Entry]) -> 
             if directory is None:
                 tensors, meta = build()
                 tmp = layout.scratch_dir(key)
-                save_file(tensors, str(tmp / "data.safetensors"))
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                save_file(tensors, str(tmp / ENTRY_TENSORS))
+                (tmp / ENTRY_META).write_text(json.dumps(meta, indent=2))
                 directory = layout.publish_entry(key, tmp)
-    return load_file(str(directory / "data.safetensors")), json.loads((directory / "meta.json").read_text())
+    return load_file(str(directory / ENTRY_TENSORS)), json.loads((directory / ENTRY_META).read_text())
 
 
 def split_tensors(prefix: str, split: TokenizedSplit, logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -160,7 +160,7 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
                   log: Callable[[str], None] = print) -> tuple[SeedSpread, dict[int, str]]:
     """Train ``trial``'s configuration with ``n_seeds`` fresh seeds from the cached data; seeds already recorded
     for this trial are reused. Returns the spread and each seed's checkpoint artifact id."""
-    layout = make_layout(settings.artifacts, settings.local_cache, db)
+    layout = make_layout(settings.artifacts, settings.local_cache, db, signing_key=settings.artifact_key)
     seeds = [spec.seed + k for k in range(1, n_seeds + 1)]
     with session_scope(db) as session:
         done = {seed: (row.eval_accuracy, row.checkpoint_artifact_id)
@@ -277,7 +277,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
             spread, artifacts = retrain_seeds(settings, db, optuna_study, study_id, StudySpec.model_validate(spec_json),
                                               best, seeds, device, log)
             artifact_id = artifacts[spread.best_seed]
-        layout = make_layout(settings.artifacts, settings.local_cache, db)
+        layout = make_layout(settings.artifacts, settings.local_cache, db, signing_key=settings.artifact_key)
         with tempfile.TemporaryDirectory(prefix="kdsearch-export-") as tmp:
             tar_path = Path(tmp) / "checkpoint.tar"
             optuna.artifacts.download_artifact(artifact_store=layout.checkpoints, file_path=str(tar_path),

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import default_local_cache
@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     artifacts: str = "./artifacts"
     # With an s3:// store: this host's verified read-through copy of cache entries (downloaded once per host).
     local_cache: Path = Field(default_factory=lambda: default_local_cache())
+    # With an s3:// store: a secret kept outside the bucket. Writers sign each cache entry's manifest with it and
+    # readers refuse an entry not signed with it (the bucket's own checksums prove nothing against a bucket writer).
+    artifact_key: SecretStr | None = None
 
     @field_validator("artifacts", mode="before")
     @classmethod

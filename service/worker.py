@@ -102,7 +102,7 @@ class Worker:
         self.optuna_storage = make_optuna_storage(
             settings.database_url, pool_size=settings.worker_pool_size,
             max_overflow=settings.worker_max_overflow, busy_timeout_s=settings.sqlite_busy_timeout_s)
-        self.layout = make_layout(settings.artifacts, settings.local_cache, self.db)
+        self.layout = make_layout(settings.artifacts, settings.local_cache, self.db, signing_key=settings.artifact_key)
         if settings.threads:
             import torch
 

@@ -2,7 +2,14 @@
 
 from sqlalchemy import Engine
 
-from storage._artifacts import ArtifactLayout, AtomicFileSystemArtifactStore, pack_directory, unpack_directory
+from storage._artifacts import (
+    ENTRY_META,
+    ENTRY_TENSORS,
+    ArtifactLayout,
+    AtomicFileSystemArtifactStore,
+    pack_directory,
+    unpack_directory,
+)
 from storage._db import (
     TRANSIENT_ERRORS,
     StoreError,
@@ -77,6 +84,8 @@ def init_db(engine: Engine) -> None:
 
 
 __all__ = [
+    "ENTRY_META",
+    "ENTRY_TENSORS",
     "TRANSIENT_ERRORS",
     "ArtifactLayout",
     "AtomicFileSystemArtifactStore",

@@ -24,6 +24,12 @@ from optuna.trial import FrozenTrial
 
 from storage._db import retry_operational
 
+# The files of a cache entry (``distill.cache.build_once``): its tensors and its meta. No other name is ever written
+# into an entry, so no other name is accepted from a manifest that names an entry's files.
+ENTRY_TENSORS = "data.safetensors"
+ENTRY_META = "meta.json"
+ENTRY_FILES = frozenset({ENTRY_TENSORS, ENTRY_META})
+
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
     """Optuna's file-system store, writing to a temporary file and renaming it into place."""
@@ -66,7 +72,7 @@ class ArtifactLayout:
     def fetch_entry(self, key: str) -> Path | None:
         """The directory of a complete cache entry, or None."""
         directory = self.cache_dir(key)
-        return directory if (directory / "meta.json").is_file() else None
+        return directory if (directory / ENTRY_META).is_file() else None
 
     def publish_entry(self, key: str, built: Path) -> Path:
         """Move a complete entry built in ``built`` (a sibling temporary directory) into place."""

@@ -11,20 +11,30 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
-from storage._db import configure_sqlite, engine_kwargs, is_sqlite, make_engine
+from storage._db import configure_sqlite, engine_kwargs, is_sqlite, make_engine, retry_operational
+from storage._schema import schema_lock
 from storage._trials import _state, _studies, _study_attrs, _trials, _values  # Optuna's schema, read directly
 
 
 def make_optuna_storage(url: str, *, pool_size: int = 5, max_overflow: int = 5,
                         busy_timeout_s: float = 60.0) -> RDBStorage:
-    if is_sqlite(url):
-        # WAL is a property of the database file: set it once through our engine before Optuna connects.
-        make_engine(url, busy_timeout_s=busy_timeout_s).dispose()
-    storage = RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow,
-                                    busy_timeout_s=busy_timeout_s),
-    )
+    """Optuna's study store on ``url``. Opening it creates Optuna's tables when missing (and stamps their version):
+    that happens under ``schema_lock``, as kdsearch's migrations do, so servers and workers starting together do not
+    race to create them."""
+    lock_engine = make_engine(url, pool_size=1, max_overflow=0, busy_timeout_s=busy_timeout_s)
+    try:
+        with schema_lock(lock_engine):
+            if is_sqlite(url):
+                # WAL is a property of the database file: set it once through our engine before Optuna connects.
+                with lock_engine.connect():
+                    pass
+            storage = retry_operational(lambda: RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow,
+                                            busy_timeout_s=busy_timeout_s),
+            ))
+    finally:
+        lock_engine.dispose()
     if is_sqlite(url):
         configure_sqlite(storage.engine, default_begin="IMMEDIATE")
         storage.engine.dispose()  # connections opened during set-up predate the listeners

@@ -249,7 +249,9 @@ def reap_stale_slots(engine: Engine, *, grace_period_s: float, reaper_id: str,
     """Take over slots whose worker stopped heart-beating; returns (slot_id, study_id, optuna_trial_id).
 
     The slots stay ``claimed`` but now belong to ``reaper_id``, which settles the Optuna trial and then calls
-    ``finish_slot`` for each: so the dead worker (should it come back) and the reaper can never both close it.
+    ``finish_slot`` for each: so the dead worker (should it come back) and the reaper can never both close it. A
+    preparation the dead worker was reporting ends with it: its progress is cleared (else the study would show
+    "preparing, ETA 0" until another worker prepares it); its failure count and build time stay.
     """
     with session_scope(engine, write_lock=True) as session:
         now = now or db_now(session)
@@ -262,6 +264,12 @@ def reap_stale_slots(engine: Engine, *, grace_period_s: float, reaper_id: str,
             .with_for_update(skip_locked=True)
         ).all()
         for slot in stale:
+            session.execute(
+                update(PreparationRow)
+                .where(PreparationRow.study_id == slot.study_id, PreparationRow.worker_id == slot.worker_id,
+                       PreparationRow.stage.is_not(None))
+                .values(stage=None, rate=None, updated_at=now)
+            )
             slot.last_error = f"worker {slot.worker_id} stopped heart-beating"
             slot.worker_id = reaper_id
             slot.heartbeat_at = now

@@ -32,7 +32,9 @@ def cluster(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Stack, dict[str
                       KDSEARCH_LOCAL_CACHE=str(tmp_path / "api-cache"), KDSEARCH_HEARTBEAT_INTERVAL="1",
                       # 12 s: three workers, the API, PostgreSQL and moto on 2 cores can starve a heartbeat for
                       # several seconds; the hosts' 120 s skews still dwarf it, so a clock mix-up still shows.
-                      KDSEARCH_GRACE_PERIOD="12", KDSEARCH_POLL_INTERVAL="0.2", **aws)
+                      KDSEARCH_GRACE_PERIOD="12", KDSEARCH_POLL_INTERVAL="0.2",
+                      # Every host signs and checks the cache manifests (KDSEARCH_ARTIFACT_KEY, kept out of the bucket).
+                      KDSEARCH_ARTIFACT_KEY="cluster-a-signing-key", **aws)
         stack.start_api()
         try:
             yield stack, aws
@@ -131,6 +133,7 @@ def test_a_corrupted_cache_object_is_rebuilt(cluster, tiny_assets, tmp_path: Pat
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=data_key.replace("data.safetensors", "manifest.json"))[
         "Body"].read())
     assert manifest["files"]["data.safetensors"]["size"] == len(rebuilt)
+    assert isinstance(manifest["signature"], str)  # signed with KDSEARCH_ARTIFACT_KEY, through the settings
     # The first host's own verified copy never changed: it was complete when it was made.
     assert any((tmp_path / "host-one").rglob("data.safetensors"))
     assert httpx.get(f"{stack.url}/api/studies/second").json()["counts"]["complete"] == 1
