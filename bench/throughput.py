@@ -319,6 +319,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=N_TRIALS)
     parser.add_argument("--max-minutes", type=float, default=12.0, help="stop a configuration's study after this")
     parser.add_argument("--parity-seeds", type=int, default=0, help="fp32 against bf16 over this many seeds")
+    parser.add_argument("--parity-precisions", default="fp32,bf16",
+                        help="with --parity-seeds: the precisions to run (comma-separated; a rerun of one keeps the "
+                             "other's recorded seeds)")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "sst2")
     parser.add_argument("--teacher", type=Path, default=SHARED / "models" / "sst2-teacher")
     parser.add_argument("--tiny", action="store_true", help="a check of the bench itself: tiny synthetic models")
@@ -341,7 +344,7 @@ def main() -> None:
         configs = [c for c in configs if c.name in wanted]
     results = (CACHE / f"throughput-{device}-tiny.json") if args.tiny else RESULTS / f"throughput-{device}.json"
     prepare_cache(data, teacher, device)
-    for precision in ("fp32", "bf16") if args.parity_seeds else ():
+    for precision in args.parity_precisions.split(",") if args.parity_seeds else ():
         run_parity(data, teacher, args.parity_seeds, precision, device, results)
     for rep in range(args.first_rep, args.first_rep + args.reps):
         for config in configs:
