@@ -122,9 +122,15 @@ class Settings(BaseSettings):
     @field_validator("trusted_hosts", mode="before")
     @classmethod
     def _split_trusted_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip().lower() for part in value.split(",") if part.strip()]
-        return value
+        names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value
+        for name in map(str, names):
+            wildcard_ok = name == "*" or (name.startswith("*.") and "*" not in name[1:]) or "*" not in name
+            if not wildcard_ok or any(c in name for c in "/@[] ") or name.count(":") == 1:
+                raise ValueError(f"trusted host {name!r}: a host name or address without scheme or port, "
+                                 "'*.example.com' for a domain's hosts, or '*' for any")
+        return [str(name).strip().lower() for name in names if str(name).strip()]
 
 
 WEBHOOK_DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import make_url
 
 from service.api import create_app
@@ -156,7 +157,11 @@ def test_unknown_host_names_are_refused(tmp_path: Path, monkeypatch: pytest.Monk
             refused = client.get("/api/health", headers={"Host": host})
             assert refused.status_code == 400 and refused.text == "Invalid host header", host
             assert client.post("/api/studies", json={}, headers={"Host": host}).status_code == 400
-    assert "testserver" in trusted_host_names(Settings(trusted_hosts="testserver, *.corp.example"))  # type: ignore[arg-type]
+    named = trusted_host_names(Settings(trusted_hosts="testserver, *.corp.example,fd00::1"))  # type: ignore[arg-type]
+    assert {"testserver", "*.corp.example", "[fd00::1]"} <= set(named)
+    for bad in ("host:8000", "http://host", "*host", "a.*.example"):
+        with pytest.raises(ValidationError, match="trusted host"):
+            Settings(trusted_hosts=bad)  # type: ignore[arg-type]
     wildcard = trusted_host_names(Settings(), bind_host="0.0.0.0")  # every name and address of this machine
     assert {"localhost", "127.0.0.1", "[::1]", socket.gethostname().lower()} <= set(wildcard)
 
