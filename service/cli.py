@@ -14,7 +14,11 @@ DEFAULT_URL = os.environ.get("KDSEARCH_URL", "http://127.0.0.1:8000")
 
 
 def _fail(message: str, code: int = 1) -> int:
-    print(f"kdsearch: error: {message}", file=sys.stderr)
+    """``message`` on stderr (any database password in it masked: every error the CLI shows passes here)."""
+    from service.redaction import scrub_database_error
+
+    print(f"kdsearch: error: {scrub_database_error(message, os.environ.get('KDSEARCH_DATABASE_URL'))}",
+          file=sys.stderr)
     return code
 
 
@@ -46,6 +50,7 @@ def _check_database() -> str | None:
     from sqlalchemy import text
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+    from service.redaction import mask_database_url, scrub_database_error
     from service.settings import get_settings
     from storage import make_engine
 
@@ -53,13 +58,15 @@ def _check_database() -> str | None:
     try:
         engine = make_engine(url)
     except (ArgumentError, ValueError, ImportError) as exc:
-        return f"KDSEARCH_DATABASE_URL {url!r} is not a database URL ({exc})"
+        return scrub_database_error(f"KDSEARCH_DATABASE_URL {mask_database_url(url)!r} is not a database URL ({exc})",
+                                    url)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        return f"cannot reach the database at {engine.url.render_as_string()}: {reason[0] if reason else exc}"
+        return scrub_database_error(f"cannot reach the database at {mask_database_url(url)}: "
+                                    f"{reason[0] if reason else exc}", url)
     finally:
         engine.dispose()
     return None
@@ -127,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"kdsearch: warning: no KDSEARCH_API_TOKEN set and listening on {host}: anyone who reaches it "
                   "can launch studies", file=sys.stderr)
     print(f"kdsearch: serving the API and dashboard on http://{host}:{args.port}/", flush=True)
-    uvicorn.run(create_app(settings), host=host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(settings, bind_host=host), host=host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -245,22 +252,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    if args.study:
+    if args.study:  # whatever the API returns is printed as text, never read as markup (an error may hold "[/]")
         study = _request("GET", f"{args.url}/api/studies/{args.study}")
         page = _request("GET", f"{args.url}/api/studies/{args.study}/trials")
         metric = study.get("metric") or "score"
         best = f"{study['best_value']:.4f}" if study["best_value"] is not None else "none yet"
-        console.print(f"[bold]{study['name']}[/] {study['status']}: {study['finished']}/{study['n_trials']} finished,"
-                      f" best {metric} {best}")
+        console.print(f"[bold]{escape(study['name'])}[/] {study['status']}: {study['finished']}/{study['n_trials']}"
+                      f" finished, best {escape(metric)} {best}")
         if study.get("teacher_metric") is not None:
-            console.print(f"teacher {metric}: {study['teacher_metric']:.4f}")
+            console.print(f"teacher {escape(metric)}: {study['teacher_metric']:.4f}")
         for note in study.get("notes", []):
-            console.print(f"[yellow]note:[/] {note}")
+            console.print(f"[yellow]note:[/] {escape(note)}")
         if study.get("error"):
-            console.print(f"[red]{study['error']}[/]")
+            console.print(f"[red]{escape(study['error'])}[/]")
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "precision",
@@ -279,8 +287,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
-        table.add_row(str(s["id"]), s["name"], s["status"], str(s["priority"]), f"{s['finished']}/{s['n_trials']}",
-                      str(s["counts"]["running"]), str(s["counts"]["failed"]), s.get("metric") or "",
+        table.add_row(str(s["id"]), escape(s["name"]), s["status"], str(s["priority"]),
+                      f"{s['finished']}/{s['n_trials']}", str(s["counts"]["running"]), str(s["counts"]["failed"]),
+                      s.get("metric") or "",
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
@@ -505,12 +514,16 @@ def _run(args: argparse.Namespace) -> int:
     """Run a subcommand; a database that is down or malformed is one line on stderr, not a traceback."""
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+    from service.redaction import mask_database_url, scrub_database_error
+
     try:
         return args.func(args)
     except (SQLAlchemyError, ArgumentError) as exc:
         reason = getattr(exc, "orig", None) or exc
         first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-        return _fail(f"database error ({os.environ.get('KDSEARCH_DATABASE_URL', 'default database')}): {first_line}")
+        url = os.environ.get("KDSEARCH_DATABASE_URL")
+        where = mask_database_url(url) if url else "default database"
+        return _fail(scrub_database_error(f"database error ({where}): {first_line}", url))
 
 
 def main(argv: list[str] | None = None) -> int:

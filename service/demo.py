@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,6 +28,7 @@ from distill.deploy import DeployError
 from distill.export import VARIANT_LABELS, ExportError
 from service.exporting import export_best
 from service.progress import eta_text
+from service.redaction import mask_database_url
 from service.settings import get_settings
 
 
@@ -64,7 +66,7 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
     try:
         spec = json.loads(spec_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        console.print(f"[red]kdsearch demo: cannot read {spec_path}: {exc}[/]")
+        console.print(f"[red]kdsearch demo: cannot read {escape(str(spec_path))}: {escape(str(exc))}[/]")
         return 2
     spec["name"] = f"{spec['name']}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     settings = get_settings()
@@ -83,23 +85,25 @@ def run_demo(spec_path: Path, *, port: int = 0, keep_serving: bool | None = None
             _wait_healthy(url, server)  # the server upgrades the schema first: a worker never does
             worker = subprocess.Popen([*kd, "worker", "--device", "auto"], env=env, stdout=worker_log,
                                       stderr=subprocess.STDOUT)
-            console.print(f"database [bold]{settings.database_url}[/], artifacts [bold]{settings.artifacts}[/]")
+            console.print(f"database [bold]{escape(mask_database_url(settings.database_url))}[/], "
+                          f"artifacts [bold]{escape(settings.artifacts)}[/]")
             console.print(f"dashboard: [link={url}/studies/{spec['name']}]{url}/studies/{spec['name']}[/]")
             response = httpx.post(f"{url}/api/studies", json=spec, timeout=120)
             if response.status_code != 201:
-                console.print(f"[red]submit failed ({response.status_code}): {response.text}[/]")
+                console.print(f"[red]submit failed ({response.status_code}): {escape(response.text)}[/]")
                 return 1
             study = _follow(console, url, spec["name"], worker)
             if study["status"] != "finished" or study["best_trial"] is None:
-                console.print(f"[red]study ended {study['status']}: {study.get('error') or 'no finished trial'}[/]")
+                console.print(f"[red]study ended {study['status']}: "
+                              f"{escape(study.get('error') or 'no finished trial')}[/]")
                 return 1
             _print_best(console, study)
             out = Path("demo-export") / spec["name"]
             try:  # ONNX and int8 beside the HF model, verified and timed against PyTorch and the teacher
                 result = export_best(settings, spec["name"], out, onnx=True, quantize="int8",
-                                     log=lambda line: console.print(f"[dim]{line}[/]"))
+                                     log=lambda line: console.print(f"[dim]{escape(line)}[/]"))
             except (ExportError, DeployError) as exc:
-                console.print(f"[red]export failed: {exc}[/]")
+                console.print(f"[red]export failed: {escape(str(exc))}[/]")
                 return 1
             console.print(f"exported the best student to [bold]{result.out_dir}[/] "
                           f"(try: transformers.pipeline('text-classification', model='{result.out_dir}'))")

@@ -28,6 +28,7 @@ from sqlalchemy import Engine, inspect
 from distill.engine import TRIAL_RECORD, load_engine
 from distill.export import ExportError, model_card, normalized_record, teacher_card_data, write_export
 from search_space import StudySpec, resolve_task
+from service.redaction import mask_database_url
 from service.settings import Settings
 from storage import (
     SchemaMismatch,
@@ -265,7 +266,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
         with session_scope(db) as session:
             row = get_study(session, study)
             if row is None:
-                raise ExportError(f"no study {study!r} in {settings.database_url}")
+                raise ExportError(f"no study {study!r} in {mask_database_url(settings.database_url)}")
             study_id, name, spec_json = row.id, row.name, dict(row.spec)
         optuna_study = optuna.load_study(study_name=name, storage=storage)
         metric = (optuna_study.user_attrs.get("task") or {}).get("metric") or spec_json.get("metric") or "metric"

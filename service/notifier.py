@@ -1,9 +1,16 @@
 """Webhook delivery: the outbox (``storage``) emptied in the background by every API and worker process.
 
-A notification is a JSON POST (study, event, status, best trial, dashboard URL) with a timeout; a failure (a
-timeout, a refused connection, a non-2xx answer) is retried with backoff up to ``KDSEARCH_WEBHOOK_MAX_ATTEMPTS``.
-Only hosts in ``KDSEARCH_WEBHOOK_ALLOWED_HOSTS`` are called, and a redirect is only followed to the same scheme,
-host and port: a webhook must never become a way to make this server call somewhere else.
+A notification is a JSON POST (study, event, status, best trial, dashboard URL); a failure (a timeout, a refused
+connection, a non-2xx answer) is retried with backoff up to ``KDSEARCH_WEBHOOK_MAX_ATTEMPTS``. Each delivery has
+one overall deadline, ``KDSEARCH_WEBHOOK_TIMEOUT_S``, for everything (connecting, redirects, the answer's last
+byte), well inside the claim lease: a receiver that answers a byte at a time cannot hold a delivery until the lease
+runs out and another deliverer sends it again.
+
+Only origins (scheme, host and port) in ``KDSEARCH_WEBHOOK_ALLOWED_HOSTS`` are called, and a redirect is only
+followed to the same origin: a webhook must never become a way to make this server call somewhere else.
+
+A webhook URL may hold a token (userinfo, query string): it is shown and logged only as ``redact_webhook_url``
+gives it, httpx's own request log included.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ import os
 import socket
 import threading
 from typing import Any
-from urllib.parse import urlsplit
 
+import anyio
 import httpx
 from sqlalchemy import Engine
 
-from service.settings import Settings
+from service.redaction import redact_webhook_url
+from service.settings import Settings, webhook_origin, webhook_origins
 from storage import (
     NotificationRow,
     StudyRow,
@@ -35,9 +43,23 @@ log = logging.getLogger("kdsearch.notify")
 MAX_REDIRECTS = 3
 
 
+class RedactRequestUrls(logging.Filter):
+    """httpx logs every request's URL at INFO: log it redacted (a webhook's token must not reach the logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_webhook_url(str(arg)) if isinstance(arg, httpx.URL) else arg
+                                for arg in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(RedactRequestUrls())
+
+
 def host_allowed(url: str, allowed: list[str]) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    return bool(host) and host in allowed
+    """Whether ``url``'s origin (scheme, host, port) is one the allow-list entries name."""
+    origin = webhook_origin(url)
+    return origin is not None and any(origin in webhook_origins(entry) for entry in allowed)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -45,13 +67,25 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
 
 
 def post_json(url: str, body: dict[str, Any], timeout_s: float) -> str | None:
-    """POST ``body``; None when the receiver answered 2xx, else why not. Redirects are followed only within the
-    same origin."""
+    """POST ``body``; None when the receiver answered 2xx within ``timeout_s`` overall, else why not. Redirects
+    are followed only within the same origin."""
+    try:
+        return anyio.run(_post_within, url, body, timeout_s)
+    except TimeoutError:
+        return f"no complete answer within {timeout_s:g} s"
+
+
+async def _post_within(url: str, body: dict[str, Any], deadline_s: float) -> str | None:
+    with anyio.fail_after(deadline_s):  # the whole delivery, not each read
+        return await _post(url, body, deadline_s)
+
+
+async def _post(url: str, body: dict[str, Any], timeout_s: float) -> str | None:
     target = httpx.URL(url)
     try:
-        with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                response = client.post(target, json=body)
+                response = await client.post(target, json=body)
                 if response.is_redirect:
                     next_url = target.join(response.headers.get("location", ""))
                     if _origin(next_url) != _origin(target):
@@ -63,7 +97,7 @@ def post_json(url: str, body: dict[str, Any], timeout_s: float) -> str | None:
                 return f"HTTP {response.status_code}"
             return "too many redirects"
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {str(exc).replace(url, redact_webhook_url(url))}"
 
 
 class Notifier:
@@ -98,7 +132,8 @@ class Notifier:
                 return attempted
             attempted += 1
             if not host_allowed(row.url, self.settings.webhook_allowed_hosts):
-                error: str | None = f"host of {row.url} is not in KDSEARCH_WEBHOOK_ALLOWED_HOSTS"
+                error: str | None = (f"the origin of {redact_webhook_url(row.url)} is not in "
+                                     "KDSEARCH_WEBHOOK_ALLOWED_HOSTS")
             else:
                 error = post_json(row.url, self.payload(row), self.settings.webhook_timeout_s)
 
@@ -108,10 +143,11 @@ class Notifier:
                     retry_delay_s=self.settings.webhook_retry_delay)
 
             state = retry_operational(settle, attempts=3)
+            shown_url = redact_webhook_url(row.url)
             if error is None:
-                log.info("notified %s of %s for study %d", row.url, row.event, row.study_id)
+                log.info("notified %s of %s for study %d", shown_url, row.event, row.study_id)
             else:
-                log.warning("webhook %s (%s, study %d) attempt %d: %s; %s", row.url, row.event, row.study_id,
+                log.warning("webhook %s (%s, study %d) attempt %d: %s; %s", shown_url, row.event, row.study_id,
                             row.attempts, error, "giving up" if state == "failed" else "will retry")
         return attempted
 

@@ -6,6 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,8 +52,10 @@ class Settings(BaseSettings):
     # The transfer set is held in memory on every worker: copies x train rows token rows.
     max_augment_copies: int = Field(20, ge=0)
 
-    # Notifications: webhooks are requests this server makes for a user, so only these hosts may receive them.
-    # Environment: host names separated by ','. Empty: no webhooks.
+    # Notifications: webhooks are requests this server makes for a user, so only these origins may receive them.
+    # Environment: entries separated by ','; an entry is scheme://host[:port] (that scheme, host and port exactly;
+    # the port defaults to the scheme's) or a plain host name (http on port 80 and https on 443 only). Empty: no
+    # webhooks. A delivery (every redirect and the last byte of the answer) must finish within webhook_timeout_s.
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(6, ge=1)
@@ -63,9 +66,12 @@ class Settings(BaseSettings):
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip().lower() for part in value.split(",") if part.strip()]
-        return value
+        entries = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            return value
+        for entry in entries:
+            webhook_origins(str(entry))  # a malformed entry stops the process at start-up, naming it
+        return [str(entry).strip().lower() for entry in entries if str(entry).strip()]
 
     # Workers
     poll_interval: float = Field(1.0, gt=0, description="Seconds an idle worker waits before asking again.")
@@ -108,6 +114,65 @@ class Settings(BaseSettings):
     worker_pool_size: int = Field(2, ge=1)
     worker_max_overflow: int = Field(1, ge=0)
     sqlite_busy_timeout_s: float = Field(60.0, gt=0)
+
+    # Host names the API answers to: a request whose Host header names another is refused (400), which defeats DNS
+    # rebinding (a site whose name resolves to this server). The server is always known by localhost, 127.0.0.1,
+    # ::1, the host of public_url and the address `kdsearch serve --host` binds (every local address for 0.0.0.0 or
+    # ::); this adds names (a proxy's, a DNS name). Environment: names separated by ','; '*.example.com' for a
+    # domain's hosts, '*' for any host (no check).
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _split_trusted_hosts(cls, value: object) -> object:
+        names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value
+        for name in map(str, names):
+            wildcard_ok = name == "*" or (name.startswith("*.") and "*" not in name[1:]) or "*" not in name
+            if not wildcard_ok or any(c in name for c in "/@[] ") or name.count(":") == 1:
+                raise ValueError(f"trusted host {name!r}: a host name or address without scheme or port, "
+                                 "'*.example.com' for a domain's hosts, or '*' for any")
+        return [str(name).strip().lower() for name in names if str(name).strip()]
+
+
+WEBHOOK_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def webhook_origins(entry: str) -> set[tuple[str, str, int]]:
+    """The (scheme, host, port) origins a ``KDSEARCH_WEBHOOK_ALLOWED_HOSTS`` entry allows: ``scheme://host[:port]``
+    exactly that one (the port defaults to the scheme's), a plain host name http on 80 and https on 443."""
+    text = entry.strip().lower()
+    if not text:
+        return set()
+    if "://" not in text:
+        if any(c in text for c in "/?#@[]") or (text.count(":") == 1):
+            raise ValueError(f"webhook allowed host {entry!r}: a plain host name, or scheme://host[:port] to allow "
+                             "another port")
+        return {(scheme, text, port) for scheme, port in WEBHOOK_DEFAULT_PORTS.items()}
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"webhook allowed host {entry!r}: {exc}") from None
+    if parts.scheme not in WEBHOOK_DEFAULT_PORTS or not host or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"webhook allowed host {entry!r}: expected http(s)://host[:port] and nothing more")
+    return {(parts.scheme, host, port if port is not None else WEBHOOK_DEFAULT_PORTS[parts.scheme])}
+
+
+def webhook_origin(url: str) -> tuple[str, str, int] | None:
+    """A webhook URL's (scheme, host, port), the port defaulting to the scheme's; None for one that is not
+    http(s) with a host and a valid port."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in WEBHOOK_DEFAULT_PORTS or not host:
+        return None
+    return scheme, host.lower(), port if port is not None else WEBHOOK_DEFAULT_PORTS[scheme]
 
 
 @lru_cache

@@ -15,6 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
 # Test models and data live under the temporary directory: allow it (and only it) as a local root.
 os.environ["KDSEARCH_ALLOWED_ROOTS"] = str(Path(tempfile.gettempdir()).resolve())
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Starlette's TestClient sends "Host: testserver": a name the API must be told it is known by (real servers in
+# the tests are reached on 127.0.0.1, which is always trusted).
+os.environ["KDSEARCH_TRUSTED_HOSTS"] = "testserver"
 
 POSTGRES_ADMIN_URL = os.environ.get("KDSEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 POSITIVE = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "smart"]

@@ -53,7 +53,7 @@ def test_launch_list_detail_cancel(client: TestClient, tiny_assets) -> None:  # 
     assert client.get("/api/studies/first/trials").json() == {"total": 0, "offset": 0, "limit": 50, "trials": []}
     assert client.get("/api/studies/nope").status_code == 404
 
-    cancelled = client.post("/api/studies/first/cancel")
+    cancelled = client.post("/api/studies/first/cancel", json={})
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert cancelled.json()["counts"]["waiting"] == 0
     assert client.get("/api/health").json()["status"] == "ok"

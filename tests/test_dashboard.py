@@ -126,6 +126,14 @@ def test_studies_page_launches_and_lists(browser, live_stack: Stack, tiny_assets
     page.wait_for_selector("#studies tbody tr >> text=from-form", timeout=10_000)
     assert "0/2" in page.inner_text("#studies tbody")
     shot(page, tmp_path / "studies.png")
+    # The cancel button works (its POST is JSON: without a token the API refuses any other kind, issue 26).
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.click('#studies tbody button[data-cancel="from-form"]')
+    page.wait_for_function("() => [...document.querySelectorAll('#studies tbody tr')].some(r => "
+                           "r.innerText.includes('from-form') && r.innerText.includes('cancelled'))", timeout=10_000)
+    assert dialogs == ["Cancel study from-form? Running trials stop at their next epoch."], dialogs
+    assert live_stack.study("from-form")["status"] == "cancelled"
     assert not problems, problems
 
 

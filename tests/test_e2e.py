@@ -114,7 +114,7 @@ def test_cancel_stops_running_trial_at_epoch_boundary(stack: Stack, tiny_assets)
     while httpx.get(f"{stack.url}/api/studies/cancel-me").json()["counts"]["running"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert httpx.post(f"{stack.url}/api/studies/cancel-me/cancel").json()["status"] == "cancelled"
+    assert httpx.post(f"{stack.url}/api/studies/cancel-me/cancel", json={}).json()["status"] == "cancelled"
     deadline = time.monotonic() + 120
     while (study := httpx.get(f"{stack.url}/api/studies/cancel-me").json())["counts"]["running"]:
         assert time.monotonic() < deadline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,7 +70,7 @@ def receiver() -> Iterator[Receiver]:
 def test_events_arrive_in_order_with_a_retry(db_url: str, tmp_path: Path, tiny_assets, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
     receiver.answers = [(500, {})]  # the first call fails: it must be retried, and nothing after it overtakes it
     stack = Stack(db_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
-                  KDSEARCH_POLL_INTERVAL="0.1", KDSEARCH_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+                  KDSEARCH_POLL_INTERVAL="0.1", KDSEARCH_WEBHOOK_ALLOWED_HOSTS=f"http://127.0.0.1:{receiver.port}",
                   KDSEARCH_WEBHOOK_RETRY_DELAY="0.5", KDSEARCH_PUBLIC_URL="http://kdsearch.example:8000")
     hook = f"http://127.0.0.1:{receiver.port}/hooks/kd"
     try:
@@ -129,7 +130,9 @@ def test_redirects_stay_on_the_same_host(tmp_path: Path, tiny_assets) -> None:  
         db = make_engine(url)
         init_db(db)
         make_optuna_storage(url).engine.dispose()  # Optuna's schema, as the API creates it
-        settings = Settings(database_url=url, artifacts=tmp_path / "a", webhook_allowed_hosts=["127.0.0.1"],
+        settings = Settings(database_url=url, artifacts=tmp_path / "a",
+                            webhook_allowed_hosts=[f"http://127.0.0.1:{same.port}", f"http://127.0.0.1:{away.port}",
+                                                   f"http://localhost:{elsewhere.port}"],
                             webhook_max_attempts=2, webhook_retry_delay=0.01)
         ids = {}
         for name, port in (("same", same.port), ("away", away.port)):
@@ -152,3 +155,108 @@ def test_redirects_stay_on_the_same_host(tmp_path: Path, tiny_assets) -> None:  
     finally:
         elsewhere.close()
         same.close()
+
+
+def test_allow_list_is_by_scheme_host_and_port(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+    from pydantic import ValidationError
+
+    from service.api import create_app
+    from service.notifier import host_allowed
+
+    origins = ["https://hooks.example.com", "http://localhost:8080", "http://[::1]:9000"]
+    for url in ("https://hooks.example.com/k", "https://HOOKS.example.com:443/k?x=1", "http://localhost:8080/h",
+                "HTTP://localhost:8080", "http://[::1]:9000/h"):
+        assert host_allowed(url, origins), url
+    for url in ("http://localhost:6379/", "http://localhost/h", "https://localhost:8080/h", "http://hooks.example.com/k",
+                "https://hooks.example.com:8443/k", "http://[::1]:9001/h", "http://localhost:notaport/",
+                "ftp://hooks.example.com/", "https://hooks.example.com.evil.example/k"):
+        assert not host_allowed(url, origins), url
+    # A plain host name: the default ports of http and https, and no other.
+    assert host_allowed("http://localhost/h", ["localhost"]) and host_allowed("https://localhost:443/", ["localhost"])
+    assert not host_allowed("http://localhost:6379/", ["localhost"])
+    assert not host_allowed("https://localhost:8080/", ["localhost"])
+
+    settings = Settings(webhook_allowed_hosts=" https://Hooks.example.com , http://localhost:8080,")  # type: ignore[arg-type]
+    assert settings.webhook_allowed_hosts == ["https://hooks.example.com", "http://localhost:8080"]
+    for bad in ("localhost:8080", "ftp://hooks.example.com", "https://hooks.example.com/path",
+                "https://user:pw@hooks.example.com", "http://localhost:99999", "https://"):
+        with pytest.raises(ValidationError, match="webhook allowed host"):
+            Settings(webhook_allowed_hosts=bad)  # type: ignore[arg-type]
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=tmp_path / "a",
+                        webhook_allowed_hosts=["http://localhost:8080"])
+    with TestClient(create_app(settings)) as client:
+        refused = client.post("/api/studies", json=tiny_spec(tiny_assets, notify={"webhook": "http://localhost:6379/"}))
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][:3] == ["body", "notify", "webhook"]
+        ok = client.post("/api/studies", json=tiny_spec(tiny_assets, notify={"webhook": "http://localhost:8080/k"}))
+        assert ok.status_code == 201, ok.text
+
+
+class SlowDrip:
+    """A loopback receiver that answers 200 with a 60-byte body sent one byte every 0.5 s (30 s in all): each read
+    gets data well within any per-read timeout."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.finished = threading.Event()  # a whole answer went out: a delivery was held that long
+        drip = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                drip.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "60")
+                self.end_headers()
+                try:
+                    for _ in range(60):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                except OSError:  # the client hung up: cut
+                    return
+                drip.finished.set()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_slow_drip_receiver_is_cut_at_the_deadline(tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    drip = SlowDrip()
+    url = f"sqlite:///{tmp_path / 'db'}"
+    db = make_engine(url)
+    try:
+        init_db(db)
+        make_optuna_storage(url).engine.dispose()
+        spec = tiny_spec(tiny_assets, name="dripped", notify={"webhook": f"http://127.0.0.1:{drip.port}/h",
+                                                            "events": ["failed"]})
+        study_id = create_study(db, name="dripped", spec=spec, n_trials=1, priority=0, timeout_s=None).id
+        enqueue_event(db, study_id, "failed", {"error": "test"})
+        settings = Settings(database_url=url, artifacts=tmp_path / "a", webhook_timeout_s=1.0,
+                            webhook_allowed_hosts=[f"http://127.0.0.1:{drip.port}"], webhook_max_attempts=2,
+                            webhook_retry_delay=0.01)
+        # Both attempts are cut at the deadline while the receiver is still dripping, and the first is given back
+        # for a retry (due at once: the retry delay is tiny) rather than held for 30 s under its claim.
+        notifier = Notifier(db, settings)
+        for _ in range(100):
+            notifier.deliver_due()
+            with session_scope(db) as session:
+                row, = notifications(session, study_id)
+            if row.state != "pending":
+                break
+            time.sleep(0.05)
+        assert drip.requests == 2 and not drip.finished.is_set()
+        assert row.state == "failed" and row.attempts == 2 and row.claimed_by is None
+        assert row.last_error == "no complete answer within 1 s"
+        db.dispose()
+    finally:
+        drip.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -12,6 +12,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from service.api.schemas import ErrorOut
 from service.settings import Settings
 from storage import session_scope
 
@@ -51,10 +52,24 @@ def _check_token(settings: Settings, credentials: HTTPAuthorizationCredentials |
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_token(settings: SettingsDep,
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def require_token(request: Request, settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """When ``KDSEARCH_API_TOKEN`` is set, mutating endpoints need ``Authorization: Bearer <token>``."""
-    _check_token(settings, credentials)
+    """When ``KDSEARCH_API_TOKEN`` is set, mutating endpoints need ``Authorization: Bearer <token>``.
+
+    Without a token they need ``Content-Type: application/json``: a page on another site can make a browser send
+    a form or a plain fetch here (cancelling a study needs no body), but not a JSON one, which needs a CORS
+    preflight this server never grants."""
+    if settings.api_token:
+        _check_token(settings, credentials)
+    elif not _is_json(request.headers.get("content-type")):
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                            "a request that changes something needs Content-Type: application/json (or the API "
+                            "token, when the server has one)")
 
 
 def require_read_access(settings: SettingsDep,
@@ -65,4 +80,8 @@ def require_read_access(settings: SettingsDep,
 
 
 TokenDep = Annotated[None, Depends(require_token)]
+# What TokenDep may answer (documented on each route that uses it).
+TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {"model": ErrorOut, "description": "No token configured and the request is not Content-Type: "
+                                            "application/json (a cross-site form or fetch)"}}
 ReadDep = Annotated[None, Depends(require_read_access)]

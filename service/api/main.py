@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
+import psutil
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import health, metrics, studies, workers
@@ -45,7 +49,26 @@ def close_state(app: FastAPI) -> None:
     app.state.optuna_storage.engine.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def trusted_host_names(settings: Settings, bind_host: str | None = None) -> list[str]:
+    """The names a request's Host header may give: loopback, the host of ``public_url``, the bound address (for a
+    wildcard bind: this machine's names and every local address) and ``KDSEARCH_TRUSTED_HOSTS``; IPv6 literals
+    in brackets, as ``TrustedHostMiddleware`` compares them."""
+    names = [*LOOPBACK_NAMES, *settings.trusted_hosts, urlsplit(settings.public_url).hostname or "localhost"]
+    if bind_host is not None and bind_host.strip("[]") in WILDCARD_BINDS:
+        names += [socket.gethostname(), socket.getfqdn()]
+        names += [address.address.split("%", 1)[0] for addresses in psutil.net_if_addrs().values()
+                  for address in addresses if address.family in (socket.AF_INET, socket.AF_INET6)]
+    elif bind_host is not None:
+        names.append(bind_host.strip("[]"))
+    return sorted({f"[{name}]" if ":" in name else name.lower() for name in names if name})
+
+
+def create_app(settings: Settings | None = None, bind_host: str | None = None) -> FastAPI:
+    """The app; ``bind_host``: the address ``kdsearch serve`` listens on (a name requests may give as Host)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -67,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = metrics.metrics_registry(app)
     mount_dashboard(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: a request for a host this server is not known by is refused before anything reads it.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_host_names(settings, bind_host),
+                       www_redirect=False)
     return app
 
 

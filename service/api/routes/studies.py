@@ -16,7 +16,15 @@ from sqlalchemy.orm import Session
 
 from search_space import SpecError, StudySpec, TaskInfo, validate_spec, values_of
 from search_space.objectives import pareto_front
-from service.api.deps import DbDep, OptunaStorageDep, SessionDep, SettingsDep, TokenDep, require_read_access
+from service.api.deps import (
+    TOKEN_RESPONSES,
+    DbDep,
+    OptunaStorageDep,
+    SessionDep,
+    SettingsDep,
+    TokenDep,
+    require_read_access,
+)
 from service.api.schemas import (
     BestTrial,
     EpochOut,
@@ -39,6 +47,7 @@ from service.api.schemas import (
     TrialPoint,
 )
 from service.notifier import host_allowed
+from service.redaction import redact_webhook_url
 from service.settings import Settings
 from storage import (
     SlotState,
@@ -229,7 +238,7 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut, responses={
     400: {"model": ErrorOut, "description": "The body is not valid JSON"},
     409: {"model": ErrorOut, "description": "A study of that name exists"},
-    413: {"model": ErrorOut, "description": "Request body too large"},
+    413: {"model": ErrorOut, "description": "Request body too large"}, **TOKEN_RESPONSES,
 })
 def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, session: SessionDep,
                  settings: SettingsDep, _auth: TokenDep) -> StudyDetailOut:
@@ -272,6 +281,14 @@ def _notes(task: TaskInfo | None) -> list[str]:
             "the spec is ignored)"]
 
 
+def _shown_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the API shows it: the webhook URL redacted (the stored spec keeps it, for delivery)."""
+    notify = spec.get("notify") or {}
+    if not notify.get("webhook"):
+        return spec
+    return {**spec, "notify": {**notify, "webhook": redact_webhook_url(notify["webhook"])}}
+
+
 def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow) -> StudyDetailOut:
     summary = _summaries(session, [row])[0]
     attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "exports",
@@ -298,7 +315,7 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
         trial_number=spread.trial_number, metric=metric, seeds=spread.seeds, values=spread.values, mean=spread.mean,
         std=spread.std, best_seed=spread.best_seed)
     return StudyDetailOut(
-        **summary.model_dump(), spec=row.spec, best_trial=best_trial,
+        **summary.model_dump(), spec=_shown_spec(row.spec), best_trial=best_trial,
         task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
         teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
         exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])], objectives=objectives,
@@ -414,7 +431,7 @@ def _importances(storage: optuna.storages.RDBStorage, name: str, n_complete: int
     return _IMPORTANCE_CACHE[key]
 
 
-@router.post("/{id_or_name}/cancel", response_model=StudyDetailOut, responses=NOT_FOUND)
+@router.post("/{id_or_name}/cancel", response_model=StudyDetailOut, responses={**NOT_FOUND, **TOKEN_RESPONSES})
 def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
            _auth: TokenDep) -> StudyDetailOut:
     """No new trials start; running ones stop at their next epoch boundary."""

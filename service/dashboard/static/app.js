@@ -43,7 +43,8 @@ const kd = (() => {
 
   async function cancel(name) {
     if (!window.confirm(`Cancel study ${name}? Running trials stop at their next epoch.`)) return;
-    const r = await request(`/api/studies/${encodeURIComponent(name)}/cancel`, {method: "POST"});
+    // A JSON request: without a token, the API refuses any other (a cross-site form could send those).
+    const r = await request(`/api/studies/${encodeURIComponent(name)}/cancel`, {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"});
     if (!r.ok) window.alert(`cancel failed: ${r.status}`);
   }
 
