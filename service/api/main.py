@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import health, metrics, studies, workers
+from service.api.routes import health, metrics, studies, trials, workers
 from service.dashboard import mount_dashboard
 from service.notifier import Notifier
 from service.settings import Settings, get_settings
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = APIRouter(prefix="/api")
     api.include_router(health.router)
     api.include_router(studies.router)
+    api.include_router(trials.router)
     api.include_router(workers.router)
     app.include_router(api)
     app.include_router(metrics.router)
