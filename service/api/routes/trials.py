@@ -21,7 +21,7 @@ router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(re
 
 @router.get("/{id_or_name}/trials/{number}", response_model=TrialDetailOut,
             responses={404: {"model": ErrorOut, "description": "No such study, or no such trial in it"}})
-def read_trial(id_or_name: str, number: Annotated[int, Path(ge=0)], session: SessionDep,
+def read_trial(id_or_name: str, number: Annotated[int, Path(ge=0, le=10_000_000)], session: SessionDep,
                optuna_storage: OptunaStorageDep) -> TrialDetailOut:
     """A trial by its number: parameters, every epoch's metrics, the lines its worker logged about it, the files
     stored with it, its exports and the ``export-best`` command that exports it."""

@@ -327,7 +327,8 @@ const kd = (() => {
         customdata: rows.map((t) => t.number), text: rows.map((t) => `#${t.number}`), textposition: "inside", insidetextanchor: "middle",
         hovertemplate: rows.map((t) => `trial #${t.number} ${state}<br>${esc(t.worker || "")}<br>${t.started_at} → ${t.completed_at || "running"}<extra></extra>`),
         marker: {color: STATE_COLOURS[state] || "#9aa5b1"}};
-    }), {...BASE, barmode: "overlay", margin: {t: 10, r: 10, b: 45, l: 10}, xaxis: {type: "date", title: {text: "time (worker clock)"}},
+    }), {...BASE, barmode: "overlay", margin: {t: 30, r: 10, b: 45, l: 10},
+      legend: {orientation: "h", x: 1, xanchor: "right", y: 1, yanchor: "bottom"}, xaxis: {type: "date", title: {text: "time (worker clock)"}},
       yaxis: {automargin: true, type: "category"}, height: Math.max(160, 60 + 40 * new Set(ran.map((t) => t.worker)).size)}, PLOT);
     const chart = document.getElementById("timeline");
     if (!chart.dataset.linked) {
