@@ -200,7 +200,7 @@ const kd = (() => {
     const pick = front.length ? front[front.length - 1] : null;  // ascending cost: the last is the most accurate
     const limit = pick ? (cost === "latency_ms" ? pick.cost.toFixed(2) : Math.round(pick.cost)) : "N";
     return `<h2>Pareto front (${esc(metric)} against ${esc(COSTS[cost])})</h2><div class="big">${front.length} <span class="muted">trial${front.length === 1 ? "" : "s"} on the front</span></div>
-      <table id="front-list"><tbody>${front.map((p) => `<tr><td>#${p.number}</td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
+      <table id="front-list"><tbody>${front.map((p) => `<tr><td><a href="${trialHref(study.name, p.number)}">#${p.number}</a></td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
         <td>${esc(shapeText(p.profile.shape))}</td></tr>`).join("")}</tbody></table>
       <p>no one best trial: pick one with <code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-student ${flag} ${limit}</code> or <code>--trial N</code></p>`;
   }
@@ -267,7 +267,7 @@ const kd = (() => {
       } else if (b) {
         const others = Object.entries(b.metrics || {}).filter(([k]) => k !== metric);
         document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)} <span class="muted">${esc(metric)}</span></div>
-          <p>trial #${b.number}, best epoch ${b.epoch ?? "?"}</p>
+          <p><a href="${trialHref(study.name, b.number)}">trial #${b.number}</a>, best epoch ${b.epoch ?? "?"}</p>
           ${others.length ? `<p class="muted" id="best-metrics">${others.map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")}</p>` : ""}
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
