@@ -379,6 +379,7 @@ def test_trial_page_timeline_and_workers(browser, sqlite_url: str, tmp_path: Pat
         assert re.fullmatch(r"#\d+", row.locator("td.trial a").inner_text())
         href = row.locator("td.trial a").get_attribute("href") or ""
         assert re.fullmatch(r"/studies/oom-once-pages/trials/\d+", href), href
+        assert_fits(workers, "workers page at 1280px")
         workers.close()
         stack.wait_status("oom-once-pages")
         trials = {t["number"]: t for t in stack.trials("oom-once-pages")}
