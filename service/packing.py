@@ -123,8 +123,9 @@ class PackRunner:
             member.profile = worker._profile(spec, prepared, trial, member.params)
             if (reason := infeasible_reason(spec.constraints, member.profile or {})) is None:
                 return True
+            worker._trial_log(trial).add(logging.INFO, "study %s trial %d not trained: %s", member.claim.study_name,
+                                         trial.number, reason)
             retry_operational(lambda: worker._record_infeasible(member.study, trial, reason))
-            log.info("study %s trial %d not trained: %s", member.claim.study_name, trial.number, reason)
             worker._finish_slot(member.claim, member.lost, SlotState.DONE, None)
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             worker._finish_slot(member.claim, member.lost, SlotState.FAILED,
@@ -176,8 +177,7 @@ class PackRunner:
         try:
             if isinstance(result, Exception):
                 raise result
-            worker._store_outcome(member.claim, spec, member.study, trial, result, checkpoint, member.profile)
-            worker._log_outcome(member.claim, trial, task, result)
+            worker._store_outcome(member.claim, spec, member.study, trial, result, checkpoint, member.profile, task)
             outcome, error = SlotState.DONE, None
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             outcome, error = SlotState.FAILED, worker._fail_trial(member.claim, member.study, trial, exc)

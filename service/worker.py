@@ -51,6 +51,7 @@ from service.notifier import Notifier
 from service.packing import PackRunner
 from service.progress import PreparationReporter
 from service.settings import Settings
+from service.trial_log import TrialLog
 from storage import (
     Claim,
     SlotState,
@@ -114,6 +115,7 @@ class Worker:
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
         self._heart: SlotHeartbeat | None = None  # while a claim (or a pack) runs
+        self._trial_logs: dict[int, TrialLog] = {}  # trial id -> its lines, while it runs here
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -273,29 +275,33 @@ class Worker:
             profile = self._profile(spec, prepared, trial, params)
             if (reason := infeasible_reason(spec.constraints, profile or {})) is not None:
                 # Known before training: the student is never trained, the sampler learns from the violation.
+                self._trial_log(trial).add(logging.INFO, "study %s trial %d not trained: %s", claim.study_name,
+                                           trial.number, reason)
                 retry_operational(lambda: self._record_infeasible(study, trial, reason))
-                log.info("study %s trial %d not trained: %s", claim.study_name, trial.number, reason)
             else:
-                outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost, profile)
-                self._log_outcome(claim, trial, task, outcome)
+                self._train_and_store(claim, spec, prepared, study, trial, params, task, lost, profile)
             slot_outcome, error = SlotState.DONE, None
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
             error = self._fail_trial(claim, study, trial, exc)
             slot_outcome = SlotState.FAILED
         self._finish_slot(claim, lost, slot_outcome, error)
 
-    def _log_outcome(self, claim: Claim, trial: optuna.Trial, task: TaskInfo, outcome: TrialOutcome) -> None:
-        log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
-                 outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
+    def _trial_log(self, trial: optuna.Trial) -> TrialLog:
+        """The worker's lines about a trial it runs (``service.trial_log``), kept on the trial."""
+        return self._trial_logs.setdefault(trial._trial_id, TrialLog(trial))
 
     def _fail_trial(self, claim: Claim, study: optuna.Study, trial: optuna.Trial, exc: BaseException) -> str:
         """Record a trial's failure (FAIL, with the reason); returns the reason for its slot."""
         error = describe_error(exc)
-        if not isinstance(exc, InterruptedError):
-            log.error("study %s trial %d failed: %s", claim.study_name, trial.number, error)
+        trial_log = self._trial_logs.pop(trial._trial_id, None) or TrialLog(trial)
+        if isinstance(exc, InterruptedError):
+            trial_log.add(logging.INFO, "study %s trial %d stopped: %s", claim.study_name, trial.number, error)
+        else:
+            trial_log.add(logging.ERROR, "study %s trial %d failed: %s", claim.study_name, trial.number, error)
             log.debug("%s", "".join(traceback.format_exception(exc)))
         try:
             trial.set_user_attr("fail_reason", error)
+            trial_log.save()
             study.tell(trial, state=TrialState.FAIL)
         except Exception:  # noqa: BLE001 - a reaper may have failed it already
             log.debug("trial %d was already finished", trial.number)
@@ -391,8 +397,9 @@ class Worker:
         trial.set_user_attr("worker", self.worker_id)
         trial.set_user_attr("slot", claim.slot_no)
         trial.set_user_attr("attempt", claim.attempt)
-        log.info("study %s trial %d (slot %d, attempt %d): %s", claim.study_name, trial.number, claim.slot_no,
-                 claim.attempt, params)
+        self._trial_log(trial).say(logging.INFO, "study %s trial %d (slot %d, attempt %d) on worker %s: %s",
+                                   claim.study_name, trial.number, claim.slot_no, claim.attempt, self.worker_id,
+                                   params)
         return trial, params
 
     def _profile(self, spec: StudySpec, prepared: Any, trial: optuna.Trial,
@@ -422,7 +429,9 @@ class Worker:
         if state != TrialState.RUNNING:
             raise InterruptedError(f"trial is {state.name} (failed by a reaper)")
         trial.set_user_attr("stop_reason", reason)
+        self._trial_log(trial).save()
         study.tell(trial, state=TrialState.PRUNED)
+        self._trial_logs.pop(trial._trial_id, None)
 
     def _epoch_reporter(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
                         task: TaskInfo, lost: threading.Event,
@@ -451,8 +460,9 @@ class Worker:
                            "eval_loss": result.eval_loss, "score": result.score, "metrics": result.metrics,
                            "seconds": round(result.seconds, 3)})
             retry_operational(lambda: trial.set_user_attr("epochs", epochs))
-            log.info("  trial %d epoch %d: %s", trial.number, result.epoch,
-                     ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or f"{task.metric} {result.score}")
+            self._trial_log(trial).say(
+                logging.INFO, "  trial %d epoch %d: %s", trial.number, result.epoch,
+                ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or f"{task.metric} {result.score}")
             if lost.is_set():
                 return LOST_CLAIM
             if self._stop.is_set():
@@ -474,11 +484,12 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="kdsearch-trial-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"
             outcome = self.engine.run_trial(prepared, params, spec.seed, on_epoch_end, checkpoint)
-            self._store_outcome(claim, spec, study, trial, outcome, checkpoint, profile)
+            self._store_outcome(claim, spec, study, trial, outcome, checkpoint, profile, task)
         return outcome
 
     def _store_outcome(self, claim: Claim, spec: StudySpec, study: optuna.Study, trial: optuna.Trial,
-                       outcome: TrialOutcome, checkpoint: Path, profile: dict[str, Any] | None) -> None:
+                       outcome: TrialOutcome, checkpoint: Path, profile: dict[str, Any] | None,
+                       task: TaskInfo) -> None:
         """Store a trained trial's checkpoint, then tell Optuna (COMPLETE, or PRUNED with its stop reason). A stop for
         shutdown or a lost claim raises ``InterruptedError``: the trial is failed and its slot retried."""
         if outcome.stopped in (SHUTDOWN, LOST_CLAIM):
@@ -488,7 +499,13 @@ class Worker:
         if spec.cost_objective is not None:
             assert profile is not None  # _profile refuses a multi-objective study without one
             values.append(float(profile[spec.cost_objective]))
+        trial_log = self._trial_log(trial)
+        trial_log.add(logging.INFO, "study %s trial %d: checkpoint stored as artifact %s", claim.study_name,
+                      trial.number, artifact_id)
+        trial_log.add(logging.INFO, "study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
+                      outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
         retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id, values))
+        self._trial_logs.pop(trial._trial_id, None)
         retry_operational(lambda: self._announce_best(claim, spec, study, trial, outcome))
 
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
@@ -505,6 +522,7 @@ class Worker:
         trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
         if outcome.precision is not None:
             trial.set_user_attr("precision", outcome.precision)
+        self._trial_log(trial).save()  # its last lines (the checkpoint, the outcome): frozen once told
         if outcome.stopped:
             trial.set_user_attr("stop_reason", outcome.stopped)
             study.tell(trial, state=TrialState.PRUNED)

@@ -90,8 +90,9 @@ class Preparing:
     done: int
     total: int
     rate: float | None
-    eta_s: float | None
+    eta_s: float | None  # from the rows and the rate as reported: all three are as of ``updated_at``
     updated_at: datetime
+    age_s: float  # how long ago the worker reported them
 
 
 def preparations(session: Session, study_ids: list[int]) -> dict[int, PreparationRow]:
@@ -102,12 +103,13 @@ def preparations(session: Session, study_ids: list[int]) -> dict[int, Preparatio
 
 
 def preparing(row: PreparationRow | None, now: datetime) -> Preparing | None:
-    """The preparation under way (None when none is), with its ETA from the rate so far, counted from ``now`` (the
-    database's clock, as the row's stamps)."""
+    """The preparation under way (None when none is): its rows, rate and ETA as the worker last reported them, and
+    how long ago that was, from ``now`` (the database's clock, as the row's stamps).
+
+    The ETA is not counted down from the report: rows written a few times a minute beside an ETA that runs on
+    disagreed ("1,000 / 4,000 rows, 100 rows/s, ETA 12 s"); the three agree, and the page says how old they are."""
     if row is None or row.stage is None or row.updated_at is None:
         return None
-    eta = None
-    if row.rate and row.total > row.done:
-        elapsed_since = (now - row.updated_at).total_seconds()
-        eta = max(0.0, (row.total - row.done) / row.rate - elapsed_since)
-    return Preparing(row.stage, row.done, row.total, row.rate, eta, row.updated_at)
+    eta = (row.total - row.done) / row.rate if row.rate and row.total > row.done else None
+    age = max(0.0, (now - row.updated_at).total_seconds())
+    return Preparing(row.stage, row.done, row.total, row.rate, eta, row.updated_at, age)

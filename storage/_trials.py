@@ -75,8 +75,8 @@ def _trial_attr(session: Session, study_id: int, key: str) -> dict[int, Any]:
 
 
 def trial_points(session: Session, study_id: int) -> list[dict[str, Any]]:
-    """Every trial: number, state, value, start/complete times, searched params (external values) and the
-    student's profile (shape, size, FLOPs, latency) where recorded."""
+    """Every trial: number, state, value, start/complete times, searched params (external values), the
+    student's profile (shape, size, FLOPs, latency) where recorded and the worker that ran it."""
     rows = session.execute(_with_value(study_id).order_by(_trials.c.number)).all()
     params: dict[int, dict[str, Any]] = {}
     for trial_id, name, internal, dist in session.execute(
@@ -86,9 +86,10 @@ def trial_points(session: Session, study_id: int) -> list[dict[str, Any]]:
     ):
         params.setdefault(trial_id, {})[name] = _external(dist, internal)
     profiles = _trial_attr(session, study_id, "profile")
+    workers = _trial_attr(session, study_id, "worker")
     return [{"number": r.number, "state": r.state, "value": r.value, "params": params.get(r.trial_id, {}),
              "started_at": r.datetime_start, "completed_at": r.datetime_complete,
-             "profile": profiles.get(r.trial_id)} for r in rows]
+             "profile": profiles.get(r.trial_id), "worker": workers.get(r.trial_id)} for r in rows]
 
 
 def learning_curves(session: Session, study_id: int, from_epochs: bool = False) -> dict[int, list[tuple[int, float]]]:

@@ -163,7 +163,7 @@ def test_preparation_progress_sorting_and_fetch_errors(browser, sqlite_url: str,
         page.wait_for_function("document.querySelector(\"#trials th[data-sort='duration']\").classList.contains("
                                "'sorted')")
         page.wait_for_timeout(500)
-        durations = [float(v) for v in page.locator("#trials tbody tr td:nth-child(11)").all_inner_texts()]
+        durations = [float(v) for v in page.locator("#trials tbody tr td:nth-child(7)").all_inner_texts()]
         assert durations == sorted(durations, reverse=True) and len(durations) == 4
         # A refresh that fails says so on the page, not only in the console.
         assert page.is_hidden("#fetch-error")
@@ -184,8 +184,11 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
     try:
         stack.start_api()
         stack.submit(front_spec(tiny_assets, "pareto-page", n_trials=4))
+        # One fixed student shape, profiled like any trial: every trial has one cost, so no Pareto chart.
+        stack.submit(tiny_spec(tiny_assets, name="one-shape", n_trials=2, search_space={
+            "num_train_epochs": 1, "batch_size": 32, "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
         stack.start_worker()
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         problems: list[str] = []
         page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -223,11 +226,228 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
         assert "Params" in header and "Latency (ms)" in header and "Shape" in header
         params_col = header.index("Params") + 1
         assert all(page.locator(f"#trials tbody tr td:nth-child({params_col})").all_inner_texts())
+        assert_fits(page, "a searched-shape study's page with every size column at 1280px")
         shot(page, tmp_path / "pareto.png")
         # Another cost axis: the chart is redrawn against latency.
         page.select_option("#pareto-cost", "latency_ms")
         page.wait_for_function("document.getElementById('pareto').layout.xaxis.title.text.includes('CPU ms')",
                                timeout=10_000)
+        stack.wait_status("one-shape")
+        assert all(t["profile"] for t in stack.trials("one-shape"))  # measured, yet all at one cost
+        assert stack.study("pareto-page")["shape_searched"] and not stack.study("one-shape")["shape_searched"]
+        page.goto(f"{stack.url}/studies/one-shape")
+        page.wait_for_selector("#history svg.main-svg", timeout=30_000)
+        assert page.is_hidden("#pareto-card")
+        assert not problems, problems
+    finally:
+        stack.stop()
+
+
+# ------------------------------------------------------------------------------------------------ issue 27: 15-18
+WIDTHS = (1280, 1920)
+# Measured in the page: the page's own overflow, and every visible table's box against its card's (or main's).
+LAYOUT_JS = """() => {
+  const spills = [...document.querySelectorAll('table')].filter((t) => t.offsetParent !== null).map((t) => {
+    const box = (t.closest('.card') || t.closest('main')).getBoundingClientRect();
+    const r = t.getBoundingClientRect();
+    const out = r.right > box.right + 0.5 || r.left < box.left - 0.5;
+    return out ? `${t.id || t.className}: ${r.left}-${r.right} outside ${box.left}-${box.right}` : null;
+  }).filter(Boolean);
+  return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth, spills};
+}"""
+
+
+def assert_fits(page, what: str) -> None:  # type: ignore[no-untyped-def]
+    layout = page.evaluate(LAYOUT_JS)
+    assert layout["scroll"] <= layout["inner"], f"{what}: the page scrolls sideways ({layout})"
+    assert not layout["spills"], f"{what}: a table spills out of its card ({layout['spills']})"
+
+
+def open_page(browser, url: str, width: int, problems: list[str]):  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.goto(url)
+    return page
+
+
+def test_layout_empty_charts_and_preparation_at_1280_and_1920(browser, sqlite_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               tiny_assets) -> None:
+    """Issue 27, 15-17, at 1280 and 1920 px: no sideways scroll and every table inside its card; a queued study's
+    cancel button and a failed study's error on screen (the error on lines of its own, not a word per line); one
+    message instead of six empty charts for a failed study; one-epoch trials on the learning-curve chart; no
+    Pareto chart for one fixed student shape; the importances caveat under 10 trials; a preparation's rows, rate
+    and ETA that agree."""
+    from datetime import timedelta
+
+    from storage import db_now, get_study, make_engine, report_progress, session_scope
+
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
+                  KDSEARCH_POLL_INTERVAL="0.1")
+    problems: list[str] = []
+    try:
+        stack.start_api()
+        # The data's fault: the study fails at preparation with the reason (FlakyEngine's "data-" studies).
+        stack.submit(tiny_spec(tiny_assets, name="data-labels-the-teacher-does-not-know", n_trials=3))
+        stack.submit(tiny_spec(tiny_assets, name="one-epoch", n_trials=3,
+                               search_space={"num_train_epochs": 1, "batch_size": 32,
+                                             "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
+        worker = stack.start_worker()
+        assert stack.wait_status("data-labels-the-teacher-does-not-know")["status"] == "failed"
+        assert stack.wait_status("one-epoch")["status"] == "finished"
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        # A queued study (no worker now) whose preparation reported 1,000 of 4,000 rows at 100 rows/s 30 s ago.
+        stack.submit(tiny_spec(tiny_assets, name="queued-with-a-long-name-for-the-studies-table", n_trials=3))
+        db = make_engine(stack.env["KDSEARCH_DATABASE_URL"])
+        with session_scope(db) as session:
+            queued_id = get_study(session, "queued-with-a-long-name-for-the-studies-table").id  # type: ignore[union-attr]
+            then = db_now(session) - timedelta(seconds=30)
+        report_progress(db, queued_id, "worker-x", "teacher_logits", 1000, 4000, 100.0, now=then)
+        db.dispose()
+
+        for width in WIDTHS:
+            page = open_page(browser, stack.url, width, problems)
+            page.wait_for_selector("#studies tr.detail .study-error")
+            page.wait_for_selector("#studies button[data-cancel]")
+            assert_fits(page, f"studies page at {width}px")
+            cancel = page.evaluate("(() => { const r = document.querySelector('#studies button[data-cancel]')"
+                                   ".getBoundingClientRect(); return [r.left, r.right, window.innerWidth]; })()")
+            assert cancel[0] >= 0 and cancel[1] <= cancel[2], f"cancel button off screen at {width}px: {cancel}"
+            error = page.locator("#studies .study-error")
+            assert error.is_visible() and "DataError" in error.inner_text()
+            lines = page.evaluate("(() => { const e = document.querySelector('#studies .study-error'); "
+                                  "const height = e.getBoundingClientRect().height; "
+                                  "return Math.round(height / parseFloat(getComputedStyle(e).lineHeight)); })()")
+            words = len(error.inner_text().split())
+            assert lines <= 2 < words, f"the error takes {lines} lines for {words} words at {width}px"
+            # 17: rows, rate and ETA as of the one report, and its age: (4,000 - 1,000) / 100 rows/s = 30 s.
+            prep = page.inner_text("#studies tr.detail[data-study^='queued'] td")
+            assert re.search(r"1,000 / 4,000 rows, 100 rows/s, ETA 30 s \(reported \d+ s ago\)", prep), prep
+            shot(page, tmp_path / f"studies-{width}.png")
+            page.close()
+
+            page = open_page(browser, f"{stack.url}/studies/one-epoch", width, problems)
+            page.wait_for_function("document.querySelectorAll('#trials tbody tr').length === 3", timeout=30_000)
+            for chart in CHARTS:
+                page.wait_for_selector(f"#{chart} svg.main-svg", timeout=30_000)
+            assert_fits(page, f"finished study at {width}px")
+            # Every one-epoch trial is drawn on the learning-curve chart, as a point (a line needs two).
+            curves = page.evaluate("document.getElementById('curves').data.map((t) => [t.mode, t.x.length])")
+            assert curves == [["markers", 1]] * 3, curves
+            assert page.is_hidden("#pareto-card")  # one fixed shape: every trial has the same cost
+            page.wait_for_selector("#importances-note:not([hidden])")
+            assert "Only 3 complete trials" in page.inner_text("#importances-note")
+            shot(page, tmp_path / f"study-{width}.png")
+            page.close()
+
+            page = open_page(browser, f"{stack.url}/studies/data-labels-the-teacher-does-not-know", width, problems)
+            page.wait_for_selector("#no-charts:not([hidden])")
+            assert "failed before any trial finished" in page.inner_text("#no-charts")
+            assert page.is_hidden("#charts") and page.locator(".chart svg.main-svg").count() == 0
+            assert "DataError" in page.inner_text("#error")
+            assert_fits(page, f"failed study at {width}px")
+            page.close()
+
+            page = open_page(browser, f"{stack.url}/studies/queued-with-a-long-name-for-the-studies-table", width,
+                             problems)
+            page.wait_for_selector("#no-charts:not([hidden])")
+            assert "No trial has finished yet" in page.inner_text("#no-charts")
+            assert re.search(r"ETA 30 s \(reported \d+ s ago\)", page.inner_text("#preparing"))
+            assert page.is_visible("#cancel")
+            assert_fits(page, f"queued study at {width}px")
+            page.close()
+        assert not problems, problems
+    finally:
+        stack.stop()
+
+
+def test_trial_page_timeline_and_workers(browser, sqlite_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                         tiny_assets) -> None:
+    """Issue 27, 16 and 18: a trial page (parameters, per-epoch curves, the worker's lines, artifacts, the
+    export-best command to copy), reached from the trials table and the timeline; a failed trial's page shows its
+    reason and no export; the workers table names the study and the trial it runs."""
+    import httpx
+
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.6",
+                  KDSEARCH_POLL_INTERVAL="0.1")
+    problems: list[str] = []
+    try:
+        stack.start_api()
+        # FlakyEngine: the first trial of an "oom-once-" study runs out of memory (FAIL, retried); the rest train.
+        stack.submit(tiny_spec(tiny_assets, name="oom-once-pages", n_trials=3,
+                               search_space={"num_train_epochs": 2, "batch_size": 32,
+                                             "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
+        stack.start_worker()
+        # While a trial trains, the workers table names its study and its trial number, each a link.
+        workers = open_page(browser, f"{stack.url}/workers", 1280, problems)
+        workers.wait_for_selector("#workers td.trial a", timeout=60_000)
+        row = workers.locator("#workers tbody tr").first
+        assert row.locator("td.study a").inner_text() == "oom-once-pages"
+        assert re.fullmatch(r"#\d+", row.locator("td.trial a").inner_text())
+        href = row.locator("td.trial a").get_attribute("href") or ""
+        assert re.fullmatch(r"/studies/oom-once-pages/trials/\d+", href), href
+        assert_fits(workers, "workers page at 1280px")
+        workers.close()
+        stack.wait_status("oom-once-pages")
+        trials = {t["number"]: t for t in stack.trials("oom-once-pages")}
+        assert trials[0]["state"] == "FAIL" and [trials[n]["state"] for n in (1, 2, 3)] == ["COMPLETE"] * 3
+        worker_id = trials[1]["worker"]
+
+        for width in WIDTHS:
+            page = open_page(browser, f"{stack.url}/studies/oom-once-pages", width, problems)
+            page.wait_for_selector("#timeline svg.main-svg", timeout=30_000)
+            # The timeline: every trial that ran, on the row of the worker that ran it.
+            bars = page.evaluate("document.getElementById('timeline').data.flatMap((t) => t.customdata.map((n, i) => "
+                                 "[n, t.y[i], t.name]))")
+            assert sorted(bars) == [[n, worker_id, trials[n]["state"]] for n in range(4)]
+            assert_fits(page, f"study page with a timeline at {width}px")
+            page.close()
+
+        page = open_page(browser, f"{stack.url}/studies/oom-once-pages", 1920, problems)
+        page.wait_for_selector("#trials tbody tr a")
+        page.click("#trials tbody tr[data-number='2'] a")
+        page.wait_for_url(f"{stack.url}/studies/oom-once-pages/trials/2")
+        page.wait_for_selector("#log:not(:empty)")
+        detail = httpx.get(f"{stack.url}/api/studies/oom-once-pages/trials/2").json()
+        assert page.inner_text("#number") == "#2" and "COMPLETE" in page.inner_text("#state")
+        params = dict(r.split("\t") for r in page.locator("#params tbody tr").all_inner_texts())
+        assert set(params) == set(detail["params"]) and params["num_train_epochs"] == "2"
+        assert page.locator("#epochs tbody tr").count() == 2
+        assert page.evaluate("document.getElementById('epoch-chart').data[0].y.length") == 2
+        log = page.inner_text("#log")
+        # The checkpoint the worker recorded on the trial, read from Optuna's store itself.
+        import optuna
+
+        recorded = optuna.load_study(study_name="oom-once-pages", storage=stack.env["KDSEARCH_DATABASE_URL"])
+        checkpoint = recorded.trials[2].user_attrs["checkpoint_artifact_id"]
+        for line in ("trial 2 (slot", f"on worker {worker_id}", "trial 2 epoch 1: accuracy",
+                     "trial 2 epoch 2: accuracy", f"checkpoint stored as artifact {checkpoint}",
+                     "trial 2 complete: best accuracy"):
+            assert line in log, (line, log)
+        assert [r.split("\t")[:3] for r in page.locator("#artifacts tbody tr").all_inner_texts()] == [
+            ["checkpoint", "checkpoint.tar", checkpoint]]
+        command = "kdsearch export-best oom-once-pages --trial 2 --out ./oom-once-pages-trial-2"
+        assert page.inner_text("#export-command") == command == detail["export_command"]
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=stack.url)
+        page.click("#copy")
+        page.wait_for_function("document.getElementById('copied').textContent !== ''")
+        assert page.evaluate("navigator.clipboard.readText()") == command
+        assert_fits(page, "trial page at 1920px")
+        shot(page, tmp_path / "trial.png")
+        page.close()
+
+        # The failed trial: its reason, the worker's line saying so, no checkpoint and so no export command.
+        page = open_page(browser, f"{stack.url}/studies/oom-once-pages/trials/0", 1280, problems)
+        page.wait_for_selector("#log:not(:empty)")
+        page.wait_for_selector("#no-export:not([hidden])")
+        assert page.inner_text("#fail-reason") == "out of memory"
+        assert "trial 0 failed: out of memory" in page.inner_text("#log")
+        assert page.is_hidden("#export-line") and "none stored" in page.inner_text("#artifacts")
+        assert_fits(page, "failed trial page at 1280px")
+        page.close()
+        missing = httpx.get(f"{stack.url}/api/studies/oom-once-pages/trials/99")
+        assert missing.status_code == 404 and "has no trial 99" in missing.json()["detail"]
         assert not problems, problems
     finally:
         stack.stop()

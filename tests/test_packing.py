@@ -481,10 +481,17 @@ def test_packed_worker_groups_shapes_and_skips_infeasible_members(tmp_path: Path
     wide = [t for t in trials.values() if t.user_attrs["profile"]["params"] > 5000]
     trained = [t for t in trials.values() if t.user_attrs["profile"]["params"] <= 5000]
     assert wide and trained, "seed 27 samples both"
+    # Every trial keeps the worker's own lines about it (the dashboard's trial page): packed or not trained.
+    messages = {n: [line["message"] for line in t.user_attrs["log"]] for n, t in trials.items()}
     for t in wide:
         assert t.state.name == "PRUNED" and "pack" not in t.user_attrs and "checkpoint_artifact_id" not in t.user_attrs
+        assert f"trial {t.number} not trained: " in messages[t.number][-1], messages[t.number]
     for t in trained:
         assert t.state.name == "COMPLETE" and t.user_attrs["checkpoint_artifact_id"]
+        assert [m.split(": ")[0].strip() for m in messages[t.number]] == [
+            f"study shapes trial {t.number} (slot {t.user_attrs['slot']}, attempt 1) on worker {worker.worker_id}",
+            f"trial {t.number} epoch 1", f"study shapes trial {t.number}", f"study shapes trial {t.number} complete"]
+        assert messages[t.number][2].endswith(f"checkpoint stored as artifact {t.user_attrs['checkpoint_artifact_id']}")
         members = [trials[n] for n in t.user_attrs["pack"]["members"]]
         assert t in members and len(members) == t.user_attrs["pack"]["size"]
         assert {m.user_attrs["params"]["hidden_size"] for m in members} == {t.user_attrs["params"]["hidden_size"]}

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import health, metrics, studies, workers
+from service.api.routes import health, metrics, studies, trials, workers
 from service.dashboard import mount_dashboard
 from service.metrics import StoreCollector
 from service.notifier import Notifier
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, bind_host: str | None = None) -
     api = APIRouter(prefix="/api")
     api.include_router(health.router)
     api.include_router(studies.router)
+    api.include_router(trials.router)
     api.include_router(workers.router)
     app.include_router(api)
     app.include_router(metrics.router)

@@ -90,8 +90,9 @@ class PreparingOut(BaseModel):
     done: int
     total: int
     rate: float | None  # rows per second so far
-    eta_s: float | None
+    eta_s: float | None  # (total - done) / rate: rows, rate and ETA are all as of updated_at
     updated_at: datetime
+    age_s: float  # seconds since the worker reported them (on the database's clock)
 
 
 class PrepareRetryOut(BaseModel):
@@ -181,6 +182,7 @@ class StudyDetailOut(StudyOut):
     constraints: dict[str, float] | None = None  # max_params, max_flops, max_latency_ms (single objective)
     teacher_profile: StudentProfileOut | None = None  # the teacher's size, FLOPs and latency, measured as a trial's
     front: list[ParetoPointOut] | None = None  # several objectives: the Pareto front (there is no one best trial)
+    shape_searched: bool = False  # the student's shape is searched: trials differ in size, FLOPs and latency
 
 
 class EpochOut(BaseModel):
@@ -212,6 +214,34 @@ class TrialOut(BaseModel):
     precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
 
 
+class TrialLogLineOut(BaseModel):
+    """A line the worker logged about the trial (``service.trial_log``), on the worker's clock."""
+
+    at: datetime
+    level: str
+    message: str
+
+
+class ArtifactOut(BaseModel):
+    """A file stored with the trial in the artifact store (Optuna's artifact metadata)."""
+
+    artifact_id: str
+    filename: str
+    mimetype: str
+    kind: str  # checkpoint (the trained student, what export-best reads) or other
+
+
+class TrialDetailOut(TrialOut):
+    """``GET /api/studies/{id}/trials/{number}``: one trial with what the trial page shows."""
+
+    study: str
+    metric: str | None
+    log: list[TrialLogLineOut]  # empty for trials run before workers kept their lines
+    artifacts: list[ArtifactOut]
+    exports: list[ExportOut]  # export-best runs of this trial
+    export_command: str | None  # the command that exports it; None without a stored checkpoint
+
+
 class TrialPoint(BaseModel):
     number: int
     state: str
@@ -220,6 +250,7 @@ class TrialPoint(BaseModel):
     started_at: datetime | None
     completed_at: datetime | None
     profile: StudentProfileOut | None = None
+    worker: str | None = None  # the worker that ran it (the timeline's rows)
 
 
 class StudySummary(BaseModel):
@@ -252,6 +283,7 @@ class WorkerOut(BaseModel):
     device: str
     status: str
     current_study_id: int | None
+    current_study_name: str | None = None
     current_trial_number: int | None
     heartbeat_at: datetime
     heartbeat_age_s: float

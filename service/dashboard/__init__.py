@@ -26,6 +26,10 @@ def mount_dashboard(app: FastAPI) -> None:
     def study_page(name: str) -> FileResponse:
         return FileResponse(STATIC / "study.html")
 
+    @app.get("/studies/{name}/trials/{number}", include_in_schema=False)
+    def trial_page(name: str, number: str) -> FileResponse:
+        return FileResponse(STATIC / "trial.html")
+
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
         return FileResponse(PLOTLY_JS, media_type="text/javascript")

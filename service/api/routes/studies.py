@@ -320,7 +320,8 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
         teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
         exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])], objectives=objectives,
         constraints={k: v for k, v in (row.spec.get("constraints") or {}).items() if v is not None} or None,
-        teacher_profile=_profile_out(attrs.get("teacher_profile")), front=front)
+        teacher_profile=_profile_out(attrs.get("teacher_profile")), front=front,
+        shape_searched=StudySpec.model_validate(row.spec).student.searched)
 
 
 @router.get("/{id_or_name}", response_model=StudyDetailOut, responses=NOT_FOUND)

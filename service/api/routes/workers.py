@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from service.api.deps import SessionDep, SettingsDep, require_read_access
 from service.api.schemas import ErrorOut, WorkerOut
-from storage import WorkerRow, db_now, worker_status
+from storage import StudyRow, WorkerRow, db_now, worker_status
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
@@ -17,10 +17,13 @@ router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(re
 def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerOut]:
     """Every worker seen; ``lost`` for one that claims to run but stopped heart-beating (a crashed host)."""
     now = db_now(session)  # heartbeats are stamped on the database's clock
-    rows = session.scalars(select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc())).all()
+    rows = session.execute(select(WorkerRow, StudyRow.name)
+                           .outerjoin(StudyRow, StudyRow.id == WorkerRow.current_study_id)
+                           .order_by(WorkerRow.heartbeat_at.desc())).all()
     return [
         WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=worker_status(r, now, settings.grace_period),
-                  current_study_id=r.current_study_id, current_trial_number=r.current_trial_number,
+                  current_study_id=r.current_study_id, current_study_name=study_name,
+                  current_trial_number=r.current_trial_number,
                   heartbeat_at=r.heartbeat_at, heartbeat_age_s=round((now - r.heartbeat_at).total_seconds(), 1))
-        for r in rows
+        for r, study_name in rows
     ]

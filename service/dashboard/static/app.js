@@ -9,6 +9,7 @@ const kd = (() => {
   const metricOf = (study) => study.metric || "score";  // unknown until a worker has read a hub teacher's config
   const usesTemperature = (study) => !((study.task && study.task.ignored_params) || []).includes("temperature");
   const PLOT = {displayModeBar: false, responsive: true};
+  const IMPORTANCE_MIN_TRIALS = 10;  // below this, the importances chart carries a caveat
   const BASE = {margin: {t: 10, r: 10, b: 45, l: 55}, legend: {orientation: "h"}};
 
   // With KDSEARCH_API_TOKEN set (and reads not public), the API answers 401 until the token is given once.
@@ -37,8 +38,11 @@ const kd = (() => {
   const loop = (fn, ms = REFRESH_MS) => { const tick = async () => { let again = true; try { again = await fn(); showError(""); } catch (e) { console.warn(e); showError(e.message || String(e)); } setTimeout(tick, again === false ? 5 * ms : ms); }; tick(); };
   // A preparation under way (the teacher labelling rows, the transfer set): a bar, rows, rate and the server's ETA.
   const prepBar = (p) => `<span class="progress preparing"><div style="width:${p.total ? Math.round((100 * p.done) / p.total) : 0}%"></div></span>`;
+  // Rows, rate and ETA are as of the worker's last report (a few a minute): they agree, and the age says how old.
   const prepText = (p) => `preparing ${esc(p.stage.replace("_", " "))}: ${p.done.toLocaleString()} / ${p.total.toLocaleString()} rows` +
-    (p.rate ? `, ${Math.round(p.rate).toLocaleString()} rows/s` : "") + (p.eta_s !== null && p.eta_s !== undefined ? `, ETA ${dur(p.eta_s)}` : "");
+    (p.rate ? `, ${Math.round(p.rate).toLocaleString()} rows/s` : "") + (p.eta_s !== null && p.eta_s !== undefined ? `, ETA ${dur(p.eta_s)}` : "") +
+    (p.age_s >= 1 ? ` (reported ${dur(p.age_s)} ago)` : "");
+  const trialHref = (study, number) => `/studies/${encodeURIComponent(study)}/trials/${number}`;
   const retryText = (r) => `preparation failed ${r.attempts} time${r.attempts > 1 ? "s" : ""} (${esc(r.last_error || "?")}); retrying${r.retry_at ? ` after ${new Date(r.retry_at).toLocaleTimeString()}` : ""}`;
 
   async function cancel(name) {
@@ -74,14 +78,18 @@ const kd = (() => {
         const pct = Math.round((100 * s.finished) / s.n_trials);
         const elapsed = s.elapsed_s;
         const eta = s.preparing ? s.preparing.eta_s : s.eta_s;  // computed by the server, never here
-        const prep = s.preparing ? `<div class="small muted">${prepBar(s.preparing)} ${prepText(s.preparing)}</div>` :
-          s.prepare_retry ? `<div class="small error">${retryText(s.prepare_retry)}</div>` : "";
-        return `<tr><td><a href="/studies/${encodeURIComponent(s.name)}">${esc(s.name)}</a></td>
+        // A preparation's progress and a failed study's error get a full-width row under the study: in a column
+        // they widened the table past the window (the cancel button off screen) or wrapped one word per line.
+        const detail = s.preparing ? `<div class="small muted">${prepBar(s.preparing)} ${prepText(s.preparing)}</div>` :
+          s.prepare_retry ? `<div class="small error">${retryText(s.prepare_retry)}</div>` :
+          s.error && !active(s.status) ? `<div class="error study-error">${esc(s.error)}</div>` : "";
+        return `<tr class="${detail ? "has-detail" : ""}"><td class="name"><a href="/studies/${encodeURIComponent(s.name)}">${esc(s.name)}</a></td>
           <td><span class="badge ${esc(s.status)}">${esc(s.status)}</span></td><td class="num">${s.priority}</td>
-          <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}${prep}</td>
+          <td><span class="progress"><div style="width:${pct}%"></div></span> ${s.finished}/${s.n_trials}</td>
           <td class="num">${s.counts.complete}</td><td class="num">${s.counts.pruned}</td><td class="num">${s.counts.running}</td>
           <td class="num">${s.counts.failed}</td><td class="num">${fmt(s.best_value)}${s.metric ? ` <span class="muted">${esc(s.metric)}</span>` : ""}</td><td>${dur(elapsed)}</td><td>${dur(eta)}</td>
-          <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : `<span class="error">${esc(s.error || "")}</span>`}</td></tr>`;
+          <td>${active(s.status) ? `<button data-cancel="${esc(s.name)}">cancel</button>` : ""}</td></tr>` +
+          (detail ? `<tr class="detail" data-study="${esc(s.name)}"><td colspan="12">${detail}</td></tr>` : "");
       }).join("");
       await drawWorkers();
     });
@@ -89,8 +97,10 @@ const kd = (() => {
 
   async function drawWorkers() {
     const workers = await json("/api/workers");
+    // The study by name and the trial by number (ids mean nothing to a reader), each a link.
     document.querySelector("#workers tbody").innerHTML = workers.map((w) => `<tr><td>${esc(w.id)}</td><td>${esc(w.host)}</td><td>${esc(w.device)}</td>
-      <td>${esc(w.status)}</td><td>${w.current_study_id ?? ""}</td><td>${w.current_trial_number ?? ""}</td>
+      <td>${esc(w.status)}</td><td class="study">${w.current_study_name ? `<a href="/studies/${encodeURIComponent(w.current_study_name)}">${esc(w.current_study_name)}</a>` : ""}</td>
+      <td class="trial">${w.current_study_name && w.current_trial_number !== null ? `<a href="${trialHref(w.current_study_name, w.current_trial_number)}">#${w.current_trial_number}</a>` : ""}</td>
       <td class="num">${w.heartbeat_age_s}</td></tr>`).join("");
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   }
@@ -115,7 +125,8 @@ const kd = (() => {
     ], {...BASE, shapes: teacher, xaxis: {title: {text: "trial"}}, yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
     const states = Object.fromEntries(summary.points.map((t) => [t.number, t.state]));
     Plotly.react("curves", Object.entries(summary.curves).map(([n, pts]) => ({
-      x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines", name: `#${n}`, hoverinfo: "name+y",
+      // A one-epoch trial is a single point: a line through one point draws nothing, so it is a marker.
+      x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: pts.length > 1 ? "lines" : "markers", name: `#${n}`, hoverinfo: "name+y",
       line: {dash: states[n] === "PRUNED" ? "dot" : "solid", width: 1.2}})),
       {...BASE, shapes: teacher, showlegend: false, xaxis: {title: {text: "epoch"}, dtick: 1}, yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
     const withParams = done.filter((t) => t.params.temperature !== undefined || t.params.alpha !== undefined || t.params.learning_rate !== undefined);
@@ -151,7 +162,10 @@ const kd = (() => {
     const metric = metricOf(study);
     const measured = summary.points.filter((t) => t.state === "COMPLETE" && t.value !== null && t.profile);
     const card = document.getElementById("pareto-card");
-    card.hidden = !measured.length && (study.objectives || []).length < 2;
+    // A cost axis means something only when trials differ in cost: the student's shape is searched, or the cost is
+    // an objective. With one fixed shape every trial sits at one cost.
+    const costMatters = (study.objectives || []).length > 1 || study.shape_searched;
+    card.hidden = !costMatters || (!measured.length && (study.objectives || []).length < 2);
     if (card.hidden) return;
     // Front and dominated trials from one answer: the summary may be a moment older, and the two must agree.
     const pareto = await json(`${base}/pareto?cost=${cost}&dominated=true`);
@@ -187,7 +201,7 @@ const kd = (() => {
     const pick = front.length ? front[front.length - 1] : null;  // ascending cost: the last is the most accurate
     const limit = pick ? (cost === "latency_ms" ? pick.cost.toFixed(2) : Math.round(pick.cost)) : "N";
     return `<h2>Pareto front (${esc(metric)} against ${esc(COSTS[cost])})</h2><div class="big">${front.length} <span class="muted">trial${front.length === 1 ? "" : "s"} on the front</span></div>
-      <table id="front-list"><tbody>${front.map((p) => `<tr><td>#${p.number}</td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
+      <table id="front-list"><tbody>${front.map((p) => `<tr><td><a href="${trialHref(study.name, p.number)}">#${p.number}</a></td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
         <td>${esc(shapeText(p.profile.shape))}</td></tr>`).join("")}</tbody></table>
       <p>no one best trial: pick one with <code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-student ${flag} ${limit}</code> or <code>--trial N</code></p>`;
   }
@@ -196,7 +210,6 @@ const kd = (() => {
     const base = `/api/studies/${encodeURIComponent(name)}`;
     const table = {offset: 0, limit: 50, sort: "number", order: "desc", state: ""};
     let status = "queued";
-    let withT = true;
     const drawTable = async () => {
       const q = new URLSearchParams({offset: table.offset, limit: table.limit, sort: table.sort, order: table.order});
       if (table.state) q.set("state", table.state);
@@ -206,14 +219,12 @@ const kd = (() => {
       document.getElementById("next").disabled = table.offset + table.limit >= page.total;
       document.querySelectorAll("#trials th[data-sort]").forEach((th) => th.classList.toggle("sorted", th.dataset.sort === table.sort));
       document.querySelector("#trials tbody").innerHTML = page.trials.map((t) => `<tr data-number="${t.number}">
-        <td class="num">${t.number}</td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
+        <td class="num"><a href="${trialHref(name, t.number)}">${t.number}</a></td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
         <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
-        <td class="num">${sci(t.params.learning_rate)}</td>${withT ? `<td class="num">${fmt(t.params.temperature, 2)}</td>` : ""}
-        <td class="num">${fmt(t.params.alpha, 3)}</td><td class="num">${t.params.num_train_epochs ?? ""}</td>
-        <td class="num">${t.params.batch_size ?? ""}</td><td class="num">${fmt(t.duration_s, 1)}</td>
+        <td class="wrap hyper">${esc(kdText(t.params))}</td><td class="num">${fmt(t.duration_s, 1)}</td>
         <td>${esc(shapeText(t.profile && t.profile.shape))}</td><td class="num">${t.profile ? millions(t.profile.params) : ""}</td>
-        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.precision || "")}</td><td>${esc(t.worker || "")}</td>
-        <td class="muted">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
+        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.precision || "")}</td><td class="wrap">${esc(t.worker || "")}</td>
+        <td class="muted wrap">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
     };
     document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
       table.order = table.sort === th.dataset.sort && table.order === "desc" ? "asc" : "desc";
@@ -233,9 +244,8 @@ const kd = (() => {
       const study = summary.study;
       const metric = metricOf(study);
       status = study.status;
-      withT = usesTemperature(study);
+      const withT = usesTemperature(study);
       document.getElementById("metric-header").textContent = metric;
-      document.getElementById("temperature-header").hidden = !withT;
       document.getElementById("curves-title").textContent = `Per-epoch eval ${metric} (dotted: pruned)`;
       document.getElementById("scatter-title").textContent = withT ? "Temperature × alpha" : "Learning rate × alpha";
       document.getElementById("notes").textContent = (study.notes || []).join(" ");
@@ -258,7 +268,7 @@ const kd = (() => {
       } else if (b) {
         const others = Object.entries(b.metrics || {}).filter(([k]) => k !== metric);
         document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)} <span class="muted">${esc(metric)}</span></div>
-          <p>trial #${b.number}, best epoch ${b.epoch ?? "?"}</p>
+          <p><a href="${trialHref(study.name, b.number)}">trial #${b.number}</a>, best epoch ${b.epoch ?? "?"}</p>
           ${others.length ? `<p class="muted" id="best-metrics">${others.map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")}</p>` : ""}
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
@@ -267,6 +277,18 @@ const kd = (() => {
           document.getElementById("best").innerHTML += `<p id="seed-retrain">trial #${r.trial_number} retrained over ${r.seeds.length} seeds:
             <b>${fmt(r.mean)}</b>${r.std !== null ? ` ± ${fmt(r.std)}` : ""} (best seed ${r.best_seed})</p>`;
         }
+      }
+      drawTimeline(name, summary);
+      const finished = summary.points.some((t) => t.value !== null && (t.state === "COMPLETE" || t.state === "PRUNED"));
+      const noCharts = document.getElementById("no-charts");
+      document.getElementById("charts").hidden = !finished;
+      noCharts.hidden = finished;
+      if (!finished) {
+        noCharts.textContent = study.status === "failed" ? "The study failed before any trial finished (the error is above): there is nothing to chart." :
+          study.status === "cancelled" ? "The study was cancelled before any trial finished: there is nothing to chart." :
+          "No trial has finished yet: the charts appear with the first finished trial.";
+        await drawTable();
+        return active(study.status);
       }
       drawCharts(summary);
       if (paretoCost === null) {
@@ -279,9 +301,111 @@ const kd = (() => {
       const entries = Object.entries(imp.importances).sort((a, b) => a[1] - b[1]);
       Plotly.react("importances", [{type: "bar", orientation: "h", x: entries.map((e) => e[1]), y: entries.map((e) => e[0])}],
         {...BASE, margin: {t: 10, r: 10, b: 40, l: 120}, xaxis: {title: {text: entries.length ? `importance over ${imp.n_trials} complete trials` : "needs two complete trials"}}}, PLOT);
+      // PED-ANOVA on a handful of trials ranks noise as readily as signal: say so below 10.
+      const note = document.getElementById("importances-note");
+      note.hidden = imp.n_trials >= IMPORTANCE_MIN_TRIALS;
+      note.textContent = `Only ${imp.n_trials} complete trial${imp.n_trials === 1 ? "" : "s"}: importances from fewer than ${IMPORTANCE_MIN_TRIALS} are rough and may change as trials complete.`;
       return active(study.status);
     });
   }
 
-  return {studiesPage, studyPage, workersPage};
+  // ------------------------------------------------------------------------------------------- timeline
+  // Which worker ran which trial when: one row per worker, a bar per trial from its start to its end (Optuna's
+  // stamps, on the worker's clock); a running trial's bar ends at the latest stamp of the study. Click: the trial.
+  const STATE_COLOURS = {COMPLETE: "#1f9d55", PRUNED: "#c27c0e", FAIL: "#c53030", RUNNING: "#3563e9", WAITING: "#9aa5b1"};
+  function drawTimeline(name, summary) {
+    const ran = summary.points.filter((t) => t.started_at);
+    const card = document.getElementById("timeline-card");
+    card.hidden = !ran.length;
+    if (!ran.length) return;
+    const ms = (s) => new Date(s).getTime();
+    const latest = Math.max(...ran.flatMap((t) => [ms(t.started_at), t.completed_at ? ms(t.completed_at) : 0]));
+    const states = [...new Set(ran.map((t) => t.state))];
+    Plotly.react("timeline", states.map((state) => {
+      const rows = ran.filter((t) => t.state === state);
+      return {type: "bar", orientation: "h", name: state, base: rows.map((t) => t.started_at), y: rows.map((t) => t.worker || "?"),
+        x: rows.map((t) => Math.max((t.completed_at ? ms(t.completed_at) : latest) - ms(t.started_at), 1)),
+        customdata: rows.map((t) => t.number), text: rows.map((t) => `#${t.number}`), textposition: "inside", insidetextanchor: "middle",
+        hovertemplate: rows.map((t) => `trial #${t.number} ${state}<br>${esc(t.worker || "")}<br>${t.started_at} → ${t.completed_at || "running"}<extra></extra>`),
+        marker: {color: STATE_COLOURS[state] || "#9aa5b1"}};
+    }), {...BASE, barmode: "overlay", margin: {t: 30, r: 10, b: 45, l: 10},
+      legend: {orientation: "h", x: 1, xanchor: "right", y: 1, yanchor: "bottom"}, xaxis: {type: "date", title: {text: "time (worker clock)"}},
+      yaxis: {automargin: true, type: "category"}, height: Math.max(160, 60 + 40 * new Set(ran.map((t) => t.worker)).size)}, PLOT);
+    const chart = document.getElementById("timeline");
+    if (!chart.dataset.linked) {
+      chart.dataset.linked = "1";
+      chart.on("plotly_click", (e) => { if (e.points.length) location.href = trialHref(name, e.points[0].customdata); });
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- trial page
+  const stamp = (s) => (s ? s.replace("T", " ").slice(0, 19) : "");  // Optuna's stamps: the worker's clock, no zone
+  function trialPage(study, number) {
+    const url = `/api/studies/${encodeURIComponent(study)}/trials/${number}`;
+    const link = document.getElementById("study-link");
+    link.href = `/studies/${encodeURIComponent(study)}`;
+    link.textContent = study;
+    document.getElementById("number").textContent = `#${number}`;
+    document.title = `kdsearch: ${study} trial #${number}`;
+    document.getElementById("copy").onclick = async () => {
+      const code = document.getElementById("export-command");
+      const out = document.getElementById("copied");
+      try {
+        await navigator.clipboard.writeText(code.textContent);
+        out.textContent = "copied";
+      } catch {  // no clipboard outside a secure context (plain http on another host): select it for Ctrl-C
+        const range = document.createRange();
+        range.selectNodeContents(code);
+        window.getSelection().removeAllRanges();
+        window.getSelection().addRange(range);
+        out.textContent = "selected: press Ctrl-C";
+      }
+    };
+    loop(async () => {
+      const t = await json(url);
+      const metric = t.metric || "score";
+      document.getElementById("state").innerHTML = `<span class="badge ${esc(t.state)}">${esc(t.state)}</span>`;
+      document.getElementById("value").innerHTML = t.value !== null ? `${fmt(t.value)} <span class="muted">${esc(metric)}</span>` : `<span class="muted">no ${esc(metric)} yet</span>`;
+      const facts = [["best epoch", t.best_epoch], ["epochs run", t.epochs.length], ["duration", t.duration_s !== null ? `${fmt(t.duration_s, 1)} s` : ""],
+        ["worker", t.worker], ["started", stamp(t.started_at)], ["finished", stamp(t.completed_at)], ["precision", t.precision],
+        ["shape", shapeText(t.profile && t.profile.shape)], ["parameters", t.profile ? millions(t.profile.params) : ""],
+        ["CPU latency", t.profile ? `${fmt(t.profile.latency_ms, 2)} ms (batch 1, ${esc(t.profile.machine)})` : ""],
+        ["stop reason", t.stop_reason], ...Object.entries(t.metrics).map(([k, v]) => [`${k} (best epoch)`, fmt(v)])];
+      document.querySelector("#facts tbody").innerHTML = facts.filter(([, v]) => v !== null && v !== undefined && v !== "")
+        .map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("");
+      document.getElementById("fail-reason").textContent = t.fail_reason || "";
+      document.querySelector("#params tbody").innerHTML = Object.entries(t.params)
+        .map(([k, v]) => `<tr><th>${esc(k)}</th><td class="num">${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</td></tr>`).join("");
+      document.getElementById("export-line").hidden = !t.export_command;
+      document.getElementById("no-export").hidden = !!t.export_command;
+      document.getElementById("export-command").textContent = t.export_command || "";
+      document.getElementById("exports").innerHTML = t.exports.length ? `<p class="muted">exported before:</p><ul>${t.exports.map((e) =>
+        `<li>seed ${e.seed} to <code>${esc(e.out_dir)}</code> at ${esc(e.exported_at)}</li>`).join("")}</ul>` : "";
+      // Per-epoch curves: the metric on the left axis, the losses on the right; a single epoch draws as markers.
+      const epochs = t.epochs;
+      const mode = epochs.length > 1 ? "lines+markers" : "markers";
+      const xs = epochs.map((e) => e.epoch);
+      const traces = [{x: xs, y: epochs.map((e) => e.score), mode, name: `eval ${metric}`}];
+      for (const loss of ["train_loss", "eval_loss"]) {
+        if (epochs.some((e) => e[loss] !== null && e[loss] !== undefined)) {
+          traces.push({x: xs, y: epochs.map((e) => e[loss]), mode, name: loss.replace("_", " "), yaxis: "y2", line: {dash: "dot"}});
+        }
+      }
+      Plotly.react("epoch-chart", traces, {...BASE, xaxis: {title: {text: "epoch"}, dtick: 1}, yaxis: {title: {text: `eval ${metric}`}},
+        yaxis2: {title: {text: "loss"}, overlaying: "y", side: "right"}}, PLOT);
+      const names = [...new Set(epochs.flatMap((e) => Object.keys(e.metrics)))];
+      document.querySelector("#epochs thead").innerHTML = `<tr><th>Epoch</th><th>${esc(metric)}</th>${names.filter((k) => k !== metric).map((k) => `<th>${esc(k)}</th>`).join("")}
+        <th>Train loss</th><th>Eval loss</th><th>Seconds</th></tr>`;
+      document.querySelector("#epochs tbody").innerHTML = epochs.map((e) => `<tr${e.epoch === t.best_epoch ? ' class="best"' : ""}><td class="num">${e.epoch}</td>
+        <td class="num">${fmt(e.score)}</td>${names.filter((k) => k !== metric).map((k) => `<td class="num">${fmt(e.metrics[k])}</td>`).join("")}
+        <td class="num">${fmt(e.train_loss)}</td><td class="num">${fmt(e.eval_loss)}</td><td class="num">${fmt(e.seconds, 2)}</td></tr>`).join("");
+      document.getElementById("log").textContent = t.log.length ? t.log.map((l) => `${new Date(l.at).toLocaleTimeString()} ${l.level.padEnd(7)} ${l.message}`).join("\n") :
+        "(no lines recorded: the trial ran before workers kept them)";
+      document.querySelector("#artifacts tbody").innerHTML = t.artifacts.map((a) => `<tr><td>${esc(a.kind)}</td><td>${esc(a.filename)}</td>
+        <td><code>${esc(a.artifact_id)}</code></td><td>${esc(a.mimetype)}</td></tr>`).join("") || `<tr><td colspan="4" class="muted">none stored</td></tr>`;
+      return t.state === "RUNNING" || t.state === "WAITING";
+    });
+  }
+
+  return {studiesPage, studyPage, workersPage, trialPage};
 })();
