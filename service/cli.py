@@ -38,7 +38,7 @@ def _request(method: str, url: str, **kwargs: Any) -> Any:
         if isinstance(detail, list):  # pydantic errors: name each field
             detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
         raise SystemExit(_fail(f"{response.status_code}: {detail}"))
-    return response.json()
+    return response.json() if response.content else None
 
 
 def _check_database() -> str | None:
@@ -80,8 +80,11 @@ def _upgrade_database() -> str:
 
 def cmd_db(args: argparse.Namespace) -> int:
     from service.settings import get_settings
-    from storage import SchemaMismatch, current_revision, head_revision, make_engine
+    from storage import SchemaMismatch, current_revision, head_revision, make_engine, missing_sqlite_file
 
+    url = get_settings().database_url
+    if args.action == "current" and (missing := missing_sqlite_file(url)) is not None:  # would create it empty
+        return _fail(f"no database at {url} ({missing} does not exist); set KDSEARCH_DATABASE_URL", 2)
     if problem := _check_database():
         return _fail(problem, 2)
     if args.action == "upgrade":
@@ -91,7 +94,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             return _fail(str(exc), 2)
         print(f"kdsearch schema at revision {revision}")
         return 0
-    engine = make_engine(get_settings().database_url)
+    engine = make_engine(url)
     try:
         current = current_revision(engine)
     finally:
@@ -224,6 +227,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     study = _request("POST", f"{args.url}/api/studies", json=spec)
     print(f"queued study {study['name']} (id {study['id']}, {study['n_trials']} trials)")
     print(f"dashboard: {args.url}/studies/{study['name']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    study = _request("POST", f"{args.url}/api/studies/{args.study}/cancel", json={})
+    print(f"study {study['name']} is {study['status']}: no new trials start, running ones stop at their next epoch "
+          f"({study['finished']}/{study['n_trials']} finished)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    before = _request("GET", f"{args.url}/api/studies/{args.study}")
+    study = _request("POST", f"{args.url}/api/studies/{args.study}/retry", json={})
+    queued = study["counts"]["waiting"] - before["counts"]["waiting"]
+    print(f"study {study['name']} is {study['status']}: {queued} failed trial(s) queued again")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _request("DELETE", f"{args.url}/api/studies/{args.study}", json={})
+    print(f"deleted study {args.study}: its trial slots, checkpoints and Optuna study; its name is free again")
     return 0
 
 
@@ -466,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study", nargs="?")
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(func=cmd_status)
+
+    for name, func, what in (("cancel", cmd_cancel, "stop a study: no new trials, running ones stop at their next "
+                                                    "epoch"),
+                             ("retry", cmd_retry, "queue a study's failed trials again (a failed study's unrun ones "
+                                                  "too)"),
+                             ("delete", cmd_delete, "delete a study that is not running: its trial slots, checkpoints "
+                                                    "and Optuna study")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("study", help="study name or id")
+        command.add_argument("--url", default=DEFAULT_URL, help=f"the kdsearch API (default {DEFAULT_URL})")
+        command.set_defaults(func=func)
 
     _add_export_args(sub.add_parser("export-best", help="write the best trial's student as a HF model"))
 
