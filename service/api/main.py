@@ -28,8 +28,12 @@ def open_state(app: FastAPI, settings: Settings) -> None:
     # Webhooks are delivered in the background by the API as well as by workers (a cancelled or failed study
     # announces itself even when no worker runs).
     app.state.notifier = Notifier(app.state.db, settings).start()
-    # Launch validation reads teacher configs and tokenizers: import transformers now, not in the first request.
+    # Launch validation reads teacher configs and tokenizers, and samples the data with the workers' reader: import
+    # transformers, datasets and distill.data now, not in the first request.
+    import datasets  # noqa: F401
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    import distill.data  # noqa: F401
 
 
 def close_state(app: FastAPI) -> None:
