@@ -217,11 +217,35 @@ def _count_or_auto(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected a number from 1 to 256 or 'auto', not {value!r}")
 
 
+def _local_path(value: Any, cwd: Path) -> Any:
+    """A relative or ``~`` path that exists from ``cwd``, made absolute; anything else (a hub id, a path that is not
+    here, a value that is not text) as it is, for the server to judge."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    path = cwd / Path(value).expanduser()
+    return os.path.abspath(path) if path.exists() else value
+
+
+def absolute_paths(spec: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    """The spec with its local paths (teacher, student model, dataset directory) resolved from ``cwd``, where the
+    user stands: the server would resolve them from its own working directory."""
+    spec = dict(spec)
+    if "teacher" in spec:
+        spec["teacher"] = _local_path(spec["teacher"], cwd)
+    for section, key in (("student", "model"), ("dataset", "path")):
+        if isinstance(spec.get(section), dict) and key in spec[section]:
+            spec[section] = {**spec[section], key: _local_path(spec[section][key], cwd)}
+    return spec
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
         spec = json.loads(Path(args.spec).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return _fail(f"cannot read {args.spec}: {exc}", 2)
+    if not isinstance(spec, dict):
+        return _fail(f"{args.spec} holds no JSON object (a study spec)", 2)
+    spec = absolute_paths(spec, Path.cwd())
     if args.name:
         spec["name"] = args.name
     study = _request("POST", f"{args.url}/api/studies", json=spec)
@@ -269,6 +293,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(f"[yellow]note:[/] {note}")
         if study.get("error"):
             console.print(f"[red]{study['error']}[/]")
+        if (preparation := _preparation_line(study)) is not None:
+            console.print(preparation, markup=False)
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "precision",
@@ -287,11 +313,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
-        table.add_row(str(s["id"]), s["name"], s["status"], str(s["priority"]), f"{s['finished']}/{s['n_trials']}",
+        retries = (s.get("prepare_retry") or {}).get("attempts")
+        state = f"{s['status']} (preparation failed {retries}x)" if retries else s["status"]
+        table.add_row(str(s["id"]), s["name"], state, str(s["priority"]), f"{s['finished']}/{s['n_trials']}",
                       str(s["counts"]["running"]), str(s["counts"]["failed"]), s.get("metric") or "",
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
+
+
+def _preparation_line(study: dict[str, Any]) -> str | None:
+    """A study's preparation as ``status`` shows it: the failures it is retrying after, else its progress."""
+    retry = study.get("prepare_retry")
+    if retry:
+        when = f", next try at {retry['retry_at']}" if retry.get("retry_at") else ""
+        return (f"preparation failed {retry['attempts']} time(s) in a row (retried up to "
+                f"KDSEARCH_MAX_PREPARE_ATTEMPTS times{when}): {retry.get('last_error') or 'no reason recorded'}")
+    preparing = study.get("preparing")
+    if preparing:
+        return f"preparing: {preparing['stage']} {preparing['done']}/{preparing['total']} rows"
+    return None
 
 
 def _shape_cell(shape: dict[str, int]) -> str:

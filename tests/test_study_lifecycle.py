@@ -27,6 +27,7 @@ from storage import (
     finish_slot,
     make_engine,
     make_optuna_storage,
+    preparation_failed,
     session_scope,
 )
 from tests.conftest import tiny_spec
@@ -142,17 +143,39 @@ def _cli(*args: str, url: str, cwd: Path | None = None,
                           env=env or {**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_cli_cancel_retry_delete(sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+def test_cli_submit_status_cancel_retry_delete(sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     stack = Stack(sqlite_url, tmp_path)
     try:
         stack.start_api()
+        # Paths relative to where the user stands (the API runs elsewhere): the CLI sends them absolute.
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / "teacher").symlink_to(tiny_assets["teacher"])
+        (tmp_path / "data").symlink_to(tiny_assets["data"])
         spec_file = tmp_path / "spec.json"
-        spec_file.write_text(json.dumps(tiny_spec(tiny_assets, name="cli")))
-        assert _cli("submit", str(spec_file), url=stack.url).returncode == 0
+        spec_file.write_text(json.dumps(tiny_spec(tiny_assets, name="cli", teacher="models/teacher",
+                                                  dataset={"path": "./data", "max_seq_length": 16})))
+        submitted = _cli("submit", "spec.json", url=stack.url, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        spec = stack.study("cli")["spec"]
+        assert (spec["teacher"], spec["dataset"]["path"]) == (str(Path(tiny_assets["teacher"]).resolve()),
+                                                              str(Path(tiny_assets["data"]).resolve()))
+
+        engine = make_engine(sqlite_url)
+        try:  # a worker could not prepare the study twice (not the data's fault): it is retried, and status says so
+            for _ in range(2):
+                preparation_failed(engine, stack.study("cli")["id"], "OSError: No space left on device",
+                                   retry_delay_s=60)
+        finally:
+            engine.dispose()
+        listed = _cli("status", url=stack.url, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        assert "queued (preparation failed 2x)" in listed.stdout, listed.stdout
+        shown = _cli("status", "cli", url=stack.url, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        assert "preparation failed 2 time(s) in a row" in shown.stdout, shown.stdout
+        assert "OSError: No space left on device" in shown.stdout
 
         busy = _cli("delete", "cli", url=stack.url)
         assert busy.returncode == 1 and "409" in busy.stderr and "kdsearch cancel cli" in busy.stderr
-        again = _cli("submit", str(spec_file), url=stack.url)
+        again = _cli("submit", "spec.json", url=stack.url, cwd=tmp_path)
         assert again.returncode == 1 and "kdsearch delete cli" in again.stderr
 
         cancelled = _cli("cancel", "cli", url=stack.url)
@@ -175,7 +198,7 @@ def test_cli_cancel_retry_delete(sqlite_url: str, tmp_path: Path, tiny_assets) -
         assert _cli("cancel", "cli", url=stack.url).returncode == 0
         deleted = _cli("delete", "cli", url=stack.url)
         assert deleted.returncode == 0 and "deleted study cli" in deleted.stdout, deleted.stderr
-        assert _cli("submit", str(spec_file), url=stack.url).returncode == 0, "the name is free again"
+        assert _cli("submit", "spec.json", url=stack.url, cwd=tmp_path).returncode == 0, "the name is free again"
         missing = _cli("delete", "ghost", url=stack.url)
         assert missing.returncode == 1 and "404" in missing.stderr
     finally:
