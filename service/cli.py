@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -126,8 +127,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"kdsearch: warning: no KDSEARCH_API_TOKEN set and listening on {host}: anyone who reaches it "
                   "can launch studies", file=sys.stderr)
     print(f"kdsearch: serving the API and dashboard on http://{host}:{args.port}/", flush=True)
+    _audit_to_stderr()
     uvicorn.run(create_app(settings), host=host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _audit_to_stderr() -> None:
+    """The API's audit lines (logger ``kdsearch.audit``: who deleted or re-queued what) go to stderr, whatever
+    ``--log-level`` says."""
+    audit = logging.getLogger("kdsearch.audit")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s AUDIT %(message)s"))
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -198,6 +198,10 @@ def test_cli_submit_status_cancel_retry_delete(sqlite_url: str, tmp_path: Path, 
         assert _cli("cancel", "cli", url=stack.url).returncode == 0
         deleted = _cli("delete", "cli", url=stack.url)
         assert deleted.returncode == 0 and "deleted study cli" in deleted.stdout, deleted.stderr
+        audit = [line for line in stack.log("api.log").splitlines() if " AUDIT " in line]
+        assert len(audit) == 2, "the API records both, at any --log-level (this one runs at warning)"
+        assert "RETRY study" in audit[0] and "name='cli'" in audit[0] and "1 trial slots queued again" in audit[0]
+        assert "DELETE study" in audit[1] and "name='cli'" in audit[1]
         assert _cli("submit", "spec.json", url=stack.url, cwd=tmp_path).returncode == 0, "the name is free again"
         missing = _cli("delete", "ghost", url=stack.url)
         assert missing.returncode == 1 and "404" in missing.stderr

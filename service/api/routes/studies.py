@@ -440,17 +440,24 @@ def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: Optu
 
 
 
+def _client(request: Request) -> str:
+    """Who made a request, for the audit line: the client's address."""
+    return request.client.host if request.client else "unknown"
+
+
 @router.post("/{id_or_name}/retry", response_model=StudyDetailOut, responses={
     **NOT_FOUND, 409: {"model": ErrorOut, "description": "No failed trial to retry"}})
-def retry(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
+def retry(id_or_name: str, request: Request, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
           _auth: TokenDep) -> StudyDetailOut:
     """Queue the failed trials again (for a failed study, also the trials its failure stopped before they ran); the
     study is queued again when it had ended."""
     row = _load(session, id_or_name)
     try:
-        retry_study(db, row.id)
+        queued = retry_study(db, row.id)
     except NothingToRetryError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    audit.info("RETRY study id=%d name=%r (was %s) by %s: %d trial slots queued again", row.id, row.name, row.status,
+               _client(request), queued)
     _fresh_snapshot(session)
     return _detail(session, optuna_storage, _load(session, str(row.id)))
 
@@ -471,6 +478,5 @@ def delete(id_or_name: str, request: Request, db: DbDep, session: SessionDep, op
     except LookupError as exc:  # deleted meanwhile by another request
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {id_or_name!r}") from exc
     audit.info("DELETE study id=%d name=%r status=%s by %s: %d slots, %d checkpoints removed", deleted.study_id,
-               deleted.name, deleted.status, request.client.host if request.client else "unknown", deleted.slots,
-               deleted.artifacts)
+               deleted.name, deleted.status, _client(request), deleted.slots, deleted.artifacts)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
