@@ -1,4 +1,4 @@
-"""The ``kdsearch`` command line: serve, worker, submit, status, export-best, demo."""
+"""The ``kdsearch`` command line: serve, worker, submit, status, cancel, retry, delete, export-best, db, demo."""
 
 from __future__ import annotations
 
