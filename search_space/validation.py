@@ -105,8 +105,9 @@ def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None)
 
 
 def check_hub_model_offline(field: str, ref: str) -> None:
-    """A hub model on a server without the network (``HF_HUB_OFFLINE``) must already be in its Hugging Face cache:
-    else workers could only fail to load it, and retry for minutes while the study shows no progress."""
+    """A hub model on a host without the network (``HF_HUB_OFFLINE``) must already be in its Hugging Face cache:
+    else it could only fail to load, and workers would retry it for minutes while the study shows no progress.
+    Checked by the API at submit, and by a worker before it loads a teacher."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if not constants.HF_HUB_OFFLINE:
@@ -114,7 +115,7 @@ def check_hub_model_offline(field: str, ref: str) -> None:
     repo_id, _, revision = ref.partition("@")
     if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision or None), str):
         return
-    raise SpecError(field, f"{ref!r} is a hub id, and this server is offline (HF_HUB_OFFLINE=1) with no copy of it "
+    raise SpecError(field, f"{ref!r} is a hub id, and this host is offline (HF_HUB_OFFLINE=1) with no copy of it "
                            f"in its Hugging Face cache ({constants.HF_HUB_CACHE}): give a local model directory, or "
                            f"download it where the server and workers run first (hf download {repo_id})")
 

@@ -106,7 +106,8 @@ def test_hub_teacher_on_an_offline_server_is_422(client: TestClient, tiny_assets
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     field, message = refused(client.post("/api/studies", json=tiny_spec(tiny_assets, teacher="owner/teacher@v1")))
-    assert field == "teacher" and "offline (HF_HUB_OFFLINE=1)" in message and "hf download owner/teacher" in message
+    assert field == "teacher" and "this host is offline (HF_HUB_OFFLINE=1)" in message
+    assert "hf download owner/teacher" in message
     field, _ = refused(client.post("/api/studies", json=tiny_spec(tiny_assets, student={"model": "owner/student"})))
     assert field == "student.model"
 
@@ -139,3 +140,17 @@ def test_a_path_not_found_names_the_directory_it_was_resolved_from(client: TestC
     assert field == "dataset.path" and f"server's working directory {cwd}" in message
     _, message = refused(client.post("/api/studies", json=tiny_spec(tiny_assets, teacher=str(tmp_path / "none"))))
     assert "working directory" not in message, "an absolute path needs no explanation"
+
+
+def test_a_worker_fails_an_offline_hub_teacher_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker on an offline host (the API may be online) gets a study fault, which fails the study at once,
+    instead of an OSError, which it retries as a preparation fault for minutes."""
+    from distill import STUDY_FAULTS
+    from distill.models import load_config
+    from search_space import SpecError
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SpecError, match="this host is offline") as raised:
+        load_config("owner/teacher")
+    assert isinstance(raised.value, STUDY_FAULTS) and raised.value.field == "teacher"
