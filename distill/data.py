@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,3 +258,86 @@ def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: t
         batches.extend(part.split(batch_size))
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]
+
+
+# What a submit checks of each split: its first rows, read as ``read_split`` reads the whole split (same builders,
+# same options), so the API and the workers never disagree on a column or a label.
+SAMPLE_ROWS = 1000
+
+
+class SampleProblem(DataError):
+    """A mistake found in a split's first rows before a study is queued: ``field`` is the spec field to fix. The
+    message names the file, the column and the row, never a cell's value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def read_sample(path: Path, rows: int = SAMPLE_ROWS) -> datasets.Dataset:
+    """The first ``rows`` rows of a local split file, streamed (a large file is not read whole)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder, kwargs = _BUILDERS[path.suffix]
+    try:
+        stream = datasets.load_dataset(builder, data_files={"sample": str(path)}, split="sample", streaming=True,
+                                       **kwargs)
+        return datasets.Dataset.from_list(list(itertools.islice(stream, rows)), features=stream.features)
+    except Exception as exc:  # a malformed file: pandas' reason (it names lines), never arrow's (it quotes cells)
+        parser_error = type(exc).__name__ == "ParserError" and type(exc).__module__.startswith("pandas")
+        reason = str(exc).strip().splitlines() if parser_error else []
+        raise DataError(f"cannot read {path.name}: {type(exc).__name__}{': ' + reason[0] if reason else ''}") from exc
+
+
+def _label_problem(value: Any, task: TaskInfo) -> str:
+    """What is wrong with a label the task refuses, said without the label itself."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "the label is empty"
+    if task.is_regression:
+        return "the label is not a number, and the teacher is a regression model (one output)"
+    classes = f"the teacher's {task.num_labels} classes"
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        return f"the label is not one of {classes} ({', '.join(task.label_names)}) by name"
+    if isinstance(value, float) and not value.is_integer():
+        return (f"the label is a fraction, and the teacher is a {task.num_labels}-class classifier (give class ids "
+                "or names; a regression study needs a teacher with one output)")
+    if isinstance(value, str | int | float | np.integer):
+        return f"the label is a class id outside 0..{task.num_labels - 1} (the teacher has {task.num_labels} classes)"
+    return "the label is not a class id or name"
+
+
+def check_sample(spec: DatasetSpec, task: TaskInfo | None, rows: int = SAMPLE_ROWS) -> None:
+    """Each split of a local dataset: its file readable and not empty, the spec's columns present and (when the
+    task is known) the labels of its first ``rows`` rows ones the task takes, as ``load_split`` interprets them.
+    Raises ``SampleProblem`` naming the spec field."""
+    assert spec.path is not None
+    columns = [("dataset.text_column", spec.text_column), ("dataset.text_pair_column", spec.text_pair_column),
+               ("dataset.label_column", spec.label_column)]
+    for split_field, split in (("dataset.train_split", spec.train_split), ("dataset.eval_split", spec.eval_split)):
+        path = split_file(Path(spec.path), split)
+        if path is None:
+            raise SampleProblem(split_field, f"no file for split {split!r} in {spec.path}")
+        try:
+            sample = read_sample(path, rows)
+        except DataError as exc:
+            raise SampleProblem(split_field, str(exc)) from exc
+        if len(sample) == 0:
+            raise SampleProblem(split_field, f"{path.name} has no rows")
+        for field, column in columns:
+            if column is not None and column not in sample.column_names:
+                raise SampleProblem(field, f"{path.name} has no column {column!r} (its columns: "
+                                           f"{', '.join(sample.column_names)})")
+        if task is None:
+            continue  # a hub teacher: its labels are known once a worker loads it
+        values = _label_values(sample, spec.label_column, split, task)
+        for row, value in enumerate(values):
+            try:
+                if task.is_regression:
+                    _targets([value], spec.label_column, split)
+                else:
+                    _class_ids([value], spec.label_column, split, task)
+            except DataError as exc:
+                raise SampleProblem("dataset.label_column", f"row {row + 1} of {path.name}, column "
+                                                            f"{spec.label_column!r}: {_label_problem(value, task)}"
+                                    ) from exc

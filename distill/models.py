@@ -7,6 +7,7 @@ from typing import Any
 
 from distill.data import DataError
 from search_space import looks_local
+from search_space.validation import check_hub_model_offline
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:
@@ -18,8 +19,12 @@ def split_revision(ref: str) -> tuple[str, str | None]:
 
 
 def load_config(ref: str) -> Any:
+    """The teacher's config. A hub id on an offline host without a cached copy is the spec's fault (``SpecError``,
+    a study fault): the study fails at once, not after minutes of retried preparations."""
     from transformers import AutoConfig
 
+    if not looks_local(ref):
+        check_hub_model_offline("teacher", ref)
     name, revision = split_revision(ref)
     return AutoConfig.from_pretrained(name, revision=revision)
 

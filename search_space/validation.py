@@ -1,7 +1,9 @@
 """Cheap checks made before a study is queued, so a user hears of a bad spec at once, not from a worker.
 
 Local paths are made absolute (workers may run from another directory). Hub ids are left as they are: whether
-they exist is only known online, and a worker that cannot load them fails the study with the reason.
+they exist is only known online, and a worker that cannot load them fails the study with the reason; on an offline
+server (``HF_HUB_OFFLINE``) one must be in its Hugging Face cache. A local dataset's split files, columns and first
+rows' labels are read with the workers' own reader.
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ def _inside_roots(field: str, ref: str, roots: Sequence[Path] | None) -> Path:
         raise SpecError(field, f"not a usable path: {exc}") from exc
     if roots is not None and not any(real.is_relative_to(root.expanduser().resolve()) for root in roots):
         shown = ", ".join(str(r) for r in roots)
-        raise SpecError(field, f"{ref!r} resolves to {real}, outside the allowed roots ({shown}); "
+        raise SpecError(field, f"{ref!r} resolves to {real}{_resolved_from(ref)}, outside the allowed roots ({shown}); "
                                "set KDSEARCH_ALLOWED_ROOTS to allow more, or give a hub id owner/name")
     return real
+
+
+def _resolved_from(ref: str) -> str:
+    """Said of a path that was not found or not allowed: a relative one is resolved from this server's working
+    directory, not from where its user stands (``kdsearch submit`` sends absolute paths)."""
+    if Path(ref).expanduser().is_absolute():
+        return ""
+    return f" (a relative path, resolved from the server's working directory {Path.cwd()})"
 
 
 def split_file(directory: Path, split: str) -> Path | None:
@@ -61,7 +71,8 @@ def split_file(directory: Path, split: str) -> Path | None:
 def _resolve_model_dir(field: str, ref: str, roots: Sequence[Path] | None) -> str:
     path = _inside_roots(field, ref, roots)
     if not path.is_dir():
-        raise SpecError(field, f"{ref!r} is neither a local model directory nor a hub id owner/name[@revision]")
+        raise SpecError(field, f"{ref!r} is neither a local model directory nor a hub id owner/name[@revision]: "
+                               f"no directory at {path}{_resolved_from(ref)}")
     if not (path / "config.json").is_file():
         raise SpecError(field, f"{ref!r} holds no config.json: not a Hugging Face model directory")
     return str(path)
@@ -81,7 +92,8 @@ def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None)
     if dataset.path is not None:
         directory = _inside_roots("dataset.path", dataset.path, allowed_roots)
         if not directory.is_dir():
-            raise SpecError("dataset.path", f"directory {dataset.path!r} does not exist")
+            raise SpecError("dataset.path", f"directory {dataset.path!r} does not exist: no directory at {directory}"
+                                            f"{_resolved_from(dataset.path)}")
         for field, split in (("dataset.train_split", dataset.train_split), ("dataset.eval_split", dataset.eval_split)):
             found = split_file(directory, split)
             if found is None:
@@ -90,6 +102,22 @@ def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None)
         dataset = dataset.model_copy(update={"path": str(directory)})
     update["dataset"] = dataset
     return spec.model_copy(update=update)
+
+
+def check_hub_model_offline(field: str, ref: str) -> None:
+    """A hub model on a host without the network (``HF_HUB_OFFLINE``) must already be in its Hugging Face cache:
+    else it could only fail to load, and workers would retry it for minutes while the study shows no progress.
+    Checked by the API at submit, and by a worker before it loads a teacher."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    repo_id, _, revision = ref.partition("@")
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision or None), str):
+        return
+    raise SpecError(field, f"{ref!r} is a hub id, and this host is offline (HF_HUB_OFFLINE=1) with no copy of it "
+                           f"in its Hugging Face cache ({constants.HF_HUB_CACHE}): give a local model directory, or "
+                           f"download it where the server and workers run first (hf download {repo_id})")
 
 
 def _load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
@@ -178,13 +206,32 @@ def check_student_shapes(spec: StudySpec, teacher_config: Any | None) -> None:
     student_space(spec.student, hidden, layers)
 
 
+def check_data(spec: StudySpec, task: TaskInfo | None) -> None:
+    """A local dataset's split files, columns and (the task known) the labels of their first rows, read by the
+    workers' own reader (``distill.data.check_sample``); raises ``SpecError`` naming the field. Hub datasets are
+    only read by workers (online)."""
+    if spec.dataset.path is None:
+        return
+    from distill.data import SampleProblem, check_sample  # distill imports this package: import it when used
+
+    try:
+        check_sample(spec.dataset, task)
+    except SampleProblem as exc:
+        raise SpecError(exc.field, str(exc)) from exc
+
+
 def validate_spec(spec: StudySpec,
                   allowed_roots: Sequence[Path] | None = None) -> tuple[StudySpec, TaskInfo | None]:
     """The spec with local paths checked and made absolute, and its task when the teacher is local."""
     spec = normalize_spec(spec, allowed_roots)
+    if not looks_local(spec.teacher):
+        check_hub_model_offline("teacher", spec.teacher)
+    if spec.student.model is not None and not looks_local(spec.student.model):
+        check_hub_model_offline("student.model", spec.student.model)
     teacher_config = _local_teacher_config(spec)
     task = local_task(spec, teacher_config)
     check_student_shapes(spec, teacher_config)
     check_tokenizers(spec)
     check_mask_token(spec)
+    check_data(spec, task)
     return spec, task

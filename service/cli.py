@@ -1,9 +1,10 @@
-"""The ``kdsearch`` command line: serve, worker, submit, status, export-best, demo."""
+"""The ``kdsearch`` command line: serve, worker, submit, status, cancel, retry, delete, export-best, db, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -42,7 +43,7 @@ def _request(method: str, url: str, **kwargs: Any) -> Any:
         if isinstance(detail, list):  # pydantic errors: name each field
             detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
         raise SystemExit(_fail(f"{response.status_code}: {detail}"))
-    return response.json()
+    return response.json() if response.content else None
 
 
 def _check_database() -> str | None:
@@ -87,8 +88,11 @@ def _upgrade_database() -> str:
 
 def cmd_db(args: argparse.Namespace) -> int:
     from service.settings import get_settings
-    from storage import SchemaMismatch, current_revision, head_revision, make_engine
+    from storage import SchemaMismatch, current_revision, head_revision, make_engine, missing_sqlite_file
 
+    url = get_settings().database_url
+    if args.action == "current" and (missing := missing_sqlite_file(url)) is not None:  # would create it empty
+        return _fail(f"no database at {url} ({missing} does not exist); set KDSEARCH_DATABASE_URL", 2)
     if problem := _check_database():
         return _fail(problem, 2)
     if args.action == "upgrade":
@@ -98,7 +102,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             return _fail(str(exc), 2)
         print(f"kdsearch schema at revision {revision}")
         return 0
-    engine = make_engine(get_settings().database_url)
+    engine = make_engine(url)
     try:
         current = current_revision(engine)
     finally:
@@ -134,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"kdsearch: warning: no KDSEARCH_API_TOKEN set and listening on {host}: anyone who reaches it "
                   "can launch studies", file=sys.stderr)
     print(f"kdsearch: serving the API and dashboard on http://{host}:{args.port}/", flush=True)
+    _audit_to_stderr()
     uvicorn.run(create_app(settings, bind_host=host), host=host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -148,6 +153,17 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name other than localhost: it may resolve to any interface
+
+
+def _audit_to_stderr() -> None:
+    """The API's audit lines (logger ``kdsearch.audit``: who deleted or re-queued what) go to stderr, whatever
+    ``--log-level`` says."""
+    audit = logging.getLogger("kdsearch.audit")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s AUDIT %(message)s"))
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -237,16 +253,61 @@ def _count_or_auto(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected a number from 1 to 256 or 'auto', not {value!r}")
 
 
+def _local_path(value: Any, cwd: Path) -> Any:
+    """A relative or ``~`` path that exists from ``cwd``, made absolute; anything else (a hub id, a path that is not
+    here, a value that is not text) as it is, for the server to judge."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    path = cwd / Path(value).expanduser()
+    return os.path.abspath(path) if path.exists() else value
+
+
+def absolute_paths(spec: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    """The spec with its local paths (teacher, student model, dataset directory) resolved from ``cwd``, where the
+    user stands: the server would resolve them from its own working directory."""
+    spec = dict(spec)
+    if "teacher" in spec:
+        spec["teacher"] = _local_path(spec["teacher"], cwd)
+    for section, key in (("student", "model"), ("dataset", "path")):
+        if isinstance(spec.get(section), dict) and key in spec[section]:
+            spec[section] = {**spec[section], key: _local_path(spec[section][key], cwd)}
+    return spec
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
         spec = json.loads(Path(args.spec).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return _fail(f"cannot read {args.spec}: {exc}", 2)
+    if not isinstance(spec, dict):
+        return _fail(f"{args.spec} holds no JSON object (a study spec)", 2)
+    spec = absolute_paths(spec, Path.cwd())
     if args.name:
         spec["name"] = args.name
     study = _request("POST", f"{args.url}/api/studies", json=spec)
     print(f"queued study {study['name']} (id {study['id']}, {study['n_trials']} trials)")
     print(f"dashboard: {args.url}/studies/{study['name']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    study = _request("POST", f"{args.url}/api/studies/{args.study}/cancel", json={})
+    print(f"study {study['name']} is {study['status']}: no new trials start, running ones stop at their next epoch "
+          f"({study['finished']}/{study['n_trials']} finished)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    before = _request("GET", f"{args.url}/api/studies/{args.study}")
+    study = _request("POST", f"{args.url}/api/studies/{args.study}/retry", json={})
+    queued = study["counts"]["waiting"] - before["counts"]["waiting"]
+    print(f"study {study['name']} is {study['status']}: {queued} failed trial(s) queued again")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _request("DELETE", f"{args.url}/api/studies/{args.study}", json={})
+    print(f"deleted study {args.study}: its trial slots, checkpoints and Optuna study; its name is free again")
     return 0
 
 
@@ -269,6 +330,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(f"[yellow]note:[/] {escape(note)}")
         if study.get("error"):
             console.print(f"[red]{escape(study['error'])}[/]")
+        if (preparation := _preparation_line(study)) is not None:
+            console.print(preparation, markup=False)
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "precision",
@@ -287,12 +350,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
-        table.add_row(str(s["id"]), escape(s["name"]), s["status"], str(s["priority"]),
+        retries = (s.get("prepare_retry") or {}).get("attempts")
+        state = f"{s['status']} (preparation failed {retries}x)" if retries else s["status"]
+        table.add_row(str(s["id"]), escape(s["name"]), state, str(s["priority"]),
                       f"{s['finished']}/{s['n_trials']}", str(s["counts"]["running"]), str(s["counts"]["failed"]),
                       s.get("metric") or "",
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
+
+
+def _preparation_line(study: dict[str, Any]) -> str | None:
+    """A study's preparation as ``status`` shows it: the failures it is retrying after, else its progress."""
+    retry = study.get("prepare_retry")
+    if retry:
+        when = f", next try at {retry['retry_at']}" if retry.get("retry_at") else ""
+        return (f"preparation failed {retry['attempts']} time(s) in a row (retried up to "
+                f"KDSEARCH_MAX_PREPARE_ATTEMPTS times{when}): {retry.get('last_error') or 'no reason recorded'}")
+    preparing = study.get("preparing")
+    if preparing:
+        return f"preparing: {preparing['stage']} {preparing['done']}/{preparing['total']} rows"
+    return None
 
 
 def _shape_cell(shape: dict[str, int]) -> str:
@@ -494,6 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study", nargs="?")
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(func=cmd_status)
+
+    for name, func, what in (("cancel", cmd_cancel, "stop a study: no new trials, running ones stop at their next "
+                                                    "epoch"),
+                             ("retry", cmd_retry, "queue a study's failed trials again (a failed study's unrun ones "
+                                                  "too)"),
+                             ("delete", cmd_delete, "delete a study that is not running: its trial slots, checkpoints "
+                                                    "and Optuna study")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("study", help="study name or id")
+        command.add_argument("--url", default=DEFAULT_URL, help=f"the kdsearch API (default {DEFAULT_URL})")
+        command.set_defaults(func=func)
 
     _add_export_args(sub.add_parser("export-best", help="write the best trial's student as a HF model"))
 

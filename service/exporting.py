@@ -38,6 +38,7 @@ from storage import (
     make_engine,
     make_layout,
     make_optuna_storage,
+    missing_sqlite_file,
     record_seed_run,
     seed_runs,
     session_scope,
@@ -254,6 +255,9 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before any retraining, not after
         raise ExportError(f"{out_dir} is not empty; pass --force to overwrite")
+    if (missing := missing_sqlite_file(settings.database_url)) is not None:  # connecting would create it empty
+        raise ExportError(f"no database at {settings.database_url} ({missing} does not exist); set "
+                          "KDSEARCH_DATABASE_URL to the database the API and workers use")
     db = make_engine(settings.database_url)
     storage = make_optuna_storage(settings.database_url)
     try:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TypeVar
 
 from optuna.exceptions import StorageInternalError
@@ -25,6 +26,16 @@ T = TypeVar("T")
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names, resolved, when it does not exist (connecting would create it empty); None for
+    an existing file, an in-memory database or another backend. What read-only commands check before connecting."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database).expanduser().resolve()
+    return None if path.exists() else path
 
 
 def engine_kwargs(url: str, *, pool_size: int = 5, max_overflow: int = 5, busy_timeout_s: float = 60.0) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     unreachable = subprocess.run([sys.executable, "-m", "service.cli", "submit", str(tmp_path / "spec.json"),
                                   "--url", "http://127.0.0.1:9"], capture_output=True, text=True)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+    sqlite3.connect(tmp_path / "empty.db").close()  # an empty database file (a missing one is refused as such)
     env_db = {"KDSEARCH_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "PATH": "/usr/bin:/bin"}
     no_study = subprocess.run([sys.executable, "-m", "service.cli", "export-best", "ghost", "--out",
                                str(tmp_path / "out")], capture_output=True, text=True, env=env_db)

@@ -105,7 +105,9 @@ def test_malformed_hub_ids_are_refused(client: TestClient, tiny_assets, ref: str
     assert "teacher" in fields(response)
 
 
-def test_hub_ids_with_revision_are_queued_unchecked(client: TestClient, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+def test_hub_ids_with_revision_are_queued_unchecked(client: TestClient, tiny_assets,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # a server online (offline: 422)
     spec = tiny_spec(tiny_assets, teacher="textattack/bert-base-uncased-SST-2@main",
                      student={"model": "google/bert_uncased_L-2_H-128_A-2"})
     response = client.post("/api/studies", json=spec)
@@ -183,8 +185,8 @@ def test_worker_marks_bad_studies_failed_and_keeps_serving(sqlite_url: str, tmp_
     stack = Stack(sqlite_url, tmp_path)
     try:
         stack.start_api()
-        for spec, _ in broken.values():
-            stack.submit({**spec, "priority": 5})
+        for spec, _ in broken.values():  # as if changed after submit: the API refuses bad data (test_submit_checks)
+            stack.queue_unchecked({**spec, "priority": 5})
         stack.submit(tiny_spec(tiny_assets, name="healthy", n_trials=2))
         stack.start_worker()
         for name, (_, reason) in broken.items():

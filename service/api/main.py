@@ -37,8 +37,12 @@ def open_state(app: FastAPI, settings: Settings) -> None:
         app.state.metrics_registry.unregister(app.state.store_collector)
     app.state.store_collector = StoreCollector(app.state.db, settings.grace_period)
     app.state.metrics_registry.register(app.state.store_collector)
-    # Launch validation reads teacher configs and tokenizers: import transformers now, not in the first request.
+    # Launch validation reads teacher configs and tokenizers, and samples the data with the workers' reader: import
+    # transformers, datasets and distill.data now, not in the first request.
+    import datasets  # noqa: F401
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    import distill.data  # noqa: F401
 
 
 def close_state(app: FastAPI) -> None:

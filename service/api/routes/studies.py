@@ -1,4 +1,4 @@
-"""Studies: launch, list, inspect, list trials, cancel."""
+"""Studies: launch, list, inspect, list trials, cancel, retry, delete."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ from service.notifier import host_allowed
 from service.redaction import redact_webhook_url
 from service.settings import Settings
 from storage import (
+    NothingToRetryError,
     SlotState,
+    StudyBusyError,
     StudyExistsError,
     StudyRow,
     StudyStatus,
@@ -58,12 +60,15 @@ from storage import (
     count_seed_runs,
     create_study,
     db_now,
+    delete_study,
     ensure_optuna_study,
     get_study,
     latest_seed_spread,
+    make_layout,
     optuna_study_exists,
     preparations,
     preparing,
+    retry_study,
     slot_counts,
     study_user_attrs,
     trial_summaries,
@@ -78,6 +83,7 @@ from storage._trials import (
 )
 
 log = logging.getLogger("kdsearch.api")
+audit = logging.getLogger("kdsearch.audit")  # one line per destructive request: who, what, what it removed
 router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such study"}}
@@ -235,6 +241,14 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
     )
 
 
+def name_taken(name: str) -> HTTPException:
+    """The 409 for a name in use, with the ways out."""
+    return HTTPException(status.HTTP_409_CONFLICT,
+                         f"a study named {name!r} already exists: give this one another name (kdsearch submit "
+                         f"--name), or delete the old one once it is not running (kdsearch delete {name}; "
+                         f"DELETE /api/studies/{name}), or queue its failed trials again (kdsearch retry {name})")
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyDetailOut, responses={
     400: {"model": ErrorOut, "description": "The body is not valid JSON"},
     409: {"model": ErrorOut, "description": "A study of that name exists"},
@@ -253,12 +267,12 @@ def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, s
     except SpecError as exc:
         raise spec_error(exc) from exc
     if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists")
+        raise name_taken(spec.name)
     try:
         row = create_study(db, name=spec.name, spec=spec.model_dump(mode="json"), n_trials=spec.n_trials,
                            priority=spec.priority, timeout_s=spec.timeout_s)
     except StudyExistsError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"a study named {spec.name!r} already exists") from exc
+        raise name_taken(spec.name) from exc
     attrs: dict[str, Any] = {"kdsearch_spec": spec.model_dump(mode="json")}
     if task is not None:  # a local teacher: the task is known now; a worker records it for a hub teacher
         attrs["task"] = task.to_json()
@@ -442,3 +456,45 @@ def cancel(id_or_name: str, db: DbDep, session: SessionDep, optuna_storage: Optu
     return _detail(session, optuna_storage, _load(session, str(row.id)))
 
 
+
+
+def _client(request: Request) -> str:
+    """Who made a request, for the audit line: the client's address."""
+    return request.client.host if request.client else "unknown"
+
+
+@router.post("/{id_or_name}/retry", response_model=StudyDetailOut, responses={
+    **NOT_FOUND, 409: {"model": ErrorOut, "description": "No failed trial to retry"}})
+def retry(id_or_name: str, request: Request, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
+          _auth: TokenDep) -> StudyDetailOut:
+    """Queue the failed trials again (for a failed study, also the trials its failure stopped before they ran); the
+    study is queued again when it had ended."""
+    row = _load(session, id_or_name)
+    try:
+        queued = retry_study(db, row.id)
+    except NothingToRetryError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    audit.info("RETRY study id=%d name=%r (was %s) by %s: %d trial slots queued again", row.id, row.name, row.status,
+               _client(request), queued)
+    _fresh_snapshot(session)
+    return _detail(session, optuna_storage, _load(session, str(row.id)))
+
+
+@router.delete("/{id_or_name}", status_code=status.HTTP_204_NO_CONTENT, responses={
+    **NOT_FOUND, 409: {"model": ErrorOut, "description": "The study is queued or running, or a trial still stops"}})
+def delete(id_or_name: str, request: Request, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
+           settings: SettingsDep, _auth: TokenDep) -> Response:
+    """Delete a study that is not running: its trial slots, its checkpoints, its Optuna study and its rows. Data
+    caches shared with other studies stay. Its name can be used again."""
+    row = _load(session, id_or_name)
+    study_id = row.id
+    _fresh_snapshot(session)
+    try:
+        deleted = delete_study(db, optuna_storage, make_layout(settings.artifacts, settings.local_cache, db), study_id)
+    except StudyBusyError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except LookupError as exc:  # deleted meanwhile by another request
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {id_or_name!r}") from exc
+    audit.info("DELETE study id=%d name=%r status=%s by %s: %d slots, %d checkpoints removed", deleted.study_id,
+               deleted.name, deleted.status, _client(request), deleted.slots, deleted.artifacts)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
