@@ -12,7 +12,6 @@ import pytest
 from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from service.worker import infrastructure_fault
 from storage import TrialSlotRow, make_engine, session_scope
 from tests.conftest import tiny_spec
 from tests.procs import Stack
@@ -94,6 +93,8 @@ def test_a_study_whose_every_trial_fails_ends_failed(stack: Stack, tiny_assets) 
 
 
 def test_infrastructure_faults_are_told_from_the_trials() -> None:
+    from service.worker import infrastructure_fault
+
     full = OSError(errno.ENOSPC, "No space left on device")
     assert infrastructure_fault(full) and infrastructure_fault(OSError(errno.EIO, "Input/output error"))
     assert infrastructure_fault(OSError(errno.EROFS, "Read-only file system"))
