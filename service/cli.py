@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -11,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = os.environ.get("KDSEARCH_URL", "http://127.0.0.1:8000")
+EXIT_CODES = ("exit status: 0 success; 1 a failure at run time (the API or the database unreachable, a request the "
+              "API refused, a study not found, an export step that failed); 2 a usage error (an unknown option, a "
+              "wrong value, options that do not go together)")
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -23,9 +26,46 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _client_settings() -> tuple[str, str | None]:
+    """The API this client talks to and its token: ``KDSEARCH_URL`` and ``KDSEARCH_API_TOKEN`` from the
+    environment or a ``.env`` file where the command runs (the server's own settings, read the same way)."""
+    from pydantic import ValidationError
+
+    from service.settings import get_settings
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise SystemExit(_fail(f"invalid KDSEARCH_* setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}",
+                               2)) from None
+    return settings.url, settings.api_token
+
+
 def _client_headers() -> dict[str, str]:
-    token = os.environ.get("KDSEARCH_API_TOKEN")
+    token = _client_settings()[1]
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _console() -> Any:
+    """A rich console: the terminal's width, or no width limit when the output is piped or redirected (rich would
+    otherwise cut tables at 80 columns)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+
+
+def _all_trials(url: str, study: str) -> list[dict[str, Any]]:
+    """Every trial of a study, page by page (the API pages at 500)."""
+    trials: list[dict[str, Any]] = []
+    while True:
+        page = _request("GET", f"{url}/api/studies/{study}/trials", params={"offset": len(trials), "limit": 500})
+        trials += page["trials"]
+        if not page["trials"] or len(trials) >= page["total"]:
+            return trials
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
 
 
 def _request(method: str, url: str, **kwargs: Any) -> Any:
@@ -311,12 +351,40 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def cmd_trials(args: argparse.Namespace) -> int:
+    """A study's trials, every page: a table, or JSON (``--json``, as ``optuna trials -f json``)."""
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    trials = [t for t in _all_trials(args.url, args.study) if args.state is None or t["state"] == args.state]
+    if args.json:
+        _print_json(trials)
+        return 0
+    table = Table("#", "state", "value", "best epoch", "epochs", "params", "precision", "worker", "duration s", "note")
+    for t in trials:
+        table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
+                      str(t.get("best_epoch") or ""), str(len(t["epochs"])),
+                      escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in t["params"].items())),
+                      t.get("precision") or "", escape(t.get("worker") or ""),
+                      f"{t['duration_s']:.1f}" if t["duration_s"] else "",
+                      escape(t.get("stop_reason") or t.get("fail_reason") or ""))
+    _console().print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    if args.study and args.json:
+        _print_json({"study": _request("GET", f"{args.url}/api/studies/{args.study}"),
+                     "trials": _all_trials(args.url, args.study)})
+        return 0
+    if args.json:
+        _print_json(_request("GET", f"{args.url}/api/studies"))
+        return 0
     if args.study:  # whatever the API returns is printed as text, never read as markup (an error may hold "[/]")
         study = _request("GET", f"{args.url}/api/studies/{args.study}")
         page = _request("GET", f"{args.url}/api/studies/{args.study}/trials")
@@ -345,7 +413,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           *_size_cells(t.get("profile")), t.get("precision") or "",
                           f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
-        if len(study.get("objectives") or []) > 1 or any(t.get("profile") for t in page["trials"]):
+        if len(study.get("objectives") or []) > 1:  # a single-objective study has one best trial, not a front
             print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"))
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
@@ -474,14 +542,14 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--seeds", type=_seed_count, default=0, metavar="N",
                         help="retrain the best configuration with N fresh seeds, report mean ± std and export the "
-                             "best seed (default 0: export the trial's own checkpoint)")
-    parser.add_argument("--device", default="auto", help="for --seeds: cpu, cuda, cuda:N or auto (default)")
+                             "best seed (0: export the trial's own checkpoint)")
+    parser.add_argument("--device", default="auto", help="for --seeds: cpu, cuda, cuda:N or auto")
     parser.add_argument("--onnx", action="store_true",
                         help="also write onnx/model.onnx, verified against PyTorch, with CPU latency on the card")
     parser.add_argument("--quantize", default=None, metavar="int8",
                         help="with --onnx: also write onnx/model.<int8>.onnx (dynamic quantization)")
     pick = parser.add_argument_group(
-        "which trial", "default: the best trial (a study with two objectives needs one of these: it has a front)")
+        "which trial", "none given: the best trial (a study with two objectives needs one of these: it has a front)")
     pick.add_argument("--trial", type=_count("--trial", 0), default=None, metavar="N", help="this trial")
     pick.add_argument("--max-params", type=_count("--max-params", 1), default=None, metavar="N",
                       help="the most accurate trial with at most N parameters (4400000 or 4.4e6)")
@@ -528,22 +596,47 @@ def _seed_count(value: str) -> int:
     return count
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdsearch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (none for a flag, or an option that is unset by default); descriptions
+    and the exit codes kept as written."""
 
-    serve = sub.add_parser("serve", help="run the REST API and dashboard")
-    serve.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1, loopback only; any "
-                       "other needs KDSEARCH_API_TOKEN)")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or isinstance(action, argparse._VersionAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdsearch")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsearch", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, formatter_class=_HelpFormatter, epilog=EXIT_CODES)
+    url = _client_settings()[0]
+    url_help = "the kdsearch API (KDSEARCH_URL, or .env)"
+
+    serve = add("serve", help="run the REST API and dashboard")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback only by default; any other "
+                       "needs KDSEARCH_API_TOKEN)")
     serve.add_argument("--allow-no-token", action="store_true",
-                       help="listen beyond loopback without KDSEARCH_API_TOKEN (default: refused)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+                       help="listen beyond loopback without KDSEARCH_API_TOKEN (refused without it)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (audit lines are always printed)")
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser("worker", help="run trials from the shared study store")
+    worker = add("worker", help="run trials from the shared study store")
     where = worker.add_mutually_exclusive_group()
-    where.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    where.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when visible, else CPU)")
     where.add_argument("--gpus", help="'all' or a list like 0,1: one worker process per GPU")
     worker.add_argument("--workers-per-gpu", type=int, default=1, choices=range(1, 33), metavar="N",
                         help="with --gpus: worker processes per GPU (small students leave a GPU idle)")
@@ -555,23 +648,34 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-when-idle", action="store_true", help="exit once no trial is left to run")
     worker.add_argument("--max-trials", type=int, default=None, help="exit after this many trials (per worker process)")
     worker.add_argument("--pack", metavar="K|auto", help="claim up to K trials of a study and train them together "
-                        "(KDSEARCH_PACK; default auto)")
+                        "(unset: KDSEARCH_PACK, whose default is auto)")
     worker.add_argument("--pack-step", choices=["auto", "loop", "stacked"], default=None,
                         help="how a pack trains: stacked (one vectorised step for all its trials), loop (one by "
-                             "one, each exactly as alone), auto: stacked on CUDA, loop on CPU (KDSEARCH_PACK_STEP)")
-    worker.add_argument("--log-level", default="info")
+                             "one, each exactly as alone), auto: stacked on CUDA, loop on CPU (unset: "
+                             "KDSEARCH_PACK_STEP)")
+    worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="the worker's log level")
     worker.set_defaults(func=cmd_worker)
 
-    submit = sub.add_parser("submit", help="launch a study from a JSON spec")
-    submit.add_argument("spec")
+    submit = add("submit", help="launch a study from a JSON spec")
+    submit.add_argument("spec", help="a JSON study spec (local paths in it are sent resolved from here)")
     submit.add_argument("--name", help="override the spec's name")
-    submit.add_argument("--url", default=DEFAULT_URL)
+    submit.add_argument("--url", default=url, help=url_help)
     submit.set_defaults(func=cmd_submit)
 
-    status = sub.add_parser("status", help="show studies, or one study's trials")
-    status.add_argument("study", nargs="?")
-    status.add_argument("--url", default=DEFAULT_URL)
+    status = add("status", help="show studies, or one study's trials")
+    status.add_argument("study", nargs="?", help="a study's name or id: its trials (all studies without it)")
+    status.add_argument("--json", action="store_true", help="print the API's JSON (one study: with every trial)")
+    status.add_argument("--url", default=url, help=url_help)
     status.set_defaults(func=cmd_status)
+
+    trials = add("trials", help="list a study's trials (every page)")
+    trials.add_argument("study", help="study name or id")
+    trials.add_argument("--state", choices=["COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL"], default=None,
+                        help="only trials in this state")
+    trials.add_argument("--json", action="store_true", help="print the trials as JSON (as optuna trials -f json)")
+    trials.add_argument("--url", default=url, help=url_help)
+    trials.set_defaults(func=cmd_trials)
 
     for name, func, what in (("cancel", cmd_cancel, "stop a study: no new trials, running ones stop at their next "
                                                     "epoch"),
@@ -579,22 +683,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "too)"),
                              ("delete", cmd_delete, "delete a study that is not running: its trial slots, checkpoints "
                                                     "and Optuna study")):
-        command = sub.add_parser(name, help=what)
+        command = add(name, help=what)
         command.add_argument("study", help="study name or id")
-        command.add_argument("--url", default=DEFAULT_URL, help=f"the kdsearch API (default {DEFAULT_URL})")
+        command.add_argument("--url", default=url, help=url_help)
         command.set_defaults(func=func)
 
-    _add_export_args(sub.add_parser("export-best", help="write the best trial's student as a HF model"))
+    _add_export_args(add("export-best", help="write the best trial's student as a HF model"))
 
-    db = sub.add_parser("db", help="the database schema: upgrade it, or show its revision")
-    db.add_argument("action", choices=["upgrade", "current"])
+    db = add("db", help="the database schema: upgrade it, or show its revision")
+    db.add_argument("action", choices=["upgrade", "current"],
+                    help="upgrade: migrate KDSEARCH_DATABASE_URL to this release; current: show its revisions")
     db.set_defaults(func=cmd_db)
 
-    demo = sub.add_parser("demo", help="run a small SST-2 search end to end, offline")
-    demo.add_argument("--spec", default="examples/sst2-demo.json")
-    demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    demo = add("demo", help="run a small SST-2 search end to end, offline")
+    demo.add_argument("--spec", default="examples/sst2-demo.json", help="the study spec the demo runs")
+    demo.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
     demo.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=None,
-                      help="keep the API up after the demo (default: when run in a terminal)")
+                      help="keep the API up after the demo (unset: when run in a terminal)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -620,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_best_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export-best", description="Write a study's best student as a HF model.")
+    parser = argparse.ArgumentParser(prog="export-best", description="Write a study's best student as a HF model.",
+                                     formatter_class=_HelpFormatter, epilog=EXIT_CODES)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_export_args(parser)
     return _run(parser.parse_args(argv))
 

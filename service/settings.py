@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     worker_max_overflow: int = Field(1, ge=0)
     sqlite_busy_timeout_s: float = Field(60.0, gt=0)
 
+    # The CLI's side: the API that `kdsearch submit`, `status`, `trials`, `cancel`, `retry` and `delete` talk to
+    # (their --url default); they send KDSEARCH_API_TOKEN as the bearer token.
+    url: str = Field("http://127.0.0.1:8000", description="The kdsearch API the CLI's client commands talk to.")
+
     # A worker whose claims keep hitting infrastructure faults (a full disk, the artifact store, the database) while
     # their trials train or are stored gives each slot back untried and backs off (prepare_retry_delay, doubling);
     # after this many such claims in a row it exits, saying why.
