@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import request_validation_error
 from service.api.routes import health, metrics, studies, workers
 from service.dashboard import mount_dashboard
 from service.notifier import Notifier
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(metrics.router)
     mount_dashboard(app)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 
