@@ -28,7 +28,14 @@ from search_space.schema import (
     shape_values,
     values_of,
 )
-from search_space.shapes import JOINT_ATTENTION, SHAPE_FIELDS, StudentSpace, student_space, teacher_dims
+from search_space.shapes import (
+    JOINT_ATTENTION,
+    SHAPE_FIELDS,
+    StudentSpace,
+    encoder_parameters,
+    student_space,
+    teacher_dims,
+)
 from search_space.tasks import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -72,6 +79,7 @@ __all__ = [
     "TaskInfo",
     "TruncateTeacher",
     "check_student_shapes",
+    "encoder_parameters",
     "fitting_metrics",
     "fixed_params",
     "local_task",

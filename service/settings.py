@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     worker_max_overflow: int = Field(1, ge=0)
     sqlite_busy_timeout_s: float = Field(60.0, gt=0)
 
+    # More limits on what one study may ask for (with max_n_trials, max_seq_length and max_augment_copies above)
+    max_epochs: int = Field(100, ge=1, description="The most epochs search_space.num_train_epochs may reach.")
+    max_student_params: int = Field(
+        1_000_000_000, ge=1, description="The most parameters a fresh student's encoder layers may have, at the "
+                                         "largest shape its config can sample (embeddings, pooler and head aside).")
+    min_priority: int = Field(-10, ge=-1000, le=1000, description="The lowest priority a submitter may give.")
+    max_priority: int = Field(10, ge=-1000, le=1000, description="The highest priority a submitter may give.")
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -58,3 +58,64 @@ def test_non_finite_numbers_are_a_422_naming_the_field(db_url: str, tmp_path: Pa
         assert sorted(refused_fields(response)) == ["extra", "name"]
         assert client.get("/api/studies").json() == [], "nothing of a refused spec is stored"
         assert post_text(client, json.dumps(tiny_spec(tiny_assets))).status_code == 201
+
+
+# -- operator caps ------------------------------------------------------------------------------------------------
+
+HUGE_STUDENT = {"config": {"num_hidden_layers": 48, "hidden_size": 8192, "num_attention_heads": 64,
+                           "intermediate_size": 32768}}
+
+
+def test_default_caps_refuse_what_would_tie_up_the_workers(sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    with client_for(sqlite_url, tmp_path) as client:
+        post = lambda **kw: client.post("/api/studies", json=tiny_spec(tiny_assets, **kw))  # noqa: E731
+        epochs = post(search_space={"num_train_epochs": 100_000})
+        assert refused_fields(epochs) == ["search_space.num_train_epochs"]
+        assert "at most 100 " in epochs.json()["detail"][0]["msg"]
+        huge = post(student=HUGE_STUDENT)  # about 39 billion parameters
+        assert refused_fields(huge) == ["student.config"]
+        assert "38,659,817,472 encoder parameters: at most 1,000,000,000" in huge.json()["detail"][0]["msg"]
+        # A searched shape is judged by the largest student it can sample.
+        searched = {"config": {**HUGE_STUDENT["config"], "num_hidden_layers": {"low": 1, "high": 48}}}
+        assert refused_fields(post(student=searched)) == ["student.config"]
+        priority = post(priority=1000)
+        assert refused_fields(priority) == ["priority"]
+        assert "within -10..10" in priority.json()["detail"][0]["msg"]
+        assert refused_fields(post(n_trials=10_001)) == ["n_trials"]
+        assert refused_fields(post(dataset={"path": str(tiny_assets["data"]), "max_seq_length": 513})) == [
+            "dataset.max_seq_length"]
+        assert refused_fields(post(augment={"copies": 21})) == ["augment.copies"]
+        assert client.get("/api/studies").json() == []
+        ok = post(search_space={"num_train_epochs": {"low": 1, "high": 100}}, priority=10, n_trials=10_000,
+                  student={"config": {"num_hidden_layers": {"low": 1, "high": 12}, "hidden_size": 768,
+                                      "num_attention_heads": 12, "intermediate_size": 3072}})
+        assert ok.status_code == 201, ok.text
+
+
+def test_changed_caps_are_honoured(sqlite_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    # tiny_spec's student: 1 layer, hidden 16, intermediate 32: 4(16² + 16) + 2·16·32 + 32 + 16 + 4·16 = 2,224.
+    with client_for(sqlite_url, tmp_path, max_epochs=1000, max_student_params=2_224, min_priority=-500,
+                    max_priority=500, max_n_trials=3) as client:
+        post = lambda **kw: client.post("/api/studies", json=tiny_spec(tiny_assets, **{"n_trials": 3, **kw}))  # noqa: E731
+        assert post(name="long", search_space={"num_train_epochs": {"choices": [1, 1000]}}).status_code == 201
+        assert refused_fields(post(search_space={"num_train_epochs": 1001})) == ["search_space.num_train_epochs"]
+        assert post(name="urgent", priority=500).status_code == 201
+        assert post(name="background", priority=-500).status_code == 201
+        assert refused_fields(post(priority=501)) == ["priority"]
+        assert refused_fields(post(priority=-501)) == ["priority"]
+        wider = {"config": {"num_hidden_layers": 1, "hidden_size": {"choices": [8, 16, 24]}, "num_attention_heads": 2,
+                            "intermediate_size": 32}}
+        refused = post(student=wider)
+        assert refused_fields(refused) == ["student.config"]
+        assert "(num_hidden_layers 1, hidden_size 24, intermediate_size 32)" in refused.json()["detail"][0]["msg"]
+        assert refused_fields(post(n_trials=4)) == ["n_trials"]
+
+
+def test_encoder_parameters_count_what_transformers_builds() -> None:
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from search_space import encoder_parameters
+
+    shape = {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 4, "intermediate_size": 40}
+    model = AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=50, **shape))
+    assert encoder_parameters(shape) == sum(p.numel() for p in model.bert.encoder.parameters())
