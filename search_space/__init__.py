@@ -47,6 +47,7 @@ from search_space.tasks import (
 )
 from search_space.validation import (
     check_student_shapes,
+    confine_local_paths,
     local_task,
     looks_local,
     split_file,
@@ -79,6 +80,7 @@ __all__ = [
     "TaskInfo",
     "TruncateTeacher",
     "check_student_shapes",
+    "confine_local_paths",
     "encoder_parameters",
     "fitting_metrics",
     "fixed_params",

@@ -4,6 +4,7 @@ files reach outside the allowed roots. Each is a 422 naming the field, and nothi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, write_dataset, write_tiny_model
 
 
 def client_for(db_url: str, tmp_path: Path, **settings) -> TestClient:  # type: ignore[no-untyped-def]
@@ -119,3 +120,60 @@ def test_encoder_parameters_count_what_transformers_builds() -> None:
     shape = {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 4, "intermediate_size": 40}
     model = AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=50, **shape))
     assert encoder_parameters(shape) == sum(p.numel() for p in model.bert.encoder.parameters())
+
+
+# -- files inside a model directory -------------------------------------------------------------------------------
+
+
+def test_model_folder_files_linking_outside_the_roots_are_refused(sqlite_url: str, tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_dataset(root / "data")
+    write_tiny_model(outside / "teacher")
+    assets = {"teacher": write_tiny_model(root / "teacher"), "data": root / "data"}
+    with client_for(sqlite_url, tmp_path, allowed_roots=[root]) as client:
+        for name in ("model.safetensors", "config.json", "tokenizer_config.json", "tokenizer.json"):
+            linked = root / f"linked-{name}"
+            shutil.copytree(root / "teacher", linked, symlinks=True)
+            (linked / name).unlink()
+            (linked / name).symlink_to(outside / "teacher" / name)
+            for spec in (tiny_spec(assets, name="t", teacher=str(linked)),
+                         tiny_spec(assets, name="s", student={"model": str(linked)})):
+                response = client.post("/api/studies", json=spec)
+                field = "teacher" if spec["name"] == "t" else "student.model"
+                assert refused_fields(response) == [field], (name, response.text)
+                msg = response.json()["detail"][0]["msg"]
+                assert f"holds {name!r}" in msg and "outside the allowed roots" in msg
+        # A link that stays inside the roots is fine.
+        inside = root / "inside"
+        shutil.copytree(root / "teacher", inside)
+        (inside / "model.safetensors").unlink()
+        (inside / "model.safetensors").symlink_to(root / "teacher" / "model.safetensors")
+        assert client.post("/api/studies", json=tiny_spec(assets, teacher=str(inside))).status_code == 201
+        assert [s["name"] for s in client.get("/api/studies").json()] == ["tiny"]
+
+
+def test_a_worker_rechecks_model_folders_before_reading_them(sqlite_url: str, tmp_path: Path) -> None:
+    from service.worker import Worker
+    from tests.sleep_engine import SleepEngine
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_dataset(root / "data")
+    write_tiny_model(outside / "teacher")
+    assets = {"teacher": write_tiny_model(root / "teacher"), "data": root / "data"}
+    swapped = write_tiny_model(root / "swapped")
+    settings = Settings(database_url=sqlite_url, artifacts=tmp_path / "artifacts", allowed_roots=[root])
+    with TestClient(create_app(settings)) as client:
+        for name, teacher in (("swapped", swapped), ("healthy", assets["teacher"])):
+            spec = tiny_spec(assets, name=name, teacher=str(teacher), n_trials=2,
+                             search_space={"num_train_epochs": 1})
+            assert client.post("/api/studies", json=spec).status_code == 201
+        # After the API checked it, the folder's weights become a link out of the roots.
+        (swapped / "model.safetensors").unlink()
+        (swapped / "model.safetensors").symlink_to(outside / "teacher" / "model.safetensors")
+        Worker(settings, device="cpu", engine=SleepEngine(), exit_when_idle=True).run()
+        failed, healthy = (client.get(f"/api/studies/{name}").json() for name in ("swapped", "healthy"))
+    assert failed["status"] == "failed", failed
+    assert "teacher:" in failed["error"] and "holds 'model.safetensors'" in failed["error"]
+    assert "outside the allowed roots" in failed["error"]
+    assert failed["counts"]["complete"] == 0
+    assert healthy["status"] == "finished" and healthy["counts"]["complete"] == 2, healthy
