@@ -23,11 +23,11 @@ def _client_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _request(method: str, url: str, **kwargs: Any) -> Any:
+def _request(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
     import httpx
 
     try:
-        response = httpx.request(method, url, headers=_client_headers(), timeout=60, **kwargs)
+        response = httpx.request(method, url, headers={**_client_headers(), **(headers or {})}, timeout=60, **kwargs)
     except httpx.HTTPError as exc:
         raise SystemExit(_fail(f"cannot reach the kdsearch API at {url}: {exc}")) from None
     if response.status_code >= 400:
@@ -221,7 +221,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _fail(f"cannot read {args.spec}: {exc}", 2)
     if args.name:
         spec["name"] = args.name
-    study = _request("POST", f"{args.url}/api/studies", json=spec)
+    # Sent as read: a NaN or Infinity literal stays one (httpx's JSON encoder refuses them), so the server's 422
+    # names its field.
+    study = _request("POST", f"{args.url}/api/studies", content=json.dumps(spec),
+                     headers={"Content-Type": "application/json"})
     print(f"queued study {study['name']} (id {study['id']}, {study['n_trials']} trials)")
     print(f"dashboard: {args.url}/studies/{study['name']}")
     return 0

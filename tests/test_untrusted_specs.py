@@ -177,3 +177,25 @@ def test_a_worker_rechecks_model_folders_before_reading_them(sqlite_url: str, tm
     assert "outside the allowed roots" in failed["error"]
     assert failed["counts"]["complete"] == 0
     assert healthy["status"] == "finished" and healthy["counts"]["complete"] == 2, healthy
+
+
+def test_submit_of_a_spec_file_with_nan_names_the_field(sqlite_url: str, tmp_path: Path, tiny_assets,  # type: ignore[no-untyped-def]
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import httpx
+
+    from service.cli import main
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(tiny_spec(tiny_assets, name="nan-file", search_space={"alpha": "@"})).replace(
+        '"@"', "NaN"))
+    with client_for(sqlite_url, tmp_path) as client:
+        def through_app(method: str, url: str, *, timeout: float, **kwargs):  # type: ignore[no-untyped-def]
+            return client.request(method, url, **kwargs)  # `kdsearch submit` talks to this app
+
+        monkeypatch.setattr(httpx, "request", through_app)
+        with pytest.raises(SystemExit) as exited:
+            main(["submit", str(path), "--url", "http://testserver"])
+        assert exited.value.code == 1
+        assert "422: search_space.alpha.value: Input should be a finite number" in capsys.readouterr().err
+        assert client.get("/api/studies").json() == []
