@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,20 +63,43 @@ def read_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
         return datasets.load_dataset(spec.hub, spec.config, split=split)
     except datasets.exceptions.DatasetGenerationError as exc:
-        cause = exc.__cause__ or exc
-        raise DataError(f"cannot read split {split!r}: {str(cause).strip().splitlines()[-1]}") from exc
+        raise DataError(f"cannot read split {split!r}: {_parse_problem(exc.__cause__ or exc)}") from exc
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
         if "corresponds to no data" in str(exc):
             raise DataError(f"split {split!r} is empty") from exc
-        raise DataError(f"cannot read split {split!r}: {exc}") from exc
+        raise DataError(f"cannot read split {split!r}: {_parse_problem(exc)}") from exc
+
+
+# Where a parser says it stopped ("line 3", "row 12"): the only part of its message kept, since the rest may quote
+# the file (pandas and Arrow echo the cell they could not parse).
+_PARSE_PLACE = re.compile(r"\b(line|row)\s+(\d+)", re.IGNORECASE)
+
+
+def _parse_problem(exc: BaseException) -> str:
+    """The kind of a parser's error and where it stopped, never its text (which may quote a cell of the file)."""
+    place = _PARSE_PLACE.search(str(exc))
+    where = f"; the parser stopped at its {place.group(1).lower()} {place.group(2)}" if place else ""
+    return f"the file does not parse ({type(exc).__name__}{where})"
 
 
 def _column(ds: datasets.Dataset, name: str, split: str) -> list[Any]:
     if name not in ds.column_names:
-        raise DataError(f"split {split!r} has no column {name!r} (columns: {sorted(ds.column_names)})")
+        # The file's own column names are not listed: without a header row they are its first row's cells.
+        raise DataError(f"split {split!r} has no column {name!r} (it has {len(ds.column_names)} columns; see "
+                        "dataset.text_column, text_pair_column and label_column)")
     return ds.data.column(name).to_pylist()
+
+
+def _where(row: int, split: str, column: str) -> str:
+    """Where a bad value is, never what it is (a cell may hold anything: errors reach the API and webhooks):
+    the data row's number, counting from 1 (a header line not counted), its split and column."""
+    return f"row {row + 1} of split {split!r}, column {column!r}"
+
+
+def _kind(value: Any) -> str:
+    return "empty" if value is None or value == "" else f"a {type(value).__name__}"
 
 
 def _is_integral(value: Any) -> bool:
@@ -95,21 +119,22 @@ def _class_ids(values: list[Any], column: str, split: str, task: TaskInfo | None
             if known is None and value.strip().lstrip("-").isdigit():
                 known = int(value)
             if known is None:
-                names = f"; the teacher's labels are {sorted(label2id)}" if label2id else ""
-                raise DataError(f"split {split!r}, column {column!r}: label {value!r} is not one the teacher knows"
-                                f"{names}")
+                # The teacher's label names are its config's, not the file's: they may be named.
+                known_names = f"one of the teacher's labels ({', '.join(label2id)}), nor " if label2id else ""
+                raise DataError(f"{_where(row, split, column)}: not {known_names}a class id")
             ids[row] = known
         elif _is_integral(value):
             ids[row] = int(value)
         else:
-            why = "a float label in a classification study" if isinstance(value, float) else "not a class label"
-            raise DataError(f"split {split!r}, column {column!r}: {value!r} is {why} (the teacher is a "
+            why = "a float label in a classification study" if isinstance(value, float) else (
+                f"not a class label ({_kind(value)})")
+            raise DataError(f"{_where(row, split, column)}: {why} (the teacher is a "
                             f"{task.num_labels if task else 'multi'}-class classifier; give class ids or names)")
     if task is not None:
         bad = (ids < 0) | (ids >= task.num_labels)
         if bad.any():
-            raise DataError(f"split {split!r}, column {column!r}: label {int(ids[bad][0])} is outside the teacher's "
-                            f"0..{task.num_labels - 1}")
+            raise DataError(f"{_where(int(np.flatnonzero(bad)[0]), split, column)}: a class id outside the "
+                            f"teacher's 0..{task.num_labels - 1}")
     return ids
 
 
@@ -118,12 +143,13 @@ def _targets(values: list[Any], column: str, split: str) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float32)
     for row, value in enumerate(values):
         try:
-            number = float(value)
+            number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not math.isfinite(number):
-            raise DataError(f"split {split!r}, column {column!r}: {value!r} is not a number, and this is a "
-                            "regression study (the teacher has one output)")
+            number = None
+        if number is None or not math.isfinite(number):
+            what = "not a finite number" if number is not None else f"not a number ({_kind(value)})"
+            raise DataError(f"{_where(row, split, column)}: {what}, and this is a regression study (the teacher "
+                            "has one output)")
         out[row] = number
     return out
 

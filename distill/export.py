@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -405,20 +409,73 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
     return "\n".join(lines)
 
 
-def write_export(checkpoint_dir: Path, out_dir: Path, card: str, *, force: bool = False) -> Path:
-    """Copy the checkpoint's model and tokenizer files into ``out_dir`` and add README.md."""
-    out_dir = Path(out_dir)
+def check_export_target(out_dir: Path, force: bool) -> None:
+    """Refuse a target an export must not replace: a link (an export never writes through one), a file, or a
+    directory with files in it unless ``force``."""
+    if out_dir.is_symlink():
+        raise ExportError(f"{out_dir} is a symbolic link; give a real directory (an export never writes through one)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} is not empty; pass --force to overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def export_staging_dir(out_dir: Path, force: bool = False) -> Path:
+    """A fresh, empty folder beside ``out_dir`` (on its file system, so it can be renamed into place) that an export
+    is built in; ``swap_in_export`` puts it in place of ``out_dir``."""
+    out_dir = Path(os.path.abspath(out_dir))
+    check_export_target(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.export-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    return staging
+
+
+def swap_in_export(staging: Path, out_dir: Path, force: bool = False) -> None:
+    """Put the export built in ``staging`` in place of ``out_dir``: the earlier export is renamed aside, the new one
+    renamed in, then the earlier one removed (its files and links deleted, never followed), so no file of it is left
+    behind and nothing is written through a link the target held."""
+    out_dir = Path(os.path.abspath(out_dir))
+    check_export_target(out_dir, force)  # again: the target may have changed while the export was built
+    earlier = staging.with_name(f"{staging.name}.earlier") if out_dir.exists() else None
+    if earlier is not None:
+        os.rename(out_dir, earlier)
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if earlier is not None:
+            os.rename(earlier, out_dir)
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier)
+
+
+@contextmanager
+def staged_export(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir`` to build an export in, swapped in for ``out_dir`` when the block ends
+    without an error; on an error (or a failed swap) it is removed and ``out_dir`` is left as it was."""
+    staging = export_staging_dir(out_dir, force)
+    try:
+        yield staging
+        swap_in_export(staging, out_dir, force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a swap
+
+
+def fill_export(checkpoint_dir: Path, export_dir: Path, card: str) -> None:
+    """Copy the checkpoint's model and tokenizer files into a fresh ``export_dir`` and add README.md."""
     for item in checkpoint_dir.iterdir():
         if item.name == TRIAL_RECORD:
             continue
         if item.is_dir():
-            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
+            shutil.copytree(item, export_dir / item.name)
         else:
-            shutil.copy2(item, out_dir / item.name)
-    (out_dir / "README.md").write_text(card, encoding="utf-8")
-    return out_dir
+            shutil.copy2(item, export_dir / item.name)
+    (export_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def write_export(checkpoint_dir: Path, out_dir: Path, card: str, *, force: bool = False) -> Path:
+    """The checkpoint's model and tokenizer files and README.md as ``out_dir``, built beside it and swapped in."""
+    with staged_export(out_dir, force) as staging:
+        fill_export(checkpoint_dir, staging, card)
+    return Path(out_dir)

@@ -28,7 +28,14 @@ from search_space.schema import (
     shape_values,
     values_of,
 )
-from search_space.shapes import JOINT_ATTENTION, SHAPE_FIELDS, StudentSpace, student_space, teacher_dims
+from search_space.shapes import (
+    JOINT_ATTENTION,
+    SHAPE_FIELDS,
+    StudentSpace,
+    encoder_parameters,
+    student_space,
+    teacher_dims,
+)
 from search_space.tasks import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -40,6 +47,7 @@ from search_space.tasks import (
 )
 from search_space.validation import (
     check_student_shapes,
+    confine_local_paths,
     local_task,
     looks_local,
     split_file,
@@ -72,6 +80,8 @@ __all__ = [
     "TaskInfo",
     "TruncateTeacher",
     "check_student_shapes",
+    "confine_local_paths",
+    "encoder_parameters",
     "fitting_metrics",
     "fixed_params",
     "local_task",

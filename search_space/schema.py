@@ -26,7 +26,9 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN (which JSON parsers accept as literals) are never a valid number in a spec: a 422 naming the
+    # field, where gt=0 and friends would let Infinity through.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ParamRange(_Strict):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
@@ -89,6 +89,23 @@ class StudentSpace:
             return student.model_copy(update={"truncate_teacher": TruncateTeacher(
                 num_layers=value("num_hidden_layers"))})
         return student
+
+    def largest(self) -> dict[str, int]:
+        """The largest value of each dimension any trial can have (searched or fixed): the most parameters a
+        student of the study can have, each of them growing with every dimension."""
+        largest = dict(self.fixed)
+        for name, distribution in self.distributions.items():
+            if name == JOINT_ATTENTION:
+                assert isinstance(distribution, CategoricalDistribution)
+                pairs = [str(choice).split("/") for choice in distribution.choices]
+                largest["hidden_size"] = max(int(hidden) for hidden, _ in pairs)
+                largest["num_attention_heads"] = max(int(heads) for _, heads in pairs)
+            elif isinstance(distribution, IntDistribution):
+                largest[name] = distribution.high
+            else:
+                assert isinstance(distribution, CategoricalDistribution)
+                largest[name] = max(cast(int, choice) for choice in distribution.choices)  # integer dimensions only
+        return largest
 
     @property
     def shape_names(self) -> tuple[str, ...]:
@@ -174,6 +191,15 @@ def student_space(student: StudentSpec, teacher_hidden: int | None = None,
             return StudentSpace("truncate_teacher", {}, {"num_hidden_layers": found})
         return StudentSpace("truncate_teacher", {"num_hidden_layers": found}, {})
     return StudentSpace("model", {}, {})
+
+
+def encoder_parameters(shape: Mapping[str, int]) -> int:
+    """The parameters of a BERT-style encoder's layers of ``shape``: per layer, the query, key, value and output
+    projections (``4h² + 4h``), the feed-forward pair (``2hi + i + h``) and two LayerNorms (``4h``). Embeddings,
+    pooler and head are left out: they follow the teacher's vocabulary and labels, unknown here for a hub teacher."""
+    hidden, intermediate = shape["hidden_size"], shape["intermediate_size"]
+    per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden
+    return shape["num_hidden_layers"] * per_layer
 
 
 def teacher_dims(config: Any) -> tuple[int | None, int | None]:

@@ -45,9 +45,9 @@ def _inside_roots(field: str, ref: str, roots: Sequence[Path] | None) -> Path:
         real = Path(ref).expanduser().resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, unknown ~user
         raise SpecError(field, f"not a usable path: {exc}") from exc
-    if roots is not None and not any(real.is_relative_to(root.expanduser().resolve()) for root in roots):
-        shown = ", ".join(str(r) for r in roots)
-        raise SpecError(field, f"{ref!r} resolves to {real}{_resolved_from(ref)}, outside the allowed roots ({shown}); "
+    if roots is not None and not _under(real, roots):
+        raise SpecError(field, f"{ref!r} resolves to {real}{_resolved_from(ref)}, outside the allowed roots "
+                               f"({_shown(roots)}); "
                                "set KDSEARCH_ALLOWED_ROOTS to allow more, or give a hub id owner/name")
     return real
 
@@ -58,6 +58,33 @@ def _resolved_from(ref: str) -> str:
     if Path(ref).expanduser().is_absolute():
         return ""
     return f" (a relative path, resolved from the server's working directory {Path.cwd()})"
+
+
+def _under(real: Path, roots: Sequence[Path]) -> bool:
+    return any(real.is_relative_to(root.expanduser().resolve()) for root in roots)
+
+
+def _shown(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def _check_model_files(field: str, ref: str, directory: Path, roots: Sequence[Path] | None) -> None:
+    """Every entry of a model directory (config, weights, tokenizer files: whatever ``from_pretrained`` may read)
+    must resolve under ``roots`` too: a folder inside them could hold a link to weights or a config anywhere."""
+    if roots is None:
+        return
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise SpecError(field, f"cannot list {ref!r}: {exc.strerror}") from exc
+    for entry in entries:
+        try:
+            real = entry.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise SpecError(field, f"{ref!r} holds {entry.name!r}, not a usable path: {exc}") from exc
+        if not _under(real, roots):
+            raise SpecError(field, f"{ref!r} holds {entry.name!r}, which resolves to {real}, outside the allowed "
+                                   f"roots ({_shown(roots)})")
 
 
 def split_file(directory: Path, split: str) -> Path | None:
@@ -75,7 +102,28 @@ def _resolve_model_dir(field: str, ref: str, roots: Sequence[Path] | None) -> st
                                f"no directory at {path}{_resolved_from(ref)}")
     if not (path / "config.json").is_file():
         raise SpecError(field, f"{ref!r} holds no config.json: not a Hugging Face model directory")
+    _check_model_files(field, ref, path, roots)
     return str(path)
+
+
+def confine_local_paths(spec: StudySpec, allowed_roots: Sequence[Path]) -> None:
+    """Raise ``SpecError`` naming the field if a local path of a queued spec (model directories and every file in
+    them, the dataset directory and its split files) now resolves outside ``allowed_roots``: a worker's check before
+    it reads them, since a folder can change after the API checked it. A path that has gone missing is left to the
+    loader (a share that is down for a moment is no fault of the spec)."""
+    models = [("teacher", spec.teacher), ("student.model", spec.student.model)]
+    for field, ref in models:
+        if ref is not None and looks_local(ref):
+            real = _inside_roots(field, ref, allowed_roots)
+            if real.is_dir():
+                _check_model_files(field, ref, real, allowed_roots)
+    dataset = spec.dataset
+    if dataset.path is not None:
+        directory = _inside_roots("dataset.path", dataset.path, allowed_roots)
+        for field, split in (("dataset.train_split", dataset.train_split), ("dataset.eval_split", dataset.eval_split)):
+            found = split_file(directory, split)
+            if found is not None:
+                _inside_roots(field, str(found), allowed_roots)
 
 
 def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:

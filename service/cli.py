@@ -68,11 +68,11 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def _request(method: str, url: str, **kwargs: Any) -> Any:
+def _request(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
     import httpx
 
     try:
-        response = httpx.request(method, url, headers=_client_headers(), timeout=60, **kwargs)
+        response = httpx.request(method, url, headers={**_client_headers(), **(headers or {})}, timeout=60, **kwargs)
     except httpx.HTTPError as exc:
         raise SystemExit(_fail(f"cannot reach the kdsearch API at {url}: {exc}")) from None
     if response.status_code >= 400:
@@ -324,7 +324,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = absolute_paths(spec, Path.cwd())
     if args.name:
         spec["name"] = args.name
-    study = _request("POST", f"{args.url}/api/studies", json=spec)
+    # Sent as read: a NaN or Infinity literal stays one (httpx's JSON encoder refuses them), so the server's 422
+    # names its field.
+    study = _request("POST", f"{args.url}/api/studies", content=json.dumps(spec),
+                     headers={"Content-Type": "application/json"})
     print(f"queued study {study['name']} (id {study['id']}, {study['n_trials']} trials)")
     print(f"dashboard: {args.url}/studies/{study['name']}")
     return 0

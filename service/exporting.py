@@ -26,7 +26,15 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Engine, inspect
 
 from distill.engine import TRIAL_RECORD, load_engine
-from distill.export import ExportError, model_card, normalized_record, teacher_card_data, write_export
+from distill.export import (
+    ExportError,
+    check_export_target,
+    fill_export,
+    model_card,
+    normalized_record,
+    staged_export,
+    teacher_card_data,
+)
 from search_space import StudySpec, resolve_task
 from service.redaction import mask_database_url
 from service.settings import Settings
@@ -271,8 +279,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                 max_latency_ms: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
     check_deploy_options(onnx, quantize)
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before any retraining, not after
-        raise ExportError(f"{out_dir} is not empty; pass --force to overwrite")
+    check_export_target(out_dir, force)  # before any retraining, not after
     if (missing := missing_sqlite_file(settings.database_url)) is not None:  # connecting would create it empty
         raise ExportError(f"no database at {settings.database_url} ({missing} does not exist); set "
                           "KDSEARCH_DATABASE_URL to the database the API and workers use")
@@ -301,7 +308,9 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                                               best, seeds, device, log)
             artifact_id = artifacts[spread.best_seed]
         layout = make_layout(settings.artifacts, settings.local_cache, db, signing_key=settings.artifact_key)
-        with tempfile.TemporaryDirectory(prefix="kdsearch-export-") as tmp:
+        # The whole export, ONNX included, is built in a fresh folder beside out_dir, then swapped in for it:
+        # nothing of an earlier export is left behind, and no link in out_dir is written through.
+        with staged_export(out_dir, force) as staging, tempfile.TemporaryDirectory(prefix="kdsearch-export-") as tmp:
             tar_path = Path(tmp) / "checkpoint.tar"
             optuna.artifacts.download_artifact(artifact_store=layout.checkpoints, file_path=str(tar_path),
                                                artifact_id=artifact_id)
@@ -317,11 +326,16 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                 teacher_profile=optuna_study.user_attrs.get("teacher_profile"),
                 front=None if selection.front is None else [front_entry(t) for t in selection.front],
                 teacher_card=teacher_card_data(spec_json["teacher"]), widget_text=widget_example(spec_json))
-            write_export(checkpoint, out_dir, model_card(**card_args), force=force)
-        deployment = None
-        if onnx:  # the Hugging Face export is written first and stays, whatever happens here
-            deployment = deploy_export(out_dir, StudySpec.model_validate(spec_json), record, quantize, log)
-            (out_dir / "README.md").write_text(model_card(**card_args, deployment=deployment), encoding="utf-8")
+            fill_export(checkpoint, staging, model_card(**card_args))
+            deployment, deploy_error = None, None
+            try:
+                if onnx:
+                    deployment = deploy_export(staging, StudySpec.model_validate(spec_json), record, quantize, log)
+                    (staging / "README.md").write_text(model_card(**card_args, deployment=deployment), encoding="utf-8")
+            except Exception as exc:  # noqa: BLE001 - the Hugging Face export goes in all the same (deploy removes onnx/)
+                deploy_error = exc
+        if deploy_error is not None:
+            raise deploy_error
         _record_export(optuna_study, {"trial_number": best.number, "seed": int(record["seed"]),
                                       "out_dir": str(out_dir.resolve()), "exported_at": utcnow().isoformat(),
                                       "deployment": deployment})

@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     max_infra_faults: int = Field(5, ge=1, description="Claims in a row hit by infrastructure faults before a worker "
                                                         "stops.")
 
+    # More limits on what one study may ask for (with max_n_trials, max_seq_length and max_augment_copies above)
+    max_epochs: int = Field(100, ge=1, description="The most epochs search_space.num_train_epochs may reach.")
+    max_student_params: int = Field(
+        1_000_000_000, ge=1, description="The most parameters a fresh student's encoder layers may have, at the "
+                                         "largest shape its config can sample (embeddings, pooler and head aside).")
+    min_priority: int = Field(-10, ge=-1000, le=1000, description="The lowest priority a submitter may give.")
+    max_priority: int = Field(10, ge=-1000, le=1000, description="The highest priority a submitter may give.")
+
     # Host names the API answers to: a request whose Host header names another is refused (400), which defeats DNS
     # rebinding (a site whose name resolves to this server). The server is always known by localhost, 127.0.0.1,
     # ::1, the host of public_url and the address `kdsearch serve --host` binds (every local address for 0.0.0.0 or

@@ -44,6 +44,7 @@ from search_space import (
     StudentSpace,
     StudySpec,
     TaskInfo,
+    confine_local_paths,
     make_pruner,
     make_sampler,
     optuna_distributions,
@@ -401,6 +402,8 @@ class Worker:
                                        interval_s=self.settings.progress_interval, tty=sys.stderr.isatty())
         started = time.monotonic()
         try:
+            # Paths again, as this host sees them now: a folder can change after the API checked it.
+            confine_local_paths(spec, self.settings.allowed_roots)
             prepared = self.engine.prepare(spec, progress=reporter)
             task = self.engine.task(prepared)
         except STUDY_FAULTS as exc:

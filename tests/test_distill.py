@@ -53,7 +53,7 @@ def test_load_split_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty"):
         load_split(DatasetSpec(path=str(tmp_path)), "train")
     (tmp_path / "train.tsv").write_text("sentence\tlabel\nhello\tpositive\n")
-    with pytest.raises(DataError, match="'positive' is not one the teacher knows"):
+    with pytest.raises(DataError, match="row 1 of split 'train', column 'label': not a class id"):
         load_split(DatasetSpec(path=str(tmp_path)), "train")
 
 

@@ -173,7 +173,7 @@ def test_worker_marks_bad_studies_failed_and_keeps_serving(sqlite_url: str, tmp_
     (empty / "train.tsv").write_text("sentence\tlabel\n")
     broken = {
         "labels": (tiny_spec(tiny_assets, name="labels", dataset={"path": str(labels)}),
-                   "is outside the teacher's 0..1"),
+                   "row 161 of split 'train', column 'label': a class id outside the teacher's 0..1"),
         "empty": (tiny_spec(tiny_assets, name="empty", dataset={"path": str(empty)}), "is empty"),
         "not-classifier": (tiny_spec(tiny_assets, name="not-classifier",
                                      teacher=str(write_tiny_model(tmp_path / "base", classifier=False))),

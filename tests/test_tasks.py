@@ -151,21 +151,29 @@ def test_pairs_and_label_names_are_read(tmp_path: Path) -> None:
     assert split.labels.tolist() == [0, 2, 1]
 
 
-@pytest.mark.parametrize(("rows", "task", "message"), [
-    (["a\tb\tmaybe"], TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
-     r"column 'label': label 'maybe' is not one the teacher knows; the teacher's labels are"),
-    (["a\tb\t0.5"], TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
-     r"column 'label': 0.5 is a float label in a classification study"),
-    (["a\tb\t7"], TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
-     r"column 'label': label 7 is outside the teacher's 0..2"),
-    (["a\tb\tsimilar"], REGRESSION, r"column 'label': 'similar' is not a number, and this is a regression study"),
+@pytest.mark.parametrize(("bad", "task", "message"), [
+    ("maybe", TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
+     "row 2 of split 'train', column 'label': not one of the teacher's labels (entailment, neutral, contradiction), "
+     "nor a class id"),
+    ("0.5", TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
+     "row 2 of split 'train', column 'label': a float label in a classification study (the teacher is a 3-class "
+     "classifier; give class ids or names)"),
+    ("7", TaskInfo("classification", 3, "accuracy", tuple(NLI_LABELS)),
+     "row 2 of split 'train', column 'label': a class id outside the teacher's 0..2"),
+    ("similar", REGRESSION, "row 2 of split 'train', column 'label': not a number (a str), and this is a regression "
+                            "study (the teacher has one output)"),
+    ("nan", REGRESSION, "row 2 of split 'train', column 'label': not a finite number, and this is a regression study"),
 ])
-def test_bad_labels_name_the_column_and_a_value(tmp_path: Path, rows: list[str], task: TaskInfo,
-                                                message: str) -> None:
-    _write(tmp_path / "train.tsv", "sentence1\tsentence2\tlabel", rows)
+def test_bad_labels_name_the_row_and_column_never_the_value(tmp_path: Path, bad: str, task: TaskInfo,
+                                                            message: str) -> None:
+    good = "0.5" if task.is_regression else "1"
+    _write(tmp_path / "train.tsv", "sentence1\tsentence2\tlabel", [f"a\tb\t{good}", f"a\tb\t{bad}"])
     spec = DatasetSpec(path=str(tmp_path), text_column="sentence1", text_pair_column="sentence2")
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError) as raised:
         load_split(spec, "train", task)
+    assert message in str(raised.value)
+    if bad != "nan":  # "nan" is a word of the message's own ("not a finite number" aside, it must not appear)
+        assert bad not in str(raised.value).replace("0..2", "")
 
 
 def test_missing_pair_column_and_other_formats(tmp_path: Path) -> None:
@@ -282,7 +290,7 @@ def test_unknown_labels_fail_prepare_with_the_reason(pair_assets, tmp_path: Path
         _write(bad / f"{split}.tsv", "sentence1\tsentence2\tlabel", ["good film\tbad film\tparaphrase"])
     spec = StudySpec.model_validate(pair_spec(pair_assets, "nli", dataset={
         "path": str(bad), "text_column": "sentence1", "text_pair_column": "sentence2"}))
-    with pytest.raises(DataError, match="'paraphrase' is not one the teacher knows"):
+    with pytest.raises(DataError, match="row 1 of split 'train', column 'label': not one of the teacher's labels"):
         DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
 
 

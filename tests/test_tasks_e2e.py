@@ -130,11 +130,12 @@ def test_bad_task_input_fails_the_study_and_the_worker_goes_on(stack: Stack, pai
         "no-pair-column": (data("np", "sentence1\tlabel", ["good film\tentailment"]), "nli",
                            "no column 'sentence2'"),
         "unknown-label": (data("ul", "sentence1\tsentence2\tlabel", ["good\tbad\tparaphrase"]), "nli",
-                          "label 'paraphrase' is not one the teacher knows"),
+                          "row 1 of split 'train', column 'label': not one of the teacher's labels "
+                          "(entailment, neutral, contradiction), nor a class id"),
         "float-label": (data("fl", "sentence1\tsentence2\tlabel", ["good\tbad\t0.5"]), "nli",
-                        "0.5 is a float label in a classification study"),
+                        "row 1 of split 'train', column 'label': a float label in a classification study"),
         "text-label": (data("tl", "sentence1\tsentence2\tlabel", ["good\tbad\thigh"]), "sts",
-                       "'high' is not a number"),
+                       "row 1 of split 'train', column 'label': not a number"),
     }
     for name, (directory, kind, _) in cases.items():  # as if changed after submit (the API refuses them)
         stack.queue_unchecked(pair_spec(pair_assets, kind, name=name, priority=5, dataset={

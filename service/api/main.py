@@ -9,10 +9,12 @@ from urllib.parse import urlsplit
 
 import psutil
 from fastapi import APIRouter, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import request_validation_error
 from service.api.routes import health, metrics, studies, trials, workers
 from service.dashboard import mount_dashboard
 from service.metrics import StoreCollector
@@ -94,6 +96,7 @@ def create_app(settings: Settings | None = None, bind_host: str | None = None) -
     app.include_router(metrics.router)
     app.state.metrics_registry = metrics.metrics_registry(app)
     mount_dashboard(app)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: a request for a host this server is not known by is refused before anything reads it.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_host_names(settings, bind_host),

@@ -14,7 +14,16 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from search_space import SpecError, StudySpec, TaskInfo, validate_spec, values_of
+from search_space import (
+    SpecError,
+    StudySpec,
+    TaskInfo,
+    encoder_parameters,
+    max_epochs,
+    student_space,
+    validate_spec,
+    values_of,
+)
 from search_space.objectives import pareto_front
 from service.api.deps import (
     TOKEN_RESPONSES,
@@ -107,6 +116,18 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
         raise SpecError("search_space.batch_size", f"at most {settings.max_batch_size} on this server")
     if spec.augment.copies > settings.max_augment_copies:
         raise SpecError("augment.copies", f"at most {settings.max_augment_copies} on this server")
+    if max_epochs(spec.search_space) > settings.max_epochs:
+        raise SpecError("search_space.num_train_epochs", f"at most {settings.max_epochs} on this server")
+    if not settings.min_priority <= spec.priority <= settings.max_priority:
+        raise SpecError("priority", f"within {settings.min_priority}..{settings.max_priority} on this server")
+    if spec.student.config is not None:
+        largest = student_space(spec.student).largest()
+        params = encoder_parameters(largest)
+        if params > settings.max_student_params:
+            raise SpecError("student.config", f"its largest shape (num_hidden_layers {largest['num_hidden_layers']}, "
+                                              f"hidden_size {largest['hidden_size']}, intermediate_size "
+                                              f"{largest['intermediate_size']}) has {params:,} encoder parameters: "
+                                              f"at most {settings.max_student_params:,} on this server")
     if spec.notify is not None and not host_allowed(spec.notify.webhook, settings.webhook_allowed_hosts):
         allowed = ", ".join(settings.webhook_allowed_hosts) or "none"
         raise SpecError("notify.webhook", f"this server only calls webhooks on the hosts in "
