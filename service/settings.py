@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import default_local_cache
@@ -17,24 +18,33 @@ from storage import default_local_cache
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KDSEARCH_", env_file=".env", extra="ignore")
 
-    database_url: str = "sqlite:///./kdsearch.db"
-    # Checkpoints and data caches: a directory (shared between hosts: NFS, a mounted volume), or an S3-compatible
-    # bucket, s3://bucket/prefix (endpoint and credentials from the standard AWS environment variables).
-    artifacts: str = "./artifacts"
-    # With an s3:// store: this host's verified read-through copy of cache entries (downloaded once per host).
-    local_cache: Path = Field(default_factory=lambda: default_local_cache())
-    # With an s3:// store: a secret kept outside the bucket. Writers sign each cache entry's manifest with it and
-    # readers refuse an entry not signed with it (the bucket's own checksums prove nothing against a bucket writer).
-    artifact_key: SecretStr | None = None
+    database_url: str = Field("sqlite:///./kdsearch.db", description="The study store: a SQLAlchemy URL "
+                              "(SQLite, or PostgreSQL as postgresql+psycopg://user:pass@host:5432/db).")
+    artifacts: str = Field("./artifacts", description="Checkpoints and data caches: a directory (shared between "
+                           "hosts: NFS, a mounted volume), or an S3-compatible bucket, s3://bucket/prefix (endpoint "
+                           "and credentials from the standard AWS environment variables).")
+    local_cache: Path = Field(default_factory=lambda: default_local_cache(),
+                              description="With an s3:// store: this host's verified read-through copy of cache "
+                                          "entries (downloaded once per host).",
+                              json_schema_extra={"default_shown": "`$XDG_CACHE_HOME/kdsearch` (`~/.cache/kdsearch`)"})
+    artifact_key: SecretStr | None = Field(
+        None, description="With an s3:// store: a secret kept outside the bucket. Writers sign each cache entry's "
+                          "manifest with it and readers refuse an entry not signed with it (the bucket's own "
+                          "checksums prove nothing against a bucket writer).")
 
     @field_validator("artifacts", mode="before")
     @classmethod
     def _artifacts_text(cls, value: object) -> object:
         return str(value) if isinstance(value, Path) else value
-    api_token: str | None = None
+    api_token: str | None = Field(None, description="When set, every endpoint but /api/health needs "
+                                  "`Authorization: Bearer <token>`; `kdsearch serve --host` beyond loopback needs it "
+                                  "(or --allow-no-token). The CLI sends it too.")
     public_read: bool = Field(False, description="With a token set, let GET requests (dashboard) in without it.")
-    # Local model and data paths a study may name (symlinks followed). Environment: paths separated by ':'.
-    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path.cwd(), Path("../shared")])
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd(), Path("../shared")],
+        description="Local model and data paths a study may name (symlinks followed). Environment: paths "
+                    "separated by ':'.",
+        json_schema_extra={"default_shown": "the working directory and `../shared`"})
 
     @field_validator("allowed_roots", mode="before")
     @classmethod
@@ -44,24 +54,31 @@ class Settings(BaseSettings):
         return value
 
     # Limits on what one request may ask for
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_n_trials: int = Field(10_000, ge=1)
-    max_timeout_s: float = Field(30 * 24 * 3600.0, gt=0)
-    max_seq_length: int = Field(512, ge=8)
-    max_batch_size: int = Field(4096, ge=1)
-    # The transfer set is held in memory on every worker: copies x train rows token rows.
-    max_augment_copies: int = Field(20, ge=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body, in bytes (413 beyond it, "
+                                "declared or streamed).")
+    max_n_trials: int = Field(10_000, ge=1, description="Largest `n_trials` a study may ask for.")
+    max_timeout_s: float = Field(30 * 24 * 3600.0, gt=0, description="Largest `timeout_s` a study may ask for, in "
+                                 "seconds (the default is 30 days).")
+    max_seq_length: int = Field(512, ge=8, description="Largest `dataset.max_seq_length` a study may ask for.")
+    max_batch_size: int = Field(4096, ge=1, description="Largest batch size a study may ask for.")
+    max_augment_copies: int = Field(20, ge=0, description="Largest `augment.copies` a study may ask for: the "
+                                    "transfer set is held in memory on every worker (copies x train rows token "
+                                    "rows).")
 
-    # Notifications: webhooks are requests this server makes for a user, so only these origins may receive them.
-    # Environment: entries separated by ','; an entry is scheme://host[:port] (that scheme, host and port exactly;
-    # the port defaults to the scheme's) or a plain host name (http on port 80 and https on 443 only). Empty: no
-    # webhooks. A delivery (every redirect and the last byte of the answer) must finish within webhook_timeout_s.
-    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    webhook_timeout_s: float = Field(10.0, gt=0)
-    webhook_max_attempts: int = Field(6, ge=1)
+    # Notifications
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins a notification webhook may be sent to (webhooks are requests this server makes for a "
+                    "user). Environment: entries separated by ','; an entry is scheme://host[:port] (that scheme, "
+                    "host and port exactly; the port defaults to the scheme's) or a plain host name (http on port 80 "
+                    "and https on 443 only). Empty: no webhooks.",
+        json_schema_extra={"default_shown": "(empty)"})
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds one webhook delivery may take in all: every "
+                                                             "redirect and the last byte of the answer.")
+    webhook_max_attempts: int = Field(6, ge=1, description="Deliveries of one notification before it is given up.")
     webhook_retry_delay: float = Field(5.0, gt=0, description="Seconds before a failed delivery is retried; doubles.")
-    # The address people open the dashboard at (links in notifications).
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = Field("http://127.0.0.1:8000", description="The address people open the dashboard at "
+                            "(links in notifications).")
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod
@@ -76,7 +93,8 @@ class Settings(BaseSettings):
     # Workers
     poll_interval: float = Field(1.0, gt=0, description="Seconds an idle worker waits before asking again.")
     heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a busy worker's heartbeats.")
-    grace_period: float = Field(60.0, gt=0, description="A claimed trial whose heartbeat is older is stale.")
+    grace_period: float = Field(60.0, gt=0, description="Seconds: a claimed trial whose heartbeat "
+                                "is older is stale (taken over and retried).")
     max_trial_attempts: int = Field(3, ge=1, description="Runs of one trial slot before it counts as failed.")
     max_prepare_attempts: int = Field(5, ge=1, description="Consecutive failed preparations (not the data's fault: "
                                                            "out of memory, network, disk) before a study fails.")
@@ -108,12 +126,12 @@ class Settings(BaseSettings):
 
     # Database connections (per process)
     pool_size: int = Field(5, ge=1, description="API connections per engine.")
-    max_overflow: int = Field(5, ge=0)
-    # A worker needs two connections (its loop and its heartbeat thread): 16 workers stay far below
-    # PostgreSQL's default max_connections of 100.
-    worker_pool_size: int = Field(2, ge=1)
-    worker_max_overflow: int = Field(1, ge=0)
-    sqlite_busy_timeout_s: float = Field(60.0, gt=0)
+    max_overflow: int = Field(5, ge=0, description="API connections per engine beyond the pool, when busy.")
+    worker_pool_size: int = Field(2, ge=1, description="Worker connections per process: its loop and its heartbeat "
+                                  "thread (16 workers stay far below PostgreSQL's default max_connections of 100).")
+    worker_max_overflow: int = Field(1, ge=0, description="Worker connections per process beyond the pool.")
+    sqlite_busy_timeout_s: float = Field(60.0, gt=0, description="Seconds a SQLite statement waits for a lock "
+                                         "held by another process.")
 
     # The CLI's side: the API that `kdsearch submit`, `status`, `trials`, `cancel`, `retry` and `delete` talk to
     # (their --url default); they send KDSEARCH_API_TOKEN as the bearer token.
@@ -138,7 +156,12 @@ class Settings(BaseSettings):
     # ::1, the host of public_url and the address `kdsearch serve --host` binds (every local address for 0.0.0.0 or
     # ::); this adds names (a proxy's, a DNS name). Environment: names separated by ','; '*.example.com' for a
     # domain's hosts, '*' for any host (no check).
-    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the API answers to beyond localhost, 127.0.0.1, ::1, the host of public_url and the "
+                    "address serve --host binds (a request naming another host is refused: DNS rebinding). "
+                    "Environment: names separated by ','; '*.example.com' for a domain's hosts, '*' for any.",
+        json_schema_extra={"default_shown": "(empty)"})
 
     @field_validator("trusted_hosts", mode="before")
     @classmethod
@@ -196,3 +219,31 @@ def webhook_origin(url: str) -> tuple[str, str, int] | None:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def _shown_default(field: FieldInfo) -> str:
+    """A field's default as the environment variable would be written (``default_shown`` where it is computed)."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and "default_shown" in extra:
+        return str(extra["default_shown"])
+    default = field.get_default(call_default_factory=False)
+    if default is None:
+        return "(unset)"
+    text = str(default).lower() if isinstance(default, bool) else str(default)
+    return f"`{text}`"
+
+
+def settings_table() -> str:
+    """Every setting as a markdown table (variable, default, meaning): the README's table is this function's output
+    (``python -m service.settings``), so a new setting without a row fails tests/test_docs.py."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name, field in Settings.model_fields.items():
+        default = _shown_default(field)
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{name.upper()}` | {default} | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
