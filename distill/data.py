@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import itertools
 import math
 import re
@@ -352,8 +353,12 @@ def check_sample(spec: DatasetSpec, task: TaskInfo | None, rows: int = SAMPLE_RO
             raise SampleProblem(split_field, f"{path.name} has no rows")
         for field, column in columns:
             if column is not None and column not in sample.column_names:
-                raise SampleProblem(field, f"{path.name} has no column {column!r} (its columns: "
-                                           f"{', '.join(sample.column_names)})")
+                # Its column names are not listed: without a header row they are its first row's cells. Only a
+                # near-spelling of the name asked for is offered (a typo), which a cell is all but never.
+                close = difflib.get_close_matches(column, sample.column_names, n=1, cutoff=0.8)
+                raise SampleProblem(field, f"{path.name} has no column {column!r} (it has "
+                                           f"{len(sample.column_names)} columns"
+                                           + (f"; did you mean {close[0]!r}?)" if close else ")"))
         if task is None:
             continue  # a hub teacher: its labels are known once a worker loads it
         values = _label_values(sample, spec.label_column, split, task)

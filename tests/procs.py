@@ -65,22 +65,8 @@ class Stack:
         return response.json()
 
     def queue_unchecked(self, spec: dict) -> None:
-        """Queue a study straight into the store, past the API's submit checks: what a worker meets when a study's
-        data or models changed after it was submitted (the worker's own checks are under test)."""
-        from search_space import StudySpec
-        from storage import create_study, ensure_optuna_study, make_engine, make_optuna_storage
-
-        study = StudySpec.model_validate(spec)
-        as_json = study.model_dump(mode="json")
-        engine, storage = make_engine(self.env["KDSEARCH_DATABASE_URL"]), make_optuna_storage(
-            self.env["KDSEARCH_DATABASE_URL"])
-        try:
-            create_study(engine, name=study.name, spec=as_json, n_trials=study.n_trials, priority=study.priority,
-                         timeout_s=study.timeout_s)
-            ensure_optuna_study(storage, study.name, {"kdsearch_spec": as_json}, directions=study.directions)
-        finally:
-            engine.dispose()
-            storage.engine.dispose()
+        """Queue a study straight into the store, past the API's submit checks (``queue_unchecked``)."""
+        queue_unchecked(self.env["KDSEARCH_DATABASE_URL"], spec)
 
     def study(self, name: str) -> dict:
         return httpx.get(f"{self.url}/api/studies/{name}", timeout=30).json()
@@ -114,3 +100,21 @@ class Stack:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def queue_unchecked(db_url: str, spec: dict) -> None:
+    """Queue a study straight into the store at ``db_url``, past the API's submit checks: what a worker meets when a
+    study's data or models changed after it was submitted (the worker's own checks are under test)."""
+    from search_space import StudySpec
+    from storage import create_study, ensure_optuna_study, make_engine, make_optuna_storage
+
+    study = StudySpec.model_validate(spec)
+    as_json = study.model_dump(mode="json")
+    engine, storage = make_engine(db_url), make_optuna_storage(db_url)
+    try:
+        create_study(engine, name=study.name, spec=as_json, n_trials=study.n_trials, priority=study.priority,
+                     timeout_s=study.timeout_s)
+        ensure_optuna_study(storage, study.name, {"kdsearch_spec": as_json}, directions=study.directions)
+    finally:
+        engine.dispose()
+        storage.engine.dispose()

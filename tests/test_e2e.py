@@ -108,7 +108,7 @@ def test_bad_data_fails_study_and_worker_goes_on(stack: Stack, tiny_assets, tmp_
 
 def test_cancel_stops_running_trial_at_epoch_boundary(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     spec = tiny_spec(tiny_assets, name="cancel-me", n_trials=50,
-                     search_space={"num_train_epochs": 200, "batch_size": 16, "learning_rate": 1e-3})
+                     search_space={"num_train_epochs": 100, "batch_size": 16, "learning_rate": 1e-3})
     assert httpx.post(f"{stack.url}/api/studies", json=spec).status_code == 201
     deadline = time.monotonic() + 120
     while httpx.get(f"{stack.url}/api/studies/cancel-me").json()["counts"]["running"] == 0:
@@ -122,4 +122,4 @@ def test_cancel_stops_running_trial_at_epoch_boundary(stack: Stack, tiny_assets)
     assert study["status"] == "cancelled" and study["finished"] <= 1 and study["counts"]["waiting"] == 0
     trials = httpx.get(f"{stack.url}/api/studies/cancel-me/trials").json()["trials"]
     assert len(trials) == 1 and trials[0]["stop_reason"] == "study cancelled"
-    assert len(trials[0]["epochs"]) < 200
+    assert len(trials[0]["epochs"]) < 100

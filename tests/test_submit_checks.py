@@ -49,7 +49,8 @@ def test_data_mistakes_are_422_naming_the_field(client: TestClient, tiny_assets,
 
     field, message = post({"path": str(data), "text_column": "sentense"})
     assert field == "dataset.text_column" and "train.tsv has no column 'sentense'" in message
-    assert "sentence" in message, "the columns it has are listed"
+    # A near-spelling is offered; the file's columns are not listed (a headerless file's first row is data).
+    assert "did you mean 'sentence'?" in message and "label" not in message
     field, _ = post({"path": str(data), "text_pair_column": "sentence2"})
     assert field == "dataset.text_pair_column"
     field, _ = post({"path": str(data), "label_column": "labels"})
