@@ -48,8 +48,9 @@ def open_state(app: FastAPI, settings: Settings) -> None:
 
 
 def close_state(app: FastAPI) -> None:
-    app.state.metrics_registry.unregister(app.state.store_collector)
-    app.state.store_collector = None
+    if app.state.store_collector is not None:  # closed once already (a test may close what a lifespan closed)
+        app.state.metrics_registry.unregister(app.state.store_collector)
+        app.state.store_collector = None
     app.state.notifier.stop()
     app.state.db.dispose()
     app.state.optuna_storage.engine.dispose()

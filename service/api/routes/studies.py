@@ -486,7 +486,7 @@ def _client(request: Request) -> str:
 
 
 @router.post("/{id_or_name}/retry", response_model=StudyDetailOut, responses={
-    **NOT_FOUND, 409: {"model": ErrorOut, "description": "No failed trial to retry"}})
+    **NOT_FOUND, **TOKEN_RESPONSES, 409: {"model": ErrorOut, "description": "No failed trial to retry"}})
 def retry(id_or_name: str, request: Request, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
           _auth: TokenDep) -> StudyDetailOut:
     """Queue the failed trials again (for a failed study, also the trials its failure stopped before they ran); the
@@ -503,7 +503,8 @@ def retry(id_or_name: str, request: Request, db: DbDep, session: SessionDep, opt
 
 
 @router.delete("/{id_or_name}", status_code=status.HTTP_204_NO_CONTENT, responses={
-    **NOT_FOUND, 409: {"model": ErrorOut, "description": "The study is queued or running, or a trial still stops"}})
+    **NOT_FOUND, **TOKEN_RESPONSES,
+    409: {"model": ErrorOut, "description": "The study is queued or running, or a trial still stops"}})
 def delete(id_or_name: str, request: Request, db: DbDep, session: SessionDep, optuna_storage: OptunaStorageDep,
            settings: SettingsDep, _auth: TokenDep) -> Response:
     """Delete a study that is not running: its trial slots, its checkpoints, its Optuna study and its rows. Data
