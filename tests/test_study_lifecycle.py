@@ -37,6 +37,8 @@ from tests.procs import ROOT, Stack
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(create_app(Settings(database_url=db_url, artifacts=tmp_path / "artifacts"))) as c:
+        # A server without a token takes state changes (delete, retry, cancel) as JSON only, as the CLI sends them.
+        c.headers["Content-Type"] = "application/json"
         yield c
 
 
