@@ -11,7 +11,9 @@ Contract for a ``TrialEngine``:
 - ``run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)`` trains one configuration. It calls
   ``on_epoch_end`` after every epoch with that epoch's metrics and score (the study's metric), stops when the
   callback returns a reason, and writes the best epoch's model to ``checkpoint_dir`` (a Hugging Face model
-  directory). An exception is a trial-level failure: the trial is FAIL and its slot retried.
+  directory). An exception is a trial-level failure: the trial is FAIL and its slot retried (unless it is the
+  infrastructure's, a full disk say: then the trial waits to run again, untried; ``service.worker``). A loss, gradient
+  or weights gone NaN or infinite raise ``TrainingDiverged`` at that step.
 - ``run_pack(prepared, members, batch_seed)`` (optional) trains several configurations of one student shape and
   batch size together (``PackedTrial``: params, seed, callback, checkpoint directory each), sharing the batch order
   drawn from ``batch_seed``. It returns one result per member, in order: its ``TrialOutcome`` (checkpoint written

@@ -44,6 +44,7 @@ from distill.train import (
     EpochCallback,
     EpochResult,
     TrainConfig,
+    TrainingDiverged,
     TrainResult,
     batch_loss,
     evaluate,
@@ -94,12 +95,8 @@ def resolve_pack_step(setting: str, device: torch.device | str) -> PackStepName:
     return "stacked" if setting == "stacked" else "loop"
 
 
-class MemberDiverged(ArithmeticError):
+class MemberDiverged(TrainingDiverged):
     """A pack member's training loss turned NaN or inf: that member's trial fails, the others go on."""
-
-    def __init__(self, value: float, epoch: int, step: int) -> None:
-        self.value, self.epoch, self.step = value, epoch, step
-        super().__init__(f"loss diverged ({value}) at epoch {epoch} step {step}")
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from distill.cache import CACHE_FORMAT, Entry, build_once, split_from_tensors, split_tensors
-from distill.data import TextSplit, TokenizedSplit, load_split, subsample, tokenize
+from distill.data import DataError, TextSplit, TokenizedSplit, load_split, subsample, tokenize
 from distill.metrics import compute_metrics
 from distill.models import fingerprint, load_teacher
 from distill.progress import TEACHER_STAGE, Progress
@@ -45,6 +45,20 @@ def predict_logits(model: Any, split: TokenizedSplit, batch_size: int, device: t
     """The teacher's outputs for every row, in row order, on the CPU."""
     model.eval().to(device)
     return predict(model, split, batch_size, out_device="cpu", on_rows=on_rows)
+
+
+ROWS_NAMED = 5  # a non-finite output's rows the error lists; it counts them all
+
+
+def check_finite_outputs(outputs: torch.Tensor, split: str) -> None:
+    """A ``DataError`` (the study's fault: it fails the study) when any of the teacher's outputs on ``split`` is
+    NaN or infinite, naming the first rows (numbered from 0, in the order the split is loaded) and counting them:
+    students distilled from them would learn nothing, and score as if they had."""
+    bad = (~torch.isfinite(outputs)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        rows = ", ".join(map(str, bad[:ROWS_NAMED])) + (", ..." if len(bad) > ROWS_NAMED else "")
+        raise DataError(f"the teacher's outputs are not finite (NaN or infinite) for {len(bad)} of {len(outputs)} "
+                        f"{split} rows (rows {rows}): check the teacher's weights")
 
 
 @dataclasses.dataclass
@@ -90,6 +104,7 @@ def build_or_load_cache(layout: ArtifactLayout, spec: StudySpec, task: TaskInfo,
             on_rows = None if progress is None else (
                 lambda done, offset=offset: progress(TEACHER_STAGE, offset + done, total))
             logits[name] = predict_logits(model, split, batch_size, device, on_rows)
+            check_finite_outputs(logits[name], name)
             offset += len(split)
         teacher_metrics = compute_metrics(task, logits["eval"].numpy(), splits["eval"].labels.numpy())
         meta = {

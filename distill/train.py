@@ -82,6 +82,15 @@ class TrainResult:
         return next(h.metrics for h in self.history if h.epoch == self.best_epoch)
 
 
+class TrainingDiverged(ArithmeticError):
+    """A trial's training loss (or its weights) turned NaN or infinite: the trial fails at that step, whose epoch and
+    step (counted within the epoch) the message names. A packed member's is ``distill.packed.MemberDiverged``."""
+
+    def __init__(self, value: float, epoch: int, step: int, what: str = "loss") -> None:
+        self.value, self.epoch, self.step = value, epoch, step
+        super().__init__(f"{what} diverged ({value}) at epoch {epoch} step {step}")
+
+
 # Called after each epoch's evaluation; returns a reason to stop early, or None to go on.
 EpochCallback = Callable[[EpochResult], str | None]
 
@@ -173,6 +182,15 @@ def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_
     return logits_loss(logits, teacher_logits, labels, cfg.alpha, cfg.temperature, task)
 
 
+def check_finite(model: PreTrainedModel, epoch: int, bad_step: int, bad_value: float, steps_per_epoch: int) -> None:
+    """After an epoch: ``TrainingDiverged`` naming the first step whose loss or gradient went non-finite (0: none),
+    or the epoch's last step when only the weights did (an infinite update); one host sync."""
+    if bad_step:
+        raise TrainingDiverged(bad_value, epoch, bad_step, what="loss" if not math.isfinite(bad_value) else "gradient")
+    if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
+        raise TrainingDiverged(math.nan, epoch, steps_per_epoch, what="weights")
+
+
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
                   eval_split: TokenizedSplit, cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
                   task: TaskInfo | None = None) -> TrainResult:
@@ -196,16 +214,26 @@ def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: t
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
-        for idx in length_bucketed_batches(train.lengths, cfg.batch_size, generator, cfg.bucket_batches):
+        # The epoch's first step whose loss or gradient was not finite (0: none) and its loss, kept on the device.
+        bad_step = torch.zeros((), dtype=torch.long, device=device)
+        bad_value = torch.zeros((), device=device)
+        for epoch_step, idx in enumerate(
+                length_bucketed_batches(train.lengths, cfg.batch_size, generator, cfg.bucket_batches), start=1):
             idx = idx.to(device, non_blocking=True)
             loss = batch_loss(model, train.batch(idx), train_logits[idx], train.labels[idx], cfg, task, device)
             loss.backward()  # the other costly line
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()  # no .item() here: that would sync the device every step
+            loss = loss.detach()
+            loss_sum += loss  # no .item() here: that would sync the device every step
+            # A non-finite gradient makes this step's weights non-finite, whatever its loss was.
+            first_bad = (bad_step == 0) & ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            bad_step = torch.where(first_bad, epoch_step, bad_step)
+            bad_value = torch.where(first_bad, loss, bad_value)
             step += 1
+        check_finite(model, epoch, int(bad_step.item()), float(bad_value.item()), steps_per_epoch)
         # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
         metrics, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size, task)
         seconds = time.perf_counter() - started

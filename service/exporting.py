@@ -238,6 +238,24 @@ def deploy_export(out_dir: Path, spec: StudySpec, record: dict[str, Any], quanti
                   teacher=teacher, max_length=spec.dataset.max_seq_length, latency_rows=latency_rows, log=log)
 
 
+def check_finite_weights(checkpoint: Path, named: int = 5) -> None:
+    """``ExportError`` when any weight of a checkpoint (its safetensors files) is NaN or infinite, naming the first
+    ``named`` tensors and counting the values: such a model computes NaN, whatever score its trial recorded."""
+    import torch
+    from safetensors.torch import load_file
+
+    bad: dict[str, int] = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        for name, tensor in load_file(str(path)).items():
+            if tensor.is_floating_point() and (count := int((~torch.isfinite(tensor)).sum())):
+                bad[name] = count
+    if bad:
+        listed = ", ".join(f"{name} ({count:,})" for name, count in list(bad.items())[:named])
+        raise ExportError(f"the checkpoint holds {sum(bad.values()):,} non-finite (NaN or infinite) weights in "
+                          f"{len(bad)} tensor{'' if len(bad) == 1 else 's'}: {listed}"
+                          f"{', ...' if len(bad) > named else ''}; refusing to export it")
+
+
 def _record_export(study: optuna.Study, entry: dict[str, Any]) -> None:
     """Keep the latest export of each (trial, seed) in the study's ``exports`` attribute (the API shows it)."""
     exports = [e for e in study.user_attrs.get("exports", [])
@@ -284,6 +302,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                                                artifact_id=artifact_id)
             checkpoint = Path(tmp) / "checkpoint"
             unpack_directory(tar_path, checkpoint)
+            check_finite_weights(checkpoint)
             record = normalized_record(json.loads((checkpoint / TRIAL_RECORD).read_text()))
             card_args: dict[str, Any] = dict(
                 name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,

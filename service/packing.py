@@ -16,7 +16,9 @@
 - per member, at every epoch boundary, the worker's own epoch callback reports, prunes and stops it (pruned, study
   cancelled or expired, shutdown, lost claim); as soon as a member leaves the pack (its epochs done, stopped or
   diverged) its result is stored and told exactly as a solo trial's (checkpoint first, then COMPLETE/PRUNED) or
-  failed alone (a diverged loss, a shutdown: FAIL, slot retried), and its slot closed, while the others train on.
+  failed alone (a diverged loss, a shutdown: FAIL, slot retried), and its slot closed, while the others train on;
+  an infrastructure fault (a full disk, the artifact store, the database) gives that member back untried, as a
+  solo trial (``Worker._trial_broke_off``).
 
 A SIGKILL loses every slot of the pack: each one's heartbeat goes stale and each is retried, as a solo slot is.
 """
@@ -127,8 +129,7 @@ class PackRunner:
             log.info("study %s trial %d not trained: %s", member.claim.study_name, trial.number, reason)
             worker._finish_slot(member.claim, member.lost, SlotState.DONE, None)
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
-            worker._finish_slot(member.claim, member.lost, SlotState.FAILED,
-                                worker._fail_trial(member.claim, member.study, trial, exc))
+            worker._trial_broke_off(member.claim, member.study, trial, member.lost, exc)
         return False
 
     def _train_group(self, group: list[_Member], spec: StudySpec, prepared: Any, task: TaskInfo) -> None:
@@ -170,7 +171,8 @@ class PackRunner:
 
     def _settle(self, member: _Member, result: TrialOutcome | Exception, checkpoint: Path, spec: StudySpec,
                 task: TaskInfo) -> None:
-        """Store and tell one member's result as a solo trial's, or fail it alone; then close its slot."""
+        """Store and tell one member's result as a solo trial's, or fail (or give back) it alone; then close its
+        slot."""
         worker, trial = self.worker, member.trial
         assert trial is not None
         try:
@@ -178,7 +180,7 @@ class PackRunner:
                 raise result
             worker._store_outcome(member.claim, spec, member.study, trial, result, checkpoint, member.profile)
             worker._log_outcome(member.claim, trial, task, result)
-            outcome, error = SlotState.DONE, None
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
-            outcome, error = SlotState.FAILED, worker._fail_trial(member.claim, member.study, trial, exc)
-        worker._finish_slot(member.claim, member.lost, outcome, error)
+            worker._trial_broke_off(member.claim, member.study, trial, member.lost, exc)
+            return
+        worker._finish_slot(member.claim, member.lost, SlotState.DONE, None)

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     worker_max_overflow: int = Field(1, ge=0)
     sqlite_busy_timeout_s: float = Field(60.0, gt=0)
 
+    # A worker whose claims keep hitting infrastructure faults (a full disk, the artifact store, the database) while
+    # their trials train or are stored gives each slot back untried and backs off (prepare_retry_delay, doubling);
+    # after this many such claims in a row it exits, saying why.
+    max_infra_faults: int = Field(5, ge=1, description="Claims in a row hit by infrastructure faults before a worker "
+                                                        "stops.")
+
 
 @lru_cache
 def get_settings() -> Settings:

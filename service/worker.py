@@ -7,12 +7,16 @@
 
 Workers need only the database and the artifacts directory, never the API. A failing trial is marked FAIL and
 retried; a study that cannot run at all (bad data, a model that will not load) is marked failed with the reason,
-and the worker goes on with other studies. SIGTERM or Ctrl-C: stop claiming, stop the running trial at its next
+and the worker goes on with other studies. A fault of the infrastructure while a trial trains or is stored (a full
+or failing disk, the artifact store, the database: ``infrastructure_fault``) is nobody's trial failing: the trial
+waits to be run again, its slot goes back untried, and the worker backs off; ``KDSEARCH_MAX_INFRA_FAULTS`` such
+claims in a row and it exits (1), saying why. SIGTERM or Ctrl-C: stop claiming, stop the running trial at its next
 epoch boundary (it is marked FAIL and retried elsewhere), exit 0.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -114,6 +118,9 @@ class Worker:
         self._stop = threading.Event()
         self._last_housekeeping = 0.0
         self._heart: SlotHeartbeat | None = None  # while a claim (or a pack) runs
+        # The current claim's infrastructure faults (their reasons), and whether it stored any trial.
+        self._claim_faults: list[str] = []
+        self._claim_stored = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class Worker:
         trials_run = 0
         outage_delay = 0.5
         exit_code = 0
+        faulted_claims = 0  # claims in a row that hit an infrastructure fault and stored nothing
         try:
             while not self._stop.is_set():
                 try:
@@ -157,6 +165,7 @@ class Worker:
                     self._stop.wait(self.settings.poll_interval)
                     continue
                 slots = ", ".join(str(claim.slot_id) for claim in claims)
+                self._claim_faults, self._claim_stored = [], False
                 try:
                     if len(claims) == 1:
                         self.run_claim(claims[0])
@@ -176,6 +185,20 @@ class Worker:
                 except Exception:
                     # Left claimed: once its heartbeat is stale a worker takes the slot over and retries it.
                     log.exception("trial on slot %s broke off; it will be retried", slots)
+                if self._claim_faults and not self._claim_stored:
+                    faulted_claims += 1
+                    if faulted_claims >= self.settings.max_infra_faults:
+                        log.error("stopping: %d claims in a row hit an infrastructure fault (last: %s); their slots "
+                                  "were given back untried and their trials wait to be run again",
+                                  faulted_claims, self._claim_faults[-1])
+                        exit_code = 1
+                        break
+                    delay = backoff_delay(self.settings.prepare_retry_delay, faulted_claims)
+                    log.warning("infrastructure fault (%s), %d of %d in a row: backing off %.1f s",
+                                self._claim_faults[-1], faulted_claims, self.settings.max_infra_faults, delay)
+                    self._stop.wait(delay)
+                    continue
+                faulted_claims = 0 if self._claim_stored else faulted_claims
                 trials_run += len(claims)
                 if self.max_trials is not None and trials_run >= self.max_trials:
                     break
@@ -278,15 +301,57 @@ class Worker:
             else:
                 outcome = self._train_and_store(claim, spec, prepared, study, trial, params, task, lost, profile)
                 self._log_outcome(claim, trial, task, outcome)
-            slot_outcome, error = SlotState.DONE, None
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded and retried
-            error = self._fail_trial(claim, study, trial, exc)
-            slot_outcome = SlotState.FAILED
-        self._finish_slot(claim, lost, slot_outcome, error)
+            self._trial_broke_off(claim, study, trial, lost, exc)
+            return
+        self._finish_slot(claim, lost, SlotState.DONE, None)
 
     def _log_outcome(self, claim: Claim, trial: optuna.Trial, task: TaskInfo, outcome: TrialOutcome) -> None:
         log.info("study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
                  outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
+
+    def _trial_broke_off(self, claim: Claim, study: optuna.Study, trial: optuna.Trial, lost: threading.Event,
+                         exc: Exception) -> None:
+        """A trial that raised: an infrastructure fault gives it back untried (``_give_back_trial``); anything else
+        is the trial's failure (FAIL with the reason, its slot retried while attempts remain)."""
+        if infrastructure_fault(exc):
+            self._give_back_trial(claim, trial, lost, exc)
+        else:
+            self._finish_slot(claim, lost, SlotState.FAILED, self._fail_trial(claim, study, trial, exc))
+
+    def _give_back_trial(self, claim: Claim, trial: optuna.Trial, lost: threading.Event, exc: Exception) -> None:
+        """The infrastructure failed under a trial (a full disk, the artifact store, the database), not the trial:
+        no attempt is spent. Its Optuna trial goes back to WAITING, so the study's next ``ask`` runs it again with
+        the same parameters (it is never FAIL, and the study's budget stays whole), and its slot goes back to
+        pending untried (``release_slot``), as after a failed preparation; the worker then backs off (``run``).
+        A trial already told (the fault came after) keeps its result and closes its slot."""
+        reason = describe_error(exc)
+        self._claim_faults.append(reason)
+        log.warning("study %s trial %d: %s is the infrastructure's fault, not the trial's: slot %d goes back untried "
+                    "and the trial waits to run again", claim.study_name, trial.number, reason, claim.slot_id)
+        log.debug("%s", "".join(traceback.format_exception(exc)))
+        if lost.is_set():  # taken over: its new holder settles the trial and the slot
+            self._stop_beating(claim)
+            return
+        try:
+            state = retry_operational(lambda: self._requeue_trial(trial))
+            if state in (TrialState.COMPLETE, TrialState.PRUNED):
+                self._finish_slot(claim, lost, SlotState.DONE, None)
+                return
+            self._stop_beating(claim)
+            retry_operational(lambda: release_slot(self.db, claim.slot_id, self.worker_id))
+        except Exception:  # the database is down too: the slot is retried once its heartbeat is stale
+            log.warning("slot %d could not be given back (the database is unreachable); it is retried once its "
+                        "heartbeat is stale", claim.slot_id, exc_info=True)
+
+    def _requeue_trial(self, trial: optuna.Trial) -> TrialState:
+        """A RUNNING trial back to WAITING (Optuna's queue: the next ``ask`` pops it, parameters kept); returns the
+        trial's state after (a finished trial is left as it is)."""
+        state = self.optuna_storage.get_trial(trial._trial_id).state
+        if state != TrialState.RUNNING:
+            return state
+        self.optuna_storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        return TrialState.WAITING
 
     def _fail_trial(self, claim: Claim, study: optuna.Study, trial: optuna.Trial, exc: BaseException) -> str:
         """Record a trial's failure (FAIL, with the reason); returns the reason for its slot."""
@@ -370,7 +435,7 @@ class Worker:
             finish_slot(self.db, claim.slot_id, self.worker_id, outcome=SlotState.FAILED, error=final,
                         max_attempts=0)
             return
-        delay = min(self.settings.prepare_retry_delay * 2 ** (attempts - 1), 300.0)
+        delay = backoff_delay(self.settings.prepare_retry_delay, attempts)
         log.warning("study %s: preparation failed (%s), attempt %d of %d; any worker retries in %.0f s",
                     claim.study_name, reason, attempts, self.settings.max_prepare_attempts, delay)
         self._stop_beating(claim)
@@ -489,6 +554,7 @@ class Worker:
             assert profile is not None  # _profile refuses a multi-objective study without one
             values.append(float(profile[spec.cost_objective]))
         retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id, values))
+        self._claim_stored = True
         retry_operational(lambda: self._announce_best(claim, spec, study, trial, outcome))
 
     def _record_outcome(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome,
@@ -521,6 +587,48 @@ class Worker:
         if trial.number in {t.number for t in best}:
             enqueue_event(self.db, claim.study_id, "new_best",
                           {"trial_number": trial.number, "value": outcome.best_score})
+
+
+# What a full, failing or read-only disk (or quota) raises: the host's fault, never the trial's.
+INFRASTRUCTURE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS})
+# The same faults where a library reports them as text (safetensors and torch wrap the OSError in their own error),
+# and SQLite's full disk.
+_INFRASTRUCTURE_TEXTS = (*(os.strerror(code) for code in INFRASTRUCTURE_ERRNOS), "database or disk is full")
+MAX_BACKOFF_S = 300.0
+
+
+def backoff_delay(first_delay_s: float, failures: int) -> float:
+    """Seconds to hold back after ``failures`` consecutive failures: ``first_delay_s``, doubling, at most 300 s (as
+    ``storage.preparation_failed`` holds a study back)."""
+    return min(first_delay_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+
+
+def _object_store_errors() -> tuple[type[BaseException], ...]:
+    """The artifact store's errors (an S3 bucket: botocore's and boto3's), where boto3 is installed."""
+    try:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 comes with the s3 extra
+        return ()
+    return (BotoCoreError, ClientError, Boto3Error)
+
+
+def infrastructure_fault(exc: BaseException) -> bool:
+    """Whether an error is the infrastructure's (a full, failing or read-only disk; the artifact store; a database
+    outage) rather than the trial's: it, or an error it was raised from or while handling."""
+    object_store = _object_store_errors()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in INFRASTRUCTURE_ERRNOS:
+            return True
+        if isinstance(current, DBAPIError | StorageInternalError) and is_transient(current):
+            return True
+        if isinstance(current, object_store) or any(text in str(current) for text in _INFRASTRUCTURE_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def describe_error(exc: BaseException) -> str:

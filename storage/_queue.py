@@ -364,6 +364,29 @@ def _settle(session: Session, study: StudyRow, now: datetime | None = None) -> N
         )
     )
     if not still_open:
-        study.status = StudyStatus.FINISHED
         study.finished_at = now
-        enqueue(session, study, "finished")
+        reason = _nothing_done(session, study, timed_out=study.deadline_at is not None and study.deadline_at <= now)
+        if reason is None:
+            study.status = StudyStatus.FINISHED
+            enqueue(session, study, "finished")
+        else:  # every trial failed (or none ran): a study with no result is a failure, said as one
+            study.status, study.error = StudyStatus.FAILED, reason
+            enqueue(session, study, "failed", {"error": reason})
+
+
+def _nothing_done(session: Session, study: StudyRow, *, timed_out: bool) -> str | None:
+    """Why a study whose slots are all closed has no result (no slot ``done``: no trial completed or was pruned),
+    e.g. ``no trial completed: 4 failed (last: ValueError: ...)``; None when one has."""
+    counts: dict[str, int] = {state: n for state, n in session.execute(
+        select(TrialSlotRow.state, func.count()).where(TrialSlotRow.study_id == study.id)
+        .group_by(TrialSlotRow.state))}
+    if counts.get(SlotState.DONE):
+        return None
+    last_error = session.scalar(
+        select(TrialSlotRow.last_error)
+        .where(TrialSlotRow.study_id == study.id, TrialSlotRow.state == SlotState.FAILED,
+               TrialSlotRow.last_error.is_not(None))
+        .order_by(TrialSlotRow.heartbeat_at.desc().nulls_last(), TrialSlotRow.id.desc()).limit(1))
+    parts = [f"{counts[state]} {state}" for state in (SlotState.FAILED, SlotState.CANCELLED) if counts.get(state)]
+    return (f"no trial completed{' before the timeout' if timed_out else ''}: {', '.join(parts) or 'none ran'}"
+            + (f" (last: {last_error})" if last_error else ""))

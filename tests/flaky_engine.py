@@ -5,6 +5,9 @@
 - ``data-*``: the preparation raises DataError (the data's fault).
 - ``oom-once-*``: the first trial raises CUDA's out-of-memory error, later ones train.
 - ``diverge-once-*``: in the first pack, the first member's loss turns NaN (``MemberDiverged``); the rest train.
+- ``diverge-always-*``: every trial's loss turns NaN (``TrainingDiverged``): the trial's own fault, every time.
+- ``enospc-*``: writing a trial's checkpoint fails with ENOSPC (a full disk), for the first
+  ``KDSEARCH_TEST_DISK_FULL_WRITES`` trials (default 2) across workers; ``enospc-always-*``: every time.
 - ``slow-*``: the preparation reports ``KDSEARCH_TEST_PREP_STEPS`` batches of progress, ``KDSEARCH_TEST_PREP_S``
   seconds apart, like a teacher labelling rows.
 
@@ -13,6 +16,7 @@ Counts live in files under the artifacts directory, so they hold across worker p
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -25,7 +29,7 @@ from distill import DataError
 from distill.engine import MemberDone, PackedTrial, TrialOutcome
 from distill.packed import MemberDiverged
 from distill.progress import TEACHER_STAGE, Progress
-from distill.train import EpochCallback
+from distill.train import EpochCallback, TrainingDiverged
 from search_space import StudySpec
 from tests.sleep_engine import SleepEngine
 
@@ -65,7 +69,14 @@ class FlakyEngine(SleepEngine):
                   checkpoint_dir: Path) -> TrialOutcome:
         if prepared.name.startswith("oom-once-") and self._bump(prepared.name) == 0:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)
+        if prepared.name.startswith("diverge-always-"):
+            raise TrainingDiverged(float("nan"), 1, 3)
+        outcome = super().run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)
+        if prepared.name.startswith("enospc-") and (
+                prepared.name.startswith("enospc-always-")
+                or self._bump(prepared.name) < int(os.environ.get("KDSEARCH_TEST_DISK_FULL_WRITES", "2"))):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checkpoint_dir / "model.safetensors"))
+        return outcome
 
     def run_pack(self, prepared: StudySpec, members: list[PackedTrial], batch_seed: int,
                  on_member_done: MemberDone | None = None) -> list[TrialOutcome | Exception]:

@@ -23,6 +23,7 @@ from storage import (
     heartbeat_slot,
     init_db,
     make_engine,
+    notifications,
     reap_stale_slots,
     session_scope,
     settle_expired_studies,
@@ -131,16 +132,29 @@ def test_status_moves_queued_running_finished(db) -> None:  # type: ignore[no-un
 
 
 def test_failed_trial_is_retried_then_given_up(db) -> None:  # type: ignore[no-untyped-def]
-    study = _new(db, "retry", 1)
+    study = create_study(db, name="retry", n_trials=1, priority=0, timeout_s=None, spec={
+        "name": "retry", "notify": {"webhook": "http://hooks.example/kd", "events": ["finished", "failed"]}})
     attempts = []
     while (claim := claim_slot(db, "w")) is not None:
         attempts.append(claim.attempt)
         finish_slot(db, claim.slot_id, "w", outcome=SlotState.FAILED, error="boom", max_attempts=3)
     assert attempts == [1, 2, 3]
-    assert _status(db, study.id) == StudyStatus.FINISHED
     with session_scope(db) as s:
         slot = s.query(TrialSlotRow).filter_by(study_id=study.id).one()
         assert (slot.state, slot.last_error) == (SlotState.FAILED, "boom")
+        # No trial completed: the study failed, saying why, and its webhook event says failed (not finished).
+        row = s.get(StudyRow, study.id)
+        assert (row.status, row.error) == (StudyStatus.FAILED, "no trial completed: 1 failed (last: boom)")
+        assert [(n.event, n.payload) for n in notifications(s, study.id)] == [
+            ("failed", {"error": "no trial completed: 1 failed (last: boom)"})]
+
+
+def test_a_study_with_one_trial_done_finishes(db) -> None:  # type: ignore[no-untyped-def]
+    study = _new(db, "one-good", 2)
+    first, second = claim_slot(db, "w"), claim_slot(db, "w")
+    finish_slot(db, first.slot_id, "w", outcome=SlotState.FAILED, error="boom", max_attempts=1)
+    finish_slot(db, second.slot_id, "w", outcome=SlotState.DONE)
+    assert _status(db, study.id) == StudyStatus.FINISHED
 
 
 def test_cancel_stops_new_claims_and_signals_running(db) -> None:  # type: ignore[no-untyped-def]

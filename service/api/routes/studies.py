@@ -121,8 +121,9 @@ def _summaries(session: Session, rows: list[StudyRow]) -> list[StudyOut]:
             complete=states.get("COMPLETE", 0),
             pruned=states.get("PRUNED", 0),
             running=states.get("RUNNING", 0),
-            # Trials still to run: slots nobody has claimed yet (plus any enqueued Optuna trials).
-            waiting=slots[row.id].get(SlotState.PENDING, 0) + states.get("WAITING", 0),
+            # Trials still to run: slots nobody has claimed yet. A WAITING Optuna trial (given back after an
+            # infrastructure fault) is run by one of them, so it is not counted again.
+            waiting=slots[row.id].get(SlotState.PENDING, 0),
             failed=states.get("FAIL", 0),
         )
         finished = counts.complete + counts.pruned
