@@ -196,8 +196,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=3, help="the last one is submitted mid-run (a cache build)")
     parser.add_argument("--trials", type=int, default=10, help="trials per study")
-    parser.add_argument("--train-rows", type=int, default=1000, help="training rows of the first studies' data")
-    parser.add_argument("--build-rows", type=int, default=3000, help="training rows of the mid-run study's data")
+    parser.add_argument("--build-eval-rows", type=int, default=400,
+                        help="evaluation rows of the mid-run study's data (its cache labels them with the training "
+                             "rows: a longer build, where the kill lands, without longer trials)")
     parser.add_argument("--disk-full-s", type=float, default=20.0)
     parser.add_argument("--bucket-down-s", type=float, default=30.0)
     args = parser.parse_args()
@@ -205,42 +206,58 @@ def main() -> None:
         parser.error("--studies must be at least 2 (the last one is the mid-run cache build)")
     if os.geteuid() != 0:
         raise SystemExit("faults: run as root (it mounts a tmpfs and restarts PostgreSQL)")
+    # A SIGTERM (a background run stopped) unwinds like Ctrl-C: the processes stopped, the tmpfs unmounted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="kdsearch-faults-") as tmp:
         run_root = Path(tmp)
-        with s3_server(BUCKET, run_root / "moto.log") as aws:
-            run(args, run_root, aws)
+        with s3_server(BUCKET, run_root / "moto.log") as aws, fresh_database() as db_url:
+            run(args, run_root, aws, db_url)
 
 
-def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new database on the local PostgreSQL server (its URL), dropped afterwards."""
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.pool import NullPool
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    db_name = f"kdfaults_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+
+
+def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: str) -> None:
     import httpx
     import optuna
     from optuna.trial import TrialState
-    from sqlalchemy import create_engine, make_url, select, text
+    from sqlalchemy import create_engine, select
     from sqlalchemy.pool import NullPool
 
     from distill.hardware import load_1min, machine
     from storage._models import PreparationRow, StudyRow, TrialSlotRow
-    from tests.conftest import POSTGRES_ADMIN_URL, tiny_spec, write_dataset, write_tiny_model
+    from tests.conftest import tiny_spec, write_dataset, write_tiny_model
     from tests.procs import KDSEARCH, Stack
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     version = sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else None
     if version is None:
         raise SystemExit("faults: needs the local PostgreSQL cluster (/etc/postgresql) to restart it")
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    db_name = f"kdfaults_{os.getpid()}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = make_url(POSTGRES_ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
     db = create_engine(db_url, poolclass=NullPool)
     load_start = load_1min()
     repo_before = repo_untracked()
     proxy = PausableProxy(("127.0.0.1", int(aws["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])))
     assets_dir = run_root / "assets"
     assets = {"teacher": write_tiny_model(assets_dir / "teacher", seed=1, layers=2),
-              "data": write_dataset(assets_dir / "data", n_train=args.train_rows)}
+              "data": write_dataset(assets_dir / "data")}
     build_assets = {"teacher": write_big_teacher(assets_dir / "big-teacher"),
-                    "data": write_dataset(assets_dir / "big-data", n_train=args.build_rows, seed=1)}
+                    "data": write_dataset(assets_dir / "big-data", n_eval=args.build_eval_rows, seed=1)}
     hosts = {host: run_root / "hosts" / host for host in HOSTS}
     for directory in hosts.values():
         directory.mkdir(parents=True)
@@ -269,7 +286,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
             """A worker on ``host``: its own local cache and temporary directory (the disk host's on the tmpfs)."""
             (hosts[host] / "cache").mkdir(exist_ok=True)
             (hosts[host] / "tmp").mkdir(exist_ok=True)
-            worker = stack.start_worker(env={"KDSEARCH_LOCAL_CACHE": str(hosts[host] / "cache"),
+            worker = stack.start_worker("--threads-per-proc", "1",
+                                        env={"KDSEARCH_LOCAL_CACHE": str(hosts[host] / "cache"),
                                              "TMPDIR": str(hosts[host] / "tmp")})
             host_of[worker.pid] = host
             return worker
@@ -318,7 +336,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
             stack.start_api()
             for name in names[:-1]:
                 stack.submit(tiny_spec(assets, name=name, n_trials=args.trials, pruner="none",
-                                       search_space={"num_train_epochs": {"low": 2, "high": 4}, "batch_size": 32,
+                                       search_space={"num_train_epochs": {"low": 1, "high": 2}, "batch_size": 32,
                                                      "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
             for host in HOSTS:
                 start_worker(host)
@@ -354,7 +372,11 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
 
             # 4. A worker is killed while it builds a teacher-logit cache.
             build_study = stack.submit(tiny_spec(build_assets, name=names[-1], n_trials=args.trials, priority=2,
-                                                 pruner="none"))
+                                                 pruner="none",
+                                                 search_space={"num_train_epochs": {"low": 1, "high": 2},
+                                                               "batch_size": 32,
+                                                               "learning_rate": {"low": 1e-3, "high": 1e-2,
+                                                                                 "log": True}}))
             note(f"study {names[-1]} submitted (a new dataset and teacher: a cache build)")
             builder: list[int] = []
 
@@ -427,8 +449,6 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
     # A SIGKILLed worker's slot costs one attempt: its trial FAILs (stale heartbeat), or, killed before its trial
     # began (a cache build), the slot is reaped with none. Every other retry was spent on a fault.
     fault_attempts = slot_retries - len(fail_by_kill) - kills_in_preparation
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
     bucket_keys = _bucket_keys(aws)
     outside_bucket = [k for k in bucket_keys if not k.startswith((f"{PREFIX}/cache/", f"{PREFIX}/optuna/"))]
     outside = sorted(str(p.relative_to(run_root)) for p in run_tree if not _expected(p, run_root, hosts))
@@ -473,11 +493,11 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str]) -> None:
     report = [
         "# Fault bench",
         "",
-        f"`python bench/faults.py --studies {args.studies} --trials {args.trials} --train-rows {args.train_rows} "
-        f"--build-rows {args.build_rows} --disk-full-s {args.disk_full_s:g} --bucket-down-s {args.bucket_down_s:g}` "
+        f"`python bench/faults.py --studies {args.studies} --trials {args.trials} --build-eval-rows "
+        f"{args.build_eval_rows} --disk-full-s {args.disk_full_s:g} --bucket-down-s {args.bucket_down_s:g}` "
         f"on {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}, load (1 min) {load_start} at the start and "
         f"{load_1min()} at the end. PostgreSQL store; artifacts in an S3 bucket (moto's server as a real process, "
-        "reached through a pausable TCP proxy), manifests signed; three workers (one process each, one torch thread) "
+        "reached through a pausable TCP proxy), manifests signed; three workers (one process, one torch thread each) "
         "on three \"hosts\" with their own local caches and temporary directories; the real distillation engine on "
         "tiny BERT students (heartbeat 1 s, grace 15 s). The last study is submitted mid-run, with a new dataset "
         "and a larger teacher, so that its teacher-logit cache is built while the others train.",
