@@ -8,7 +8,8 @@ During the run, one after the other:
 - one worker's disk fills mid-study: that worker's ``TMPDIR`` (where a trial's checkpoint is staged) and
   ``KDSEARCH_LOCAL_CACHE`` are on a 16 MB tmpfs, filled with a file for ``--disk-full-s`` seconds;
 - the bucket is unreachable for ``--bucket-down-s`` seconds: the workers reach moto's server (a real process)
-  through a TCP proxy in this bench, whose pause closes its listener and drops every open connection;
+  through a TCP proxy in this bench, whose pause closes its listener and drops every open connection; the second
+  study is submitted as it goes away, so its trials train while no checkpoint can be stored;
 - PostgreSQL restarts (``pg_ctlcluster ... restart``);
 - a worker is SIGKILLed while it builds a teacher-logit cache (a study on a new dataset and a larger teacher is
   submitted mid-run; the worker the store records as preparing it is killed, and a new one started, as a
@@ -194,16 +195,14 @@ def repo_untracked() -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", type=int, default=3, help="the last one is submitted mid-run (a cache build)")
     parser.add_argument("--trials", type=int, default=10, help="trials per study")
+    parser.add_argument("--train-rows", type=int, default=500, help="training rows of the first two studies")
     parser.add_argument("--build-eval-rows", type=int, default=400,
                         help="evaluation rows of the mid-run study's data (its cache labels them with the training "
                              "rows: a longer build, where the kill lands, without longer trials)")
     parser.add_argument("--disk-full-s", type=float, default=20.0)
     parser.add_argument("--bucket-down-s", type=float, default=30.0)
     args = parser.parse_args()
-    if args.studies < 2:
-        parser.error("--studies must be at least 2 (the last one is the mid-run cache build)")
     if os.geteuid() != 0:
         raise SystemExit("faults: run as root (it mounts a tmpfs and restarts PostgreSQL)")
     # A SIGTERM (a background run stopped) unwinds like Ctrl-C: the processes stopped, the tmpfs unmounted.
@@ -255,7 +254,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     proxy = PausableProxy(("127.0.0.1", int(aws["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])))
     assets_dir = run_root / "assets"
     assets = {"teacher": write_tiny_model(assets_dir / "teacher", seed=1, layers=2),
-              "data": write_dataset(assets_dir / "data")}
+              "data": write_dataset(assets_dir / "data", n_train=args.train_rows)}
     build_assets = {"teacher": write_big_teacher(assets_dir / "big-teacher"),
                     "data": write_dataset(assets_dir / "big-data", n_eval=args.build_eval_rows, seed=1)}
     hosts = {host: run_root / "hosts" / host for host in HOSTS}
@@ -279,7 +278,9 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     restarted_after_exit: list[str] = []
     events: Counter[str] = Counter()
     export_report: dict[str, Any] = {}
-    names = [f"faults-{i}" for i in range(args.studies)]
+    # The first study trains as the disk fills, the second is submitted as the bucket goes away, the third (a new
+    # dataset and teacher) mid-run for its cache build.
+    names = [f"faults-{i}" for i in range(3)]
     with tmpfs(hosts[DISK_HOST], "16m") as disk:
 
         def start_worker(host: str) -> subprocess.Popen[bytes]:
@@ -329,23 +330,24 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
                 supervise()
                 time.sleep(0.2)
 
-        def completed() -> int:
-            return sum(stack.study(name)["counts"]["complete"] for name in names[:-1])
+        def submit(name: str, study_assets: dict[str, Path], **spec: Any) -> dict[str, Any]:
+            return stack.submit(tiny_spec(study_assets, name=name, n_trials=args.trials, pruner="none",
+                                          search_space={"num_train_epochs": {"low": 1, "high": 3}, "batch_size": 32,
+                                                        "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+                                          **spec))
+
+        def disk_host_trains() -> bool:
+            return any(host_of.get(pid) == DISK_HOST for pid in busy_trials())
 
         try:
             stack.start_api()
-            for name in names[:-1]:
-                stack.submit(tiny_spec(assets, name=name, n_trials=args.trials, pruner="none",
-                                       search_space={"num_train_epochs": {"low": 1, "high": 2}, "batch_size": 32,
-                                                     "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
+            submit(names[0], assets)
             for host in HOSTS:
                 start_worker(host)
-            note(f"{len(names) - 1} studies submitted, {len(HOSTS)} workers started")
-            wait_until(lambda: completed() >= 2, 900, "the first trials to complete")
+            note(f"study {names[0]} submitted, {len(HOSTS)} workers started")
 
-            # 1. One worker's disk fills while it trains.
-            disk_pids = lambda: {w.pid for w in stack.workers if w.poll() is None and host_of.get(w.pid) == DISK_HOST}  # noqa: E731
-            wait_until(lambda: bool(disk_pids() & set(busy_trials())), 300, "the disk host's worker to train")
+            # 1. One worker's disk fills while it trains (mid-study: the moment its worker is seen training).
+            wait_until(disk_host_trains, 900, "the disk host's worker to train")
             filler = fill(disk)
             note(f"{DISK_HOST}'s disk full ({filler.stat().st_size // 1024} KiB filler)")
             hold(args.disk_full_s)
@@ -353,30 +355,26 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
             events["disk fills"] += 1
             note(f"{DISK_HOST}'s disk freed")
 
-            # 2. The bucket is unreachable.
-            wait_until(lambda: bool(busy_trials()), 300, "a worker to train")
+            # 2. The bucket is unreachable. The second study is submitted as it goes away, so that whatever the
+            # host's speed, its trials train while no checkpoint can be stored.
             proxy.pause()
-            note(f"bucket unreachable for {args.bucket_down_s:.0f} s")
+            submit(names[1], assets)
+            note(f"bucket unreachable for {args.bucket_down_s:.0f} s; study {names[1]} submitted")
             hold(args.bucket_down_s)
             proxy.resume()
             events["bucket outages"] += 1
             note("bucket reachable again")
-            supervise()
 
-            # 3. PostgreSQL restarts.
-            wait_until(lambda: bool(busy_trials()), 300, "a worker to train")
+            # 3. PostgreSQL restarts while a worker trains.
+            if not wait_until(lambda: bool(busy_trials()), 120, "a worker to train"):
+                note("restarting PostgreSQL with no trial seen training")
             subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
                            capture_output=True)
             events["PostgreSQL restarts"] += 1
             note("PostgreSQL restarted")
 
             # 4. A worker is killed while it builds a teacher-logit cache.
-            build_study = stack.submit(tiny_spec(build_assets, name=names[-1], n_trials=args.trials, priority=2,
-                                                 pruner="none",
-                                                 search_space={"num_train_epochs": {"low": 1, "high": 2},
-                                                               "batch_size": 32,
-                                                               "learning_rate": {"low": 1e-3, "high": 1e-2,
-                                                                                 "log": True}}))
+            build_study = submit(names[-1], build_assets, priority=2)
             note(f"study {names[-1]} submitted (a new dataset and teacher: a cache build)")
             builder: list[int] = []
 
@@ -457,11 +455,12 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     given_back = logs.count(GIVEN_BACK)
     preparations_failed = logs.count(PREPARATION_FAILED)
     errors = [line for line in logs.splitlines() if " ERROR " in line]
+    disk_reached, bucket_reached = logs.count(NO_SPACE), sum(logs.count(text) for text in BUCKET_UNREACHABLE)
 
     rows: list[tuple[str, Any]] = [
-        ("studies x trials", f"{args.studies} x {args.trials}"),
+        ("studies x trials", f"{len(names)} x {args.trials}"),
         ("study outcomes", "; ".join(f"{n}: {statuses.get(n, '?')}" for n in names)),
-        ("trials complete", f"{complete} of {args.studies * args.trials}"),
+        ("trials complete", f"{complete} of {len(names) * args.trials}"),
         ("trials lost", lost),
         ("trials run twice", doubles),
         ("budget overruns", overruns),
@@ -474,7 +473,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         ("trials given back untried after an infrastructure fault (worker log)", given_back),
         ("preparations that failed on a fault and were retried (worker log)", preparations_failed),
         (f"'{NO_SPACE}' / bucket connection errors in the worker logs",
-         f"{logs.count(NO_SPACE)} / {sum(logs.count(text) for text in BUCKET_UNREACHABLE)}"),
+         f"{disk_reached} / {bucket_reached}"),
+        ("worker log lines on the database being unreachable", logs.count("OperationalError")),
         ("workers that stopped after repeated faults (restarted)", len(restarted_after_exit)),
         ("workers SIGKILLed while building a cache", kills_in_preparation),
         ("FAIL trials of SIGKILLed workers (apart)", len(fail_by_kill)),
@@ -484,23 +484,25 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         ("ERROR lines in the worker logs", len(errors)),
         ("wall time (s)", f"{elapsed:.0f}"),
     ]
-    complete_ok = complete == args.studies * args.trials and lost == doubles == overruns == 0
+    complete_ok = complete == len(names) * args.trials and lost == doubles == overruns == 0
     faults_ok = not fail_by_fault and fault_attempts == 0 and not outside
     export_ok = export_report.get("ok", False)
-    exercised = (given_back + preparations_failed > 0 and kills_in_preparation == 1
+    exercised = (disk_reached > 0 and bucket_reached > 0 and kills_in_preparation == 1
                  and export_report.get("killed", 0) == 1)
     verdict = "PASS" if complete_ok and faults_ok and export_ok and exercised else "FAIL"
     report = [
         "# Fault bench",
         "",
-        f"`python bench/faults.py --studies {args.studies} --trials {args.trials} --build-eval-rows "
+        f"`python bench/faults.py --trials {args.trials} --train-rows {args.train_rows} --build-eval-rows "
         f"{args.build_eval_rows} --disk-full-s {args.disk_full_s:g} --bucket-down-s {args.bucket_down_s:g}` "
         f"on {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}, load (1 min) {load_start} at the start and "
         f"{load_1min()} at the end. PostgreSQL store; artifacts in an S3 bucket (moto's server as a real process, "
         "reached through a pausable TCP proxy), manifests signed; three workers (one process, one torch thread each) "
         "on three \"hosts\" with their own local caches and temporary directories; the real distillation engine on "
-        "tiny BERT students (heartbeat 1 s, grace 15 s). The last study is submitted mid-run, with a new dataset "
-        "and a larger teacher, so that its teacher-logit cache is built while the others train.",
+        "tiny BERT students (heartbeat 1 s, grace 15 s). The first study trains as one worker's disk fills, the "
+        "second is submitted as the bucket goes away (so its trials train while no checkpoint can be stored, "
+        "whatever the host's speed), the third, with a new dataset and a larger teacher, after PostgreSQL's "
+        "restart, so that a worker can be killed while it builds its teacher-logit cache.",
         "",
         "| measure | value |",
         "|---|---:|",
@@ -508,8 +510,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         "",
         f"Verdict: **{verdict}** (must be: every trial complete, 0 lost, 0 run twice, 0 overruns, 0 attempts spent on "
         "infrastructure faults, 0 files outside their folders, the re-run export complete, and every fault must have "
-        "reached a worker: at least one trial given back or preparation retried, the cache-build kill landed, the "
-        "export kill landed).",
+        "reached a worker: the full disk and the unreachable bucket each in a worker's log, the cache-build kill "
+        "and the export kill landed)."
         "",
         "## Timeline",
         "",
