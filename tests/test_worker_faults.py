@@ -34,12 +34,14 @@ def _spec(assets, name: str, n_trials: int = 3, **overrides) -> dict:  # type: i
     return tiny_spec(assets, name=name, n_trials=n_trials, search_space={"num_train_epochs": 2}, **overrides)
 
 
-def test_a_full_disk_spends_no_trial(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("pack", ["1", "3"])
+def test_a_full_disk_spends_no_trial(stack: Stack, tiny_assets, pack: str) -> None:  # type: ignore[no-untyped-def]
     """The first two checkpoint writes fail with ENOSPC: each trial goes back untried (WAITING, then run again with
     the same parameters), the worker backs off, and once the disk has room the study finishes with all 3 trials
-    COMPLETE, none FAIL, no slot attempt spent."""
+    COMPLETE, none FAIL, no slot attempt spent. Packed (3 slots per claim): two members are given back alone while
+    the third is stored."""
     stack.submit(_spec(tiny_assets, "enospc-a"))
-    stack.start_worker()
+    stack.start_worker("--pack", pack)
     study = stack.wait_status("enospc-a")
     assert study["status"] == "finished" and study["error"] is None, study
     trials = stack.trials("enospc-a")
@@ -54,7 +56,8 @@ def test_a_full_disk_spends_no_trial(stack: Stack, tiny_assets) -> None:  # type
         db.dispose()
     logs = stack.worker_logs()
     assert logs.count("is the infrastructure's fault, not the trial's") == 2
-    assert "OSError: [Errno 28] No space left on device" in logs and "backing off" in logs
+    assert "OSError: [Errno 28] No space left on device" in logs
+    assert ("backing off" in logs) == (pack == "1"), "a claim that stored a trial does not back off"
     assert stack.workers[0].poll() is None, "the worker keeps running"
 
 
