@@ -10,7 +10,7 @@ During the run, one after the other:
 - the bucket is unreachable for ``--bucket-down-s`` seconds: the workers reach moto's server (a real process)
   through a TCP proxy in this bench, whose pause closes its listener and drops every open connection; the second
   study is submitted as it goes away, so its trials train while no checkpoint can be stored;
-- PostgreSQL restarts (``pg_ctlcluster ... restart``);
+- PostgreSQL restarts (``pg_ctlcluster ... stop``, ``--db-down-s`` seconds, ``start``) while a worker trains;
 - a worker is SIGKILLed while it builds a teacher-logit cache (a study on a new dataset and a larger teacher is
   submitted mid-run; the worker the store records as preparing it is killed, and a new one started, as a
   supervisor would);
@@ -54,6 +54,8 @@ HOSTS = [DISK_HOST, "host-b", "host-c"]
 GIVEN_BACK = "is the infrastructure's fault"
 PREPARATION_FAILED = "preparation failed ("
 NO_SPACE = os.strerror(errno.ENOSPC)
+# The worker's outage message, and psycopg's connection errors (retried, or given back as a trial's fault).
+DATABASE_UNREACHABLE = ("database unavailable", "OperationalError")
 # botocore's EndpointConnectionError (connection refused) and ConnectionClosedError (dropped mid-request).
 BUCKET_UNREACHABLE = ("Could not connect to the endpoint URL", "Connection was closed before we received")
 
@@ -202,6 +204,7 @@ def main() -> None:
                              "rows: a longer build, where the kill lands, without longer trials)")
     parser.add_argument("--disk-full-s", type=float, default=20.0)
     parser.add_argument("--bucket-down-s", type=float, default=30.0)
+    parser.add_argument("--db-down-s", type=float, default=5.0, help="seconds PostgreSQL stays stopped in its restart")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("faults: run as root (it mounts a tmpfs and restarts PostgreSQL)")
@@ -365,13 +368,16 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
             events["bucket outages"] += 1
             note("bucket reachable again")
 
-            # 3. PostgreSQL restarts while a worker trains.
+            # 3. PostgreSQL restarts while a worker trains, down long enough that every worker meets the outage.
             if not wait_until(lambda: bool(busy_trials()), 120, "a worker to train"):
                 note("restarting PostgreSQL with no trial seen training")
-            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
-                           capture_output=True)
+            pg_ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+            subprocess.run([*pg_ctl, "stop"], check=True, capture_output=True)
+            note(f"PostgreSQL stopped for {args.db_down_s:g} s")
+            hold(args.db_down_s)
+            subprocess.run([*pg_ctl, "start"], check=True, capture_output=True)
             events["PostgreSQL restarts"] += 1
-            note("PostgreSQL restarted")
+            note("PostgreSQL started again")
 
             # 4. A worker is killed while it builds a teacher-logit cache.
             build_study = submit(names[-1], build_assets, priority=2)
@@ -456,6 +462,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     preparations_failed = logs.count(PREPARATION_FAILED)
     errors = [line for line in logs.splitlines() if " ERROR " in line]
     disk_reached, bucket_reached = logs.count(NO_SPACE), sum(logs.count(text) for text in BUCKET_UNREACHABLE)
+    db_reached = sum(any(text in line for text in DATABASE_UNREACHABLE) for line in logs.splitlines())
 
     rows: list[tuple[str, Any]] = [
         ("studies x trials", f"{len(names)} x {args.trials}"),
@@ -474,27 +481,31 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         ("preparations that failed on a fault and were retried (worker log)", preparations_failed),
         (f"'{NO_SPACE}' / bucket connection errors in the worker logs",
          f"{disk_reached} / {bucket_reached}"),
-        ("worker log lines on the database being unreachable", logs.count("OperationalError")),
+        ("worker log lines on the database being unreachable", db_reached),
         ("workers that stopped after repeated faults (restarted)", len(restarted_after_exit)),
         ("workers SIGKILLed while building a cache", kills_in_preparation),
         ("FAIL trials of SIGKILLed workers (apart)", len(fail_by_kill)),
         ("export-best SIGKILLed mid-way", export_report.get("killed_when", "no")),
         ("export-best run again", export_report.get("rerun", "not run")),
-        ("left beside the export by the killed run", ", ".join(export_report.get("beside", [])) or "nothing"),
+        ("left beside the export and in its TMPDIR after the kill", ", ".join(export_report.get("beside", []))
+         or "nothing"),
+        ("left beside the export and in its TMPDIR after the rerun", ", ".join(export_report.get("after_rerun", []))
+         or "nothing"),
         ("ERROR lines in the worker logs", len(errors)),
         ("wall time (s)", f"{elapsed:.0f}"),
     ]
     complete_ok = complete == len(names) * args.trials and lost == doubles == overruns == 0
     faults_ok = not fail_by_fault and fault_attempts == 0 and not outside
     export_ok = export_report.get("ok", False)
-    exercised = (disk_reached > 0 and bucket_reached > 0 and kills_in_preparation == 1
+    exercised = (disk_reached > 0 and bucket_reached > 0 and db_reached > 0 and kills_in_preparation == 1
                  and export_report.get("killed", 0) == 1)
     verdict = "PASS" if complete_ok and faults_ok and export_ok and exercised else "FAIL"
     report = [
         "# Fault bench",
         "",
         f"`python bench/faults.py --trials {args.trials} --train-rows {args.train_rows} --build-eval-rows "
-        f"{args.build_eval_rows} --disk-full-s {args.disk_full_s:g} --bucket-down-s {args.bucket_down_s:g}` "
+        f"{args.build_eval_rows} --disk-full-s {args.disk_full_s:g} --bucket-down-s {args.bucket_down_s:g} "
+        f"--db-down-s {args.db_down_s:g}` "
         f"on {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}, load (1 min) {load_start} at the start and "
         f"{load_1min()} at the end. PostgreSQL store; artifacts in an S3 bucket (moto's server as a real process, "
         "reached through a pausable TCP proxy), manifests signed; three workers (one process, one torch thread each) "
@@ -510,7 +521,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         "",
         f"Verdict: **{verdict}** (must be: every trial complete, 0 lost, 0 run twice, 0 overruns, 0 attempts spent on "
         "infrastructure faults, 0 files outside their folders, the re-run export complete, and every fault must have "
-        "reached a worker: the full disk and the unreachable bucket each in a worker's log, the cache-build kill "
+        "reached a worker: the full disk, the unreachable bucket and the stopped database each in a worker's log, "
+        "the cache-build kill "
         "and the export kill landed)."
         "",
         "## Timeline",
@@ -563,15 +575,26 @@ def kill_and_rerun_export(stack: Any, study: str, run_root: Path, kdsearch: list
             note(f"export-best SIGKILLed {time.monotonic() - started:.1f} s in ({', '.join(written[:6])})")
         else:
             note(f"export-best ended ({first.returncode}) before its first file could be seen: not killed")
+        report["beside"] = leftovers(export_root, export_tmp, target)
         second = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    beside = sorted(p.name for p in export_root.iterdir() if p.name != target.name)
-    beside += sorted(f"{export_tmp.name}/{p.name}" for p in export_tmp.iterdir())  # the killed run's temporary folder
+    report["after_rerun"] = leftovers(export_root, export_tmp, target)
     problems = export_problems(target) if second.returncode == 0 else [f"exit {second.returncode}"]
-    report["beside"] = beside
     report["ok"] = not problems
     report["rerun"] = "succeeded, a complete export" if not problems else "FAILED: " + "; ".join(problems)
     note(f"export-best run again: {report['rerun']}")
     return report
+
+
+def leftovers(export_root: Path, export_tmp: Path, target: Path) -> list[str]:
+    """What lies beside the export target, and in the export's temporary folder (its ``TMPDIR``), each top-level
+    entry with the number of files under it."""
+    found = []
+    for folder, entries in ((export_root, [p for p in export_root.iterdir() if p != target]),
+                            (export_tmp, list(export_tmp.iterdir()))):
+        for entry in sorted(entries):
+            files = sum(p.is_file() for p in tree(entry)) if entry.is_dir() else 1
+            found.append(f"{folder.name}/{entry.name} ({files} file{'s' if files != 1 else ''})")
+    return found
 
 
 def export_problems(target: Path) -> list[str]:
