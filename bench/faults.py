@@ -454,6 +454,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     # began (a cache build), the slot is reaped with none. Every other retry was spent on a fault.
     fault_attempts = slot_retries - len(fail_by_kill) - kills_in_preparation
     bucket_keys = _bucket_keys(aws)
+    checkpoints = sum(k.startswith(f"{PREFIX}/optuna/") for k in bucket_keys)
     outside_bucket = [k for k in bucket_keys if not k.startswith((f"{PREFIX}/cache/", f"{PREFIX}/optuna/"))]
     outside = sorted(str(p.relative_to(run_root)) for p in run_tree if not _expected(p, run_root, hosts))
     outside += [f"s3://{BUCKET}/{k}" for k in outside_bucket]
@@ -470,6 +471,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         ("trials complete", f"{complete} of {len(names) * args.trials}"),
         ("trials lost", lost),
         ("trials run twice", doubles),
+        ("checkpoints in the bucket (one per complete trial; more: a stored trial trained again)", checkpoints),
         ("budget overruns", overruns),
         ("trials left WAITING", waiting),
         ("attempts spent on infrastructure faults: FAIL trials", len(fail_by_fault)),
@@ -494,7 +496,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         ("ERROR lines in the worker logs", len(errors)),
         ("wall time (s)", f"{elapsed:.0f}"),
     ]
-    complete_ok = complete == len(names) * args.trials and lost == doubles == overruns == 0
+    complete_ok = (complete == len(names) * args.trials and lost == doubles == overruns == 0
+                   and checkpoints == complete)
     faults_ok = not fail_by_fault and fault_attempts == 0 and not outside
     export_ok = export_report.get("ok", False)
     exercised = (disk_reached > 0 and bucket_reached > 0 and db_reached > 0 and kills_in_preparation == 1
@@ -519,11 +522,10 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         "|---|---:|",
         *[f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows],
         "",
-        f"Verdict: **{verdict}** (must be: every trial complete, 0 lost, 0 run twice, 0 overruns, 0 attempts spent on "
-        "infrastructure faults, 0 files outside their folders, the re-run export complete, and every fault must have "
-        "reached a worker: the full disk, the unreachable bucket and the stopped database each in a worker's log, "
-        "the cache-build kill "
-        "and the export kill landed)."
+        f"Verdict: **{verdict}** (must be: every trial complete, 0 lost, 0 run twice (one checkpoint per complete "
+        "trial), 0 overruns, 0 attempts spent on infrastructure faults, 0 files outside their folders, the re-run "
+        "export complete, and every fault must have reached a worker: the full disk, the unreachable bucket and the "
+        "stopped database each in a worker's log, the cache-build kill and the export kill landed).",
         "",
         "## Timeline",
         "",
