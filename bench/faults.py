@@ -441,7 +441,8 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
             if t.state != TrialState.FAIL:
                 continue
             reason = t.user_attrs.get("fail_reason") or t.system_attrs.get("fail_reason") or "?"
-            by_kill = any(k in t.user_attrs.get("worker", "") for k in killed_workers)
+            # A SIGKILLed worker's trial is reaped for its stale heartbeat; any other FAIL was a fault's.
+            by_kill = reason == "stale heartbeat" and any(k in t.user_attrs.get("worker", "") for k in killed_workers)
             (fail_by_kill if by_kill else fail_by_fault).append(f"{name} #{t.number}: {reason}")
     with db.connect() as conn:
         retries = conn.execute(select(TrialSlotRow.attempts)).scalars().all()
