@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     stack = Stack(db_url, run_root, KDSEARCH_ARTIFACTS=f"s3://{BUCKET}/{PREFIX}",
                   **{**aws, "AWS_ENDPOINT_URL": proxy.url}, KDSEARCH_ARTIFACT_KEY="faults-bench-signing-key",
                   KDSEARCH_POLL_INTERVAL="0.2", KDSEARCH_HEARTBEAT_INTERVAL="1", KDSEARCH_GRACE_PERIOD="15",
-                  KDSEARCH_PROGRESS_INTERVAL="0.2", KDSEARCH_THREADS="1", TMPDIR=str(run_root / "api-tmp"))
+                  KDSEARCH_PROGRESS_INTERVAL="0.2", TMPDIR=str(run_root / "api-tmp"))
     host_of: dict[int, str] = {}
     killed_pids: set[int] = set()
     restarted_after_exit: list[str] = []
