@@ -528,6 +528,9 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
         "export complete, and every fault must have reached a worker: the full disk, the unreachable bucket and the "
         "stopped database each in a worker's log, the cache-build kill and the export kill landed).",
         "",
+        "Every run so far, and the cause of any that failed: [faults.notes.md](faults.notes.md) (kept by hand; a "
+        "fault can land in a different step each run).",
+        "",
         "## Timeline",
         "",
         *[f"    {line}" for line in timeline],
