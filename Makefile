@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test-tools typecheck demo test lint bench quality soak clean
+.PHONY: install test-tools typecheck demo test lint bench quality soak faults clean
 
 install: $(STAMP)
 
@@ -56,6 +56,9 @@ quality: install
 
 soak: install
 	$(BIN)/python bench/soak.py
+
+faults: install
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) artifacts demo-export kdsearch.db kdsearch.db-wal kdsearch.db-shm kdsearch.db-schema-lock
