@@ -463,14 +463,17 @@ def staged_export(out_dir: Path, force: bool = False) -> Iterator[Path]:
 
 
 def fill_export(checkpoint_dir: Path, export_dir: Path, card: str) -> None:
-    """Copy the checkpoint's model and tokenizer files into a fresh ``export_dir`` and add README.md."""
+    """Copy the checkpoint's model and tokenizer files into a fresh ``export_dir`` and add README.md.
+
+    Contents only (``shutil.copyfile``), never the checkpoint's permissions: its files were written private (0600,
+    as temporary files are), while an export's files get the user's umask, as any file they write."""
     for item in checkpoint_dir.iterdir():
         if item.name == TRIAL_RECORD:
             continue
         if item.is_dir():
-            shutil.copytree(item, export_dir / item.name)
+            shutil.copytree(item, export_dir / item.name, copy_function=shutil.copyfile)
         else:
-            shutil.copy2(item, export_dir / item.name)
+            shutil.copyfile(item, export_dir / item.name)
     (export_dir / "README.md").write_text(card, encoding="utf-8")
 
 

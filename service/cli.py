@@ -509,6 +509,8 @@ def cmd_export_best(args: argparse.Namespace) -> int:
           f"{'; ' + others if others else ''}) to {result.out_dir}")
     if result.deployment is not None:
         print_deployment(result.deployment)
+    # Uploading is huggingface_hub's job (its `hf` command, installed with kdsearch): the one command to run.
+    print(f"upload it to the Hugging Face Hub with: hf upload YOUR-USER/{result.out_dir.name} {result.out_dir}")
     return 0
 
 

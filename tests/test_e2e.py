@@ -60,6 +60,7 @@ def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str
                              "raise SystemExit(export_best_main())", "e2e", "--out", str(out)],
                             env=stack.env, capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
+    assert f"hf upload YOUR-USER/export {out}" in export.stdout  # the one command that uploads it
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "README.md"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()

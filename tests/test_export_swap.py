@@ -89,3 +89,23 @@ def test_a_failed_export_leaves_the_target_as_it_was(tmp_path: Path) -> None:
         write_export(checkpoint, out, "second card", force=True)
     assert (out / "README.md").read_text() == "first card"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model"], "the half-built folder is removed"
+
+
+def test_exported_files_get_the_users_umask_not_the_checkpoints_private_mode(tmp_path: Path) -> None:
+    """A checkpoint's files are private (0600, written as temporary files); the export's follow the umask (issue 27:
+    the weights came out 0600 beside 0644 files)."""
+    import os
+
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "sub/extra.txt"):
+        (checkpoint / name).write_text(name)
+        (checkpoint / name).chmod(0o600)
+    old_umask = os.umask(0o022)
+    try:
+        out = write_export(checkpoint, tmp_path / "export", "# card")
+    finally:
+        os.umask(old_umask)
+    for name in ("model.safetensors", "config.json", "sub/extra.txt", "README.md"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+        assert (out / name).read_text() == ("# card" if name == "README.md" else name)
