@@ -384,11 +384,15 @@ class Worker:
                                                   error=error, max_attempts=self.settings.max_trial_attempts))
 
     def _load_study(self, claim: Claim, spec: StudySpec) -> optuna.Study:
-        if not optuna_study_exists(self.optuna_storage, claim.study_name):
-            # The API crashed between our row and Optuna's: create the twin now.
-            ensure_optuna_study(self.optuna_storage, claim.study_name, directions=spec.directions)
-        return optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
-                                 sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
+        """The slot's Optuna study (retried while the database is down: a claim never breaks off before its trial
+        is asked, which would leave the slot to the reaper and spend an attempt on the database's outage)."""
+        def load() -> optuna.Study:
+            if not optuna_study_exists(self.optuna_storage, claim.study_name):
+                # The API crashed between our row and Optuna's: create the twin now.
+                ensure_optuna_study(self.optuna_storage, claim.study_name, directions=spec.directions)
+            return optuna.load_study(study_name=claim.study_name, storage=self.optuna_storage,
+                                     sampler=make_sampler(spec, claim.slot_no), pruner=make_pruner(spec))
+        return retry_operational(load)
 
     def _prepare(self, claim: Claim, spec: StudySpec, study: optuna.Study) -> Any | None:
         """The engine's prepared study (data, teacher cache, task), or None when it could not be prepared.
@@ -422,16 +426,22 @@ class Worker:
             reporter.close()
         retry_operational(lambda: preparation_succeeded(
             self.db, claim.study_id, round(time.monotonic() - started, 2) if reporter.built else None))
-        # What the dashboard, the API and the model card read: the task and the teacher's reference scores.
-        if "task" not in study.user_attrs:
-            study.set_user_attr("task", task.to_json())
+        # What the dashboard, the API and the model card read: the task and the teacher's reference scores. Each
+        # write is idempotent, so the whole is retried while the database is down (the fault bench's PostgreSQL
+        # stop landed here and left the slot to the reaper).
         teacher_metrics = self.engine.teacher_metrics(prepared)
-        if teacher_metrics is not None and "teacher_metrics" not in study.user_attrs:
-            study.set_user_attr("teacher_metrics", teacher_metrics)
-        if "teacher_profile" not in study.user_attrs:  # the Pareto chart's reference point, measured once
-            teacher_profile = self.engine.teacher_profile(prepared)
-            if teacher_profile is not None:
-                study.set_user_attr("teacher_profile", teacher_profile)
+
+        def record_study_attrs() -> None:
+            attrs = study.user_attrs
+            if "task" not in attrs:
+                study.set_user_attr("task", task.to_json())
+            if teacher_metrics is not None and "teacher_metrics" not in attrs:
+                study.set_user_attr("teacher_metrics", teacher_metrics)
+            if "teacher_profile" not in attrs:  # the Pareto chart's reference point, measured once
+                teacher_profile = self.engine.teacher_profile(prepared)
+                if teacher_profile is not None:
+                    study.set_user_attr("teacher_profile", teacher_profile)
+        retry_operational(record_study_attrs)
         return prepared
 
     def _preparation_failed(self, claim: Claim, exc: Exception) -> None:
@@ -459,15 +469,20 @@ class Worker:
         shapes only), recorded on the slot. ``params`` holds the KD hyperparameters and the shape's searched
         dimensions by name (what ``run_trial`` and ``export-best --seeds`` train)."""
         kd_distributions = optuna_distributions(spec.search_space, task.ignored_params)
-        trial = study.ask({**kd_distributions, **space.distributions})
-        record_slot_trial(self.db, claim.slot_id, trial._trial_id)
+        # Retried while the database is down, like every write of this claim before training: an outage here must
+        # not leave the slot claimed for the reaper (an attempt spent on the infrastructure's fault).
+        trial = retry_operational(lambda: study.ask({**kd_distributions, **space.distributions}))
+        retry_operational(lambda: record_slot_trial(self.db, claim.slot_id, trial._trial_id))
         kd_sampled = {k: v for k, v in trial.params.items() if k in kd_distributions}
         params: dict[str, Any] = {**trial_params(spec.search_space, kd_sampled, task.ignored_params),
                                   **space.shape_params(trial.params)}
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("worker", self.worker_id)
-        trial.set_user_attr("slot", claim.slot_no)
-        trial.set_user_attr("attempt", claim.attempt)
+
+        def record_trial_attrs() -> None:
+            trial.set_user_attr("params", params)
+            trial.set_user_attr("worker", self.worker_id)
+            trial.set_user_attr("slot", claim.slot_no)
+            trial.set_user_attr("attempt", claim.attempt)
+        retry_operational(record_trial_attrs)
         self._trial_log(trial).say(logging.INFO, "study %s trial %d (slot %d, attempt %d) on worker %s: %s",
                                    claim.study_name, trial.number, claim.slot_no, claim.attempt, self.worker_id,
                                    params)

@@ -124,3 +124,52 @@ def test_infrastructure_faults_are_told_from_the_trials() -> None:
                 ArithmeticError("loss diverged (nan) at epoch 1 step 3"), MemoryError(),
                 IntegrityError("INSERT", {}, Exception("duplicate key value"))):
         assert not infrastructure_fault(own), own
+
+
+def test_a_database_outage_before_training_spends_no_attempt(sqlite_url: str, tmp_path: Path, tiny_assets,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database drops while a worker reads the study's attributes after preparing and while it asks for the
+    trial (the fault bench's PostgreSQL stop landed there twice): the worker waits for it, and every slot is done
+    on its first attempt, no trial FAIL (before, the claim broke off and the reaper spent an attempt)."""
+    import sqlite3
+
+    import optuna
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import Worker
+
+    settings = Settings(database_url=sqlite_url, artifacts=tmp_path / "artifacts", poll_interval=0.1,
+                        engine="tests.sleep_engine:SleepEngine")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/studies", json=_spec(tiny_assets, "db-blip")).status_code == 201
+    outage = {"ask": 2, "user_attrs": 2}
+
+    def dropped(where: str) -> None:
+        if outage[where]:
+            outage[where] -= 1
+            raise OperationalError(where, {}, sqlite3.OperationalError("database is locked"))
+
+    real_ask, real_attrs = optuna.Study.ask, optuna.Study.user_attrs
+
+    def ask(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        dropped("ask")
+        return real_ask(self, *args, **kwargs)
+
+    def user_attrs(self):  # type: ignore[no-untyped-def]
+        dropped("user_attrs")
+        return real_attrs.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    monkeypatch.setattr(optuna.Study, "user_attrs", property(user_attrs))
+    Worker(settings, device="cpu", exit_when_idle=True).run()
+    assert outage == {"ask": 0, "user_attrs": 0}, "the outage met the worker"
+    study = optuna.load_study(study_name="db-blip", storage=sqlite_url)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
+    db = make_engine(sqlite_url)
+    try:
+        with session_scope(db) as session:
+            assert [(s.state, s.attempts) for s in session.query(TrialSlotRow).all()] == [("done", 1)] * 3
+    finally:
+        db.dispose()
