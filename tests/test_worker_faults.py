@@ -77,7 +77,7 @@ def test_a_disk_that_stays_full_stops_the_worker_and_loses_nothing(stack: Stack,
 def test_a_study_whose_every_trial_fails_ends_failed(stack: Stack, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     receiver = Receiver()
     stack.stop()  # again with webhooks allowed to the receiver
-    stack.env["KDSEARCH_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+    stack.env["KDSEARCH_WEBHOOK_ALLOWED_HOSTS"] = f"http://127.0.0.1:{receiver.port}"  # an origin: its port too
     stack.workers, stack.api = [], None
     try:
         stack.start_api()
