@@ -420,13 +420,38 @@ def check_export_target(out_dir: Path, force: bool) -> None:
         raise ExportError(f"{out_dir} is not empty; pass --force to overwrite")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_abandoned_staging(out_dir: Path) -> list[Path]:
+    """Remove what killed exports to ``out_dir`` left beside it: staging folders (and folders renamed aside for a
+    swap) named for a process of this host that is gone. A live export's, or one whose name carries no process id,
+    is left alone. Returns what was removed."""
+    removed = []
+    for sibling in out_dir.parent.glob(f".{out_dir.name}.export-*"):
+        pid_text = sibling.name[len(f".{out_dir.name}.export-"):].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)) and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
 def export_staging_dir(out_dir: Path, force: bool = False) -> Path:
     """A fresh, empty folder beside ``out_dir`` (on its file system, so it can be renamed into place) that an export
-    is built in; ``swap_in_export`` puts it in place of ``out_dir``."""
+    is built in; ``swap_in_export`` puts it in place of ``out_dir``. Its name carries this process's id, so the next
+    export to ``out_dir`` removes it if this process is killed before the swap (``remove_abandoned_staging``)."""
     out_dir = Path(os.path.abspath(out_dir))
     check_export_target(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.export-{uuid.uuid4().hex[:12]}"
+    remove_abandoned_staging(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     return staging
 

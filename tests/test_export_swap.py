@@ -109,3 +109,28 @@ def test_exported_files_get_the_users_umask_not_the_checkpoints_private_mode(tmp
     for name in ("model.safetensors", "config.json", "sub/extra.txt", "README.md"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
         assert (out / name).read_text() == ("# card" if name == "README.md" else name)
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path: Path) -> None:
+    """An export killed before its swap leaves its staging folder (and maybe the earlier export renamed aside)
+    beside the target; the next export to that target removes what a dead process left, never a live one's."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    target = tmp_path / "export"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    abandoned = [tmp_path / f".export.export-{dead_pid}-0123456789ab",
+                 tmp_path / f".export.export-{dead_pid}-0123456789ab.earlier"]
+    live = tmp_path / f".export.export-{os.getpid()}-ba9876543210"
+    for folder in (*abandoned, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half written")
+    write_export(checkpoint, target, "# card")
+    assert not any(folder.exists() for folder in abandoned)
+    assert live.is_dir(), "a live process's staging folder is not touched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint", "export", live.name])
