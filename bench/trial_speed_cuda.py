@@ -53,7 +53,7 @@ def run_reference() -> dict:
     """The seed's cost structure: teacher forward + student step on randomly ordered, padded batches."""
     import torch
 
-    from distill.loss import distillation_loss
+    from kdsearch.terms import distillation_loss
 
     device = torch.device("cuda")
     train = make_split(N_TRAIN, 0).to(device)

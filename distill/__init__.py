@@ -1,4 +1,4 @@
-"""How one trial trains: data, teacher logits, student, loss, loop, export."""
+"""How one trial trains: data, teacher logits, student, loop, export (its loss terms: ``kdsearch.terms``)."""
 
 from distill.augment import Augmenter
 from distill.data import (
@@ -12,7 +12,6 @@ from distill.data import (
     tokenize,
 )
 from distill.engine import (
-    STUDY_FAULTS,
     TRIAL_RECORD,
     DistillationEngine,
     PreparedStudy,
@@ -22,7 +21,6 @@ from distill.engine import (
     resolve_device,
     save_checkpoint,
 )
-from distill.loss import NO_LABEL, distillation_loss, regression_distillation_loss
 from distill.metrics import compute_metrics
 from distill.models import load_teacher, split_revision
 from distill.student import build_student, truncated_layer_indices
@@ -31,8 +29,6 @@ from distill.train import EpochResult, TrainConfig, TrainResult, evaluate, predi
 from distill.transfer import TransferSet, build_or_load_transfer_set, transfer_key
 
 __all__ = [
-    "NO_LABEL",
-    "STUDY_FAULTS",
     "TRIAL_RECORD",
     "Augmenter",
     "DataError",
@@ -53,7 +49,6 @@ __all__ = [
     "cache_key",
     "compute_metrics",
     "concat_splits",
-    "distillation_loss",
     "evaluate",
     "length_bucketed_batches",
     "load_engine",
@@ -62,7 +57,6 @@ __all__ = [
     "predict",
     "predict_logits",
     "read_split",
-    "regression_distillation_loss",
     "resolve_device",
     "save_checkpoint",
     "split_revision",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distill.loss import NO_LABEL
+from kdsearch.terms import NO_LABEL
 from search_space import DatasetSpec, TaskInfo, split_file
 
 if TYPE_CHECKING:

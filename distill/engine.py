@@ -3,9 +3,10 @@
 Contract for a ``TrialEngine``:
 - ``prepare(spec, progress)`` is called before the first trial of a study in a process, and may be called again for
   each trial (cache what is costly); it calls ``progress(stage, done, total)`` (``distill.progress``) while it
-  builds something long. A ``DataError`` (or another ``STUDY_FAULTS`` error: the data's or the spec's fault) fails
-  the study with the message; any other exception (out of memory, network, disk, database) fails only this
-  attempt, and the study is prepared again later, on any worker, up to ``KDSEARCH_MAX_PREPARE_ATTEMPTS`` times.
+  builds something long. An error that is the user's fault (``kdsearch.errors.fault_of``: a ``DataError``, a spec
+  that does not validate) fails the study with the message; any other exception (out of memory, network, disk,
+  database) fails only this attempt, and the study is prepared again later, on any worker, up to
+  ``KDSEARCH_MAX_PREPARE_ATTEMPTS`` times.
 - ``task(prepared)`` is the study's task (classification or regression, its labels) and the metric it maximises;
   the worker leaves the task's ignored parameters (temperature for regression) out of the search.
 - ``run_trial(prepared, params, seed, on_epoch_end, checkpoint_dir)`` trains one configuration. It calls
@@ -43,17 +44,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import ValidationError
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
-from distill.packed import MemberDiverged, PackMember, PackStepName, resolve_pack_step, train_pack
+from distill.packed import PackStepName, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
 from distill.student import build_student, student_config
 from distill.teacher import TeacherCache, build_or_load_cache
-from distill.train import EpochCallback, EpochResult, TrainConfig, TrainResult, train_student
+from distill.train import (
+    EpochCallback,
+    EpochResult,
+    MemberDiverged,
+    PackMember,
+    TrainConfig,
+    TrainResult,
+    train_student,
+)
 from distill.transfer import build_or_load_transfer_set
 from search_space import (
     MetricMismatch,
@@ -71,8 +79,6 @@ from storage import ArtifactLayout, make_layout
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Errors that are the data's or the spec's fault: retrying cannot help, so they fail the study at once.
-STUDY_FAULTS: tuple[type[BaseException], ...] = (DataError, SpecError, MetricMismatch, ValidationError)
 
 
 @dataclasses.dataclass
@@ -258,19 +264,12 @@ class DistillationEngine(TrialEngine):
             prepared.teacher_profile = profile_model(architecture(prepared.teacher_config), prepared.eval)
         return prepared.teacher_profile
 
-    def train_config(self, params: dict[str, Any], seed: int, batch_seed: int | None = None) -> TrainConfig:
-        return TrainConfig(
-            learning_rate=float(params["learning_rate"]),
-            temperature=float(params.get("temperature", 1.0)),  # absent in regression studies
-            alpha=float(params["alpha"]),
-            num_train_epochs=int(params["num_train_epochs"]),
-            batch_size=int(params.get("batch_size", 128)),
-            weight_decay=float(params.get("weight_decay", 0.0)),
-            warmup_ratio=float(params.get("warmup_ratio", 0.0)),
-            seed=seed,
-            batch_seed=batch_seed,
-            precision=self.precision,
-        )
+    def train_config(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
+                     batch_seed: int | None = None) -> TrainConfig:
+        """The trial's typed config from its parameters (``TrainConfig.from_params``), in this engine's precision."""
+        return TrainConfig.from_params(params, regression=prepared.task.is_regression, seed=seed,
+                                       batch_seed=batch_seed, shape_names=prepared.space.shape_names,
+                                       precision=self.precision)
 
     def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
         student = prepared.space.student_for(prepared.spec.student, params)  # a searched shape: the trial's
@@ -299,7 +298,7 @@ class DistillationEngine(TrialEngine):
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
                   on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
-        cfg = self.train_config(params, seed)
+        cfg = self.train_config(prepared, params, seed)
         model = self._student(prepared, params, seed)
         result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
                                task=prepared.task)
@@ -316,8 +315,9 @@ class DistillationEngine(TrialEngine):
         shapes = {prepared.space.student_for(prepared.spec.student, m.params).model_dump_json() for m in members}
         if len(shapes) > 1:
             raise ValueError(f"a pack trains one student shape, not {len(shapes)}")
-        pack = [PackMember(self._student(prepared, m.params, m.seed), self.train_config(m.params, m.seed, batch_seed),
-                           m.on_epoch_end) for m in members]
+        pack = [PackMember(self._student(prepared, m.params, m.seed),
+                           self.train_config(prepared, m.params, m.seed, batch_seed), m.on_epoch_end)
+                for m in members]
         outcomes: dict[int, TrialOutcome | Exception] = {}
 
         def done(index: int, result: TrainResult | MemberDiverged) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from distill.engine import TRIAL_RECORD
+from kdsearch.terms import resolve_terms, search_params
 from search_space import METRIC_TITLES
 from search_space.objectives import COST_TITLES
 from search_space.tasks import HUB_METRIC_IDS
@@ -131,11 +132,10 @@ def _inputs_sentence(dataset: dict[str, Any]) -> str:
             '`{"text": first, "text_pair": second}`.')
 
 
-def _objective(regression: bool) -> str:
-    if regression:
-        return ("`alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)` (a regression head: the "
-                "teacher's score is the soft target, no temperature)")
-    return "`alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))`"
+def _objective(params: dict[str, Any], regression: bool) -> str:
+    """The trial's loss as its distillation terms describe themselves (``kdsearch.terms``), with its settings."""
+    terms = [setting.term.describe(setting.config, regression) for setting in resolve_terms(params, regression)]
+    return "; plus ".join(terms)
 
 
 VARIANT_LABELS = {"pytorch_fp32": "PyTorch fp32", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8 (dynamic)"}
@@ -367,7 +367,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         *_intended_uses(task_desc, f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''}", teacher_name,
                         metric),
         "## Model description", "",
-        f"Student: {student_desc}. Trained by logit distillation with the objective {_objective(regression)}; "
+        f"Student: {student_desc}. Trained by {_objective(params, regression)}; "
         "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset), "",
         "## Training and evaluation data", "",
         f"Train split `{dataset['train_split']}`"
@@ -378,8 +378,8 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         "### Training hyperparameters", "",
         "The following hyperparameters were used during training:",
         f"- learning_rate: {params['learning_rate']}",
-        *([] if regression else [f"- temperature: {params['temperature']}"]),
-        f"- alpha: {params['alpha']}",
+        *[f"- {p.name}: {params[p.name]}" for p in search_params()
+          if p.name in params and not (regression and p.classification_only)],
         f"- train_batch_size: {params.get('batch_size', 128)}",
         f"- seed: {record['seed']}",
         *([f"- training_precision: {precision}"

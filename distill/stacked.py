@@ -23,6 +23,7 @@ step (``distill.packed``) keeps the solo numbers exactly; which one runs is ``KD
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from typing import Any, cast
@@ -33,7 +34,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from transformers import PreTrainedModel
 
 from distill.precision import autocast
-from distill.train import TrainConfig, linear_schedule, logits_loss, takes_weight_decay
+from distill.train import TrainConfig, linear_schedule, takes_weight_decay
+from kdsearch.terms import StudentOutputs, TeacherOutputs, needs_of, total_loss
 from search_space import TaskInfo
 
 # The parameters are [K, *shape] views with a row stride of P: autograd accumulates into their gradient views in
@@ -73,8 +75,16 @@ class StackedStudents:
         decays = torch.cat([torch.full((param.numel(),), float(takes_weight_decay(name, param)), device=device)
                             for name, param in named])
         self.decay_mask = decays[None, :]
-        self.temperature = self._column(cfg.temperature for cfg in cfgs)[:, 0]
-        self.alpha = self._column(cfg.alpha for cfg in cfgs)[:, 0]
+        # The members' distillation terms: the same terms (the registry's), each member with its own numbers, as
+        # one [K] tensor per config field (vmap hands each member its own 0-d slice).
+        self.terms = cfgs[0].terms
+        if any([t.name for t in cfg.terms] != [t.name for t in self.terms] for cfg in cfgs):
+            raise ValueError("a stacked pack's members share their distillation terms")
+        self.needs = needs_of(self.terms)
+        self.term_values = [
+            {name: self._column(setting.term.values(cfg.terms[index].config)[name] for cfg in cfgs)[:, 0]
+             for name in setting.term.values(setting.config)}
+            for index, setting in enumerate(self.terms)]
         self.weight_decay = self._column(cfg.weight_decay for cfg in cfgs)
         self.max_grad_norm = self._column(cfg.max_grad_norm for cfg in cfgs)
         # Every member's learning rate at every step, on the device: transformers' linear schedule (on an optimizer
@@ -104,18 +114,26 @@ class StackedStudents:
     def _column(self, values: Any) -> torch.Tensor:
         return torch.tensor([float(v) for v in values], device=self.device)[:, None]
 
-    def _member_loss(self, params: dict[str, torch.Tensor], temperature: torch.Tensor, alpha: torch.Tensor,
-                     inputs: dict[str, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One member's loss on the batch, ``params`` its parameters (called under vmap)."""
+    def _member_loss(self, params: dict[str, torch.Tensor], term_values: list[dict[str, torch.Tensor]],
+                     inputs: dict[str, torch.Tensor], teacher: TeacherOutputs, labels: torch.Tensor) -> torch.Tensor:
+        """One member's loss on the batch, ``params`` its parameters and ``term_values`` its terms' numbers (called
+        under vmap)."""
+        kwargs = {**inputs, "output_hidden_states": self.needs.student_hidden_states,
+                  "output_attentions": self.needs.student_attentions}
         with autocast(self.device, self.precision):
-            logits = functional_call(self.template, (params, self.buffers), args=(), kwargs=inputs).logits
-        return logits_loss(logits, teacher, labels, alpha, temperature, self.task)
+            out = functional_call(self.template, (params, self.buffers), args=(), kwargs=kwargs)
+        configs = [dataclasses.replace(setting.config, **values)
+                   for setting, values in zip(self.terms, term_values, strict=True)]
+        student = StudentOutputs(out.logits, out.hidden_states, out.attentions)
+        return total_loss(self.terms, student, teacher, labels, self.task.is_regression, configs)
 
-    def step(self, inputs: dict[str, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One training step of every member on one batch; their losses, ``[K]``, detached (no host sync)."""
+    def step(self, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of every member on one batch; their losses and gradient norms, ``[K]`` each, detached
+        (no host sync)."""
         self.template.train()
-        losses = vmap(self._member_loss, in_dims=(0, 0, 0, None, None, None), randomness="different")(
-            self.params, self.temperature, self.alpha, inputs, teacher, labels)  # the costly line: K forwards in one
+        losses = vmap(self._member_loss, in_dims=(0, 0, None, None, None), randomness="different")(
+            self.params, self.term_values, inputs, teacher, labels)  # the costly line: K forwards in one
         losses.sum().backward()  # the other one; rows are disjoint, so each row gets its own loss's gradient
         grad = self.flat_grad
         lr = self.learning_rates[:, self.steps, None]  # [K, 1]
@@ -133,7 +151,7 @@ class StackedStudents:
             denominator = (self.exp_avg_sq.sqrt() / bias2**0.5).add_(EPS)
             self.flat.sub_(self.exp_avg / denominator * (lr / bias1))
         grad.zero_()  # the parameters' .grad are views into it: backward adds in place
-        return losses.detach()
+        return losses.detach(), norms[:, 0]
 
     def sync(self, position: int) -> None:
         """Copy the member at ``position`` into its own model (for evaluation and its checkpoint)."""
@@ -146,7 +164,7 @@ class StackedStudents:
         index = torch.tensor(positions, dtype=torch.long, device=self.device)
         self._views(self.flat[index])
         self.exp_avg, self.exp_avg_sq = self.exp_avg[index], self.exp_avg_sq[index]
-        self.temperature, self.alpha = self.temperature[index], self.alpha[index]
+        self.term_values = [{name: column[index] for name, column in values.items()} for values in self.term_values]
         self.weight_decay, self.max_grad_norm = self.weight_decay[index], self.max_grad_norm[index]
         self.learning_rates = self.learning_rates[index]
         self.models = [self.models[i] for i in positions]

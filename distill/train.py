@@ -17,28 +17,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data import TokenizedSplit, length_bucketed_batches
-from distill.loss import distillation_loss, regression_distillation_loss
 from distill.metrics import compute_metrics
 from distill.precision import Precision, autocast
+from kdsearch.errors import TrialError
+from kdsearch.terms import StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
 from search_space import TaskInfo, resolve_task
+
+
+def _logit_kd_only() -> tuple[TermSetting, ...]:
+    return resolve_terms({}, regression=False)
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """One trial's resolved parameters: the optimizer's and the schedule's, its distillation terms (each with its
+    typed config: ``kdsearch.terms``) and its student's searched shape. ``from_params`` builds it from a trial's
+    parameters, and is the one place that reads them by name."""
+
     learning_rate: float
-    alpha: float
     num_train_epochs: int
-    temperature: float = 1.0  # classification only: a regression study has no temperature
+    terms: tuple[TermSetting, ...] = dataclasses.field(default_factory=_logit_kd_only)
     batch_size: int = 128
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
+    shape: dict[str, int] = dataclasses.field(default_factory=dict)  # the searched dimensions ({}: none searched)
     seed: int = 33  # the student's dropout stream (its initialisation: build_student's seed, the same number)
     # The batch order's seed; None: ``seed``. A packed trial (distill.packed) shares its pack's batch order, and runs
     # alone the same with this set to the pack's.
@@ -50,6 +59,25 @@ class TrainConfig:
     fused_adamw: bool = True  # one kernel for all parameters: -13% trial time on CPU here, same results
     # The student's forward pass in bf16 autocast, or fp32 (distill.precision resolves KDSEARCH_PRECISION's auto).
     precision: Precision = "fp32"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, regression: bool, seed: int, batch_seed: int | None = None,
+                    shape_names: Collection[str] = (), precision: Precision = "fp32") -> TrainConfig:
+        """A trial's config from its parameters by name (the spec's fixed values and the sampled ones, as the worker
+        records them in the trial's ``params``): the terms read theirs (``kdsearch.terms.resolve_terms``), the
+        dimensions in ``shape_names`` are the student's shape."""
+        return cls(
+            learning_rate=float(params["learning_rate"]),
+            num_train_epochs=int(params["num_train_epochs"]),
+            terms=resolve_terms(dict(params), regression),
+            batch_size=int(params.get("batch_size", 128)),
+            weight_decay=float(params.get("weight_decay", 0.0)),
+            warmup_ratio=float(params.get("warmup_ratio", 0.0)),
+            shape={name: int(params[name]) for name in shape_names if name in params},
+            seed=seed,
+            batch_seed=batch_seed,
+            precision=precision,
+        )
 
 
 @dataclasses.dataclass
@@ -82,12 +110,12 @@ class TrainResult:
         return next(h.metrics for h in self.history if h.epoch == self.best_epoch)
 
 
-class TrainingDiverged(ArithmeticError):
+class TrainingDiverged(TrialError, ArithmeticError):
     """A trial's training loss (or its weights) turned NaN or infinite: the trial fails at that step, whose epoch and
-    step (counted within the epoch) the message names. A packed member's is ``distill.packed.MemberDiverged``."""
+    step (counted within the epoch) the message names. A packed member's is ``MemberDiverged``."""
 
     def __init__(self, value: float, epoch: int, step: int, what: str = "loss") -> None:
-        self.value, self.epoch, self.step = value, epoch, step
+        self.value, self.epoch, self.step, self.what = value, epoch, step, what
         super().__init__(f"{what} diverged ({value}) at epoch {epoch} step {step}")
 
 
@@ -165,87 +193,240 @@ def optimizer_and_schedule(model: PreTrainedModel, cfg: TrainConfig, train_rows:
     return optimizer, linear_schedule(optimizer, cfg, train_rows)
 
 
-def logits_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                alpha: float | torch.Tensor, temperature: float | torch.Tensor, task: TaskInfo) -> torch.Tensor:
-    """The distillation loss of a student's logits: softmax-KL for classification, MSE for regression, in fp32
-    whatever the forward pass's precision."""
-    if task.is_regression:
-        return regression_distillation_loss(logits.float(), teacher_logits, labels, alpha)
-    return distillation_loss(logits.float(), teacher_logits, labels, alpha, temperature)
+class MemberDiverged(TrainingDiverged):
+    """A pack member's training loss turned NaN or inf: that member's trial fails, the others go on."""
 
 
-def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
+def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
                labels: torch.Tensor, cfg: TrainConfig, task: TaskInfo, device: torch.device) -> torch.Tensor:
-    """One batch's distillation loss for ``model`` (its forward pass in ``cfg.precision``)."""
+    """One batch's loss for ``model``: the sum of the trial's distillation terms (``kdsearch.terms``), its forward
+    pass in ``cfg.precision`` and asked for the internals the terms need, its loss in fp32."""
+    needs = needs_of(cfg.terms)
     with autocast(device, cfg.precision):
-        logits = model(**inputs).logits  # the costly line: student forward
-    return logits_loss(logits, teacher_logits, labels, cfg.alpha, cfg.temperature, task)
+        # The costly line: the student's forward pass.
+        out = model(**inputs, output_hidden_states=needs.student_hidden_states,
+                    output_attentions=needs.student_attentions)
+    student = StudentOutputs(out.logits, out.hidden_states, out.attentions)
+    return total_loss(cfg.terms, student, teacher, labels, task.is_regression)
 
 
-def check_finite(model: PreTrainedModel, epoch: int, bad_step: int, bad_value: float, steps_per_epoch: int) -> None:
-    """After an epoch: ``TrainingDiverged`` naming the first step whose loss or gradient went non-finite (0: none),
-    or the epoch's last step when only the weights did (an infinite update); one host sync."""
+def check_finite(model: PreTrainedModel, epoch: int, bad_step: int, bad_value: float, steps_per_epoch: int,
+                 diverged: type[TrainingDiverged] = TrainingDiverged) -> None:
+    """After an epoch: ``diverged`` naming the first step whose loss or gradient went non-finite (0: none), or the
+    epoch's last step when only the weights did (an infinite update); one host sync."""
     if bad_step:
-        raise TrainingDiverged(bad_value, epoch, bad_step, what="loss" if not math.isfinite(bad_value) else "gradient")
+        raise diverged(bad_value, epoch, bad_step, what="loss" if not math.isfinite(bad_value) else "gradient")
     if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
-        raise TrainingDiverged(math.nan, epoch, steps_per_epoch, what="weights")
+        raise diverged(math.nan, epoch, steps_per_epoch, what="weights")
+
+
+@dataclasses.dataclass
+class PackMember:
+    """One student the epoch loop trains: a solo trial is a pack of one."""
+
+    model: PreTrainedModel
+    cfg: TrainConfig  # in a pack, its batch_size must be the pack's; its batch_seed is ignored (the pack's is used)
+    on_epoch_end: EpochCallback | None = None
+
+
+class PackStep(Protocol):
+    """How the members of a pack take one training step together (``LoopStep``, ``distill.stacked``)."""
+
+    def step(self, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train every member still in the pack on the batch; their losses and gradient norms (before clipping),
+        in pack order, detached."""
+        ...
+
+    def sync(self, position: int) -> None:
+        """Make the member at ``position`` hold its current weights in its own model."""
+        ...
+
+    def keep(self, positions: list[int]) -> None:
+        """Go on with the members at ``positions`` only."""
+        ...
+
+
+def _get_rng(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+class LoopStep:
+    """Each member in turn: forward, backward, its own clip and fused AdamW. With several members, each one's random
+    streams are swapped in around its step (so its dropout masks are its solo run's); one member (a solo trial) keeps
+    the global stream, which nothing else draws from between its steps."""
+
+    def __init__(self, members: list[PackMember], train_rows: int, task: TaskInfo, device: torch.device) -> None:
+        self.task, self.device = task, device
+        self.swap_rng = len(members) > 1
+        self.members: list[tuple[PackMember, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]] = []
+        self.rngs: list[list[torch.Tensor]] = []
+        for member in members:
+            torch.manual_seed(member.cfg.seed)  # its dropout stream
+            self.rngs.append(_get_rng(device))
+            self.members.append((member, *optimizer_and_schedule(member.model, member.cfg, train_rows, device)))
+
+    def step(self, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, norms = [], []
+        for position, (member, optimizer, scheduler) in enumerate(self.members):
+            if self.swap_rng:
+                _set_rng(self.device, self.rngs[position])
+            loss = batch_loss(member.model, inputs, teacher, labels, member.cfg, self.task, self.device)
+            loss.backward()  # the other costly line
+            if self.swap_rng:
+                self.rngs[position] = _get_rng(self.device)
+            norms.append(torch.nn.utils.clip_grad_norm_(member.model.parameters(), member.cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses), torch.stack(norms)
+
+    def sync(self, position: int) -> None:
+        pass  # each member trains in its own model
+
+    def keep(self, positions: list[int]) -> None:
+        self.members = [self.members[i] for i in positions]
+        self.rngs = [self.rngs[i] for i in positions]
+
+
+# Builds a pack's stepper once its members are on the device (LoopStep, or distill.stacked.StackedStudents).
+MakeStep = Callable[[list[PackMember], int, TaskInfo, torch.device], PackStep]
+
+
+@dataclasses.dataclass
+class _Record:
+    """One member's epochs so far."""
+
+    history: list[EpochResult] = dataclasses.field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    train_seconds: float = 0.0
+    samples: int = 0
+
+
+def train_members(members: list[PackMember], train: TokenizedSplit, train_logits: torch.Tensor,
+                  eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo, make_step: MakeStep = LoopStep,
+                  on_done: Callable[[int, TrainResult | MemberDiverged], None] | None = None,
+                  ) -> list[TrainResult | MemberDiverged]:
+    """The epoch loop, for one trial or a pack of them: every member trains on the same batches (their order drawn
+    from ``batch_seed``), ``make_step`` choosing how one batch's step is taken. One result per member, in order: its
+    ``TrainResult`` (``stopped`` set when its callback stopped it), or ``MemberDiverged``. ``on_done(index,
+    result)`` is called as soon as a member leaves, while the others train on (so its trial can be stored and told
+    without waiting for the pack).
+
+    Per member at every epoch boundary: a divergence check (loss, gradient, weights), evaluation in fp32, then its
+    ``on_epoch_end`` callback (report, prune, stop); a member that is stopped, diverged or has run its epochs
+    leaves, and the rest go on."""
+    if not members:
+        return []
+    batch_sizes = {m.cfg.batch_size for m in members}
+    bucket_batches = {m.cfg.bucket_batches for m in members}
+    if len(batch_sizes) != 1 or len(bucket_batches) != 1:
+        raise ValueError(f"a pack shares one batch size and bucketing, not {sorted(batch_sizes)} / "
+                         f"{sorted(bucket_batches)}")
+    batch_size, buckets = batch_sizes.pop(), bucket_batches.pop()
+    device = train.input_ids.device
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    generator = torch.Generator().manual_seed(batch_seed)  # the batch order
+    for member in members:
+        # PreTrainedModel.to is declared @wraps(Module.to), which type-checks as the unbound function: call it (the
+        # same method, transformers' override) through the Module type.
+        cast(torch.nn.Module, member.model).to(device)
+    outer_rng = _get_rng(device)  # a pack's members swap their own streams in: the caller's is given back after
+    stepper = make_step(members, len(train), task, device)
+    records = [_Record() for _ in members]
+    results: list[TrainResult | MemberDiverged | None] = [None] * len(members)
+    active = list(range(len(members)))  # member indices, in the stepper's order
+    steps, epoch = 0, 0
+    while active:
+        epoch += 1
+        started = time.perf_counter()
+        for i in active:
+            members[i].model.train()
+        loss_sums = torch.zeros(len(active), device=device)
+        # Per member, the epoch's first step whose loss or gradient was not finite (0: none) and its loss, kept on
+        # the device: no host sync per step.
+        bad_step = torch.zeros(len(active), dtype=torch.long, device=device)
+        bad_value = torch.zeros(len(active), device=device)
+        # Drawn every epoch: epoch e's order is the generator's e-th draw, for every member and for a solo run.
+        batches = length_bucketed_batches(train.lengths, batch_size, generator, buckets)
+        for epoch_step, idx in enumerate(batches, start=1):
+            idx = idx.to(device, non_blocking=True)
+            losses, grad_norms = stepper.step(train.batch(idx), TeacherOutputs(train_logits[idx]), train.labels[idx])
+            steps += 1
+            loss_sums += losses  # no .item(): that would sync the device every step
+            # A non-finite gradient makes this step's weights non-finite, whatever its loss was.
+            first_bad = (bad_step == 0) & ~(torch.isfinite(losses) & torch.isfinite(grad_norms))
+            bad_step = torch.where(first_bad, epoch_step, bad_step)
+            bad_value = torch.where(first_bad, losses, bad_value)
+        train_time = time.perf_counter() - started
+        bad_steps, bad_values = bad_step.tolist(), bad_value.tolist()  # the epoch's host sync
+        staying: list[int] = []
+        for position, i in enumerate(active):
+            record, cfg, member = records[i], members[i].cfg, members[i]
+            eval_started = time.perf_counter()
+            stepper.sync(position)
+            try:
+                check_finite(member.model, epoch, bad_steps[position], bad_values[position], steps_per_epoch,
+                             MemberDiverged)
+            except MemberDiverged as diverged:
+                results[i] = diverged
+                if on_done is not None:
+                    on_done(i, diverged)
+                continue
+            # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
+            metrics, eval_loss = evaluate(member.model, eval_split, cfg.eval_batch_size, task)
+            # Each member's epoch took the pack's training time and its own evaluation.
+            seconds = train_time + time.perf_counter() - eval_started
+            record.train_seconds += seconds
+            record.samples += len(train)
+            score = metrics[task.metric]
+            result = EpochResult(epoch, steps, loss_sums[position].item() / steps_per_epoch, eval_loss, metrics,
+                                 score, seconds)
+            record.history.append(result)
+            if score > record.best_score:
+                # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.
+                record.best_score, record.best_epoch = score, epoch
+                record.best_state = {k: v.detach().to("cpu", copy=True) for k, v in member.model.state_dict().items()}
+            stopped = member.on_epoch_end(result) if member.on_epoch_end is not None else None
+            if stopped or epoch >= cfg.num_train_epochs:
+                trained = TrainResult(record.history, record.best_epoch, record.best_score, record.best_state,
+                                      stopped or None, record.train_seconds, record.samples)
+                results[i] = trained
+                if on_done is not None:
+                    on_done(i, trained)
+                continue
+            staying.append(position)
+        if len(staying) < len(active):
+            stepper.keep(staying)
+            active = [active[position] for position in staying]
+    if len(members) > 1:
+        _set_rng(device, outer_rng)
+    return [r for r in results if r is not None]
 
 
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
                   eval_split: TokenizedSplit, cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
                   task: TaskInfo | None = None) -> TrainResult:
-    """Train ``model`` on ``train`` against the teacher's ``train_logits``; ``task`` (default: read off the
-    model's config, scored by its default metric) picks the loss and the metrics."""
+    """Train ``model`` on ``train`` against the teacher's ``train_logits``: the epoch loop with one member
+    (``train_members``). ``task`` (default: read off the model's config, scored by its default metric) picks the
+    metrics; a loss, gradient or weights gone non-finite raise ``TrainingDiverged``."""
     task = task or resolve_task(model.config, None)
-    device = train.input_ids.device
-    # PreTrainedModel.to is declared @wraps(Module.to), which type-checks as the unbound function: call it (the
-    # same method, transformers' override) through the Module type.
-    cast(torch.nn.Module, model).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed if cfg.batch_seed is None else cfg.batch_seed)  # batch order
-    torch.manual_seed(cfg.seed)  # dropout
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, len(train), device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-
-    history: list[EpochResult] = []
-    best_score, best_epoch, best_state = -math.inf, 0, {}
-    stopped: str | None = None
-    step, train_seconds, samples = 0, 0.0, 0
-    for epoch in range(1, cfg.num_train_epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        # The epoch's first step whose loss or gradient was not finite (0: none) and its loss, kept on the device.
-        bad_step = torch.zeros((), dtype=torch.long, device=device)
-        bad_value = torch.zeros((), device=device)
-        for epoch_step, idx in enumerate(
-                length_bucketed_batches(train.lengths, cfg.batch_size, generator, cfg.bucket_batches), start=1):
-            idx = idx.to(device, non_blocking=True)
-            loss = batch_loss(model, train.batch(idx), train_logits[idx], train.labels[idx], cfg, task, device)
-            loss.backward()  # the other costly line
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss.detach()
-            loss_sum += loss  # no .item() here: that would sync the device every step
-            # A non-finite gradient makes this step's weights non-finite, whatever its loss was.
-            first_bad = (bad_step == 0) & ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-            bad_step = torch.where(first_bad, epoch_step, bad_step)
-            bad_value = torch.where(first_bad, loss, bad_value)
-            step += 1
-        check_finite(model, epoch, int(bad_step.item()), float(bad_value.item()), steps_per_epoch)
-        # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
-        metrics, eval_loss = evaluate(model, eval_split, cfg.eval_batch_size, task)
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        samples += len(train)
-        score = metrics[task.metric]
-        result = EpochResult(epoch, step, loss_sum.item() / steps_per_epoch, eval_loss, metrics, score, seconds)
-        history.append(result)
-        if score > best_score:
-            # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if on_epoch_end is not None and (stopped := on_epoch_end(result)):
-            break
-    return TrainResult(history, best_epoch, best_score, best_state, stopped, train_seconds, samples)
+    torch.manual_seed(cfg.seed)  # dropout (and LoopStep seeds its one member's stream the same way)
+    (result,) = train_members([PackMember(model, cfg, on_epoch_end)], train, train_logits, eval_split,
+                              cfg.seed if cfg.batch_seed is None else cfg.batch_seed, task)
+    if isinstance(result, MemberDiverged):
+        raise TrainingDiverged(result.value, result.epoch, result.step, what=result.what) from None
+    return result

@@ -8,9 +8,11 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from kdsearch.terms import search_params
 from search_space.schema import ParamChoices, ParamRange, SearchSpace, StudySpec
 
-INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size"})
+# Whole-number parameters: the schedule's, and any distillation term's that says so.
+INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", *(p.name for p in search_params() if p.integer)})
 
 
 def _typed(name: str, value: float) -> float | int:

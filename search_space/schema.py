@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,10 +16,12 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from kdsearch.terms import SearchParam, search_params
 from search_space.tasks import MetricName
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -93,34 +95,51 @@ def _check(
     return spec
 
 
-class SearchSpace(_Strict):
-    """Each parameter is a fixed value, a range ``{low, high, log?, step?}`` or ``{choices: [...]}``.
-
-    Defaults are the seed search's (tiny-bert-sst2-distilled).
-    """
-
+class _OptimizerSearchSpace(_Strict):
     learning_rate: ParamSpec = ParamRange(low=1e-5, high=1e-3, log=True)
-    temperature: ParamSpec = ParamRange(low=2.0, high=30.0)
-    alpha: ParamSpec = ParamRange(low=0.0, high=1.0)
-    num_train_epochs: ParamSpec = ParamRange(low=2, high=10)
-    batch_size: ParamSpec = 128
-    weight_decay: ParamSpec = 0.0
-    warmup_ratio: ParamSpec = 0.0
 
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, v: Any) -> Any:
         return _check("learning_rate", v, lambda x: x > 0, "> 0")
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: Any) -> Any:
-        return _check("temperature", v, lambda x: x > 0, "> 0")
 
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: Any) -> Any:
-        return _check("alpha", v, lambda x: 0 <= x <= 1, "within [0, 1]")
+def _term_field(param: SearchParam) -> tuple[Any, Any]:
+    default: float | ParamRange | ParamChoices = (
+        param.default if not isinstance(param.default, dict)
+        else ParamChoices(**param.default) if "choices" in param.default else ParamRange(**param.default))
+    return (ParamSpec, default)
+
+
+def _term_check(param: SearchParam) -> Any:
+    def check(cls: type, v: Any) -> Any:
+        return _check(param.name, v, param.valid, param.rule, integer=param.integer)
+    return field_validator(param.name)(check)
+
+
+if TYPE_CHECKING:
+    _WithTerms = _OptimizerSearchSpace
+else:
+    # One field per distillation term's search parameter (temperature, alpha...: ``kdsearch.terms``), each validated
+    # by its own rule; after the learning rate, in the registry's order (the order Optuna samples them in).
+    _WithTerms = create_model(
+        "_WithTerms", __base__=_OptimizerSearchSpace,
+        __validators__={f"_check_{p.name}": _term_check(p) for p in search_params()},
+        **{p.name: _term_field(p) for p in search_params()})
+
+
+class SearchSpace(_WithTerms):
+    """Each parameter is a fixed value, a range ``{low, high, log?, step?}`` or ``{choices: [...]}``.
+
+    The learning rate and the schedule are declared here; the distillation terms' parameters (temperature,
+    alpha...) by the terms themselves (``kdsearch.terms``), each a field of this model. Defaults are the seed
+    search's (tiny-bert-sst2-distilled).
+    """
+
+    num_train_epochs: ParamSpec = ParamRange(low=2, high=10)
+    batch_size: ParamSpec = 128
+    weight_decay: ParamSpec = 0.0
+    warmup_ratio: ParamSpec = 0.0
 
     @field_validator("num_train_epochs")
     @classmethod
@@ -141,6 +160,7 @@ class SearchSpace(_Strict):
     @classmethod
     def _warmup(cls, v: Any) -> Any:
         return _check("warmup_ratio", v, lambda x: 0 <= x < 1, "within [0, 1)")
+
 
 
 class ShapeRange(_Strict):

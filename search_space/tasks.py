@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from kdsearch.terms import classification_only_params
+
 TaskType = Literal["classification", "regression"]
 MetricName = Literal["accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr",
                      "pearson_spearman"]
@@ -29,8 +31,9 @@ HUB_METRIC_IDS: dict[str, tuple[str, dict[str, str] | None]] = {
     "matthews_correlation": ("matthews_correlation", None), "pearson": ("pearsonr", None),
     "spearmanr": ("spearmanr", None),
 }
-# Search-space parameters that have no meaning for a task: not sampled, not shown.
-IGNORED_PARAMS: dict[str, tuple[str, ...]] = {"classification": (), "regression": ("temperature",)}
+# Search-space parameters that have no meaning for a task (the distillation terms' that need class probabilities,
+# such as the temperature, for a regression head): not sampled, not shown.
+IGNORED_PARAMS: dict[str, tuple[str, ...]] = {"classification": (), "regression": classification_only_params()}
 
 
 @dataclasses.dataclass(frozen=True)

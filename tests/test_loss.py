@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill import distillation_loss
+from kdsearch.terms import distillation_loss
 
 
 def _softmax(xs: list[float]) -> list[float]:

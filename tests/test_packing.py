@@ -17,6 +17,7 @@ from distill.data import TokenizedSplit
 from distill.engine import TrialOutcome
 from distill.packed import MemberDiverged, PackMember, parse_pack, resolve_pack, resolve_pack_step, train_pack
 from distill.train import EpochResult, TrainConfig, TrainResult, train_student
+from kdsearch.terms import resolve_terms
 from search_space import TaskInfo
 from tests.conftest import PRECISIONS
 
@@ -49,12 +50,15 @@ def data() -> tuple[TokenizedSplit, torch.Tensor, TokenizedSplit]:
 
 
 CONFIGS = [
-    TrainConfig(learning_rate=3e-3, alpha=0.5, num_train_epochs=3, temperature=2.0, batch_size=16, seed=7),
-    TrainConfig(learning_rate=1e-3, alpha=0.1, num_train_epochs=2, temperature=4.0, batch_size=16, seed=8,
-                weight_decay=0.1, warmup_ratio=0.3),
-    TrainConfig(learning_rate=8e-3, alpha=0.9, num_train_epochs=4, temperature=1.0, batch_size=16, seed=9,
-                weight_decay=0.01, warmup_ratio=0.1),
+    TrainConfig.from_params({"learning_rate": 3e-3, "alpha": 0.5, "num_train_epochs": 3, "temperature": 2.0,
+                             "batch_size": 16}, regression=False, seed=7),
+    TrainConfig.from_params({"learning_rate": 1e-3, "alpha": 0.1, "num_train_epochs": 2, "temperature": 4.0,
+                             "batch_size": 16, "weight_decay": 0.1, "warmup_ratio": 0.3}, regression=False, seed=8),
+    TrainConfig.from_params({"learning_rate": 8e-3, "alpha": 0.9, "num_train_epochs": 4, "temperature": 1.0,
+                             "batch_size": 16, "weight_decay": 0.01, "warmup_ratio": 0.1}, regression=False, seed=9),
 ]
+# A temperature of 0: the softened KL divides by zero, so the loss turns NaN at the first step.
+ZERO_TEMPERATURE = resolve_terms({"alpha": 0.1, "temperature": 0.0}, regression=False)
 
 
 def solo(data: Any, cfg: TrainConfig, dropout: float) -> TrainResult:
@@ -123,7 +127,7 @@ def test_diverging_member_fails_alone(data) -> None:  # type: ignore[no-untyped-
     poisoned after epoch 1): both fail with the epoch and step, the third equals its solo run."""
     train, logits, eval_split = data
     members = [PackMember(tiny_student(cfg.seed, 0.1), cfg) for cfg in CONFIGS]
-    members[1].cfg = dataclasses.replace(CONFIGS[1], temperature=0.0)
+    members[1].cfg = dataclasses.replace(CONFIGS[1], terms=ZERO_TEMPERATURE)
 
     def poison(result: EpochResult) -> None:
         with torch.no_grad():
@@ -172,7 +176,7 @@ def test_stacked_pruned_and_diverging_members_leave_alone(data) -> None:  # type
     cfgs = [*CONFIGS, CONFIGS[0]]
     members = [PackMember(tiny_student(cfg.seed, 0.0), cfg) for cfg in cfgs]
     members[0].on_epoch_end = lambda result: "pruned" if result.epoch == 1 else None
-    members[1].cfg = dataclasses.replace(CONFIGS[1], temperature=0.0)
+    members[1].cfg = dataclasses.replace(CONFIGS[1], terms=ZERO_TEMPERATURE)
     members[3].cfg = dataclasses.replace(CONFIGS[0], learning_rate=math.inf)
     pruned, nan_loss, survivor, blown_up = train_pack(members, train, logits, eval_split, BATCH_SEED, TASK,
                                                       step="stacked")
@@ -320,7 +324,7 @@ def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path, pre
 
 
 def test_pack_groups_split_shapes_and_batch_sizes() -> None:
-    from service.packing import pack_groups
+    from service.trial_runner import pack_groups
 
     params = [{"num_hidden_layers": 1, "batch_size": 32}, {"num_hidden_layers": 2, "batch_size": 32},
               {"num_hidden_layers": 1, "batch_size": 16}, {"num_hidden_layers": 1, "batch_size": 32}]
@@ -516,7 +520,7 @@ def test_a_diverged_member_fails_alone_and_its_slot_is_retried(tmp_path: Path, t
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/studies", json=tiny_spec(tiny_assets, name="diverge-once-a", n_trials=4,
                                                           search_space={"num_train_epochs": 2})).status_code == 201
-        Worker(settings, device="cpu", engine=FlakyEngine(str(tmp_path / "artifacts")), exit_when_idle=True).run()
+        Worker(settings, device="cpu", trial_engine=FlakyEngine(str(tmp_path / "artifacts")), exit_when_idle=True).run()
         detail = client.get("/api/studies/diverge-once-a").json()
         trials = optuna.load_study(study_name="diverge-once-a",
                                    storage=client.app.state.optuna_storage).trials  # type: ignore[attr-defined]
@@ -554,7 +558,8 @@ def test_a_failed_preparation_closes_or_gives_back_the_whole_pack(tmp_path: Path
         spec = tiny_spec(tiny_assets, name=name, n_trials=4, search_space={"num_train_epochs": 1})
         assert client.post("/api/studies", json=spec).status_code == 201
         for _ in range(50):  # a study held back after a failed preparation is claimable again 0.1 s later
-            Worker(settings, device="cpu", engine=FlakyEngine(str(tmp_path / "artifacts")), exit_when_idle=True).run()
+            Worker(settings, device="cpu", trial_engine=FlakyEngine(str(tmp_path / "artifacts")),
+                   exit_when_idle=True).run()
             detail = client.get(f"/api/studies/{name}").json()
             if detail["status"] in ("finished", "failed"):
                 break

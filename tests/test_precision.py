@@ -55,8 +55,9 @@ def test_autocast_reaches_the_forward_pass_and_the_loss_stays_fp32(tiny_assets, 
     student.base_model.encoder.layer[0].attention.self.query.register_forward_hook(
         lambda module, _a, out: forward_dtypes.add(out.dtype) if module.training else None)
     result = train_student(student, prepared.train, prepared.train_logits, prepared.eval,
-                           TrainConfig(learning_rate=1e-3, alpha=0.5, num_train_epochs=1, batch_size=32,
-                                       precision=precision),  # type: ignore[arg-type]
+                           TrainConfig.from_params({"learning_rate": 1e-3, "alpha": 0.5, "num_train_epochs": 1,
+                                                    "batch_size": 32}, regression=False, seed=33,
+                                                   precision=precision),  # type: ignore[arg-type]
                            task=prepared.task)
     assert forward_dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert all(p.dtype == torch.float32 for p in student.parameters()), "master weights stay fp32"

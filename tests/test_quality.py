@@ -14,7 +14,6 @@ import yaml
 from fastapi.testclient import TestClient
 
 from distill import (
-    NO_LABEL,
     Augmenter,
     DistillationEngine,
     TextSplit,
@@ -24,6 +23,7 @@ from distill import (
     predict_logits,
     tokenize,
 )
+from kdsearch.terms import NO_LABEL
 from search_space import AugmentSpec, StudentSpec, StudySpec
 from service.api import create_app
 from service.settings import Settings

@@ -42,7 +42,7 @@ def assert_exact(db_url: str, name: str, n: int) -> list[optuna.trial.FrozenTria
     return trials
 
 
-# Packed: workers that claim up to 3 slots of a study at once (--pack 3, service.packing) beside solo ones.
+# Packed: workers that claim up to 3 slots of a study at once (--pack 3, service.trial_runner) beside solo ones.
 PACKS = pytest.mark.parametrize("pack", [None, "3"], ids=["solo", "packed"])
 
 

@@ -170,7 +170,7 @@ def test_a_worker_rechecks_model_folders_before_reading_them(sqlite_url: str, tm
         # After the API checked it, the folder's weights become a link out of the roots.
         (swapped / "model.safetensors").unlink()
         (swapped / "model.safetensors").symlink_to(outside / "teacher" / "model.safetensors")
-        Worker(settings, device="cpu", engine=SleepEngine(), exit_when_idle=True).run()
+        Worker(settings, device="cpu", trial_engine=SleepEngine(), exit_when_idle=True).run()
         failed, healthy = (client.get(f"/api/studies/{name}").json() for name in ("swapped", "healthy"))
     assert failed["status"] == "failed", failed
     assert "teacher:" in failed["error"] and "holds 'model.safetensors'" in failed["error"]

@@ -96,7 +96,10 @@ def test_a_study_whose_every_trial_fails_ends_failed(stack: Stack, tiny_assets) 
 
 
 def test_infrastructure_faults_are_told_from_the_trials() -> None:
-    from service.worker import infrastructure_fault
+    from kdsearch.errors import Fault, fault_of
+
+    def infrastructure_fault(exc: BaseException) -> bool:
+        return fault_of(exc) is Fault.INFRASTRUCTURE
 
     full = OSError(errno.ENOSPC, "No space left on device")
     assert infrastructure_fault(full) and infrastructure_fault(OSError(errno.EIO, "Input/output error"))

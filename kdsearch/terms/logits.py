@@ -1,13 +1,48 @@
-"""The distillation objectives: the seed's softened-KL loss for classification, and its MSE counterpart for
-regression; both extended to rows without a gold label (teacher-labelled transfer rows)."""
+"""Logit distillation (Hinton et al., 2015): the student's outputs matched to the teacher's, mixed with the gold
+labels. Softened KL for classification; MSE for a regression head, which has no temperature."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-NO_LABEL = -100  # a transfer-set row: the teacher's logits are its only target (cross_entropy's ignore_index)
-# A regression row without a gold target holds NaN instead (any float could be a real target).
+from kdsearch.terms.base import NO_LABEL, DistillationTerm, Needs, SearchParam, StudentOutputs, TeacherOutputs
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitKDConfig:
+    alpha: float = 0.5  # the gold labels' share; 1 - alpha is the teacher's
+    temperature: float = 1.0  # classification only
+
+
+class LogitKD(DistillationTerm[LogitKDConfig]):
+    name = "logits"
+    config_class = LogitKDConfig
+    # Defaults are the seed search's (tiny-bert-sst2-distilled).
+    search = (
+        SearchParam("temperature", {"low": 2.0, "high": 30.0}, lambda x: x > 0, "> 0", classification_only=True,
+                    symbol="T"),
+        SearchParam("alpha", {"low": 0.0, "high": 1.0}, lambda x: 0 <= x <= 1, "within [0, 1]",
+                    symbol="\N{GREEK SMALL LETTER ALPHA}"),
+    )
+    needs = Needs(teacher_logits=True)
+
+    def loss(self, student: StudentOutputs, teacher: TeacherOutputs, labels: torch.Tensor, config: LogitKDConfig,
+             regression: bool) -> torch.Tensor:
+        logits = student.logits.float()  # fp32 whatever the forward pass's precision
+        if regression:
+            return regression_distillation_loss(logits, teacher.logits, labels, config.alpha)
+        return distillation_loss(logits, teacher.logits, labels, config.alpha, config.temperature)
+
+    def describe(self, config: LogitKDConfig, regression: bool) -> str:
+        if regression:
+            return (f"logit distillation, `alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)` with "
+                    f"alpha {config.alpha:g} (a regression head: the teacher's score is the soft target, no "
+                    "temperature)")
+        return ("logit distillation, `alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || "
+                f"softmax(student / T))` with alpha {config.alpha:g} and T {config.temperature:g}")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
