@@ -46,15 +46,16 @@ def build_pack(k: int, device: Any) -> list[Any]:
         torch.manual_seed(100 + i)
         config = BertConfig(vocab_size=VOCAB, num_labels=2, **STUDENT)
         model = BertForSequenceClassification(config).to(device)
-        cfg = TrainConfig(learning_rate=3e-4 * (1 + i % 5), alpha=(i % 10) / 10, num_train_epochs=3,
-                          temperature=1.0 + i % 8, batch_size=BATCH, seed=100 + i)
+        cfg = TrainConfig.from_params({"learning_rate": 3e-4 * (1 + i % 5), "alpha": (i % 10) / 10,
+                                       "num_train_epochs": 3, "temperature": 1.0 + i % 8, "batch_size": BATCH},
+                                      regression=False, seed=100 + i)
         members.append(PackMember(model, cfg))
     return members
 
 
 def stepper(kind: str, members: list[Any], device: Any) -> Any:
-    from distill.packed import LoopStep
     from distill.stacked import StackedStudents
+    from distill.train import LoopStep
     from search_space import TaskInfo
 
     task = TaskInfo("classification", 2, "accuracy", ("negative", "positive"))
@@ -114,7 +115,9 @@ def measure(args: argparse.Namespace, device_name: str, out: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(1000, VOCAB, (BATCH, seq_len), generator=generator).to(device),
               "attention_mask": torch.ones(BATCH, seq_len, dtype=torch.long).to(device)}
-    batch = (inputs, (torch.randn(BATCH, 2, generator=generator) * 3).to(device),
+    from kdsearch.terms import TeacherOutputs
+
+    batch = (inputs, TeacherOutputs((torch.randn(BATCH, 2, generator=generator) * 3).to(device)),
              torch.randint(0, 2, (BATCH,), generator=generator).to(device))
     runs = []
     for rep in range(args.reps):

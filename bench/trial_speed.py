@@ -15,6 +15,7 @@ Each run is its own subprocess (peak RSS is per run), alternating A B A B. Write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -141,7 +142,7 @@ def run_levers(data_dir: Path, teacher_dir: Path, device: str, artifacts: Path, 
     prepared = DistillationEngine(artifacts, device=device, log=lambda *_: None).prepare(spec)
 
     def train(seed: int, **overrides: float) -> tuple[float, float]:
-        cfg = TrainConfig(**{**PARAMS, "seed": seed, **overrides})  # type: ignore[arg-type]
+        cfg = dataclasses.replace(TrainConfig.from_params(PARAMS, regression=False, seed=seed), **overrides)
         model = build_student(spec.student, prepared.teacher_config, seed=seed)
         started = time.perf_counter()
         result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg)

@@ -92,7 +92,8 @@ def run_kdsearch() -> dict:
     torch.cuda.synchronize()
     build_s = time.perf_counter() - started
     del teacher
-    cfg = TrainConfig(learning_rate=7.2e-4, temperature=4.0, alpha=0.5, num_train_epochs=EPOCHS, batch_size=BATCH)
+    cfg = TrainConfig.from_params({"learning_rate": 7.2e-4, "temperature": 4.0, "alpha": 0.5,
+                                   "num_train_epochs": EPOCHS, "batch_size": BATCH}, regression=False, seed=33)
     started = time.perf_counter()
     train_student(bert(STUDENT, 1), train.to(device), logits.to(device), evaluation.to(device), cfg)
     torch.cuda.synchronize()
