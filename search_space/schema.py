@@ -387,8 +387,10 @@ class CardSpec(_Strict):
 # names, and the constraints below, come from the registry (search_space.objectives.OBJECTIVES).
 if TYPE_CHECKING:
     Objective = str
+    CostName = str
 else:
     Objective = Literal[tuple(OBJECTIVES)]  # "metric", "params", "flops", "latency_ms"
+    CostName = Literal[COST_OBJECTIVES]  # "params", "flops", "latency_ms"
 
 
 def _default_objectives() -> list[Objective]:

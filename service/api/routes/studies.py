@@ -24,7 +24,8 @@ from search_space import (
     validate_spec,
     values_of,
 )
-from search_space.objectives import pareto_front
+from search_space.objectives import COST_BY_NAME, pareto_front
+from search_space.schema import CostName
 from service.api.deps import (
     TOKEN_RESPONSES,
     DbDep,
@@ -229,9 +230,11 @@ def _front(session: Session, study_id: int | None, cost: str) -> tuple[list[Pare
     it dominates, each ascending cost; read in four queries, computed in one sort."""
     if study_id is None:
         return [], []
-    trials = [{**t, "profile": json.loads(t["profile"])} for t in complete_trials(session, study_id) if t["profile"]]
-    on_front = set(pareto_front((i, t["value"], float(t["profile"][cost])) for i, t in enumerate(trials)))
-    points = [ParetoPointOut(number=t["number"], value=t["value"], cost=float(t["profile"][cost]),
+    axis = COST_BY_NAME[cost]
+    trials = [{**t, "profile": profile} for t in complete_trials(session, study_id)
+              if t["profile"] and (profile := json.loads(t["profile"])).get(cost) is not None]
+    on_front = set(pareto_front((i, t["value"], axis.read(t["profile"])) for i, t in enumerate(trials)))
+    points = [ParetoPointOut(number=t["number"], value=t["value"], cost=axis.read(t["profile"]),
                              metrics=json.loads(t["metrics"]) if t["metrics"] else {},
                              params=json.loads(t["params"]) if t["params"] else {},
                              profile=StudentProfileOut.model_validate(t["profile"]))
@@ -413,8 +416,9 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
 
 @router.get("/{id_or_name}/pareto", response_model=ParetoOut, responses=NOT_FOUND)
 def pareto(id_or_name: str, session: SessionDep,
-           cost: Annotated[Literal["params", "flops", "latency_ms"] | None,
-                           Query(description="the cost axis (default: the study's second objective, else params)")]
+           cost: Annotated[CostName | None,
+                           Query(description="the cost axis, a cost of GET /api/objectives (default: the study's "
+                                             "second objective, else params)")]
            = None,
            dominated: Annotated[bool, Query(description="also list the trials off the front (the dashboard's chart "
                                                         "draws from this one answer, so front and the rest agree)")]
