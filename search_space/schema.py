@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from search_space.objectives import COST_OBJECTIVES, COSTS, OBJECTIVES, ObjectiveInfo
+from kdsearch.objectives import COST_OBJECTIVES, COSTS, OBJECTIVES, ObjectiveInfo
 from search_space.tasks import MetricName
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, create_model
 
-from search_space.objectives import COSTS, ObjectiveInfo
+from kdsearch.objectives import COSTS, ObjectiveInfo
 
 
 class ErrorOut(BaseModel):

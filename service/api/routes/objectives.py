@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from search_space.objectives import registry_json
+from kdsearch.objectives import registry_json
 from service.api.deps import require_read_access
 from service.api.schemas import ErrorOut, ObjectivesOut
 

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kdsearch.objectives import COST_BY_NAME
 from search_space import (
     SpecError,
     StudySpec,
@@ -24,7 +25,7 @@ from search_space import (
     validate_spec,
     values_of,
 )
-from search_space.objectives import COST_BY_NAME, pareto_front
+from search_space.objectives import pareto_front
 from search_space.schema import CostName
 from service.api.deps import (
     TOKEN_RESPONSES,
