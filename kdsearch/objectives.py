@@ -72,7 +72,8 @@ class ObjectiveInfo:
 
 METRIC = ObjectiveInfo(name="metric", title="the task metric", direction="maximize")
 
-# The costs of a student, in the order tables list them. Each is measured by distill.profile.profile_model.
+# The costs of a student, in the order tables list them (the first: the default cost axis of a front). Each is
+# measured by distill.profile.profile_model.
 COSTS: tuple[ObjectiveInfo, ...] = (
     ObjectiveInfo(
         name="params", title="parameters", direction="minimize", column="parameters", short="params",

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kdsearch.objectives import COST_BY_NAME
+from kdsearch.objectives import COST_BY_NAME, COSTS
 from search_space import (
     SpecError,
     StudySpec,
@@ -217,9 +217,10 @@ def _objectives(row: StudyRow) -> list[str]:
 
 
 def _cost_axis(row: StudyRow, cost: str | None) -> str:
-    """The cost a front is computed on: as asked, else the study's second objective, else parameters."""
+    """The cost a front is computed on: as asked, else the study's second objective, else the registry's first
+    (parameters)."""
     objectives = _objectives(row)
-    return cost or (objectives[1] if len(objectives) > 1 else "params")
+    return cost or (objectives[1] if len(objectives) > 1 else COSTS[0].name)
 
 
 def _profile_out(profile: dict[str, Any] | None) -> StudentProfileOut | None:

@@ -184,7 +184,7 @@ const kd = (() => {
     document.getElementById("pareto-info").textContent = `${pareto.front.length} of ${pareto.n_complete} complete trials on the front`;
     // The front card too, on the study's own cost axis: from this answer, so card and chart never disagree (the
     // summary that drew the card a moment ago may predate a trial that has just completed).
-    if (study.front && cost === ((study.objectives || [])[1] || "params")) {
+    if (study.front && cost === ((study.objectives || [])[1] || COSTS[0].name)) {
       document.getElementById("best").innerHTML = frontCard({...study, front: pareto.front}, metric);
     }
     const traces = [
@@ -204,7 +204,7 @@ const kd = (() => {
   }
 
   function frontCard(study, metric) {
-    const cost = (study.objectives || [])[1] || "params";
+    const cost = (study.objectives || [])[1] || COSTS[0].name;
     const front = study.front || [];
     const c = costOf(cost);
     const flag = c.option;
@@ -310,7 +310,7 @@ const kd = (() => {
       }
       drawCharts(summary);
       if (paretoCost === null) {
-        paretoCost = (study.objectives || [])[1] || "params";
+        paretoCost = (study.objectives || [])[1] || COSTS[0].name;
         document.getElementById("pareto-cost").value = paretoCost;
       }
       await drawPareto(base, summary, paretoCost);
