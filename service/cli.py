@@ -470,9 +470,9 @@ def print_front(console: Any, pareto: dict[str, Any]) -> None:
     """The Pareto front (``GET /api/studies/{id}/pareto``) as a table, with the teacher as the reference."""
     from rich.table import Table
 
-    metric, cost = pareto.get("metric") or "score", pareto["cost"]
+    metric, axis = pareto.get("metric") or "score", pareto["cost"]
     table = Table("#", metric, *(cost.short for cost in COSTS), "shape", "learning_rate", "temperature", "alpha",
-                  title=f"Pareto front: {metric} (higher) vs {cost} (lower), {len(pareto['front'])} of "
+                  title=f"Pareto front: {metric} (higher) vs {axis} (lower), {len(pareto['front'])} of "
                         f"{pareto['n_complete']} complete trials")
     for point in pareto["front"]:
         p, kd = point["profile"], point["params"]
