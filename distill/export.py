@@ -16,9 +16,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from distill.engine import TRIAL_RECORD
+from kdsearch.objectives import COST_BY_NAME, COSTS, ObjectiveInfo
 from kdsearch.terms import resolve_terms, search_params
 from search_space import METRIC_TITLES
-from search_space.objectives import COST_TITLES
 from search_space.tasks import HUB_METRIC_IDS
 
 
@@ -190,45 +190,56 @@ def _shape_text(shape: dict[str, Any]) -> str:
             f"{shape.get('num_attention_heads')} heads, intermediate {shape.get('intermediate_size')}")
 
 
+def _cost_columns() -> list[tuple[str, ObjectiveInfo, str]]:
+    """The cards' cost columns, in the registry's order: (header, cost, profile key), each cost followed by its
+    extra columns (parameters, then without embeddings)."""
+    return [column for cost in COSTS
+            for column in [(cost.column, cost, cost.name), *((title, cost, key) for title, key in cost.extra_columns)]]
+
+
+def _cost_cells(p: dict[str, Any]) -> str:
+    return " | ".join(cost.format(float(p[key])) if p.get(key) is not None else "" for _, cost, key in _cost_columns())
+
+
 def size_lines(profile: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
-    """The card's size-and-speed section: the student's shape, parameters, FLOPs and CPU latency beside the
-    teacher's, as kdsearch measured them before training (``distill.profile``)."""
+    """The card's size-and-speed section: the student's shape and every cost of the registry beside the teacher's,
+    as kdsearch measured them before training (``distill.profile``)."""
+    columns = _cost_columns()
+    how = [cost.measured.format_map(profile) for cost in COSTS if cost.measured and profile.get(cost.name) is not None]
     lines = [
         "## Size and speed", "",
-        f"Measured by kdsearch on the architecture: forward FLOPs of one sequence of {profile['flops_seq_len']} tokens "
-        "(the evaluation split's median tokenized length; every matrix product, 2 FLOPs per multiply-add); CPU "
-        f"latency per sequence at batch 1 with {profile['latency_threads']} thread, median of "
-        f"{profile['latency_passes']} passes over {profile['latency_rows']} evaluation sentences, tokenization "
-        f"excluded, on {profile['machine']}{_load_text(profile)}.", "",
-        "| model | shape | parameters | without embeddings | FLOPs / sequence | CPU ms / sequence |",
-        "|---|---|---:|---:|---:|---:|",
+        "Measured by kdsearch on the architecture" + (": " + "; ".join(how) if how else "")
+        + f", on {profile['machine']}{_load_text(profile)}.", "",
+        "| model | shape | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
     ]
     rows = [("this student", profile), *([("teacher", teacher)] if teacher else [])]
     for label, p in rows:
-        lines.append(f"| {label} | {_shape_text(p['shape'])} | {p['params']:,} | {p['params_no_embeddings']:,} | "
-                     f"{p['flops']:,} | {p['latency_ms']:.2f} |")
-    if teacher:
-        lines += ["", f"The student has {profile['params'] / teacher['params']:.1%} of the teacher's parameters and "
-                  f"{profile['flops'] / teacher['flops']:.1%} of its FLOPs, and runs "
-                  f"{teacher['latency_ms'] / profile['latency_ms']:.1f}x as fast on this CPU."]
+        lines.append(f"| {label} | {_shape_text(p['shape'])} | {_cost_cells(p)} |")
+    ratios = [f"{cost.read(profile) / cost.read(teacher):.1%} of its {cost.title}" for cost in COSTS
+              if teacher and profile.get(cost.name) is not None and teacher.get(cost.name)]
+    if ratios:
+        lines += ["", "Against the teacher, the student has " + ", ".join(ratios[:-1])
+                  + (" and " if len(ratios) > 1 else "") + ratios[-1] + "."]
     return [*lines, ""]
 
 
 def front_lines(front: list[dict[str, Any]], trial_number: int, metric: str, cost: str, how: str) -> list[str]:
     """The card's Pareto section: the front this export was chosen from, the exported trial marked."""
+    title = COST_BY_NAME[cost].title if cost in COST_BY_NAME else cost
     lines = [
         "## Pareto front", "",
-        f"The study optimised {METRIC_TITLES.get(metric, metric)} (higher) and {COST_TITLES.get(cost, cost)} (lower) "
+        f"The study optimised {METRIC_TITLES.get(metric, metric)} (higher) and {title} (lower) "
         f"together, so it has no one best trial but a front of {len(front)} trial{'s' if len(front) != 1 else ''} that "
         f"no other trial beats on both. This model is trial {trial_number} ({how}).", "",
-        f"| trial | {_title(metric)} | parameters | FLOPs / sequence | CPU ms / sequence | shape |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| trial | {_title(metric)} | " + " | ".join(c.column for c in COSTS) + " | shape |",
+        "|---|---:|" + "---:|" * len(COSTS) + "---|",
     ]
     for entry in front:
         p = entry.get("profile") or {}
         mark = " (this model)" if entry["number"] == trial_number else ""
-        lines.append(f"| {entry['number']}{mark} | {entry['value']:.4f} | {p.get('params', 0):,} | "
-                     f"{p.get('flops', 0):,} | {p.get('latency_ms', float('nan')):.2f} | "
+        cells = " | ".join(c.format(c.read(p)) if p.get(c.name) is not None else "" for c in COSTS)
+        lines.append(f"| {entry['number']}{mark} | {entry['value']:.4f} | {cells} | "
                      f"{_shape_text(p['shape']) if p.get('shape') else ''} |")
     return [*lines, ""]
 

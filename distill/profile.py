@@ -102,6 +102,9 @@ def profile_model(model: Any, split: TokenizedSplit, *, rows: int = LATENCY_ROWS
                   passes: int = LATENCY_PASSES) -> dict[str, Any]:
     """The profile every trial records (and the teacher's): shape, parameters, FLOPs and CPU latency.
 
+    Every cost of the registry (``kdsearch.objectives.COSTS``) is measured here and recorded under its name: a new
+    cost is its entry there and its measurement here.
+
     ``model`` is measured on the CPU (moved there); ``split`` is the eval split, on any device.
     """
     model = model.to("cpu").eval()

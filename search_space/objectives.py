@@ -1,7 +1,7 @@
 """Several objectives and constraints: feasibility of a student, the Pareto front, and pruning on several objectives.
 
-Every trial records its student's profile (``distill.profile``): ``params``, ``flops``, ``latency_ms`` and the
-shape. A study's second objective, and its constraints, read those keys.
+Every trial records its student's profile (``distill.profile``): each cost of the registry (``kdsearch.objectives``:
+``params``, ``flops``, ``latency_ms``...) and the shape. A study's second objective, and its constraints, read them.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Any, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch.objectives import COST_BY_NAME
 from search_space.schema import Constraints
 
-COST_TITLES = {"params": "parameters", "flops": "FLOPs per sequence", "latency_ms": "CPU latency"}
-CONSTRAINT_FLAGS = {"params": "max_params", "flops": "max_flops", "latency_ms": "max_latency_ms"}
 # Same-shape pruning: a trial is only compared once this many finished trials of its shape reached the same epoch.
 SAME_SHAPE_MIN_TRIALS = 3
 
@@ -25,20 +24,17 @@ Key = TypeVar("Key", bound=Hashable)
 def constraint_violations(constraints: Constraints, profile: Mapping[str, Any]) -> dict[str, float]:
     """Per constraint (``max_params``...), how far the student is past its limit, relative to the limit: above 0 is
     infeasible. Relative, so that parameters (millions) and milliseconds weigh alike where a sampler adds them up."""
-    return {CONSTRAINT_FLAGS[key]: (float(profile[key]) - limit) / limit for key, limit in constraints.limits().items()}
+    return {COST_BY_NAME[key].flag: (COST_BY_NAME[key].read(profile) - limit) / limit
+            for key, limit in constraints.limits().items()}
 
 
 def infeasible_reason(constraints: Constraints | None, profile: Mapping[str, Any]) -> str | None:
     """A sentence naming each broken constraint, or None when the student meets them all."""
     if constraints is None:
         return None
-    broken = [f"{_shown(key, profile[key])} {COST_TITLES[key]} > {CONSTRAINT_FLAGS[key]} "
-              f"{_shown(key, limit)}" for key, limit in constraints.limits().items() if float(profile[key]) > limit]
+    broken = [f"{cost.shown(cost.read(profile))} {cost.title} > {cost.flag} {cost.shown(limit)}"
+              for key, limit in constraints.limits().items() if (cost := COST_BY_NAME[key]).read(profile) > limit]
     return "infeasible: " + "; ".join(broken) if broken else None
-
-
-def _shown(key: str, value: float) -> str:
-    return f"{value:.2f} ms" if key == "latency_ms" else f"{int(value):,}"
 
 
 def pareto_front(points: Iterable[tuple[Key, float, float]]) -> list[Key]:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from kdsearch.objectives import COST_OBJECTIVES, COSTS, OBJECTIVES, ObjectiveInfo
 from kdsearch.terms import SearchParam, search_params
 from search_space.tasks import MetricName
 
@@ -401,33 +402,48 @@ class CardSpec(_Strict):
     language: list[str] | None = Field(None, min_length=1, max_length=20)
 
 
-# What a study optimises: the task metric (maximised) first, optionally one cost of the student (minimised).
-Objective = Literal["metric", "params", "flops", "latency_ms"]
-COST_OBJECTIVES: tuple[str, ...] = ("params", "flops", "latency_ms")
+# What a study optimises: the task metric (maximised) first, optionally one cost of the student (minimised); the
+# names, and the constraints below, come from the registry (search_space.objectives.OBJECTIVES).
+if TYPE_CHECKING:
+    Objective = str
+    CostName = str
+else:
+    Objective = Literal[tuple(OBJECTIVES)]  # "metric", "params", "flops", "latency_ms"
+    CostName = Literal[COST_OBJECTIVES]  # "params", "flops", "latency_ms"
 
 
 def _default_objectives() -> list[Objective]:
     return ["metric"]
 
 
-class Constraints(_Strict):
+class _ConstraintLimits(_Strict):
     """Limits on the student of a single-objective study: a trial whose student breaks one is infeasible (never
-    "best"); its shape is measured before training, so it is not trained at all."""
-
-    max_params: int | None = Field(None, gt=0)  # total parameters
-    max_flops: int | None = Field(None, gt=0)  # forward FLOPs per sequence at the eval split's median length
-    max_latency_ms: float | None = Field(None, gt=0)  # CPU, batch 1, one thread, median of repeated runs
+    "best"); its shape is measured before training, so it is not trained at all. One optional field per cost of
+    the registry, ``max_<cost>`` (``max_params``, ``max_flops``, ``max_latency_ms``)."""
 
     @model_validator(mode="after")
-    def _some(self) -> Constraints:
-        if self.max_params is None and self.max_flops is None and self.max_latency_ms is None:
-            raise ValueError("give at least one of max_params, max_flops, max_latency_ms")
+    def _some(self) -> _ConstraintLimits:
+        if all(getattr(self, cost.flag) is None for cost in COSTS):
+            raise ValueError(f"give at least one of {', '.join(cost.flag for cost in COSTS)}")
         return self
 
     def limits(self) -> dict[str, float]:
         """Profile key → limit, for the constraints given (``params``, ``flops``, ``latency_ms``)."""
-        given = {"params": self.max_params, "flops": self.max_flops, "latency_ms": self.max_latency_ms}
-        return {key: float(limit) for key, limit in given.items() if limit is not None}
+        return {cost.name: float(limit) for cost in COSTS if (limit := getattr(self, cost.flag)) is not None}
+
+
+def _limit_field(cost: ObjectiveInfo) -> tuple[Any, Any]:
+    """A cost's constraint: an integer for a count (parameters), a number for a measure (milliseconds), above 0."""
+    kind: Any = int if cost.is_count else float
+    return kind | None, Field(None, gt=0, description=f"at most this many {cost.limit_help}")
+
+
+if TYPE_CHECKING:
+    Constraints = _ConstraintLimits
+else:
+    Constraints = create_model("Constraints", __base__=_ConstraintLimits, __module__=__name__,
+                               __doc__=_ConstraintLimits.__doc__,
+                               **{cost.flag: _limit_field(cost) for cost in COSTS})
 
 
 class StudySpec(_Strict):
@@ -441,8 +457,8 @@ class StudySpec(_Strict):
     search_space: SearchSpace = SearchSpace()
     # The score a study maximises; None: the task's default (accuracy for classification, pearson for regression).
     metric: MetricName | None = None
-    # ["metric"]: maximise the metric; ["metric", "params"|"flops"|"latency_ms"]: a Pareto front of the metric
-    # (maximised) against the student's cost (minimised).
+    # ["metric"]: maximise the metric; ["metric", <a cost of COSTS>]: a Pareto front of the metric (maximised)
+    # against the student's cost (minimised).
     objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1, max_length=2)
     constraints: Constraints | None = None
     n_trials: int = Field(20, ge=1)  # capped by KDSEARCH_MAX_N_TRIALS
@@ -485,13 +501,13 @@ class StudySpec(_Strict):
 
     @property
     def cost_objective(self) -> str | None:
-        """The second objective (``params``, ``flops`` or ``latency_ms``), or None for a single-objective study."""
+        """The second objective (a cost of ``COSTS``: ``params``...), or None for a single-objective study."""
         return self.objectives[1] if self.multi_objective else None
 
     @property
     def directions(self) -> list[Literal["maximize", "minimize"]]:
-        """Optuna's study directions: the metric is maximised, a cost minimised."""
-        return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
+        """Optuna's study directions: the metric is maximised, a cost minimised (the registry's directions)."""
+        return [OBJECTIVES[name].direction for name in self.objectives]
 
     @field_validator("name")
     @classmethod

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdsearch.objectives import COSTS, ObjectiveInfo
+
 EXIT_CODES = ("exit status: 0 success; 1 a failure at run time (the API or the database unreachable, a request the "
               "API refused, a study not found, an export step that failed); 2 a usage error (an unknown option, a "
               "wrong value, options that do not go together)")
@@ -405,8 +407,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(preparation, markup=False)
         ignored = set((study.get("task") or {}).get("ignored_params", []))
         columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
-        table = Table("#", "state", metric, "epochs", *columns, "shape", "params", "latency ms", "precision",
-                      "duration s")
+        table = Table("#", "state", metric, "epochs", *columns, "shape", *(cost.short for cost in COSTS),
+                      "precision", "duration s")
         formats = {"learning_rate": "{:.3g}", "temperature": "{:.2f}", "alpha": "{:.3f}"}
         for t in page["trials"]:
             p = t["params"]
@@ -449,32 +451,40 @@ def _shape_cell(shape: dict[str, int]) -> str:
             f"I{shape.get('intermediate_size')}")
 
 
-def _size_cells(profile: dict[str, Any] | None) -> tuple[str, str, str]:
-    """Shape, parameters (millions) and CPU latency of a trial's student, blank where not measured."""
+def _cost_cell(cost: ObjectiveInfo, profile: dict[str, Any], abbreviated: bool = False) -> str:
+    """A cost of a profile: ``4,400,000`` (``4.40M`` abbreviated) or ``1.50``; blank where not measured."""
+    if profile.get(cost.name) is None:
+        return ""
+    value = cost.read(profile)
+    return f"{value / 1e6:.2f}M" if abbreviated and cost.is_count else cost.format(value)
+
+
+def _size_cells(profile: dict[str, Any] | None) -> tuple[str, ...]:
+    """Shape and every cost (counts in millions) of a trial's student, blank where not measured."""
     if not profile:
-        return "", "", ""
-    return _shape_cell(profile["shape"]), f"{profile['params'] / 1e6:.2f}M", f"{profile['latency_ms']:.2f}"
+        return ("",) * (1 + len(COSTS))
+    return _shape_cell(profile["shape"]), *(_cost_cell(cost, profile, abbreviated=True) for cost in COSTS)
 
 
 def print_front(console: Any, pareto: dict[str, Any]) -> None:
     """The Pareto front (``GET /api/studies/{id}/pareto``) as a table, with the teacher as the reference."""
     from rich.table import Table
 
-    metric, cost = pareto.get("metric") or "score", pareto["cost"]
-    table = Table("#", metric, "params", "FLOPs", "latency ms", "shape", "learning_rate", "temperature", "alpha",
-                  title=f"Pareto front: {metric} (higher) vs {cost} (lower), {len(pareto['front'])} of "
+    metric, axis = pareto.get("metric") or "score", pareto["cost"]
+    table = Table("#", metric, *(cost.short for cost in COSTS), "shape", "learning_rate", "temperature", "alpha",
+                  title=f"Pareto front: {metric} (higher) vs {axis} (lower), {len(pareto['front'])} of "
                         f"{pareto['n_complete']} complete trials")
     for point in pareto["front"]:
         p, kd = point["profile"], point["params"]
-        table.add_row(str(point["number"]), f"{point['value']:.4f}", f"{p['params']:,}", f"{p['flops']:,}",
-                      f"{p['latency_ms']:.2f}", _shape_cell(p["shape"]),
+        table.add_row(str(point["number"]), f"{point['value']:.4f}", *(_cost_cell(cost, p) for cost in COSTS),
+                      _shape_cell(p["shape"]),
                       *(f"{kd[k]:.3g}" if isinstance(kd.get(k), int | float) else "" for k in
                         ("learning_rate", "temperature", "alpha")))
     teacher = pareto.get("teacher_profile")
     if teacher:
         score = pareto.get("teacher_metric")
-        table.add_row("teacher", f"{score:.4f}" if score is not None else "", f"{teacher['params']:,}",
-                      f"{teacher['flops']:,}", f"{teacher['latency_ms']:.2f}", _shape_cell(teacher["shape"]),
+        table.add_row("teacher", f"{score:.4f}" if score is not None else "",
+                      *(_cost_cell(cost, teacher) for cost in COSTS), _shape_cell(teacher["shape"]),
                       "", "", "", style="dim")
     console.print(table)
 
@@ -493,8 +503,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     try:
         result = export_best(get_settings(), args.study, Path(args.out), force=args.force, seeds=args.seeds,
                              device=args.device, onnx=args.onnx, quantize=args.quantize, trial_number=args.trial,
-                             max_params=args.max_params, max_flops=args.max_flops,
-                             max_latency_ms=args.max_latency_ms)
+                             **{cost.flag: getattr(args, cost.flag) for cost in COSTS})
     except DeployError as exc:
         return _fail(f"{exc} (the Hugging Face export in {args.out} was written and stays)")
     except (ExportError, DataError) as exc:
@@ -556,12 +565,13 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     pick = parser.add_argument_group(
         "which trial", "none given: the best trial (a study with two objectives needs one of these: it has a front)")
     pick.add_argument("--trial", type=_count("--trial", 0), default=None, metavar="N", help="this trial")
-    pick.add_argument("--max-params", type=_count("--max-params", 1), default=None, metavar="N",
-                      help="the most accurate trial with at most N parameters (4400000 or 4.4e6)")
-    pick.add_argument("--max-flops", type=_count("--max-flops", 1), default=None, metavar="N",
-                      help="the most accurate trial with at most N forward FLOPs per sequence")
-    pick.add_argument("--max-latency-ms", type=_positive("--max-latency-ms"), default=None, metavar="X",
-                      help="the most accurate trial with at most X ms CPU latency per sequence (batch 1)")
+    for cost in COSTS:  # --max-params, --max-flops, --max-latency-ms: one per cost of the registry
+        if cost.is_count:
+            pick.add_argument(cost.option, dest=cost.flag, type=_count(cost.option, 1), default=None, metavar="N",
+                              help=f"the most accurate trial with at most N {cost.limit_help} (4400000 or 4.4e6)")
+        else:
+            pick.add_argument(cost.option, dest=cost.flag, type=_positive(cost.option), default=None, metavar="X",
+                              help=f"the most accurate trial with at most X {cost.limit_help}")
     parser.set_defaults(func=cmd_export_best)
 
 

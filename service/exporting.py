@@ -35,6 +35,7 @@ from distill.export import (
     staged_export,
     teacher_card_data,
 )
+from kdsearch.objectives import COST_BY_FLAG, COST_BY_NAME, COSTS
 from search_space import StudySpec, resolve_task
 from service.redaction import mask_database_url
 from service.settings import Settings
@@ -75,8 +76,8 @@ class Selection:
     front: list[FrozenTrial] | None  # several objectives: the Pareto front it was chosen from
 
 
-# Selector flag → the profile key it limits.
-LIMIT_FLAGS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latency_ms"}
+# Selector flag (max_params, ... : --max-params on the command line) → the profile key it limits; the registry's.
+LIMIT_FLAGS = {cost.flag: cost.name for cost in COSTS}
 
 
 def _metric(trial: FrozenTrial) -> float:
@@ -85,43 +86,59 @@ def _metric(trial: FrozenTrial) -> float:
 
 
 def _limits_text(limits: dict[str, float]) -> str:
-    return " and ".join(f"--{flag.replace('_', '-')} {limit:,.2f}" if flag == "max_latency_ms" else
-                        f"--{flag.replace('_', '-')} {int(limit):,}" for flag, limit in limits.items())
+    return " and ".join(f"{COST_BY_FLAG[flag].option} {COST_BY_FLAG[flag].format(limit)}"
+                        for flag, limit in limits.items())
 
 
 def _cost(trial: FrozenTrial, key: str) -> float:
-    """A measured trial's ``params``, ``flops`` or ``latency_ms``."""
-    return float(trial.user_attrs["profile"][key])
+    """A measured trial's cost ``key`` (``params``...)."""
+    return COST_BY_NAME[key].read(trial.user_attrs["profile"])
 
 
 def _within(trial: FrozenTrial, limits: dict[str, float]) -> bool:
     profile = trial.user_attrs.get("profile")
-    return profile is not None and all(float(profile[LIMIT_FLAGS[flag]]) <= limit for flag, limit in limits.items())
+    return profile is not None and all(profile.get(cost.name) is not None and cost.read(profile) <= limit
+                                       for flag, limit in limits.items() if (cost := COST_BY_FLAG[flag]))
+
+
+def cost_limits(max_costs: dict[str, float | None]) -> dict[str, float]:
+    """The limits given (``max_params=...`` → ``{"max_params": 5e6}``), in the registry's order; a ``TypeError``
+    for a keyword that is no cost's flag, as for any unknown keyword."""
+    if unknown := sorted(set(max_costs) - set(LIMIT_FLAGS)):
+        raise TypeError(f"no cost limit {', '.join(unknown)} (the registry's: {', '.join(LIMIT_FLAGS)})")
+    return {flag: float(v) for flag in LIMIT_FLAGS if (v := max_costs.get(flag)) is not None}
+
+
+def _options_text() -> str:
+    """``--max-params N, --max-flops N or --max-latency-ms X``: every cost's export-best option."""
+    options = [f"{cost.option} {'N' if cost.is_count else 'X'}" for cost in COSTS]
+    return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
 
 
 def describe_trial(trial: FrozenTrial, metric: str) -> str:
-    """One line: number, metric, size, FLOPs, latency and shape (what the front listing and the card show)."""
+    """One line: number, metric, every cost and the shape (what the front listing and the card show)."""
     line = f"trial {trial.number}: {metric} {_metric(trial):.4f}"
     profile = trial.user_attrs.get("profile")
     if profile:
         shape = profile["shape"]
-        line += (f", {profile['params']:,} params, {profile['flops']:,} FLOPs, {profile['latency_ms']:.2f} ms; "
-                 f"L{shape.get('num_hidden_layers')} H{shape.get('hidden_size')} A{shape.get('num_attention_heads')} "
-                 f"I{shape.get('intermediate_size')}")
+        costs = ", ".join(f"{cost.format(cost.read(profile))} {cost.unit or cost.short}" for cost in COSTS
+                          if profile.get(cost.name) is not None)
+        line += (f", {costs}; L{shape.get('num_hidden_layers')} H{shape.get('hidden_size')} "
+                 f"A{shape.get('num_attention_heads')} I{shape.get('intermediate_size')}")
     return line
 
 
-def select_trial(study: optuna.Study, *, trial_number: int | None = None, max_params: float | None = None,
-                 max_flops: float | None = None, max_latency_ms: float | None = None,
-                 metric: str = "metric") -> Selection:
-    """The trial to export (module docstring for the order); ``ExportError`` when none fits, naming why."""
+def select_trial(study: optuna.Study, *, trial_number: int | None = None, metric: str = "metric",
+                 **max_costs: float | None) -> Selection:
+    """The trial to export (module docstring for the order); ``ExportError`` when none fits, naming why.
+
+    ``max_costs``: a limit per cost of the registry, by its flag (``max_params=5e6``, ``max_latency_ms=2``...)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     candidates = [t for t in trials if t.values is not None and "checkpoint_artifact_id" in t.user_attrs]
     complete = [t for t in candidates if t.state == TrialState.COMPLETE]
     several = len(study.directions) > 1
     front = sorted(study.best_trials, key=lambda t: (t.values[1], t.number)) if several else None
-    limits = {flag: float(v) for flag, v in (("max_params", max_params), ("max_flops", max_flops),
-                                              ("max_latency_ms", max_latency_ms)) if v is not None}
+    limits = cost_limits(max_costs)
     if trial_number is not None:
         chosen = next((t for t in candidates if t.number == trial_number), None)
         if chosen is None:
@@ -135,10 +152,12 @@ def select_trial(study: optuna.Study, *, trial_number: int | None = None, max_pa
     if limits:
         eligible = [t for t in complete if _within(t, limits)]
         if not eligible:
-            measured = [t for t in complete if t.user_attrs.get("profile")]
+            measured = {flag: [t for t in complete if (t.user_attrs.get("profile") or {}).get(LIMIT_FLAGS[flag])
+                               is not None] for flag in limits}
             smallest = [f"the smallest by {LIMIT_FLAGS[flag]}: "
-                        + describe_trial(min(measured, key=functools.partial(_cost, key=LIMIT_FLAGS[flag])), metric)
-                        for flag in limits] if measured else ["no COMPLETE trial has a measured student"]
+                        + describe_trial(min(measured[flag], key=functools.partial(_cost, key=LIMIT_FLAGS[flag])),
+                                         metric)
+                        for flag in limits if measured[flag]] or ["no COMPLETE trial has a measured student"]
             raise ExportError(f"no COMPLETE trial of study {study.study_name!r} is within {_limits_text(limits)} "
                               f"({'; '.join(smallest)})")
         # The most accurate; among equals the cheaper (first limit's cost), then the earlier.
@@ -150,8 +169,8 @@ def select_trial(study: optuna.Study, *, trial_number: int | None = None, max_pa
         cost = study.user_attrs.get("kdsearch_spec", {}).get("objectives", ["metric", "cost"])[-1]
         raise ExportError(
             f"study {study.study_name!r} has two objectives ({metric} and {cost}): there is no one best trial. "
-            f"Choose from its Pareto front with --trial N, or the most accurate within a limit with --max-params N, "
-            f"--max-flops N or --max-latency-ms X. The front ({len(front or [])} trial"
+            f"Choose from its Pareto front with --trial N, or the most accurate within a limit with "
+            f"{_options_text()}. The front ({len(front or [])} trial"
             f"{'' if len(front or []) == 1 else 's'}, ascending {cost}):\n"
             + (listing or "  (empty: no COMPLETE trial yet)"))
     if not candidates:
@@ -275,8 +294,11 @@ def _record_export(study: optuna.Study, entry: dict[str, Any]) -> None:
 
 def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = False, seeds: int = 0,
                 device: str = "auto", onnx: bool = False, quantize: str | None = None,
-                trial_number: int | None = None, max_params: float | None = None, max_flops: float | None = None,
-                max_latency_ms: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
+                trial_number: int | None = None, log: Callable[[str], None] = print,
+                **max_costs: float | None) -> ExportResult:
+    """Export a study's trial (the best, ``trial_number``, or the most accurate within ``max_costs``: a limit per
+    cost of the registry by its flag, ``max_params=...``; ``select_trial``)."""
+    cost_limits(max_costs)  # an unknown keyword fails here, before any work
     check_deploy_options(onnx, quantize)
     out_dir = Path(out_dir)
     check_export_target(out_dir, force)  # before any retraining, not after
@@ -299,8 +321,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
             study_id, name, spec_json = row.id, row.name, dict(row.spec)
         optuna_study = optuna.load_study(study_name=name, storage=storage)
         metric = (optuna_study.user_attrs.get("task") or {}).get("metric") or spec_json.get("metric") or "metric"
-        selection = select_trial(optuna_study, trial_number=trial_number, max_params=max_params,
-                                 max_flops=max_flops, max_latency_ms=max_latency_ms, metric=metric)
+        selection = select_trial(optuna_study, trial_number=trial_number, metric=metric, **max_costs)
         best = selection.trial
         spread, artifact_id = None, best.user_attrs["checkpoint_artifact_id"]
         if seeds:

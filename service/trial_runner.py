@@ -51,6 +51,7 @@ from sqlalchemy.engine import Engine
 from distill import EpochResult, TrialEngine, TrialOutcome
 from distill.engine import PackedTrial
 from kdsearch.errors import Fault, TrialStopped, fault_of
+from kdsearch.objectives import COST_BY_NAME
 from kdsearch.retry import backoff_delay
 from search_space import (
     StudentSpace,
@@ -462,7 +463,7 @@ class TrialRunner:
         values = [outcome.best_score]
         if spec.cost_objective is not None:
             assert member.profile is not None  # _profile refuses a multi-objective study without one
-            values.append(float(member.profile[spec.cost_objective]))
+            values.append(COST_BY_NAME[spec.cost_objective].read(member.profile))
         trial_log = self._trial_log(trial)
         trial_log.add(logging.INFO, "study %s trial %d: checkpoint stored as artifact %s", claim.study_name,
                       trial.number, artifact_id)

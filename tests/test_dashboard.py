@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kdsearch.objectives import COSTS
 from tests.conftest import front_spec, tiny_spec
 from tests.procs import Stack
 
@@ -221,11 +222,14 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
         # Card and chart from one answer: the card lists exactly the chart's front (it lagged a poll behind once).
         assert page.locator("#front-list tbody tr td:first-child").all_inner_texts() == [
             f"#{p['number']}" for p in front["front"]]
-        # Size and latency columns in the trials table.
-        header = page.locator("#trials thead th").all_inner_texts()
-        assert "Params" in header and "Latency (ms)" in header and "Shape" in header
-        params_col = header.index("Params") + 1
-        assert all(page.locator(f"#trials tbody tr td:nth-child({params_col})").all_inner_texts())
+        # Size and latency columns in the trials table: one per cost of the registry, and the cost axes the same.
+        header = [h.lower() for h in page.locator("#trials thead th").all_inner_texts()]
+        assert "shape" in header and all(cost.short.lower() in header for cost in COSTS)
+        for cost in COSTS:
+            column = header.index(cost.short.lower()) + 1
+            assert all(page.locator(f"#trials tbody tr td:nth-child({column})").all_inner_texts())
+        assert page.eval_on_selector_all("#pareto-cost option", "(os) => os.map((o) => o.value)") == [
+            cost.name for cost in COSTS]
         assert_fits(page, "a searched-shape study's page with every size column at 1280px")
         shot(page, tmp_path / "pareto.png")
         # Another cost axis: the chart is redrawn against latency.

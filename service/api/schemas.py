@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
+
+from kdsearch.objectives import COSTS, ObjectiveInfo
 
 
 class ErrorOut(BaseModel):
@@ -29,20 +31,66 @@ class BestTrial(BaseModel):
     precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
 
 
-class StudentProfileOut(BaseModel):
-    """A student's (or the teacher's) cost, measured before training on the architecture (``distill.profile``)."""
+class _ProfileDetails(BaseModel):
+    """What a profile records beside its costs: the shape and how the costs were measured."""
 
     shape: dict[str, int]  # num_hidden_layers, hidden_size, num_attention_heads, intermediate_size
-    params: int  # total parameters
     params_no_embeddings: int  # without the embedding tables
-    flops: int  # forward FLOPs of one sequence of flops_seq_len tokens
     flops_seq_len: int  # the eval split's median tokenized length
-    latency_ms: float  # CPU, batch 1, latency_threads thread(s): median over latency_passes passes
     latency_rows: int
     latency_passes: int
     latency_threads: int
     machine: str  # the CPU it was measured on
     host: str | None = None
+
+
+def _cost_field(cost: ObjectiveInfo) -> tuple[Any, Any]:
+    """A cost as a profile holds it (None in a profile recorded before kdsearch measured it)."""
+    kind: Any = int if cost.is_count else float
+    return kind | None, Field(None, description=f"{cost.title}, {cost.name} in a trial's profile")
+
+
+if TYPE_CHECKING:
+    StudentProfileOut = _ProfileDetails
+else:
+    # One field per cost of the registry (params, flops, latency_ms), as distill.profile measures them.
+    StudentProfileOut = create_model(
+        "StudentProfileOut", __base__=_ProfileDetails, __module__=__name__,
+        __doc__="A student's (or the teacher's) cost, measured before training on the architecture "
+                "(``distill.profile``): each cost of the registry (``GET /api/objectives``) under its name.",
+        **{cost.name: _cost_field(cost) for cost in COSTS})
+
+
+class MetricObjectiveOut(BaseModel):
+    name: str  # "metric": a spec's first objective
+    title: str
+    direction: str  # maximize
+
+
+class CostOut(BaseModel):
+    """A cost of the registry (``search_space.objectives.ObjectiveInfo``), for a front end to name and format it."""
+
+    name: str  # the second objective, the profile key and the pareto endpoint's ?cost=
+    title: str
+    direction: str  # minimize
+    column: str
+    short: str
+    unit: str  # after a measured value ("ms"); empty for a count
+    decimals: int  # 0: a count
+    is_count: bool
+    log_axis: bool
+    limit_help: str
+    measured: str
+    extra_columns: list[list[str]]  # [column, profile key]
+    flag: str  # its constraint: max_params
+    option: str  # its export-best option: --max-params
+
+
+class ObjectivesOut(BaseModel):
+    """``GET /api/objectives``: what a study can optimise: the metric, and the costs a Pareto front is drawn on."""
+
+    metric: MetricObjectiveOut
+    costs: list[CostOut]
 
 
 class ParetoPointOut(BaseModel):
@@ -51,7 +99,7 @@ class ParetoPointOut(BaseModel):
 
     number: int
     value: float  # the study's metric
-    cost: float  # the front's cost axis: the profile's params, flops or latency_ms
+    cost: float  # the front's cost axis: the profile's params, flops, latency_ms... (GET /api/objectives)
     metrics: dict[str, float] = {}  # every metric of the task at the trial's best epoch
     params: dict[str, Any]  # KD hyperparameters and the searched shape's dimensions
     profile: StudentProfileOut
@@ -63,7 +111,7 @@ class ParetoOut(BaseModel):
 
     objectives: list[str]
     metric: str | None
-    cost: str  # params, flops or latency_ms
+    cost: str  # a cost of the registry: params, flops, latency_ms...
     n_complete: int  # COMPLETE trials with a profile: what the front was computed over
     front: list[ParetoPointOut]
     dominated: list[ParetoPointOut] | None = None  # the other trials counted in n_complete, when asked for
@@ -178,8 +226,8 @@ class StudyDetailOut(StudyOut):
     notes: list[str] = []  # what the spec asked that the task ignores, and why
     seed_retrain: SeedSpreadOut | None = None
     exports: list[ExportOut] = []  # export-best runs, latest per (trial, seed), with their ONNX deployment
-    objectives: list[str] = ["metric"]  # ["metric"] or ["metric", params|flops|latency_ms]
-    constraints: dict[str, float] | None = None  # max_params, max_flops, max_latency_ms (single objective)
+    objectives: list[str] = ["metric"]  # ["metric"] or ["metric", a cost of GET /api/objectives]
+    constraints: dict[str, float] | None = None  # max_<cost>: max_params... (single objective)
     teacher_profile: StudentProfileOut | None = None  # the teacher's size, FLOPs and latency, measured as a trial's
     front: list[ParetoPointOut] | None = None  # several objectives: the Pareto front (there is no one best trial)
     shape_searched: bool = False  # the student's shape is searched: trials differ in size, FLOPs and latency

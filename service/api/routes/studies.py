@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kdsearch.objectives import COST_BY_NAME, COSTS
 from search_space import (
     SpecError,
     StudySpec,
@@ -25,6 +26,7 @@ from search_space import (
     values_of,
 )
 from search_space.objectives import pareto_front
+from search_space.schema import CostName
 from service.api.deps import (
     TOKEN_RESPONSES,
     DbDep,
@@ -215,9 +217,10 @@ def _objectives(row: StudyRow) -> list[str]:
 
 
 def _cost_axis(row: StudyRow, cost: str | None) -> str:
-    """The cost a front is computed on: as asked, else the study's second objective, else parameters."""
+    """The cost a front is computed on: as asked, else the study's second objective, else the registry's first
+    (parameters)."""
     objectives = _objectives(row)
-    return cost or (objectives[1] if len(objectives) > 1 else "params")
+    return cost or (objectives[1] if len(objectives) > 1 else COSTS[0].name)
 
 
 def _profile_out(profile: dict[str, Any] | None) -> StudentProfileOut | None:
@@ -229,9 +232,11 @@ def _front(session: Session, study_id: int | None, cost: str) -> tuple[list[Pare
     it dominates, each ascending cost; read in four queries, computed in one sort."""
     if study_id is None:
         return [], []
-    trials = [{**t, "profile": json.loads(t["profile"])} for t in complete_trials(session, study_id) if t["profile"]]
-    on_front = set(pareto_front((i, t["value"], float(t["profile"][cost])) for i, t in enumerate(trials)))
-    points = [ParetoPointOut(number=t["number"], value=t["value"], cost=float(t["profile"][cost]),
+    axis = COST_BY_NAME[cost]
+    trials = [{**t, "profile": profile} for t in complete_trials(session, study_id)
+              if t["profile"] and (profile := json.loads(t["profile"])).get(cost) is not None]
+    on_front = set(pareto_front((i, t["value"], axis.read(t["profile"])) for i, t in enumerate(trials)))
+    points = [ParetoPointOut(number=t["number"], value=t["value"], cost=axis.read(t["profile"]),
                              metrics=json.loads(t["metrics"]) if t["metrics"] else {},
                              params=json.loads(t["params"]) if t["params"] else {},
                              profile=StudentProfileOut.model_validate(t["profile"]))
@@ -413,8 +418,9 @@ def study_summary(id_or_name: str, session: SessionDep, optuna_storage: OptunaSt
 
 @router.get("/{id_or_name}/pareto", response_model=ParetoOut, responses=NOT_FOUND)
 def pareto(id_or_name: str, session: SessionDep,
-           cost: Annotated[Literal["params", "flops", "latency_ms"] | None,
-                           Query(description="the cost axis (default: the study's second objective, else params)")]
+           cost: Annotated[CostName | None,
+                           Query(description="the cost axis, a cost of GET /api/objectives (default: the study's "
+                                             "second objective, else params)")]
            = None,
            dominated: Annotated[bool, Query(description="also list the trials off the front (the dashboard's chart "
                                                         "draws from this one answer, so front and the rest agree)")]

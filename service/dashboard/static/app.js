@@ -147,14 +147,24 @@ const kd = (() => {
   }
 
   // ------------------------------------------------------------------------------------------- Pareto front
-  const COSTS = {params: "parameters", flops: "FLOPs per sequence", latency_ms: "CPU ms per sequence"};
+  // The costs a student is measured on, from the server's registry (GET /api/objectives): each with its name (the
+  // profile key), titles, unit, decimals, axis and export-best option. Fetched once per page, before the first draw.
+  let COSTS = [];
+  let registry = null;
+  const loadCosts = () => (registry = registry || json("/api/objectives").then((r) => { COSTS = r.costs; return r; }).catch((e) => { registry = null; throw e; }));
+  const costOf = (name) => COSTS.find((c) => c.name === name) ||
+    {name, title: name, column: name, short: name, unit: "", decimals: 0, is_count: true, log_axis: true, option: `--max-${String(name).replace(/_/g, "-")}`};
+  const measured = (profile, c) => profile && profile[c.name] !== null && profile[c.name] !== undefined;
   const shapeText = (s) => (s ? `L${s.num_hidden_layers} H${s.hidden_size} A${s.num_attention_heads} I${s.intermediate_size}` : "");
   const millions = (v) => (v === null || v === undefined ? "" : v >= 1e6 ? `${(v / 1e6).toFixed(2)}M` : v >= 1e3 ? `${(v / 1e3).toFixed(1)}k` : String(v));
-  const costText = (cost, v) => (cost === "latency_ms" ? `${fmt(v, 2)} ms` : `${millions(v)} ${cost === "params" ? "params" : "FLOPs"}`);
+  // "4.40M params", "12.3M FLOPs", "1.52 ms": a count abbreviated and named, a measure with its unit.
+  const costValue = (c, v) => (c.is_count ? `${millions(v)} ${c.short}` : `${fmt(v, c.decimals)} ${c.unit}`);
+  const costText = (cost, v) => costValue(costOf(cost), v);
+  const costsText = (profile) => COSTS.filter((c) => measured(profile, c)).map((c) => costValue(c, profile[c.name])).join(" · ");
   const kdText = (p) => ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"].filter((k) => typeof p[k] === "number")
     .map((k) => `${k === "learning_rate" ? "lr" : k === "temperature" ? "T" : k === "alpha" ? "α" : k === "num_train_epochs" ? "epochs" : "batch"}=${k === "learning_rate" ? sci(p[k]) : Number.isInteger(p[k]) ? p[k] : fmt(p[k], 2)}`).join(" ");
   const pointText = (metric, number, value, profile, params) => `#${number} ${metric} ${fmt(value)}<br>${shapeText(profile.shape)} · ` +
-    `${millions(profile.params)} params · ${millions(profile.flops)} FLOPs · ${fmt(profile.latency_ms, 2)} ms<br>${kdText(params)}`;
+    `${costsText(profile)}<br>${kdText(params)}`;
 
   // Metric against a cost: every measured COMPLETE trial, the front highlighted (from the server), the teacher a star.
   async function drawPareto(base, summary, cost) {
@@ -174,7 +184,7 @@ const kd = (() => {
     document.getElementById("pareto-info").textContent = `${pareto.front.length} of ${pareto.n_complete} complete trials on the front`;
     // The front card too, on the study's own cost axis: from this answer, so card and chart never disagree (the
     // summary that drew the card a moment ago may predate a trial that has just completed).
-    if (study.front && cost === ((study.objectives || [])[1] || "params")) {
+    if (study.front && cost === ((study.objectives || [])[1] || COSTS[0].name)) {
       document.getElementById("best").innerHTML = frontCard({...study, front: pareto.front}, metric);
     }
     const traces = [
@@ -187,20 +197,20 @@ const kd = (() => {
     const teacher = pareto.teacher_profile;
     if (teacher && pareto.teacher_metric !== null) {
       traces.push({x: [teacher[cost]], y: [pareto.teacher_metric], mode: "markers+text", name: "teacher", text: ["teacher"], textposition: "top center",
-        hovertext: [`teacher ${metric} ${fmt(pareto.teacher_metric)}<br>${shapeText(teacher.shape)} · ${millions(teacher.params)} params · ` +
-          `${millions(teacher.flops)} FLOPs · ${fmt(teacher.latency_ms, 2)} ms`], hoverinfo: "text", marker: {symbol: "star", size: 16, color: "#1f9d55"}});
+        hovertext: [`teacher ${metric} ${fmt(pareto.teacher_metric)}<br>${shapeText(teacher.shape)} · ${costsText(teacher)}`], hoverinfo: "text", marker: {symbol: "star", size: 16, color: "#1f9d55"}});
     }
-    Plotly.react("pareto", traces, {...BASE, xaxis: {title: {text: COSTS[cost]}, type: cost === "latency_ms" ? "linear" : "log"},
+    Plotly.react("pareto", traces, {...BASE, xaxis: {title: {text: costOf(cost).column}, type: costOf(cost).log_axis ? "log" : "linear"},
       yaxis: {title: {text: `eval ${metric}`}}}, PLOT);
   }
 
   function frontCard(study, metric) {
-    const cost = (study.objectives || [])[1] || "params";
+    const cost = (study.objectives || [])[1] || COSTS[0].name;
     const front = study.front || [];
-    const flag = {params: "--max-params", flops: "--max-flops", latency_ms: "--max-latency-ms"}[cost];
+    const c = costOf(cost);
+    const flag = c.option;
     const pick = front.length ? front[front.length - 1] : null;  // ascending cost: the last is the most accurate
-    const limit = pick ? (cost === "latency_ms" ? pick.cost.toFixed(2) : Math.round(pick.cost)) : "N";
-    return `<h2>Pareto front (${esc(metric)} against ${esc(COSTS[cost])})</h2><div class="big">${front.length} <span class="muted">trial${front.length === 1 ? "" : "s"} on the front</span></div>
+    const limit = pick ? (c.is_count ? Math.round(pick.cost) : pick.cost.toFixed(c.decimals)) : "N";
+    return `<h2>Pareto front (${esc(metric)} against ${esc(c.column)})</h2><div class="big">${front.length} <span class="muted">trial${front.length === 1 ? "" : "s"} on the front</span></div>
       <table id="front-list"><tbody>${front.map((p) => `<tr><td><a href="${trialHref(study.name, p.number)}">#${p.number}</a></td><td class="num">${fmt(p.value)}</td><td class="num">${esc(costText(cost, p.cost))}</td>
         <td>${esc(shapeText(p.profile.shape))}</td></tr>`).join("")}</tbody></table>
       <p>no one best trial: pick one with <code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-student ${flag} ${limit}</code> or <code>--trial N</code></p>`;
@@ -222,8 +232,8 @@ const kd = (() => {
         <td class="num"><a href="${trialHref(name, t.number)}">${t.number}</a></td><td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td>
         <td class="num">${fmt(t.value)}</td><td class="num">${t.best_epoch ?? ""}</td><td class="num">${t.epochs.length}</td>
         <td class="wrap hyper">${esc(kdText(t.params))}</td><td class="num">${fmt(t.duration_s, 1)}</td>
-        <td>${esc(shapeText(t.profile && t.profile.shape))}</td><td class="num">${t.profile ? millions(t.profile.params) : ""}</td>
-        <td class="num">${t.profile ? fmt(t.profile.latency_ms, 2) : ""}</td><td>${esc(t.precision || "")}</td><td class="wrap">${esc(t.worker || "")}</td>
+        <td>${esc(shapeText(t.profile && t.profile.shape))}</td>${COSTS.map((c) => `<td class="num">${measured(t.profile, c) ? esc(c.is_count ? millions(t.profile[c.name]) : fmt(t.profile[c.name], c.decimals)) : ""}</td>`).join("")}
+        <td>${esc(t.precision || "")}</td><td class="wrap">${esc(t.worker || "")}</td>
         <td class="muted wrap">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
     };
     document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
@@ -237,7 +247,15 @@ const kd = (() => {
     let lastSummary = null;
     let paretoCost = null;  // the study's second objective until the user picks another axis
     document.getElementById("pareto-cost").onchange = (e) => { paretoCost = e.target.value; if (lastSummary) drawPareto(base, lastSummary, paretoCost).catch(console.warn); };
+    // The cost columns of the trials table and the chart's cost axes: one per cost of the registry.
+    let costColumns = false;
     loop(async () => {
+      await loadCosts();
+      if (!costColumns) {
+        costColumns = true;
+        document.getElementById("shape-header").insertAdjacentHTML("afterend", COSTS.map((c) => `<th>${esc(c.short)}</th>`).join(""));
+        document.getElementById("pareto-cost").innerHTML = COSTS.map((c) => `<option value="${esc(c.name)}">${esc(c.column)}</option>`).join("");
+      }
       const summary = await changed(`${base}/summary`);
       if (summary === null) return active(status);  // nothing new since the last poll
       lastSummary = summary;
@@ -292,7 +310,7 @@ const kd = (() => {
       }
       drawCharts(summary);
       if (paretoCost === null) {
-        paretoCost = (study.objectives || [])[1] || "params";
+        paretoCost = (study.objectives || [])[1] || COSTS[0].name;
         document.getElementById("pareto-cost").value = paretoCost;
       }
       await drawPareto(base, summary, paretoCost);
@@ -362,14 +380,16 @@ const kd = (() => {
       }
     };
     loop(async () => {
+      await loadCosts();
       const t = await json(url);
       const metric = t.metric || "score";
       document.getElementById("state").innerHTML = `<span class="badge ${esc(t.state)}">${esc(t.state)}</span>`;
       document.getElementById("value").innerHTML = t.value !== null ? `${fmt(t.value)} <span class="muted">${esc(metric)}</span>` : `<span class="muted">no ${esc(metric)} yet</span>`;
       const facts = [["best epoch", t.best_epoch], ["epochs run", t.epochs.length], ["duration", t.duration_s !== null ? `${fmt(t.duration_s, 1)} s` : ""],
         ["worker", t.worker], ["started", stamp(t.started_at)], ["finished", stamp(t.completed_at)], ["precision", t.precision],
-        ["shape", shapeText(t.profile && t.profile.shape)], ["parameters", t.profile ? millions(t.profile.params) : ""],
-        ["CPU latency", t.profile ? `${fmt(t.profile.latency_ms, 2)} ms (batch 1, ${esc(t.profile.machine)})` : ""],
+        ["shape", shapeText(t.profile && t.profile.shape)],
+        ...COSTS.map((c) => [c.title, measured(t.profile, c) ? costValue(c, t.profile[c.name]) : ""]),
+        ["measured on", t.profile ? t.profile.machine : ""],
         ["stop reason", t.stop_reason], ...Object.entries(t.metrics).map(([k, v]) => [`${k} (best epoch)`, fmt(v)])];
       document.querySelector("#facts tbody").innerHTML = facts.filter(([, v]) => v !== null && v !== undefined && v !== "")
         .map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("");
