@@ -5,6 +5,7 @@ Every rule here is a 422 at the API, naming the field (pydantic puts the field p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -162,6 +163,33 @@ class SearchSpace(_WithTerms):
     def _warmup(cls, v: Any) -> Any:
         return _check("warmup_ratio", v, lambda x: 0 <= x < 1, "within [0, 1)")
 
+
+
+# The training parameters shown beside the distillation terms' in tables and charts, with their short names.
+_SHOWN_TRAINING_PARAMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "batch_size": "batch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    """A hyperparameter as tables and charts show it: its name in a trial's ``params``, its short name, and whether
+    a regression study has it at all."""
+
+    name: str
+    symbol: str
+    classification_only: bool = False
+
+
+def shown_hyperparameters() -> list[Hyperparameter]:
+    """What a trial's row shows of its parameters, in the search space's order: the learning rate, every
+    distillation term's parameters (``kdsearch.terms``), the epochs and the batch size."""
+    terms = {p.name: p for p in search_params()}
+    shown = []
+    for name in SearchSpace.model_fields:
+        if name in _SHOWN_TRAINING_PARAMS:
+            shown.append(Hyperparameter(name, _SHOWN_TRAINING_PARAMS[name]))
+        elif (param := terms.get(name)) is not None:
+            shown.append(Hyperparameter(name, param.symbol or name, param.classification_only))
+    return shown
 
 
 class ShapeRange(_Strict):

@@ -406,20 +406,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         if (preparation := _preparation_line(study)) is not None:
             console.print(preparation, markup=False)
         ignored = set((study.get("task") or {}).get("ignored_params", []))
-        columns = [c for c in ("learning_rate", "temperature", "alpha") if c not in ignored]
+        columns = [c for c in _tuned_hyperparameters(args.url) if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", *(cost.short for cost in COSTS),
                       "precision", "duration s")
-        formats = {"learning_rate": "{:.3g}", "temperature": "{:.2f}", "alpha": "{:.3f}"}
         for t in page["trials"]:
             p = t["params"]
             table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
                           str(len(t["epochs"])),
-                          *(formats[c].format(p[c]) if isinstance(p.get(c), int | float) else "" for c in columns),
+                          *(f"{p[c]:.3g}" if isinstance(p.get(c), int | float) else "" for c in columns),
                           *_size_cells(t.get("profile")), t.get("precision") or "",
                           f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
         if len(study.get("objectives") or []) > 1:  # a single-objective study has one best trial, not a front
-            print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"))
+            print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"),
+                        _tuned_hyperparameters(args.url))
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
@@ -466,26 +466,33 @@ def _size_cells(profile: dict[str, Any] | None) -> tuple[str, ...]:
     return _shape_cell(profile["shape"]), *(_cost_cell(cost, profile, abbreviated=True) for cost in COSTS)
 
 
-def print_front(console: Any, pareto: dict[str, Any]) -> None:
-    """The Pareto front (``GET /api/studies/{id}/pareto``) as a table, with the teacher as the reference."""
+def _tuned_hyperparameters(url: str) -> list[str]:
+    """The hyperparameters a trial's row shows beside its epochs: the learning rate and every distillation term's
+    (``GET /api/hyperparameters``, in the search space's order)."""
+    shown = _request("GET", f"{url}/api/hyperparameters")
+    return [h["name"] for h in shown if h["name"] not in ("num_train_epochs", "batch_size")]
+
+
+def print_front(console: Any, pareto: dict[str, Any], columns: list[str]) -> None:
+    """The Pareto front (``GET /api/studies/{id}/pareto``) as a table, with the teacher as the reference;
+    ``columns``: the hyperparameters shown."""
     from rich.table import Table
 
     metric, axis = pareto.get("metric") or "score", pareto["cost"]
-    table = Table("#", metric, *(cost.short for cost in COSTS), "shape", "learning_rate", "temperature", "alpha",
+    table = Table("#", metric, *(cost.short for cost in COSTS), "shape", *columns,
                   title=f"Pareto front: {metric} (higher) vs {axis} (lower), {len(pareto['front'])} of "
                         f"{pareto['n_complete']} complete trials")
     for point in pareto["front"]:
         p, kd = point["profile"], point["params"]
         table.add_row(str(point["number"]), f"{point['value']:.4f}", *(_cost_cell(cost, p) for cost in COSTS),
                       _shape_cell(p["shape"]),
-                      *(f"{kd[k]:.3g}" if isinstance(kd.get(k), int | float) else "" for k in
-                        ("learning_rate", "temperature", "alpha")))
+                      *(f"{kd[k]:.3g}" if isinstance(kd.get(k), int | float) else "" for k in columns))
     teacher = pareto.get("teacher_profile")
     if teacher:
         score = pareto.get("teacher_metric")
         table.add_row("teacher", f"{score:.4f}" if score is not None else "",
                       *(_cost_cell(cost, teacher) for cost in COSTS), _shape_cell(teacher["shape"]),
-                      "", "", "", style="dim")
+                      *("" for _ in columns), style="dim")
     console.print(table)
 
 

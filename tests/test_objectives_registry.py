@@ -93,7 +93,8 @@ def test_export_best_and_the_cli_come_from_it(capsys: pytest.CaptureFixture[str]
     assert all(getattr(args, cost.flag) == 7 for cost in COSTS)
     print_front(__import__("rich.console").console.Console(width=400), {
         "metric": "accuracy", "cost": NAMES[0], "n_complete": 1, "teacher_profile": _profile(10),
-        "teacher_metric": 0.9, "front": [{"number": 0, "value": 0.8, "profile": _profile(), "params": {}}]})
+        "teacher_metric": 0.9, "front": [{"number": 0, "value": 0.8, "profile": _profile(), "params": {}}]},
+        ["learning_rate", "alpha"])
     out = capsys.readouterr().out
     assert all(cost.short in out and cost.format(cost.read(_profile())) in out for cost in COSTS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,3 +133,19 @@ def test_a_plugged_term_trains_the_same_solo_looped_and_stacked(plugged: Any) ->
             assert_same(packed, solo)
     # The weight matters: the two members' losses differ by more than their seeds' doing.
     assert alone[0].history[-1].train_loss != pytest.approx(alone[1].history[-1].train_loss, rel=1e-3)
+
+
+def test_tables_and_charts_show_every_term_parameter(tmp_path: Path) -> None:
+    """The dashboard and the CLI read the hyperparameters to show from GET /api/hyperparameters, which lists every
+    registered term's, with its short name."""
+    from fastapi.testclient import TestClient
+
+    from service.api.main import create_app
+    from service.settings import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=tmp_path / "a")
+    with TestClient(create_app(settings)) as client:
+        shown = client.get("/api/hyperparameters").json()
+    assert [h["name"] for h in shown] == ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"]
+    assert {h["name"]: h["symbol"] for h in shown}["temperature"] == "T"
+    assert next(h for h in shown if h["name"] == "temperature")["classification_only"] is True

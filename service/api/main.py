@@ -15,7 +15,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import request_validation_error
-from service.api.routes import health, metrics, objectives, studies, trials, workers
+from service.api.routes import health, hyperparameters, metrics, objectives, studies, trials, workers
 from service.dashboard import mount_dashboard
 from service.metrics import StoreCollector
 from service.notifier import Notifier
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, bind_host: str | None = None) -
     api = APIRouter(prefix="/api")
     api.include_router(health.router)
     api.include_router(objectives.router)
+    api.include_router(hyperparameters.router)
     api.include_router(studies.router)
     api.include_router(trials.router)
     api.include_router(workers.router)

@@ -86,6 +86,14 @@ class CostOut(BaseModel):
     option: str  # its export-best option: --max-params
 
 
+class HyperparameterOut(BaseModel):
+    """``GET /api/hyperparameters``: one hyperparameter a trial's row shows."""
+
+    name: str
+    symbol: str
+    classification_only: bool
+
+
 class ObjectivesOut(BaseModel):
     """``GET /api/objectives``: what a study can optimise: the metric, and the costs a Pareto front is drawn on."""
 

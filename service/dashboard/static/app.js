@@ -151,7 +151,11 @@ const kd = (() => {
   // profile key), titles, unit, decimals, axis and export-best option. Fetched once per page, before the first draw.
   let COSTS = [];
   let registry = null;
-  const loadCosts = () => (registry = registry || json("/api/objectives").then((r) => { COSTS = r.costs; return r; }).catch((e) => { registry = null; throw e; }));
+  // The hyperparameters a trial's row shows, with their short names (GET /api/hyperparameters: the training ones and
+  // every distillation term's), fetched with the costs.
+  let HYPERPARAMETERS = [];
+  const loadCosts = () => (registry = registry || Promise.all([json("/api/objectives"), json("/api/hyperparameters")])
+    .then(([r, h]) => { COSTS = r.costs; HYPERPARAMETERS = h; return r; }).catch((e) => { registry = null; throw e; }));
   const costOf = (name) => COSTS.find((c) => c.name === name) ||
     {name, title: name, column: name, short: name, unit: "", decimals: 0, is_count: true, log_axis: true, option: `--max-${String(name).replace(/_/g, "-")}`};
   const measured = (profile, c) => profile && profile[c.name] !== null && profile[c.name] !== undefined;
@@ -161,8 +165,8 @@ const kd = (() => {
   const costValue = (c, v) => (c.is_count ? `${millions(v)} ${c.short}` : `${fmt(v, c.decimals)} ${c.unit}`);
   const costText = (cost, v) => costValue(costOf(cost), v);
   const costsText = (profile) => COSTS.filter((c) => measured(profile, c)).map((c) => costValue(c, profile[c.name])).join(" · ");
-  const kdText = (p) => ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"].filter((k) => typeof p[k] === "number")
-    .map((k) => `${k === "learning_rate" ? "lr" : k === "temperature" ? "T" : k === "alpha" ? "α" : k === "num_train_epochs" ? "epochs" : "batch"}=${k === "learning_rate" ? sci(p[k]) : Number.isInteger(p[k]) ? p[k] : fmt(p[k], 2)}`).join(" ");
+  const kdText = (p) => HYPERPARAMETERS.filter((h) => typeof p[h.name] === "number")
+    .map((h) => `${h.symbol}=${h.name === "learning_rate" ? sci(p[h.name]) : Number.isInteger(p[h.name]) ? p[h.name] : fmt(p[h.name], 2)}`).join(" ");
   const pointText = (metric, number, value, profile, params) => `#${number} ${metric} ${fmt(value)}<br>${shapeText(profile.shape)} · ` +
     `${costsText(profile)}<br>${kdText(params)}`;
 
