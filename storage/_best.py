@@ -10,7 +10,7 @@ Prometheus collector, ``export-best`` and the worker.
   study with several objectives has no one best trial: its best trials are its Pareto front (Optuna's
   ``best_trials``), listed by ascending cost, then number. ``best_trial`` reads it in SQL for the pages
   (a study of thousands of trials is never loaded); ``best_trials`` finds it on an ``optuna.Study`` already loaded
-  (the worker, ``export-best``). Both follow the rule above, and ``tests/test_schema.py`` checks they agree.
+  (the worker, ``export-best``). Both follow the rule above, and ``tests/test_storage_boundary.py`` checks they agree.
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
     best_out = front = None
     if len(objectives) > 1:  # no one best trial: the front
         front, _ = _front(session, optuna_study_id(session, row.name), _cost_axis(row, None))
-    elif (best := best_trial(session, row.name)) is not None:
+    elif summary.best_value is not None and (best := best_trial(session, row.name)) is not None:
         best_out = BestTrial(**dataclasses.asdict(best))
     # Studies recorded before task metrics held the teacher's accuracy alone.
     teacher_metrics = attrs.get("teacher_metrics") or (
