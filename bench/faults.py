@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
     from sqlalchemy.pool import NullPool
 
     from distill.hardware import load_1min, machine
-    from storage._models import PreparationRow, StudyRow, TrialSlotRow
+    from storage import PreparationRow, StudyRow, TrialSlotRow
     from tests.conftest import tiny_spec, write_dataset, write_tiny_model
     from tests.procs import KDSEARCH, Stack
 

@@ -90,12 +90,11 @@ def _request(method: str, url: str, headers: dict[str, str] | None = None, **kwa
 
 def _check_database() -> str | None:
     """None when the configured database answers, else a one-line reason."""
-    from sqlalchemy import text
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from service.redaction import mask_database_url, scrub_database_error
     from service.settings import get_settings
-    from storage import make_engine
+    from storage import make_engine, ping
 
     url = get_settings().database_url
     try:
@@ -104,8 +103,7 @@ def _check_database() -> str | None:
         return scrub_database_error(f"KDSEARCH_DATABASE_URL {mask_database_url(url)!r} is not a database URL ({exc})",
                                     url)
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        ping(engine)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         return scrub_database_error(f"cannot reach the database at {mask_database_url(url)}: "

@@ -42,6 +42,7 @@ from service.settings import Settings
 from storage import (
     SchemaMismatch,
     SeedSpread,
+    best_trials,
     check_schema,
     get_study,
     make_engine,
@@ -51,6 +52,7 @@ from storage import (
     record_seed_run,
     seed_runs,
     session_scope,
+    study_metric,
     unpack_directory,
     utcnow,
 )
@@ -137,7 +139,7 @@ def select_trial(study: optuna.Study, *, trial_number: int | None = None, metric
     candidates = [t for t in trials if t.values is not None and "checkpoint_artifact_id" in t.user_attrs]
     complete = [t for t in candidates if t.state == TrialState.COMPLETE]
     several = len(study.directions) > 1
-    front = sorted(study.best_trials, key=lambda t: (t.values[1], t.number)) if several else None
+    front = best_trials(study) if several else None
     limits = cost_limits(max_costs)
     if trial_number is not None:
         chosen = next((t for t in candidates if t.number == trial_number), None)
@@ -175,8 +177,9 @@ def select_trial(study: optuna.Study, *, trial_number: int | None = None, metric
             + (listing or "  (empty: no COMPLETE trial yet)"))
     if not candidates:
         raise ExportError(f"study {study.study_name!r} has no finished trial with a checkpoint yet")
-    # The best COMPLETE trial (the best PRUNED one if none completed): every candidate has a value.
-    return Selection(max(complete or candidates, key=_metric), "the best trial", len(trials), None)
+    best = [t for t in best_trials(study) if "checkpoint_artifact_id" in t.user_attrs]
+    # The best trial (the best PRUNED one, by its last score, if none completed): every candidate has a value.
+    return Selection(best[0] if best else max(candidates, key=_metric), "the best trial", len(trials), None)
 
 
 def front_entry(trial: FrozenTrial) -> dict[str, Any]:
@@ -192,11 +195,11 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
     layout = make_layout(settings.artifacts, settings.local_cache, db, signing_key=settings.artifact_key)
     seeds = [spec.seed + k for k in range(1, n_seeds + 1)]
     with session_scope(db) as session:
-        done = {seed: (row.eval_accuracy, row.checkpoint_artifact_id)
+        done = {seed: (row.best_score, row.checkpoint_artifact_id)
                 for seed, row in seed_runs(session, study_id, trial.number).items()}
     params: dict[str, Any] = trial.user_attrs.get("params", trial.params)
     engine = None
-    metric = (study.user_attrs.get("task") or {}).get("metric") or spec.metric or "accuracy"
+    metric = study_metric({"metric": spec.metric}, study.user_attrs) or "accuracy"
     for seed in seeds:
         if seed in done:
             log(f"seed {seed}: already retrained, eval {metric} {done[seed][0]:.4f}")
@@ -209,11 +212,8 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
             checkpoint = Path(tmp) / "checkpoint"
             outcome = engine.run_trial(prepared, params, seed, None, checkpoint)
             artifact_id = layout.store_checkpoint(checkpoint, study)
-        with session_scope(db) as session:
-            # The column predates task metrics: it holds the study's metric, whatever it is.
-            record_seed_run(session, study_id=study_id, trial_number=trial.number, seed=seed,
-                            eval_accuracy=outcome.best_score, best_epoch=outcome.best_epoch,
-                            checkpoint_artifact_id=artifact_id)
+        record_seed_run(db, study_id=study_id, trial_number=trial.number, seed=seed, best_score=outcome.best_score,
+                        best_epoch=outcome.best_epoch, checkpoint_artifact_id=artifact_id)
         done[seed] = (outcome.best_score, artifact_id)
         log(f"seed {seed}: eval {metric} {outcome.best_score:.4f} (best epoch {outcome.best_epoch})")
     spread = SeedSpread(trial.number, seeds, [done[s][0] for s in seeds])
@@ -320,7 +320,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                 raise ExportError(f"no study {study!r} in {mask_database_url(settings.database_url)}")
             study_id, name, spec_json = row.id, row.name, dict(row.spec)
         optuna_study = optuna.load_study(study_name=name, storage=storage)
-        metric = (optuna_study.user_attrs.get("task") or {}).get("metric") or spec_json.get("metric") or "metric"
+        metric = study_metric(spec_json, optuna_study.user_attrs) or "metric"
         selection = select_trial(optuna_study, trial_number=trial_number, metric=metric, **max_costs)
         best = selection.trial
         spread, artifact_id = None, best.user_attrs["checkpoint_artifact_id"]

@@ -11,22 +11,9 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
-from storage import (
-    PreparationRow,
-    SlotState,
-    StudyRow,
-    StudyStatus,
-    TrialSlotRow,
-    WorkerRow,
-    db_now,
-    session_scope,
-    study_user_attrs,
-    trial_summaries,
-    worker_status,
-)
-from storage._trials import _state, _studies, _trials, duration_seconds  # Optuna's schema, read directly
+from storage import StudyStatus, db_now, session_scope, store_census, trial_summaries, worker_status
 
 TRIAL_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 BUILD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600, 7200)
@@ -52,26 +39,15 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         with session_scope(self.db) as session:
             now = db_now(session)  # heartbeats are stamped on the database's clock: judge them on it
-            studies = session.execute(select(StudyRow.id, StudyRow.name, StudyRow.status)).all()
-            by_status = {status: 0 for status in StudyStatus.ALL}
-            for study in studies:
-                by_status[study.status] = by_status.get(study.status, 0) + 1
+            census = store_census(session)
             # Per-study series for running studies only: a finished study's would stay forever, one more label set
             # per study ever launched.
-            running = [study for study in studies if study.status == StudyStatus.RUNNING]
+            running = [study for study in census.studies if study.status == StudyStatus.RUNNING]
             summaries = trial_summaries(session, [s.name for s in running])
-            tasks = study_user_attrs(session, [s.name for s in running], ["task"])
-            pending = dict(session.execute(
-                select(TrialSlotRow.study_id, func.count()).where(TrialSlotRow.state == SlotState.PENDING)
-                .group_by(TrialSlotRow.study_id)).all())
-            workers = session.scalars(select(WorkerRow)).all()
-            durations = session.scalars(
-                select(duration_seconds(session.get_bind().dialect.name))
-                .where(_state.in_(["COMPLETE", "PRUNED"]), _trials.c.datetime_complete.is_not(None))
-            ).all()
-            builds = session.scalars(select(PreparationRow.build_seconds)
-                                     .where(PreparationRow.build_seconds.is_not(None))).all()
-            n_optuna = session.scalar(select(func.count()).select_from(_studies)) or 0
+        by_status = {status: 0 for status in StudyStatus.ALL}
+        for study in census.studies:
+            by_status[study.status] = by_status.get(study.status, 0) + 1
+        pending = census.pending_slots
 
         gauge = GaugeMetricFamily("kdsearch_studies", "Studies by status", labels=["status"])
         for status, n in by_status.items():
@@ -95,7 +71,7 @@ class StoreCollector(Collector):
                                 "too)", value=sum(pending.values()))
 
         by_worker = {status: 0 for status in WORKER_STATUSES}
-        for row in workers:
+        for row in census.workers:
             status = worker_status(row, now, self.grace_period_s)
             by_worker[status] = by_worker.get(status, 0) + 1
         worker_gauge = GaugeMetricFamily("kdsearch_workers", "Workers by status (lost: stopped heart-beating)",
@@ -104,21 +80,19 @@ class StoreCollector(Collector):
             worker_gauge.add_metric([status], n)
         yield worker_gauge
 
-        values = [max(0.0, float(d)) for d in durations if d is not None]
         yield _histogram("kdsearch_trial_duration_seconds", "Wall time of finished (COMPLETE or PRUNED) trials",
-                         values, TRIAL_BUCKETS)
+                         census.trial_durations, TRIAL_BUCKETS)
         yield _histogram("kdsearch_teacher_cache_build_seconds",
                          "Wall time of preparations that built a teacher-logit cache or transfer set",
-                         [float(b) for b in builds if b is not None], BUILD_BUCKETS)
+                         census.build_seconds, BUILD_BUCKETS)
 
         best = GaugeMetricFamily("kdsearch_best_value", "Best COMPLETE trial's value on the study's metric, per "
                                  "running study", labels=["study", "metric"])
         for study in running:
             value = summaries[study.name][1]
             if value is not None:
-                metric = (tasks[study.name].get("task") or {}).get("metric", "")
-                best.add_metric([study.name, metric], value)
+                best.add_metric([study.name, census.metrics.get(study.name) or ""], value)
         yield best
         yield GaugeMetricFamily("kdsearch_optuna_studies", "Studies in Optuna's schema (kdsearch's and others')",
-                                value=n_optuna)
+                                value=census.n_optuna_studies)
 

@@ -28,16 +28,18 @@ from sqlalchemy import Engine
 from service.redaction import redact_webhook_url
 from service.settings import Settings, webhook_origin, webhook_origins
 from storage import (
+    METRIC_ATTRS,
     NotificationRow,
-    StudyRow,
+    best_trial,
     claim_notification,
+    get_study,
     retry_operational,
     session_scope,
     settle_notification,
+    study_metric,
     study_user_attrs,
     utcnow,
 )
-from storage._trials import best_trial, optuna_study_id
 
 log = logging.getLogger("kdsearch.notify")
 MAX_REDIRECTS = 3
@@ -112,13 +114,14 @@ class Notifier:
 
     def payload(self, row: NotificationRow) -> dict[str, Any]:
         with session_scope(self.db) as session:
-            study = session.get(StudyRow, row.study_id)
+            study = get_study(session, row.study_id)
             assert study is not None
-            optuna_id = optuna_study_id(session, study.name)
-            best = best_trial(session, optuna_id) if optuna_id is not None else None
-            task = study_user_attrs(session, [study.name], ["task"])[study.name].get("task") or {}
+            best = best_trial(session, study.name)
+            attrs = study_user_attrs(session, [study.name], list(METRIC_ATTRS))[study.name]
             return {"study": study.name, "study_id": study.id, "event": row.event, "status": study.status,
-                    "metric": task.get("metric") or (study.spec or {}).get("metric"), "best_trial": best,
+                    "metric": study_metric(study.spec, attrs),
+                    "best_trial": None if best is None else {"number": best.number, "value": best.value,
+                                                             "params": best.params},
                     "dashboard_url": f"{self.settings.public_url.rstrip('/')}/studies/{study.name}",
                     "sent_at": utcnow().isoformat(), **(row.payload or {})}
 

@@ -72,6 +72,7 @@ from storage import (
     ArtifactLayout,
     Claim,
     SlotState,
+    best_trials,
     enqueue_event,
     ensure_optuna_study,
     fail_study,
@@ -507,9 +508,8 @@ class TrialRunner:
         """A ``new_best`` notification when this trial is now the study's best (and the spec asked for it)."""
         if spec.notify is None or "new_best" not in spec.notify.events or outcome.stopped:
             return
-        # Several objectives: "best" is joining the Pareto front.
-        best = study.best_trials if spec.multi_objective else [study.best_trial]
-        if trial.number in {t.number for t in best}:
+        # The one rule of "best" (storage.best_trials): with several objectives, joining the Pareto front.
+        if trial.number in {t.number for t in best_trials(study)}:
             enqueue_event(self.db, claim.study_id, "new_best",
                           {"trial_number": trial.number, "value": outcome.best_score})
 

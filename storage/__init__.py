@@ -1,4 +1,19 @@
-"""Where kdsearch state lives: SQL tables, Optuna's study store, checkpoints and caches."""
+"""Where kdsearch state lives: SQL tables, Optuna's study store, checkpoints and caches.
+
+This module is storage's whole interface: nothing outside ``storage/`` imports one of its underscore modules or
+names, and no SQL is written outside it.
+
+**Engine or Session.** A function takes the ``Engine`` when it is a unit of work of its own: it writes (and then
+commits or rolls back everything it did), or it is a check a process makes on its own between other work (a
+worker's stop check, a heartbeat's holder, the schema revision, a ping). It opens and closes its own session, so a
+caller can retry it whole with ``retry_operational`` and never holds half of it. A function takes a ``Session`` when
+it only reads on behalf of a caller that reads more: it never writes and never commits, and everything an API
+request reads through such functions comes from the one snapshot of the request's session (``session_scope``, or
+the API's session dependency). Optuna's own writes go through its ``RDBStorage`` (``make_optuna_storage``).
+
+**The study's metric and its best trial** are decided in one place each: ``study_metric`` and ``best_trial`` /
+``best_trials`` (``storage._best``'s docstring gives both rules).
+"""
 
 from sqlalchemy import Engine
 
@@ -10,6 +25,8 @@ from storage._artifacts import (
     pack_directory,
     unpack_directory,
 )
+from storage._best import METRIC_ATTRS, BestTrial, best_trial, best_trials, study_metric
+from storage._census import StoreCensus, StudyBrief, all_studies, ping, store_census, workers_with_studies
 from storage._db import (
     TRANSIENT_ERRORS,
     StoreError,
@@ -75,8 +92,26 @@ from storage._queue import (
     upsert_worker,
     worker_status,
 )
-from storage._schema import SchemaMismatch, check_schema, current_revision, head_revision, upgrade_schema
+from storage._schema import (
+    VERSION_TABLE,
+    SchemaMismatch,
+    alembic_config,
+    check_schema,
+    current_revision,
+    head_revision,
+    upgrade_schema,
+)
 from storage._seed_runs import SeedSpread, count_seed_runs, latest_seed_spread, record_seed_run, seed_runs
+from storage._trials import (
+    OPTUNA_TRIALS,
+    complete_trials,
+    duration_seconds,
+    learning_curves,
+    optuna_study_id,
+    page_trial_ids,
+    study_fingerprint,
+    trial_points,
+)
 
 
 def init_db(engine: Engine) -> None:
@@ -88,10 +123,14 @@ def init_db(engine: Engine) -> None:
 __all__ = [
     "ENTRY_META",
     "ENTRY_TENSORS",
+    "METRIC_ATTRS",
+    "OPTUNA_TRIALS",
     "TRANSIENT_ERRORS",
+    "VERSION_TABLE",
     "ArtifactLayout",
     "AtomicFileSystemArtifactStore",
     "Base",
+    "BestTrial",
     "Claim",
     "DeletedStudy",
     "NothingToRetryError",
@@ -103,24 +142,32 @@ __all__ = [
     "SeedRunRow",
     "SeedSpread",
     "SlotState",
+    "StoreCensus",
     "StoreError",
+    "StudyBrief",
     "StudyBusyError",
     "StudyExistsError",
     "StudyRow",
     "StudyStatus",
     "TrialSlotRow",
     "WorkerRow",
+    "alembic_config",
+    "all_studies",
+    "best_trial",
+    "best_trials",
     "cancel_study",
     "check_schema",
     "claim_notification",
     "claim_slot",
     "claim_slots",
+    "complete_trials",
     "count_seed_runs",
     "create_study",
     "current_revision",
     "db_now",
     "default_local_cache",
     "delete_study",
+    "duration_seconds",
     "engine_kwargs",
     "enqueue_event",
     "ensure_optuna_study",
@@ -133,13 +180,17 @@ __all__ = [
     "is_sqlite",
     "is_transient",
     "latest_seed_spread",
+    "learning_curves",
     "make_engine",
     "make_layout",
     "make_optuna_storage",
     "missing_sqlite_file",
     "notifications",
     "optuna_study_exists",
+    "optuna_study_id",
     "pack_directory",
+    "page_trial_ids",
+    "ping",
     "preparation_failed",
     "preparation_succeeded",
     "preparations",
@@ -158,13 +209,18 @@ __all__ = [
     "settle_notification",
     "slot_counts",
     "slot_holder",
+    "store_census",
+    "study_fingerprint",
+    "study_metric",
     "study_should_stop",
     "study_user_attrs",
     "touch_worker",
+    "trial_points",
     "trial_summaries",
     "unpack_directory",
     "upgrade_schema",
     "upsert_worker",
     "utcnow",
     "worker_status",
+    "workers_with_studies",
 ]

@@ -126,7 +126,7 @@ class SeedRunRow(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("kd_studies.id", ondelete="CASCADE"), index=True)
     trial_number: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
-    eval_accuracy: Mapped[float] = mapped_column()
+    best_score: Mapped[float] = mapped_column()  # the study's metric at the best epoch (``eval_accuracy`` before 0003)
     best_epoch: Mapped[int] = mapped_column(Integer)
     checkpoint_artifact_id: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

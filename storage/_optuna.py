@@ -64,7 +64,8 @@ def optuna_study_exists(storage: RDBStorage, name: str) -> bool:
 
 
 def trial_summaries(session: Session, study_names: list[str]) -> dict[str, tuple[dict[str, int], float | None]]:
-    """Per study name: (trial counts by Optuna state, best COMPLETE value)."""
+    """Per study name: (trial counts by Optuna state, the highest metric of its COMPLETE trials): for one objective,
+    the value of ``best_trial`` (kdsearch never completes an infeasible trial: it is PRUNED untrained)."""
     result: dict[str, tuple[dict[str, int], float | None]] = {name: ({}, None) for name in study_names}
     if not study_names:
         return result

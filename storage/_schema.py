@@ -39,14 +39,15 @@ class SchemaMismatch(RuntimeError):
     """The database's schema revision is not this release's."""
 
 
-def _config() -> Config:
+def alembic_config() -> Config:
+    """Alembic's configuration for kdsearch's migrations (hand it a connection in ``attributes["connection"]``)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 
@@ -88,7 +89,7 @@ def upgrade_schema(engine: Engine) -> str:
 
 def _upgrade(engine: Engine) -> str:
     head = head_revision()
-    config = _config()
+    config = alembic_config()
     # IMMEDIATE (SQLite): the upgrade reads the version and then writes; a deferred transaction would fail at once
     # with "database is locked" when another process wrote in between.
     with engine.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
@@ -116,7 +117,7 @@ def check_schema(engine: Engine) -> str:
         what = "predates schema versions" if legacy else "has no kdsearch schema yet"
         raise SchemaMismatch(f"the database {what} (this kdsearch needs revision {head}): run `kdsearch db "
                              "upgrade` or start `kdsearch serve`")
-    known = {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if current in known:
         raise SchemaMismatch(f"the database's kdsearch schema is at revision {current}, this kdsearch needs {head}: "
                              "run `kdsearch db upgrade` (or start `kdsearch serve`)")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from storage._db import session_scope
 from storage._models import SeedRunRow
 
 
@@ -31,18 +32,19 @@ class SeedSpread:
         return self.seeds[max(range(len(self.seeds)), key=self.values.__getitem__)]
 
 
-def record_seed_run(session: Session, *, study_id: int, trial_number: int, seed: int, eval_accuracy: float,
+def record_seed_run(engine: Engine, *, study_id: int, trial_number: int, seed: int, best_score: float,
                     best_epoch: int, checkpoint_artifact_id: str) -> SeedRunRow:
-    """Insert one finished retraining; a second record of the same seed keeps the first (idempotent)."""
-    existing = session.scalar(select(SeedRunRow).where(
-        SeedRunRow.study_id == study_id, SeedRunRow.trial_number == trial_number, SeedRunRow.seed == seed))
-    if existing is not None:
-        return existing
-    row = SeedRunRow(study_id=study_id, trial_number=trial_number, seed=seed, eval_accuracy=eval_accuracy,
-                     best_epoch=best_epoch, checkpoint_artifact_id=checkpoint_artifact_id)
-    session.add(row)
-    session.flush()
-    return row
+    """Record one finished retraining (``best_score``: the study's metric at its best epoch), committed; a second
+    record of the same seed keeps the first (idempotent)."""
+    with session_scope(engine) as session:
+        existing = session.scalar(select(SeedRunRow).where(
+            SeedRunRow.study_id == study_id, SeedRunRow.trial_number == trial_number, SeedRunRow.seed == seed))
+        if existing is not None:
+            return existing
+        row = SeedRunRow(study_id=study_id, trial_number=trial_number, seed=seed, best_score=best_score,
+                         best_epoch=best_epoch, checkpoint_artifact_id=checkpoint_artifact_id)
+        session.add(row)
+        return row
 
 
 def seed_runs(session: Session, study_id: int, trial_number: int) -> dict[int, SeedRunRow]:
@@ -59,11 +61,10 @@ def latest_seed_spread(session: Session, study_id: int) -> SeedSpread | None:
     if trial_number is None:
         return None
     rows = session.execute(
-        select(SeedRunRow.seed, SeedRunRow.eval_accuracy)
+        select(SeedRunRow.seed, SeedRunRow.best_score)
         .where(SeedRunRow.study_id == study_id, SeedRunRow.trial_number == trial_number)
         .order_by(SeedRunRow.seed)).all()
-    return SeedSpread(trial_number, [r.seed for r in rows], [r.eval_accuracy for r in rows])
-
+    return SeedSpread(trial_number, [r.seed for r in rows], [r.best_score for r in rows])
 
 
 def count_seed_runs(session: Session, study_id: int) -> int:

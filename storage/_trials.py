@@ -22,7 +22,12 @@ _steps = sa.table("trial_intermediate_values", sa.column("trial_id"), sa.column(
                   sa.column("intermediate_value"))
 _trial_attrs = sa.table("trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json"))
 _study_attrs = sa.table("study_user_attributes", sa.column("study_id"), sa.column("key"), sa.column("value_json"))
+_system_attrs = sa.table("trial_system_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json"))
+_directions = sa.table("study_directions", sa.column("study_id"), sa.column("objective"), sa.column("direction"))
 _state = sa.cast(_trials.c.state, sa.String)  # an ENUM type on PostgreSQL, text on SQLite
+
+# Optuna's trials table (only the columns kdsearch reads), for tests and tools that must reach under Optuna.
+OPTUNA_TRIALS = _trials
 
 SORTABLE = {"number": _trials.c.number, "value": _values.c.value, "state": _state,
             "started": _trials.c.datetime_start}
@@ -147,20 +152,6 @@ def page_trial_ids(session: Session, study_id: int, *, offset: int, limit: int, 
     ).all()
     return total, list(ids)
 
-
-
-
-def best_trial(session: Session, study_id: int) -> dict[str, Any] | None:
-    """The best COMPLETE trial (number, value, params) of an Optuna study, or None."""
-    row = session.execute(
-        _with_value(study_id).where(_state == "COMPLETE", _values.c.value.is_not(None))
-        .order_by(_values.c.value.desc(), _trials.c.number).limit(1)
-    ).first()
-    if row is None:
-        return None
-    params = session.scalar(sa.select(_trial_attrs.c.value_json).where(
-        _trial_attrs.c.trial_id == row.trial_id, _trial_attrs.c.key == "params"))
-    return {"number": row.number, "value": row.value, "params": json.loads(params) if params else {}}
 
 
 def study_fingerprint(session: Session, study_id: int, from_epochs: bool = False) -> str:

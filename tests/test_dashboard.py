@@ -89,10 +89,10 @@ def test_study_page_is_live(browser, live_stack: Stack, tiny_assets, tmp_path: P
     db = make_engine(live_stack.env["KDSEARCH_DATABASE_URL"])
     with session_scope(db) as session:
         study = get_study(session, "live")
-        best = int(page.locator("#best").inner_text().split("trial #")[1].split(",")[0])
-        for seed, accuracy in ((34, 0.81), (35, 0.83)):
-            record_seed_run(session, study_id=study.id, trial_number=best, seed=seed, eval_accuracy=accuracy,
-                            best_epoch=3, checkpoint_artifact_id=f"test-{seed}")
+    best = int(page.locator("#best").inner_text().split("trial #")[1].split(",")[0])
+    for seed, accuracy in ((34, 0.81), (35, 0.83)):
+        record_seed_run(db, study_id=study.id, trial_number=best, seed=seed, best_score=accuracy,
+                        best_epoch=3, checkpoint_artifact_id=f"test-{seed}")
     db.dispose()
     page.reload()
     page.wait_for_selector("#seed-retrain", timeout=30_000)

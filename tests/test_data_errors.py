@@ -15,8 +15,7 @@ from service.api import create_app
 from service.notifier import Notifier
 from service.settings import Settings
 from service.worker import Worker
-from storage import session_scope
-from storage._models import NotificationRow
+from storage import NotificationRow, session_scope
 from tests.conftest import tiny_spec
 from tests.procs import queue_unchecked
 

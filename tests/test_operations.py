@@ -208,7 +208,8 @@ def test_duration_sort_keeps_microseconds(db_url: str) -> None:
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from storage._trials import _trials, duration_seconds, optuna_study_id, page_trial_ids
+    from storage import OPTUNA_TRIALS as _trials
+    from storage import duration_seconds, optuna_study_id, page_trial_ids
 
     storage = optuna.storages.RDBStorage(db_url)
     study = optuna.create_study(study_name="micro", storage=storage)

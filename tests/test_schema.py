@@ -16,18 +16,22 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from storage import (
+    Base,
     SchemaMismatch,
+    alembic_config,
     check_schema,
     current_revision,
     head_revision,
     is_transient,
+    latest_seed_spread,
     make_engine,
+    session_scope,
     upgrade_schema,
 )
-from storage._models import Base
 from tests.procs import KDSEARCH, ROOT, Stack
 
 RELEASE_DB = Path(__file__).parent / "fixtures" / "release-16cf43f.sqlite"
+RELEASE_0002_DB = Path(__file__).parent / "fixtures" / "release-ed3f745.sqlite"  # the last release at 0002
 SLEEP = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
          "KDSEARCH_POLL_INTERVAL": "0.1"}
 
@@ -86,7 +90,8 @@ def test_a_release_database_upgrades_in_place(tmp_path: Path) -> None:
 def test_upgrade_from_the_baseline_keeps_rows(postgres_url: str) -> None:
     from alembic import command
 
-    from storage._schema import VERSION_TABLE, _config
+    from storage import VERSION_TABLE
+    from storage import alembic_config as _config
 
     engine = make_engine(postgres_url)
     try:
@@ -107,6 +112,74 @@ def test_upgrade_from_the_baseline_keeps_rows(postgres_url: str) -> None:
             assert conn.execute(sa.text("SELECT count(*) FROM kd_trial_slots")).scalar() == 1
             assert conn.execute(sa.text("SELECT count(*) FROM kd_preparations")).scalar() == 0
             assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_a_0002_release_database_keeps_its_seed_scores(tmp_path: Path) -> None:
+    """A database file built by the last release at revision 0002 (tests/fixtures/make_release_db.py): the upgrade
+    renames kd_seed_runs.eval_accuracy to best_score (0003) in place, and the API still shows every value."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+
+    db_file = tmp_path / "release.sqlite"
+    shutil.copy(RELEASE_0002_DB, db_file)
+    url = f"sqlite:///{db_file}"
+    engine = make_engine(url)
+    try:
+        assert current_revision(engine) == "0002"
+        with pytest.raises(SchemaMismatch, match=f"at revision 0002, this kdsearch needs {head_revision()}"):
+            check_schema(engine)
+        with TestClient(create_app(Settings(database_url=url, artifacts=tmp_path / "artifacts"))) as client:
+            assert current_revision(engine) == head_revision()  # the API upgraded it at start-up
+            detail = client.get("/api/studies/legacy").json()
+            assert detail["status"] == "finished" and detail["counts"]["complete"] == 3
+            assert detail["seed_retrain"]["values"] == [0.75] and detail["seed_retrain"]["metric"] == "accuracy"
+            assert detail["best_trial"]["value"] == detail["best_value"] > 0
+            assert client.get("/api/studies/legacy-queued").json()["counts"]["waiting"] == 2
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("kd_seed_runs")}
+            assert "best_score" in columns and "eval_accuracy" not in columns
+            assert conn.execute(sa.text("SELECT seed, best_score, best_epoch FROM kd_seed_runs")).all() == [
+                (34, 0.75, 2)]
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0003_keeps_seed_scores(db_url: str) -> None:
+    """A database at 0002 with seed runs: 0003 renames the column in place on either backend, every value kept,
+    and the schema is then exactly the models'."""
+    from alembic import command
+
+    engine = make_engine(db_url)
+    try:
+        config = alembic_config()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0002")
+            conn.execute(sa.text("INSERT INTO kd_studies (name, status, priority, n_trials, spec, created_at, "
+                                 "updated_at) VALUES ('old', 'finished', 0, 1, '{}', CURRENT_TIMESTAMP, "
+                                 "CURRENT_TIMESTAMP)"))
+            for seed, score in ((1, 0.5), (2, 0.625), (3, 0.875)):
+                conn.execute(sa.text("INSERT INTO kd_seed_runs (study_id, trial_number, seed, eval_accuracy, "
+                                     "best_epoch, checkpoint_artifact_id, created_at) SELECT id, 4, :seed, :score, "
+                                     "2, 'ckpt', CURRENT_TIMESTAMP FROM kd_studies"), {"seed": seed, "score": score})
+        assert current_revision(engine) == "0002"
+        assert upgrade_schema(engine) == head_revision() == check_schema(engine)
+        with session_scope(engine) as session:
+            study_id = session.scalar(sa.text("SELECT id FROM kd_studies"))
+            spread = latest_seed_spread(session, study_id)
+        assert spread is not None and spread.trial_number == 4
+        assert spread.seeds == [1, 2, 3] and spread.values == [0.5, 0.625, 0.875]
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            assert [d for d in diff if "kd_alembic_version" not in str(d)] == []
+            with pytest.raises(IntegrityError):  # the unique (study, trial, seed) constraint came through
+                conn.execute(sa.text("INSERT INTO kd_seed_runs (study_id, trial_number, seed, best_score, "
+                                     "best_epoch, checkpoint_artifact_id, created_at) SELECT id, 4, 1, 0.1, 1, 'x', "
+                                     "CURRENT_TIMESTAMP FROM kd_studies"))
     finally:
         engine.dispose()
 

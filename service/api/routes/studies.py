@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, cast
 import optuna
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kdsearch.objectives import COST_BY_NAME, COSTS
@@ -61,13 +60,17 @@ from service.notifier import host_allowed
 from service.redaction import redact_webhook_url
 from service.settings import Settings
 from storage import (
+    METRIC_ATTRS,
     NothingToRetryError,
     SlotState,
     StudyBusyError,
     StudyExistsError,
     StudyRow,
     StudyStatus,
+    all_studies,
+    best_trial,
     cancel_study,
+    complete_trials,
     count_seed_runs,
     create_study,
     db_now,
@@ -75,22 +78,20 @@ from storage import (
     ensure_optuna_study,
     get_study,
     latest_seed_spread,
+    learning_curves,
     make_layout,
     optuna_study_exists,
+    optuna_study_id,
+    page_trial_ids,
     preparations,
     preparing,
     retry_study,
     slot_counts,
-    study_user_attrs,
-    trial_summaries,
-)
-from storage._trials import (
-    complete_trials,
-    learning_curves,
-    optuna_study_id,
-    page_trial_ids,
     study_fingerprint,
+    study_metric,
+    study_user_attrs,
     trial_points,
+    trial_summaries,
 )
 
 log = logging.getLogger("kdsearch.api")
@@ -136,20 +137,10 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
                                           f"KDSEARCH_WEBHOOK_ALLOWED_HOSTS ({allowed})")
 
 
-def _study_metric(row: StudyRow, attrs: dict[str, Any]) -> str | None:
-    """The metric a study maximises: as resolved against its teacher (API or worker), else as the spec names it."""
-    task = attrs.get("task")
-    if task:
-        return str(task["metric"])
-    if "teacher_accuracy" in attrs:  # a study run before task metrics: every one of them scored accuracy
-        return "accuracy"
-    return row.spec.get("metric")
-
-
 def _summaries(session: Session, rows: list[StudyRow]) -> list[StudyOut]:
     optuna_side = trial_summaries(session, [r.name for r in rows])
     slots = slot_counts(session, [r.id for r in rows])
-    attrs = study_user_attrs(session, [r.name for r in rows], ["task", "teacher_accuracy"])
+    attrs = study_user_attrs(session, [r.name for r in rows], list(METRIC_ATTRS))
     preps = preparations(session, [r.id for r in rows])
     now = db_now(session)  # started_at and progress stamps are the database's: so is this clock
     out = []
@@ -177,7 +168,7 @@ def _summaries(session: Session, rows: list[StudyRow]) -> list[StudyOut]:
             retry = PrepareRetryOut(attempts=prep.attempts, last_error=prep.last_error, retry_at=prep.retry_at)
         out.append(StudyOut(
             id=row.id, name=row.name, status=row.status, priority=row.priority, n_trials=row.n_trials,
-            metric=_study_metric(row, attrs[row.name]), counts=counts, finished=finished,
+            metric=study_metric(row.spec, attrs[row.name]), counts=counts, finished=finished,
             best_value=best, error=row.error,
             created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
             finished_at=row.finished_at, elapsed_s=elapsed, eta_s=eta,
@@ -310,8 +301,7 @@ def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, s
 
 @router.get("", response_model=list[StudyOut])
 def list_studies(session: SessionDep) -> list[StudyOut]:
-    rows = list(session.scalars(select(StudyRow).order_by(StudyRow.priority.desc(), StudyRow.id)).all())
-    return _summaries(session, rows)
+    return _summaries(session, all_studies(session))
 
 
 def _notes(task: TaskInfo | None) -> list[str]:
@@ -336,17 +326,11 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
                                                    "teacher_profile"])[row.name]
     task = TaskInfo.from_json(attrs["task"]) if "task" in attrs else None
     objectives = _objectives(row)
-    best_trial = front = None
+    best_out = front = None
     if len(objectives) > 1:  # no one best trial: the front
         front, _ = _front(session, optuna_study_id(session, row.name), _cost_axis(row, None))
-    elif summary.best_value is not None:
-        study = optuna.load_study(study_name=row.name, storage=storage)
-        best = study.best_trial
-        assert best.value is not None  # a COMPLETE trial's value
-        best_trial = BestTrial(number=best.number, params=best.user_attrs.get("params", best.params),
-                               value=float(best.value), epoch=best.user_attrs.get("best_epoch"),
-                               metrics=best.user_attrs.get("metrics", {}),
-                               precision=best.user_attrs.get("precision"))
+    elif summary.best_value is not None and (best := best_trial(session, row.name)) is not None:
+        best_out = BestTrial(**dataclasses.asdict(best))
     # Studies recorded before task metrics held the teacher's accuracy alone.
     teacher_metrics = attrs.get("teacher_metrics") or (
         {"accuracy": attrs["teacher_accuracy"]} if "teacher_accuracy" in attrs else None)
@@ -356,7 +340,7 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
         trial_number=spread.trial_number, metric=metric, seeds=spread.seeds, values=spread.values, mean=spread.mean,
         std=spread.std, best_seed=spread.best_seed)
     return StudyDetailOut(
-        **summary.model_dump(), spec=_shown_spec(row.spec), best_trial=best_trial,
+        **summary.model_dump(), spec=_shown_spec(row.spec), best_trial=best_out,
         task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
         teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
         exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])], objectives=objectives,
@@ -433,8 +417,8 @@ def pareto(id_or_name: str, session: SessionDep,
     row = _load(session, id_or_name)
     axis = _cost_axis(row, cost)
     front, off_front = _front(session, optuna_study_id(session, row.name), axis)
-    attrs = study_user_attrs(session, [row.name], ["task", "teacher_metrics", "teacher_accuracy", "teacher_profile"])
-    metric = _study_metric(row, attrs[row.name])
+    attrs = study_user_attrs(session, [row.name], [*METRIC_ATTRS, "teacher_metrics", "teacher_profile"])
+    metric = study_metric(row.spec, attrs[row.name])
     teacher_metrics = attrs[row.name].get("teacher_metrics") or {}
     return ParetoOut(objectives=_objectives(row), metric=metric, cost=axis, n_complete=len(front) + len(off_front),
                      front=front, dominated=off_front if dominated else None,

@@ -9,11 +9,10 @@ import optuna
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
 from service.api.deps import OptunaStorageDep, SessionDep, require_read_access
-from service.api.routes.studies import _load, _study_metric, _trial_out
+from service.api.routes.studies import _load, _trial_out
 from service.api.schemas import ArtifactOut, ErrorOut, ExportOut, TrialDetailOut, TrialLogLineOut
 from service.trial_log import TRIAL_LOG_ATTR
-from storage import study_user_attrs
-from storage._trials import optuna_study_id
+from storage import METRIC_ATTRS, optuna_study_id, study_metric, study_user_attrs
 
 router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
@@ -34,7 +33,7 @@ def read_trial(id_or_name: str, number: Annotated[int, Path(ge=0, le=10_000_000)
     except KeyError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {row.name!r} has no trial {number}") from None
     trial = optuna_storage.get_trial(trial_id)
-    attrs = study_user_attrs(session, [row.name], ["task", "teacher_accuracy", "exports"])[row.name]
+    attrs = study_user_attrs(session, [row.name], [*METRIC_ATTRS, "exports"])[row.name]
     checkpoint_id = trial.user_attrs.get("checkpoint_artifact_id")
     artifacts = [ArtifactOut(artifact_id=meta.artifact_id, filename=meta.filename, mimetype=meta.mimetype,
                              kind="checkpoint" if meta.artifact_id == checkpoint_id else "other")
@@ -44,7 +43,7 @@ def read_trial(id_or_name: str, number: Annotated[int, Path(ge=0, le=10_000_000)
         name = shlex.quote(row.name)
         command = f"kdsearch export-best {name} --trial {number} --out {shlex.quote(f'./{row.name}-trial-{number}')}"
     return TrialDetailOut(
-        **_trial_out(trial).model_dump(), study=row.name, metric=_study_metric(row, attrs),
+        **_trial_out(trial).model_dump(), study=row.name, metric=study_metric(row.spec, attrs),
         log=[TrialLogLineOut.model_validate(line) for line in trial.user_attrs.get(TRIAL_LOG_ATTR, [])],
         artifacts=artifacts,
         exports=[ExportOut.model_validate(e) for e in attrs.get("exports", []) if e.get("trial_number") == number],

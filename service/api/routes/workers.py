@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from sqlalchemy import select
 
 from service.api.deps import SessionDep, SettingsDep, require_read_access
 from service.api.schemas import ErrorOut, WorkerOut
-from storage import StudyRow, WorkerRow, db_now, worker_status
+from storage import db_now, worker_status, workers_with_studies
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(require_read_access)],
                    responses={401: {"model": ErrorOut, "description": "Missing or wrong bearer token"}})
@@ -17,9 +16,7 @@ router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Depends(re
 def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerOut]:
     """Every worker seen; ``lost`` for one that claims to run but stopped heart-beating (a crashed host)."""
     now = db_now(session)  # heartbeats are stamped on the database's clock
-    rows = session.execute(select(WorkerRow, StudyRow.name)
-                           .outerjoin(StudyRow, StudyRow.id == WorkerRow.current_study_id)
-                           .order_by(WorkerRow.heartbeat_at.desc())).all()
+    rows = workers_with_studies(session)
     return [
         WorkerOut(id=r.id, host=r.host, pid=r.pid, device=r.device, status=worker_status(r, now, settings.grace_period),
                   current_study_id=r.current_study_id, current_study_name=study_name,
