@@ -16,9 +16,7 @@ import httpx
 import optuna
 import pytest
 
-from tests.conftest import tiny_spec
-from tests.hosts import s3_server, skewed_clock
-from tests.procs import KDSEARCH, ROOT, Stack
+from kdsearch.testing import KDSEARCH, ROOT, Stack, s3_server, skewed_clock, tiny_spec
 
 pytestmark = pytest.mark.postgres
 BUCKET = "kdsearch-scale-out"
