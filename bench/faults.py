@@ -174,7 +174,6 @@ def write_big_teacher(directory: Path) -> Path:
     seconds: 4 layers, hidden size 256."""
     from transformers import BertConfig, BertForSequenceClassification
 
-
     write_tiny_model(directory, seed=7)
     small = BertConfig.from_pretrained(directory)
     config = BertConfig(vocab_size=small.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -227,7 +226,6 @@ def fresh_database() -> Iterator[str]:
     """A new database on the local PostgreSQL server (its URL), dropped afterwards."""
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.pool import NullPool
-
 
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     db_name = f"kdfaults_{os.getpid()}"

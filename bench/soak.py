@@ -65,7 +65,6 @@ def run(args: argparse.Namespace, aws: dict[str, str]) -> None:
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.pool import NullPool
 
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(args.seed)
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
