@@ -44,7 +44,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.hosts import s3_server  # noqa: E402 - after the path
+from kdsearch.testing import (  # noqa: E402 - after the path
+    KDSEARCH,
+    POSTGRES_ADMIN_URL,
+    Stack,
+    free_port,
+    s3_server,
+    tiny_spec,
+    write_dataset,
+    write_tiny_model,
+)
 
 BUCKET = "kdsearch-faults"
 PREFIX = "faults"
@@ -66,8 +75,6 @@ class PausableProxy:
     the same port again."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        from service.demo import free_port
-
         self.upstream = upstream
         self.port = free_port()
         self._lock = threading.Lock()
@@ -167,8 +174,6 @@ def write_big_teacher(directory: Path) -> Path:
     seconds: 4 layers, hidden size 256."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tests.conftest import write_tiny_model
-
     write_tiny_model(directory, seed=7)
     small = BertConfig.from_pretrained(directory)
     config = BertConfig(vocab_size=small.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -222,8 +227,6 @@ def fresh_database() -> Iterator[str]:
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.pool import NullPool
 
-    from tests.conftest import POSTGRES_ADMIN_URL
-
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     db_name = f"kdfaults_{os.getpid()}"
     with admin.connect() as conn:
@@ -244,8 +247,6 @@ def run(args: argparse.Namespace, run_root: Path, aws: dict[str, str], db_url: s
 
     from distill.hardware import load_1min, machine
     from storage import PreparationRow, StudyRow, TrialSlotRow
-    from tests.conftest import tiny_spec, write_dataset, write_tiny_model
-    from tests.procs import KDSEARCH, Stack
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     version = sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else None

@@ -92,7 +92,7 @@ class Bench:
     """The API and a worker on the bench's database; each stage talks to them as a user would."""
 
     def __init__(self, work: Path, device: str, procs: str) -> None:
-        from tests.procs import Stack
+        from kdsearch.testing import Stack
 
         work.mkdir(parents=True, exist_ok=True)
         self.work = work

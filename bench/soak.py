@@ -25,7 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.hosts import s3_server, skewed_clock  # noqa: E402 - after the path
+from kdsearch.testing import (  # noqa: E402 - after the path
+    POSTGRES_ADMIN_URL,
+    Stack,
+    s3_server,
+    skewed_clock,
+    tiny_spec,
+    write_dataset,
+    write_tiny_model,
+)
 
 
 def main() -> None:
@@ -57,9 +65,6 @@ def run(args: argparse.Namespace, aws: dict[str, str]) -> None:
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.pool import NullPool
 
-    from tests.conftest import POSTGRES_ADMIN_URL, tiny_spec, write_dataset, write_tiny_model
-    from tests.procs import Stack
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(args.seed)
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace, aws: dict[str, str]) -> None:
         root = Path(tmp)
         assets = {"teacher": write_tiny_model(root / "teacher"), "data": write_dataset(root / "data")}
         extra = {"KDSEARCH_ARTIFACTS": "s3://kdsearch-soak/soak", **aws} if args.s3 else {}
-        stack = Stack(db_url, root, KDSEARCH_ENGINE="tests.sleep_engine:SleepEngine",
+        stack = Stack(db_url, root, KDSEARCH_ENGINE="service.testing:SleepEngine",
                       KDSEARCH_TEST_EPOCH_S=str(args.epoch_s), KDSEARCH_POLL_INTERVAL="0.2",
                       KDSEARCH_HEARTBEAT_INTERVAL="1", KDSEARCH_GRACE_PERIOD="5", **extra)
         host_of: dict[int, str] = {}

@@ -114,7 +114,7 @@ def run_config(config: Config, data: Path, teacher: Path, device: str, n_trials:
     import optuna
     from optuna.trial import TrialState
 
-    from tests.procs import KDSEARCH, Stack
+    from kdsearch.testing import KDSEARCH, Stack
 
     with tempfile.TemporaryDirectory(prefix="kdsearch-throughput-") as tmp:
         root = Path(tmp)

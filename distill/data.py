@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdsearch.terms import NO_LABEL
-from search_space import DatasetSpec, TaskInfo, split_file
+from search_space import DatasetSpec, SpecError, StudySpec, TaskInfo, split_file
 
 if TYPE_CHECKING:
     import datasets
@@ -372,3 +372,16 @@ def check_sample(spec: DatasetSpec, task: TaskInfo | None, rows: int = SAMPLE_RO
                 raise SampleProblem("dataset.label_column", f"row {row + 1} of {path.name}, column "
                                                             f"{spec.label_column!r}: {_label_problem(value, task)}"
                                     ) from exc
+
+
+def check_data(spec: StudySpec, task: TaskInfo | None) -> None:
+    """A submitted study's local dataset, checked before it is queued (the API calls it after
+    ``search_space.validate_spec``): its split files, columns and (the task known) the labels of their first rows,
+    read by the workers' own reader (``check_sample``); raises ``SpecError`` naming the field. Hub datasets are only
+    read by workers (online)."""
+    if spec.dataset.path is None:
+        return
+    try:
+        check_sample(spec.dataset, task)
+    except SampleProblem as exc:
+        raise SpecError(exc.field, str(exc)) from exc

@@ -3,7 +3,7 @@
 Local paths are made absolute (workers may run from another directory). Hub ids are left as they are: whether
 they exist is only known online, and a worker that cannot load them fails the study with the reason; on an offline
 server (``HF_HUB_OFFLINE``) one must be in its Hugging Face cache. A local dataset's split files, columns and first
-rows' labels are read with the workers' own reader.
+rows' labels are read with the workers' own reader, by ``distill.data.check_data`` (the API calls it after these).
 """
 
 from __future__ import annotations
@@ -254,23 +254,12 @@ def check_student_shapes(spec: StudySpec, teacher_config: Any | None) -> None:
     student_space(spec.student, hidden, layers)
 
 
-def check_data(spec: StudySpec, task: TaskInfo | None) -> None:
-    """A local dataset's split files, columns and (the task known) the labels of their first rows, read by the
-    workers' own reader (``distill.data.check_sample``); raises ``SpecError`` naming the field. Hub datasets are
-    only read by workers (online)."""
-    if spec.dataset.path is None:
-        return
-    from distill.data import SampleProblem, check_sample  # distill imports this package: import it when used
-
-    try:
-        check_sample(spec.dataset, task)
-    except SampleProblem as exc:
-        raise SpecError(exc.field, str(exc)) from exc
-
-
 def validate_spec(spec: StudySpec,
                   allowed_roots: Sequence[Path] | None = None) -> tuple[StudySpec, TaskInfo | None]:
-    """The spec with local paths checked and made absolute, and its task when the teacher is local."""
+    """The spec with local paths checked and made absolute, and its task when the teacher is local.
+
+    A local dataset's files are checked by the caller next, with the workers' own reader
+    (``distill.data.check_data``): distill imports this package, so it is not called from here."""
     spec = normalize_spec(spec, allowed_roots)
     if not looks_local(spec.teacher):
         check_hub_model_offline("teacher", spec.teacher)
@@ -281,5 +270,4 @@ def validate_spec(spec: StudySpec,
     check_student_shapes(spec, teacher_config)
     check_tokenizers(spec)
     check_mask_token(spec)
-    check_data(spec, task)
     return spec, task

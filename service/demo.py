@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,11 @@ from rich.table import Table
 
 from distill.deploy import DeployError
 from distill.export import VARIANT_LABELS, ExportError
+from kdsearch.testing.processes import free_port
 from service.exporting import export_best
 from service.progress import eta_text
 from service.redaction import mask_database_url
 from service.settings import get_settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 60) -> None:

@@ -11,6 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from kdsearch.testing import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    POSTGRES_ADMIN_URL,
+    Stack,
+    tiny_spec,
+    write_dataset,
+    write_tiny_model,
+)
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
 # Test models and data live under the temporary directory: allow it (and only it) as a local root.
 os.environ["KDSEARCH_ALLOWED_ROOTS"] = str(Path(tempfile.gettempdir()).resolve())
@@ -18,11 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Starlette's TestClient sends "Host: testserver": a name the API must be told it is known by (real servers in
 # the tests are reached on 127.0.0.1, which is always trusted).
 os.environ["KDSEARCH_TRUSTED_HOSTS"] = "testserver"
-
-POSTGRES_ADMIN_URL = os.environ.get("KDSEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-POSITIVE = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "smart"]
-NEGATIVE = ["bad", "awful", "boring", "dull", "stupid", "tedious", "clumsy", "flat"]
-NEUTRAL = ["the", "a", "movie", "film", "plot", "actors", "story", "is", "was", "very", "quite", "and", "it"]
 
 
 @pytest.fixture
@@ -55,54 +61,6 @@ def postgres_url() -> Iterator[str]:
 def db_url(request: pytest.FixtureRequest) -> str:
     """Every storage test runs on both backends."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-
-
-def _sentence(rng: random.Random) -> tuple[str, int]:
-    label = rng.randint(0, 1)
-    words = [*rng.sample(NEUTRAL, 4), rng.choice(POSITIVE if label else NEGATIVE)]
-    rng.shuffle(words)
-    return " ".join(words), label
-
-
-def write_dataset(directory: Path, n_train: int = 160, n_eval: int = 48, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("validation", n_eval)):
-        rows = [_sentence(rng) for _ in range(n)]
-        (directory / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
-    return directory
-
-
-def write_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, extra_vocab: list[str] | None = None,
-                     num_labels: int = 2, classifier: bool = True, labels: list[str] | None = None,
-                     regression: bool = False) -> Path:
-    """A randomly initialised BERT sequence classifier with a word-level vocabulary, saved as a HF model.
-
-    ``labels`` names the classes (default negative, positive, neutral); ``regression`` makes a one-output
-    ``problem_type: regression`` head.
-    """
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    # Extra words go right after the special tokens, so every later id shifts: a different vocabulary.
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(extra_vocab or []), *POSITIVE, *NEGATIVE, *NEUTRAL]
-    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(seed)
-    if regression:
-        labels, num_labels = ["LABEL_0"], 1
-    elif labels is not None:
-        num_labels = len(labels)
-    else:
-        labels = ["negative", "positive", "neutral"][:num_labels]
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
-                        problem_type="regression" if regression else None,
-                        architectures=["BertForSequenceClassification" if classifier else "BertModel"])
-    (BertForSequenceClassification if classifier else BertModel)(config).save_pretrained(directory)
-    return directory
 
 
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
@@ -175,22 +133,6 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def tiny_spec(assets: dict[str, Path], name: str = "tiny", **overrides) -> dict:  # type: ignore[no-untyped-def]
-    spec = {
-        "name": name,
-        "teacher": str(assets["teacher"]),
-        "student": {"config": {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
-                               "intermediate_size": 32}},
-        "dataset": {"path": str(assets["data"]), "max_seq_length": 16},
-        "search_space": {"num_train_epochs": {"low": 1, "high": 3}, "batch_size": 32,
-                         "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
-        "n_trials": 4,
-        "pruner": "none",
-    }
-    spec.update(overrides)
-    return spec
-
-
 def front_spec(assets: dict[str, Path], name: str, n_trials: int = 4, **overrides) -> dict:  # type: ignore[no-untyped-def]
     """A two-objective study (the metric against parameters) over student shapes and KD hyperparameters."""
     student = {"config": {"num_hidden_layers": {"low": 1, "high": 2}, "hidden_size": {"choices": [8, 16]},
@@ -201,16 +143,14 @@ def front_spec(assets: dict[str, Path], name: str, n_trials: int = 4, **override
                      **overrides)
 
 
-# Real worker processes on tests.sleep_engine.SleepEngine (sleeps per epoch): queue and Optuna paths in seconds.
-FAST = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_POLL_INTERVAL": "0.1",
+# Real worker processes on service.testing.SleepEngine (sleeps per epoch): queue and Optuna paths in seconds.
+FAST = {"KDSEARCH_ENGINE": "service.testing:SleepEngine", "KDSEARCH_POLL_INTERVAL": "0.1",
         "KDSEARCH_HEARTBEAT_INTERVAL": "0.5", "KDSEARCH_GRACE_PERIOD": "3", "KDSEARCH_TEST_EPOCH_S": "0.05"}
 
 
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     """``make(db_url, **env)``: an API process on ``db_url`` with the fast test settings; stopped afterwards."""
-    from tests.procs import Stack
-
     stacks: list[Stack] = []
 
     def make(db_url: str, **env: str) -> Stack:
@@ -239,10 +179,47 @@ def precision() -> str:
 @pytest.fixture
 def stack(sqlite_url: str, tmp_path: Path, precision: str) -> Iterator:  # type: ignore[type-arg]
     """An API process and one worker on a SQLite database (a module may override it, as test_e2e does)."""
-    from tests.procs import Stack
-
     s = Stack(sqlite_url, tmp_path, KDSEARCH_PRECISION=precision)
     s.start_api()
     s.start_worker()
     yield s
     s.stop()
+
+
+# Real worker processes on service.testing.FlakyEngine (faults picked by the study's name), fast.
+FLAKY = {"KDSEARCH_ENGINE": "service.testing:FlakyEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
+         "KDSEARCH_POLL_INTERVAL": "0.1"}
+
+
+@pytest.fixture
+def flaky_env() -> dict[str, str]:
+    """What a module's ``flaky_stack`` adds to ``FLAKY`` (retry delays, attempts, the engine's knobs): a module
+    overrides this fixture."""
+    return {}
+
+
+@pytest.fixture
+def flaky_stack(db_url: str, tmp_path: Path, flaky_env: dict[str, str]) -> Iterator[Stack]:
+    """An API process on ``FLAKY`` plus the module's ``flaky_env``, on both backends; the test starts its workers."""
+    s = Stack(db_url, tmp_path, **{**FLAKY, **flaky_env})
+    s.start_api()
+    yield s
+    s.stop()
+
+
+def queue_unchecked(db_url: str, spec: dict) -> None:  # type: ignore[type-arg]
+    """Queue a study straight into the store at ``db_url``, past the API's submit checks: what a worker meets when a
+    study's data or models changed after it was submitted (the worker's own checks are under test)."""
+    from search_space import StudySpec
+    from storage import create_study, ensure_optuna_study, make_engine, make_optuna_storage
+
+    study = StudySpec.model_validate(spec)
+    as_json = study.model_dump(mode="json")
+    engine, storage = make_engine(db_url), make_optuna_storage(db_url)
+    try:
+        create_study(engine, name=study.name, spec=as_json, n_trials=study.n_trials, priority=study.priority,
+                     timeout_s=study.timeout_s)
+        ensure_optuna_study(storage, study.name, {"kdsearch_spec": as_json}, directions=study.directions)
+    finally:
+        engine.dispose()
+        storage.engine.dispose()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from kdsearch.testing import tiny_spec
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import tiny_spec
 
 
 def make_client(db_url: str, tmp_path: Path, token: str | None = None) -> TestClient:
@@ -115,9 +115,9 @@ def test_openapi_and_dashboard_served(client: TestClient) -> None:
 def test_all_digit_names_are_refused_and_ids_never_collide(tmp_path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
+    from kdsearch.testing import tiny_spec
     from service.api import create_app
     from service.settings import Settings
-    from tests.conftest import tiny_spec
 
     with TestClient(create_app(Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=tmp_path / "a"))) as c:
         assert c.post("/api/studies", json=tiny_spec(tiny_assets, name="first")).status_code == 201

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kdsearch.objectives import COSTS
-from tests.conftest import front_spec, tiny_spec
-from tests.procs import Stack
+from kdsearch.testing import Stack, tiny_spec
+from tests.conftest import front_spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHARTS = ("history", "curves", "scatter", "slice", "importances", "parallel")
@@ -35,7 +35,7 @@ def browser() -> Iterator:  # type: ignore[type-arg]
 
 @pytest.fixture
 def live_stack(sqlite_url: str, tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.sleep_engine:SleepEngine",
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="service.testing:SleepEngine",
                   KDSEARCH_TEST_EPOCH_S="0.6", KDSEARCH_POLL_INTERVAL="0.1")
     stack.start_api()
     yield stack
@@ -140,7 +140,7 @@ def test_studies_page_launches_and_lists(browser, live_stack: Stack, tiny_assets
 
 def test_preparation_progress_sorting_and_fetch_errors(browser, sqlite_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                        tiny_assets) -> None:
-    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.1",
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="service.testing:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.1",
                   KDSEARCH_POLL_INTERVAL="0.1", KDSEARCH_PROGRESS_INTERVAL="0", KDSEARCH_TEST_PREP_STEPS="40",
                   KDSEARCH_TEST_PREP_S="0.25")
     try:
@@ -286,7 +286,7 @@ def test_layout_empty_charts_and_preparation_at_1280_and_1920(browser, sqlite_ur
 
     from storage import db_now, get_study, make_engine, report_progress, session_scope
 
-    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="service.testing:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
                   KDSEARCH_POLL_INTERVAL="0.1")
     problems: list[str] = []
     try:
@@ -373,7 +373,7 @@ def test_trial_page_timeline_and_workers(browser, sqlite_url: str, tmp_path: Pat
     reason and no export; the workers table names the study and the trial it runs."""
     import httpx
 
-    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.6",
+    stack = Stack(sqlite_url, tmp_path, KDSEARCH_ENGINE="service.testing:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.6",
                   KDSEARCH_POLL_INTERVAL="0.1")
     problems: list[str] = []
     try:

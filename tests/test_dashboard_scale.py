@@ -7,9 +7,10 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from bench.dashboard_scale import seed_study, time_calls
+from kdsearch.testing import time_calls
 from service.api import create_app
 from service.settings import Settings
+from service.testing import seed_study
 from storage import StudyRow, StudyStatus, make_engine, session_scope
 
 

@@ -11,13 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from kdsearch.testing import tiny_spec
 from service.api import create_app
 from service.notifier import Notifier
 from service.settings import Settings
 from service.worker import Worker
 from storage import NotificationRow, session_scope
-from tests.conftest import tiny_spec
-from tests.procs import queue_unchecked
+from tests.conftest import queue_unchecked
 
 SECRET = "hunter2-Zq9xSECRET"
 

@@ -18,8 +18,8 @@ from distill import (
     load_split,
     truncated_layer_indices,
 )
+from kdsearch.testing import tiny_spec
 from search_space import DatasetSpec, StudySpec
-from tests.conftest import tiny_spec
 
 ROWS = [{"sentence": "a good film", "label": 1}, {"sentence": 'bad, "quoted" plot', "label": 0}]
 

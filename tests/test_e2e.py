@@ -15,8 +15,8 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import PRECISIONS, tiny_spec
-from tests.procs import KDSEARCH, Stack
+from kdsearch.testing import KDSEARCH, Stack, tiny_spec
+from tests.conftest import PRECISIONS, queue_unchecked
 
 
 @pytest.fixture
@@ -98,7 +98,8 @@ def test_bad_data_fails_study_and_worker_goes_on(stack: Stack, tiny_assets, tmp_
     for split in ("train", "validation"):
         (bad / f"{split}.tsv").write_text("text\tlabel\nhello\t1\n")
     broken = tiny_spec(tiny_assets, name="broken", dataset={"path": str(bad)}, priority=5)
-    stack.queue_unchecked(broken)  # the API refuses it (tests/test_submit_checks.py): the data changed after submit
+    # The API refuses it (tests/test_submit_checks.py): the data changed after submit.
+    queue_unchecked(stack.env["KDSEARCH_DATABASE_URL"], broken)
     fine = tiny_spec(tiny_assets, name="fine", n_trials=2)
     assert httpx.post(f"{stack.url}/api/studies", json=fine).status_code == 201
     failed = stack.wait_status("broken")

@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from distill.export import ExportError, write_export
+from kdsearch.testing import tiny_spec
 from service.api import create_app
 from service.exporting import export_best
 from service.settings import Settings
 from service.worker import Worker
-from tests.conftest import tiny_spec
 
 
 @pytest.fixture(scope="module")

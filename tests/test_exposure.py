@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import make_url
 
+from kdsearch.testing import KDSEARCH, ROOT, Stack, tiny_spec
 from service.api import create_app
 from service.api.main import trusted_host_names
 from service.cli import main
@@ -32,8 +33,6 @@ from storage import (
     notifications,
     session_scope,
 )
-from tests.conftest import tiny_spec
-from tests.procs import KDSEARCH, ROOT, Stack
 from tests.test_notify import Receiver
 
 TOKEN_HOOK = "https://alice:hunter2@hooks.example.com/kd/hook?token=s3cret&x=1#frag"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from kdsearch.testing import KDSEARCH, Stack, free_port, tiny_spec, write_dataset, write_tiny_model
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import tiny_spec, write_dataset, write_tiny_model
-from tests.procs import KDSEARCH, Stack, free_port
+from tests.conftest import queue_unchecked
 
 
 def client_for(tmp_path: Path, **settings) -> TestClient:  # type: ignore[no-untyped-def]
@@ -186,7 +186,7 @@ def test_worker_marks_bad_studies_failed_and_keeps_serving(sqlite_url: str, tmp_
     try:
         stack.start_api()
         for spec, _ in broken.values():  # as if changed after submit: the API refuses bad data (test_submit_checks)
-            stack.queue_unchecked({**spec, "priority": 5})
+            queue_unchecked(stack.env["KDSEARCH_DATABASE_URL"], {**spec, "priority": 5})
         stack.submit(tiny_spec(tiny_assets, name="healthy", n_trials=2))
         stack.start_worker()
         for name, (_, reason) in broken.items():

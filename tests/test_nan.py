@@ -23,13 +23,12 @@ from distill.export import ExportError
 from distill.teacher import check_finite_outputs
 from distill.train import TrainingDiverged, check_finite
 from kdsearch.errors import Fault, fault_of
+from kdsearch.testing import KDSEARCH, ROOT, tiny_spec
 from search_space import StudySpec
 from service.api import create_app
 from service.exporting import export_best
 from service.settings import Settings
 from service.worker import Worker
-from tests.conftest import tiny_spec
-from tests.procs import KDSEARCH, ROOT
 
 PARAMS = {"learning_rate": 5e-3, "temperature": 2.0, "alpha": 0.5, "num_train_epochs": 2, "batch_size": 32}
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kdsearch.testing import Stack, tiny_spec
 from service.notifier import Notifier
 from service.settings import Settings
 from storage import (
@@ -23,8 +24,6 @@ from storage import (
     notifications,
     session_scope,
 )
-from tests.conftest import tiny_spec
-from tests.procs import Stack
 
 
 class Receiver:
@@ -69,7 +68,7 @@ def receiver() -> Iterator[Receiver]:
 
 def test_events_arrive_in_order_with_a_retry(db_url: str, tmp_path: Path, tiny_assets, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
     receiver.answers = [(500, {})]  # the first call fails: it must be retried, and nothing after it overtakes it
-    stack = Stack(db_url, tmp_path, KDSEARCH_ENGINE="tests.flaky_engine:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
+    stack = Stack(db_url, tmp_path, KDSEARCH_ENGINE="service.testing:FlakyEngine", KDSEARCH_TEST_EPOCH_S="0.05",
                   KDSEARCH_POLL_INTERVAL="0.1", KDSEARCH_WEBHOOK_ALLOWED_HOSTS=f"http://127.0.0.1:{receiver.port}",
                   KDSEARCH_WEBHOOK_RETRY_DELAY="0.5", KDSEARCH_PUBLIC_URL="http://kdsearch.example:8000")
     hook = f"http://127.0.0.1:{receiver.port}/hooks/kd"

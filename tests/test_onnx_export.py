@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from scipy.stats import pearsonr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from kdsearch.testing import KDSEARCH, ROOT, tiny_spec
 from service.api import create_app
 from service.settings import Settings
 from service.worker import Worker
-from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec, tiny_spec
-from tests.procs import KDSEARCH, ROOT
+from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec
 
 CASES = ("single", "pair", "regression")
 

@@ -1,30 +1,31 @@
 """Operating kdsearch: preparation errors sorted by whose fault they are, out-of-memory trials, preparation progress,
-the review's fixes. Real API and worker processes (``tests.flaky_engine``), SQLite and PostgreSQL."""
+the review's fixes. Real API and worker processes (``service.testing.FlakyEngine``), SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import tiny_spec
-from tests.procs import Stack
+from kdsearch.testing import Stack, tiny_spec
+from tests.conftest import FLAKY
 
-FLAKY = {"KDSEARCH_ENGINE": "tests.flaky_engine:FlakyEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
-         "KDSEARCH_POLL_INTERVAL": "0.1", "KDSEARCH_PREPARE_RETRY_DELAY": "0.3", "KDSEARCH_MAX_PREPARE_ATTEMPTS": "3",
-         "KDSEARCH_PROGRESS_INTERVAL": "0", "KDSEARCH_TEST_PREP_STEPS": "20", "KDSEARCH_TEST_PREP_S": "0.25"}
+# What FLAKY's stack adds here: quick preparation retries, and a slow preparation's progress.
+OPERATIONS = {"KDSEARCH_PREPARE_RETRY_DELAY": "0.3", "KDSEARCH_MAX_PREPARE_ATTEMPTS": "3",
+              "KDSEARCH_PROGRESS_INTERVAL": "0", "KDSEARCH_TEST_PREP_STEPS": "20", "KDSEARCH_TEST_PREP_S": "0.25"}
 
 
 @pytest.fixture
-def stack(db_url: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(db_url, tmp_path, **FLAKY)
-    s.start_api()
-    yield s
-    s.stop()
+def flaky_env() -> dict[str, str]:
+    return OPERATIONS
+
+
+@pytest.fixture
+def stack(flaky_stack: Stack) -> Stack:
+    return flaky_stack
 
 
 def _spec(assets, name: str, n_trials: int = 3) -> dict:  # type: ignore[no-untyped-def]
@@ -136,7 +137,7 @@ def test_a_slow_launch_does_not_stall_reads(sqlite_url: str, tmp_path: Path, tin
 def test_prometheus_metrics_match_the_api(db_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     from prometheus_client.parser import text_string_to_metric_families
 
-    stack = Stack(db_url, tmp_path, **{**FLAKY, "KDSEARCH_API_TOKEN": "sekrit"})
+    stack = Stack(db_url, tmp_path, **{**FLAKY, **OPERATIONS, "KDSEARCH_API_TOKEN": "sekrit"})
     auth = {"Authorization": "Bearer sekrit"}
     try:
         stack.start_api()

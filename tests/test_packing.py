@@ -236,8 +236,8 @@ def test_engine_pack_equals_solo_trials(tiny_assets, tmp_path: Path, precision: 
     to the recorded metrics in either training precision."""
     from distill import DistillationEngine
     from distill.engine import TRIAL_RECORD, PackedTrial
+    from kdsearch.testing import tiny_spec
     from search_space import StudySpec
-    from tests.conftest import tiny_spec
 
     spec = StudySpec.model_validate(tiny_spec(tiny_assets))
     engine = DistillationEngine(tmp_path / "artifacts", device="cpu", precision=precision)
@@ -270,8 +270,8 @@ def test_engine_pack_hands_each_member_over_as_it_leaves(tiny_assets, tmp_path: 
     the members with more epochs are still training, so the worker can store and tell its trial at once."""
     from distill import DistillationEngine
     from distill.engine import PackedTrial
+    from kdsearch.testing import tiny_spec
     from search_space import StudySpec
-    from tests.conftest import tiny_spec
 
     spec = StudySpec.model_validate(tiny_spec(tiny_assets))
     engine = DistillationEngine(tmp_path / "artifacts", device="cpu")
@@ -301,8 +301,8 @@ def test_engine_stacked_pack_stores_each_member(tiny_assets, tmp_path: Path, pre
 
     from distill import DistillationEngine
     from distill.engine import TRIAL_RECORD, PackedTrial
+    from kdsearch.testing import tiny_spec
     from search_space import StudySpec
-    from tests.conftest import tiny_spec
 
     spec = StudySpec.model_validate(tiny_spec(tiny_assets))
     engine = DistillationEngine(tmp_path / "artifacts", device="cpu", pack_step="stacked", precision=precision)
@@ -340,9 +340,8 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
     from optuna.trial import TrialState
 
     from distill import DistillationEngine
+    from kdsearch.testing import KDSEARCH, Stack, tiny_spec
     from search_space import StudySpec
-    from tests.conftest import tiny_spec
-    from tests.procs import KDSEARCH, Stack
 
     stack = Stack(db_url, tmp_path, KDSEARCH_HEARTBEAT_INTERVAL="0.05")  # a beat between any two members leaving
     try:
@@ -428,8 +427,7 @@ def test_stacked_worker_end_to_end(sqlite_url: str, tiny_assets, tmp_path: Path)
     say they ran stacked, and export-best exports the best one; a pack step the worker does not know is refused."""
     import optuna
 
-    from tests.conftest import tiny_spec
-    from tests.procs import KDSEARCH, Stack
+    from kdsearch.testing import KDSEARCH, Stack, tiny_spec
 
     stack = Stack(sqlite_url, tmp_path)
     try:
@@ -461,10 +459,10 @@ def test_packed_worker_groups_shapes_and_skips_infeasible_members(tmp_path: Path
     import optuna
     from fastapi.testclient import TestClient
 
+    from kdsearch.testing import tiny_spec
     from service.api import create_app
     from service.settings import Settings
     from service.worker import Worker
-    from tests.conftest import tiny_spec
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3")
     # Seed 27 samples hidden sizes [32, 8, 32], [8, 8, 16], [16, 32, 16] for the three claims of 3 slots.
@@ -510,11 +508,11 @@ def test_a_diverged_member_fails_alone_and_its_slot_is_retried(tmp_path: Path, t
     from fastapi.testclient import TestClient
     from optuna.trial import TrialState
 
+    from kdsearch.testing import tiny_spec
     from service.api import create_app
     from service.settings import Settings
+    from service.testing import FlakyEngine
     from service.worker import Worker
-    from tests.conftest import tiny_spec
-    from tests.flaky_engine import FlakyEngine
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3")
     with TestClient(create_app(settings)) as client:
@@ -545,12 +543,12 @@ def test_a_failed_preparation_closes_or_gives_back_the_whole_pack(tmp_path: Path
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
+    from kdsearch.testing import tiny_spec
     from service.api import create_app
     from service.settings import Settings
+    from service.testing import FlakyEngine
     from service.worker import Worker
     from storage import TrialSlotRow, make_engine, session_scope
-    from tests.conftest import tiny_spec
-    from tests.flaky_engine import FlakyEngine
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=str(tmp_path / "artifacts"), pack="3",
                         prepare_retry_delay=0.1, poll_interval=0.1)

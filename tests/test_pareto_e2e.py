@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import optuna
 
+from kdsearch.testing import KDSEARCH, ROOT, Stack
 from tests.conftest import front_spec
-from tests.procs import KDSEARCH, ROOT, Stack
 
 
 def test_two_objective_study_end_to_end(stack: Stack, tiny_assets, tmp_path: Path, sqlite_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ from distill import precision as precision_module
 from distill.engine import TRIAL_RECORD
 from distill.precision import native_bf16, resolve_precision
 from distill.train import TrainConfig
+from kdsearch.testing import tiny_spec
 from search_space import StudySpec
-from tests.conftest import tiny_spec
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -24,12 +24,11 @@ from distill import (
     tokenize,
 )
 from kdsearch.terms import NO_LABEL
+from kdsearch.testing import KDSEARCH, ROOT, tiny_spec
 from search_space import AugmentSpec, StudentSpec, StudySpec
 from service.api import create_app
 from service.settings import Settings
 from service.worker import Worker
-from tests.conftest import tiny_spec
-from tests.procs import KDSEARCH, ROOT
 
 TEXTS = ["the movie was good", "the movie was bad", "the plot was dull", "a very funny and charming film",
          "it is great"]

@@ -1,6 +1,6 @@
 """Scale-out and failures with real processes: many workers, SIGKILL, SIGTERM, a PostgreSQL restart.
 
-Trials run on ``tests.sleep_engine.SleepEngine`` (sleeps per epoch) so the tests exercise the real worker, queue
+Trials run on ``service.testing.SleepEngine`` (sleeps per epoch) so the tests exercise the real worker, queue
 and Optuna paths in seconds.
 """
 
@@ -18,9 +18,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kdsearch.testing import Stack, tiny_spec
 from storage import TrialSlotRow, make_engine, session_scope
-from tests.conftest import tiny_spec
-from tests.procs import Stack
 
 
 def sleep_spec(assets, name: str, n: int, epochs: int = 2, **kw) -> dict:  # type: ignore[no-untyped-def]

@@ -1,6 +1,6 @@
 """Scale-out for real: three worker "hosts" that share nothing but PostgreSQL and an S3 bucket (moto's server as a
 real process), each with its own local cache directory; one host's clock runs 120 s ahead and one 120 s behind
-(libfaketime preloaded into the worker process, see tests/hosts.py)."""
+(libfaketime preloaded into the worker process, see kdsearch/testing/hosts.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ import httpx
 import optuna
 import pytest
 
-from tests.conftest import tiny_spec
-from tests.hosts import s3_server, skewed_clock
-from tests.procs import KDSEARCH, ROOT, Stack
+from kdsearch.testing import KDSEARCH, ROOT, Stack, s3_server, skewed_clock, tiny_spec
 
 pytestmark = pytest.mark.postgres
 BUCKET = "kdsearch-scale-out"

@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from kdsearch.testing import KDSEARCH, ROOT, Stack
 from storage import (
     Base,
     SchemaMismatch,
@@ -28,11 +29,10 @@ from storage import (
     session_scope,
     upgrade_schema,
 )
-from tests.procs import KDSEARCH, ROOT, Stack
 
 RELEASE_DB = Path(__file__).parent / "fixtures" / "release-16cf43f.sqlite"
 RELEASE_0002_DB = Path(__file__).parent / "fixtures" / "release-ed3f745.sqlite"  # the last release at 0002
-SLEEP = {"KDSEARCH_ENGINE": "tests.sleep_engine:SleepEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
+SLEEP = {"KDSEARCH_ENGINE": "service.testing:SleepEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
          "KDSEARCH_POLL_INTERVAL": "0.1"}
 
 
@@ -201,7 +201,7 @@ def test_newer_schemas_are_refused(db_url: str, tmp_path: Path) -> None:
 
 def test_a_non_transient_database_error_surfaces(db_url: str, tmp_path: Path, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     """A schema the worker does not understand (a renamed column) stops it loudly, naming what it was doing."""
-    from tests.conftest import tiny_spec
+    from kdsearch.testing import tiny_spec
 
     stack = Stack(db_url, tmp_path, **SLEEP)
     try:

@@ -166,11 +166,11 @@ def test_a_reaped_workers_preparation_no_longer_shows(db_url: str, tmp_path: Pat
     shows the study as preparing (it showed "preparing, ETA 0" forever). Another worker's progress stays."""
     from fastapi.testclient import TestClient
 
+    from kdsearch.testing import tiny_spec
     from search_space import StudySpec
     from service.api import create_app
     from service.settings import Settings
     from storage import claim_slot, create_study, make_engine, reap_stale_slots, report_progress, utcnow
-    from tests.conftest import tiny_spec
 
     with TestClient(create_app(Settings(database_url=db_url, artifacts=str(tmp_path / "artifacts")))) as client:
         db = make_engine(db_url)

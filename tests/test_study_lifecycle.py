@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from kdsearch.testing import ROOT, Stack, tiny_spec
 from service.api import create_app
 from service.settings import Settings
 from storage import (
@@ -30,8 +31,6 @@ from storage import (
     preparation_failed,
     session_scope,
 )
-from tests.conftest import tiny_spec
-from tests.procs import ROOT, Stack
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from kdsearch.testing import tiny_spec
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import pair_spec, tiny_spec
+from tests.conftest import pair_spec
 
 
 @pytest.fixture

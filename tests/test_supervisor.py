@@ -11,8 +11,8 @@ import psutil
 import pytest
 from optuna.trial import TrialState
 
+from kdsearch.testing import Stack
 from service import supervisor
-from tests.procs import Stack
 from tests.test_reliability import PACKS, assert_exact, sleep_spec, worker_args
 
 

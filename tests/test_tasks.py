@@ -25,6 +25,7 @@ from distill import (
 )
 from distill.models import load_config
 from kdsearch.terms import regression_distillation_loss
+from kdsearch.testing import write_tiny_model
 from search_space import (
     AugmentSpec,
     DatasetSpec,
@@ -37,7 +38,7 @@ from search_space import (
 )
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import NLI_LABELS, pair_spec, write_tiny_model
+from tests.conftest import NLI_LABELS, pair_spec
 
 CLASSES3 = TaskInfo("classification", 3, "accuracy", ("a", "b", "c"))
 BINARY = TaskInfo("classification", 2, "f1", ("no", "yes"))

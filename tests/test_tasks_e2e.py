@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from distill import compute_metrics
+from kdsearch.testing import KDSEARCH, Stack
 from search_space import TaskInfo
-from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec
-from tests.procs import KDSEARCH, Stack
+from tests.conftest import NLI_LABELS, PRECISIONS, pair_spec, queue_unchecked
 
 
 def _rows(data: Path) -> list[dict[str, str]]:
@@ -138,8 +138,9 @@ def test_bad_task_input_fails_the_study_and_the_worker_goes_on(stack: Stack, pai
                        "row 1 of split 'train', column 'label': not a number"),
     }
     for name, (directory, kind, _) in cases.items():  # as if changed after submit (the API refuses them)
-        stack.queue_unchecked(pair_spec(pair_assets, kind, name=name, priority=5, dataset={
-            "path": str(directory), "text_column": "sentence1", "text_pair_column": "sentence2"}))
+        queue_unchecked(stack.env["KDSEARCH_DATABASE_URL"], pair_spec(
+            pair_assets, kind, name=name, priority=5,
+            dataset={"path": str(directory), "text_column": "sentence1", "text_pair_column": "sentence2"}))
     stack.submit(pair_spec(pair_assets, "nli", name="fine", n_trials=1))
     for name, (_, _, reason) in cases.items():
         failed = stack.wait_status(name)

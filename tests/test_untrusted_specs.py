@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from kdsearch.testing import tiny_spec, write_dataset, write_tiny_model
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import tiny_spec, write_dataset, write_tiny_model
 
 
 def client_for(db_url: str, tmp_path: Path, **settings) -> TestClient:  # type: ignore[no-untyped-def]
@@ -153,8 +153,8 @@ def test_model_folder_files_linking_outside_the_roots_are_refused(sqlite_url: st
 
 
 def test_a_worker_rechecks_model_folders_before_reading_them(sqlite_url: str, tmp_path: Path) -> None:
+    from service.testing import SleepEngine
     from service.worker import Worker
-    from tests.sleep_engine import SleepEngine
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     write_dataset(root / "data")

@@ -1,33 +1,30 @@
 """Faults while a trial trains or is stored, sorted by whose they are (issue 26, item 2): the infrastructure's (a
 full disk) spends no trial and loses nothing; a trial's own failure, every time, ends the study ``failed`` with the
-reason, and its webhook says so. Real API and worker processes (``tests.flaky_engine``)."""
+reason, and its webhook says so. Real API and worker processes (``service.testing.FlakyEngine``)."""
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from kdsearch.testing import Stack, tiny_spec
 from storage import TrialSlotRow, make_engine, session_scope
-from tests.conftest import tiny_spec
-from tests.procs import Stack
 from tests.test_notify import Receiver
-
-FLAKY = {"KDSEARCH_ENGINE": "tests.flaky_engine:FlakyEngine", "KDSEARCH_TEST_EPOCH_S": "0.02",
-         "KDSEARCH_POLL_INTERVAL": "0.1", "KDSEARCH_PREPARE_RETRY_DELAY": "0.2", "KDSEARCH_MAX_INFRA_FAULTS": "3",
-         "KDSEARCH_MAX_TRIAL_ATTEMPTS": "2", "KDSEARCH_TEST_DISK_FULL_WRITES": "2"}
 
 
 @pytest.fixture
-def stack(db_url: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(db_url, tmp_path, **FLAKY)
-    s.start_api()
-    yield s
-    s.stop()
+def flaky_env() -> dict[str, str]:
+    return {"KDSEARCH_PREPARE_RETRY_DELAY": "0.2", "KDSEARCH_MAX_INFRA_FAULTS": "3", "KDSEARCH_MAX_TRIAL_ATTEMPTS": "2",
+            "KDSEARCH_TEST_DISK_FULL_WRITES": "2"}
+
+
+@pytest.fixture
+def stack(flaky_stack: Stack) -> Stack:
+    return flaky_stack
 
 
 def _spec(assets, name: str, n_trials: int = 3, **overrides) -> dict:  # type: ignore[no-untyped-def]
@@ -144,7 +141,7 @@ def test_a_database_outage_before_training_spends_no_attempt(sqlite_url: str, tm
     from service.worker import Worker
 
     settings = Settings(database_url=sqlite_url, artifacts=tmp_path / "artifacts", poll_interval=0.1,
-                        engine="tests.sleep_engine:SleepEngine")
+                        engine="service.testing:SleepEngine")
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/studies", json=_spec(tiny_assets, "db-blip")).status_code == 201
     outage = {"ask": 2, "user_attrs": 2}

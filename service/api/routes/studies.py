@@ -279,9 +279,12 @@ def launch_study(spec: StudySpec, db: DbDep, optuna_storage: OptunaStorageDep, s
 
     A plain ``def``: FastAPI runs it in its thread pool, so loading tokenizers or waiting on a slow database write
     never stalls the event loop (every dashboard poll)."""
+    from distill.data import check_data  # torch and datasets: imported when the app starts (init_state), not here
+
     try:
         check_limits(spec, settings)
         spec, task = validate_spec(spec, settings.allowed_roots)
+        check_data(spec, task)  # the workers' reader on the data's first rows
     except SpecError as exc:
         raise spec_error(exc) from exc
     if get_study(session, spec.name) is not None or optuna_study_exists(optuna_storage, spec.name):

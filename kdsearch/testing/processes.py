@@ -1,20 +1,29 @@
-"""Real processes for tests: the API under uvicorn and ``kdsearch worker`` subprocesses on a loopback port."""
+"""Real processes for tests and benches: the API under uvicorn and ``kdsearch worker`` subprocesses on a loopback
+port, started as commands (``KDSEARCH``), so nothing here imports the service."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from service.demo import free_port
-
 KDSEARCH = [sys.executable, "-m", "service.cli"]
-ROOT = Path(__file__).parent.parent
+# The repository root: the processes' working directory, so ``service.cli`` and the test engines import from it.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Stack:
@@ -64,17 +73,13 @@ class Stack:
         assert response.status_code == 201, response.text
         return response.json()
 
-    def queue_unchecked(self, spec: dict) -> None:
-        """Queue a study straight into the store, past the API's submit checks (``queue_unchecked``)."""
-        queue_unchecked(self.env["KDSEARCH_DATABASE_URL"], spec)
-
     def study(self, name: str) -> dict:
         return httpx.get(f"{self.url}/api/studies/{name}", timeout=30).json()
 
     def trials(self, name: str) -> list[dict]:
         return httpx.get(f"{self.url}/api/studies/{name}/trials", timeout=30).json()["trials"]
 
-    def wait_for(self, predicate, timeout_s: float = 240, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    def wait_for(self, predicate: Callable[[], object], timeout_s: float = 240, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -101,20 +106,3 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-
-def queue_unchecked(db_url: str, spec: dict) -> None:
-    """Queue a study straight into the store at ``db_url``, past the API's submit checks: what a worker meets when a
-    study's data or models changed after it was submitted (the worker's own checks are under test)."""
-    from search_space import StudySpec
-    from storage import create_study, ensure_optuna_study, make_engine, make_optuna_storage
-
-    study = StudySpec.model_validate(spec)
-    as_json = study.model_dump(mode="json")
-    engine, storage = make_engine(db_url), make_optuna_storage(db_url)
-    try:
-        create_study(engine, name=study.name, spec=as_json, n_trials=study.n_trials, priority=study.priority,
-                     timeout_s=study.timeout_s)
-        ensure_optuna_study(storage, study.name, {"kdsearch_spec": as_json}, directions=study.directions)
-    finally:
-        engine.dispose()
-        storage.engine.dispose()

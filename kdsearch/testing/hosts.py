@@ -1,6 +1,7 @@
-"""What makes several "hosts" on one machine for the scale-out tests: an S3-compatible server as a real process
-(moto's server mode, from PyPI), and clocks that disagree (libfaketime, from Debian's ``faketime`` package, preloaded
-into a worker process: its Python, Optuna and SQLAlchemy all see the shifted time)."""
+"""What makes several "hosts" on one machine, for the scale-out tests and the soak and fault benches: an
+S3-compatible server as a real process (moto's server mode, from PyPI), and clocks that disagree (libfaketime, from
+Debian's ``faketime`` package, preloaded into a worker process: its Python, Optuna and SQLAlchemy all see the shifted
+time)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from service.demo import free_port
+from kdsearch.testing.processes import free_port
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
