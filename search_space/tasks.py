@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from kdsearch.errors import UserError
+
 TaskType = Literal["classification", "regression"]
 MetricName = Literal["accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr",
                      "pearson_spearman"]
@@ -83,8 +85,11 @@ def task_type_of(config: Any) -> TaskType:
     return "classification"
 
 
-class MetricMismatch(ValueError):
-    """The metric asked for does not fit the teacher's task."""
+class MetricMismatch(UserError):
+    """The metric asked for does not fit the teacher's task.
+
+    ``Fault.USER``: the spec's metric, or a teacher kdsearch cannot distil; the study fails with the reason. A
+    ``ValueError`` still (through ``UserError``)."""
 
 
 def resolve_task(config: Any, metric: str | None) -> TaskInfo:
