@@ -18,10 +18,11 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from distill import STUDY_FAULTS, DataError, DistillationEngine
+from distill import DataError, DistillationEngine
 from distill.export import ExportError
 from distill.teacher import check_finite_outputs
 from distill.train import TrainingDiverged, check_finite
+from kdsearch.errors import Fault, fault_of
 from search_space import StudySpec
 from service.api import create_app
 from service.exporting import export_best
@@ -47,7 +48,7 @@ def test_a_teacher_with_a_nan_bias_fails_the_study_naming_rows(tiny_assets, tmp_
     spec = StudySpec.model_validate(tiny_spec(tiny_assets, teacher=str(teacher)))
     with pytest.raises(DataError) as refused:
         DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
-    assert isinstance(refused.value, STUDY_FAULTS)  # the study's fault: the worker fails the study with this
+    assert fault_of(refused.value) is Fault.USER  # the study's fault: the worker fails the study with this
     assert str(refused.value) == ("the teacher's outputs are not finite (NaN or infinite) for 160 of 160 train rows "
                                   "(rows 0, 1, 2, 3, 4, ...): check the teacher's weights")
     assert not list((tmp_path / "art" / "cache").glob("*/meta.json")), "no entry published"

@@ -146,12 +146,12 @@ def test_a_path_not_found_names_the_directory_it_was_resolved_from(client: TestC
 def test_a_worker_fails_an_offline_hub_teacher_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker on an offline host (the API may be online) gets a study fault, which fails the study at once,
     instead of an OSError, which it retries as a preparation fault for minutes."""
-    from distill import STUDY_FAULTS
     from distill.models import load_config
+    from kdsearch.errors import Fault, fault_of
     from search_space import SpecError
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SpecError, match="this host is offline") as raised:
         load_config("owner/teacher")
-    assert isinstance(raised.value, STUDY_FAULTS) and raised.value.field == "teacher"
+    assert fault_of(raised.value) is Fault.USER and raised.value.field == "teacher"
