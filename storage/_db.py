@@ -154,7 +154,9 @@ def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: 
     transient error is raised as itself once ``attempts`` calls have failed."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient), stop=tenacity.stop_after_attempt(attempts),
-        wait=exponential_wait(first_delay_s, MAX_RETRY_DELAY_S), sleep=lambda seconds: _pause(seconds), reraise=True)
+        wait=exponential_wait(first_delay_s, MAX_RETRY_DELAY_S),
+        sleep=lambda seconds: _pause(seconds),  # looked up per wait: tests replace _pause
+        reraise=True)  # the last outage itself, not tenacity's RetryError
     try:
         return retrying(fn)
     except (DBAPIError, StorageInternalError) as exc:
