@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kdsearch.errors import UserError
 from kdsearch.terms import NO_LABEL
 from search_space import DatasetSpec, SpecError, StudySpec, TaskInfo, split_file
 
@@ -28,8 +29,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-class DataError(ValueError):
-    """The dataset cannot be used as specified (missing column, bad label, empty split)."""
+class DataError(UserError):
+    """The dataset cannot be used as specified (missing column, bad label, empty split).
+
+    ``Fault.USER``: the user's data; retrying cannot help, so the study fails with this message as its reason. A
+    ``ValueError`` still (through ``UserError``)."""
 
 
 @dataclasses.dataclass
@@ -294,7 +298,9 @@ SAMPLE_ROWS = 1000
 
 class SampleProblem(DataError):
     """A mistake found in a split's first rows before a study is queued: ``field`` is the spec field to fix. The
-    message names the file, the column and the row, never a cell's value."""
+    message names the file, the column and the row, never a cell's value.
+
+    ``Fault.USER`` (a ``DataError``): the submit is refused naming ``field``."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)

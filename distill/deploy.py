@@ -24,6 +24,7 @@ import torch
 
 from distill.data import TokenizedSplit, length_bucketed_batches
 from distill.hardware import load_1min, machine
+from kdsearch.errors import Fault, KdsearchError
 
 # ONNX fp32 logits must match PyTorch's within this (numpy.allclose: |a - b| <= ATOL + RTOL * |b|).
 ATOL, RTOL = 1e-4, 1e-4
@@ -32,8 +33,14 @@ INT8_FLAG_POINTS = 1.0  # an int8 model further than this below the fp32 one (me
 _SIDECAR_SUFFIXES = (".json", ".txt", ".model")
 
 
-class DeployError(RuntimeError):
-    """An export step failed; the message names the step."""
+class DeployError(KdsearchError, RuntimeError):
+    """An export step failed; the message names the step.
+
+    ``Fault.TRIAL``: the checkpoint trained, and the exporter, the quantizer or the verification failed on it: a
+    bug (kdsearch's or the library's), whose traceback belongs in the log. (A full disk under the step is still
+    the infrastructure's: ``fault_of`` follows the error it was raised from.)"""
+
+    fault = Fault.TRIAL
 
 
 def model_input_names(model: Any, tokenizer: Any) -> list[str]:

@@ -16,14 +16,21 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from distill.engine import TRIAL_RECORD
+from kdsearch.errors import Fault, KdsearchError
 from kdsearch.objectives import COST_BY_NAME, COSTS, ObjectiveInfo
 from kdsearch.terms import resolve_terms, search_params
 from search_space import METRIC_TITLES
 from search_space.tasks import HUB_METRIC_IDS
 
 
-class ExportError(RuntimeError):
-    """The export cannot be written as asked."""
+class ExportError(KdsearchError, RuntimeError):
+    """The export cannot be written as asked.
+
+    ``Fault.USER``: the request is what cannot be met (no such trial, none within the limits, a non-empty or
+    linked output folder, impossible options); the message says what to change. A ``RuntimeError`` still, for
+    callers that catch that."""
+
+    fault = Fault.USER
 
 
 def _version(package: str) -> str:

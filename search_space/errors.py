@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from kdsearch.errors import UserError
 
-class SpecError(ValueError):
-    """A spec that cannot run; ``field`` is the dotted path of the offending field."""
+
+class SpecError(UserError):
+    """A spec that cannot run; ``field`` is the dotted path of the offending field.
+
+    ``Fault.USER``: the user's spec; the submit is refused (or the study fails) naming ``field``. A ``ValueError``
+    still (through ``UserError``)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")

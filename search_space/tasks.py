@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from kdsearch.errors import UserError
 from kdsearch.terms import classification_only_params
 
 TaskType = Literal["classification", "regression"]
@@ -86,8 +87,11 @@ def task_type_of(config: Any) -> TaskType:
     return "classification"
 
 
-class MetricMismatch(ValueError):
-    """The metric asked for does not fit the teacher's task."""
+class MetricMismatch(UserError):
+    """The metric asked for does not fit the teacher's task.
+
+    ``Fault.USER``: the spec's metric, or a teacher kdsearch cannot distil; the study fails with the reason. A
+    ``ValueError`` still (through ``UserError``)."""
 
 
 def resolve_task(config: Any, metric: str | None) -> TaskInfo:

@@ -53,7 +53,7 @@ from storage._models import (
     utcnow,
 )
 from storage._notifications import claim_notification, enqueue_event, notifications, settle_notification
-from storage._object_store import ObjectStoreLayout, default_local_cache, make_layout
+from storage._object_store import ManifestRefused, ObjectStoreLayout, default_local_cache, make_layout
 from storage._optuna import (
     ensure_optuna_study,
     make_optuna_storage,
@@ -133,6 +133,7 @@ __all__ = [
     "BestTrial",
     "Claim",
     "DeletedStudy",
+    "ManifestRefused",
     "NothingToRetryError",
     "NotificationRow",
     "ObjectStoreLayout",

@@ -14,12 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
+import tenacity
 from optuna.exceptions import StorageInternalError
 from sqlalchemy import Connection, Engine, create_engine, event, func, make_url, select
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from kdsearch.errors import Fault, KdsearchError, is_transient
+from kdsearch.retry import exponential_wait
 
 T = TypeVar("T")
 
@@ -113,36 +117,27 @@ def session_scope(engine: Engine, *, write_lock: bool = False) -> Iterator[Sessi
 
 
 # What a dropped connection or a briefly locked database looks like, from SQLAlchemy and through Optuna. Only these
-# are retried as outages; anything else (an integrity or programming error, a missing column) is a bug or a schema
-# mismatch, and retrying it would only hide it.
+# are retried as outages (``is_transient``, from ``kdsearch.errors``, judges each one); anything else (an integrity or
+# programming error, a missing column) is a bug or a schema mismatch, and retrying it would only hide it.
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, StorageInternalError)
-# SQLite reports missing tables and columns as OperationalError too: only these messages are outages there.
-_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o", "interrupted")
+# retry_operational's backoff: 0.2 s after the first failure, doubling, never more than this (about 40 s in all).
+MAX_RETRY_DELAY_S = 10.0
 
 
-class StoreError(RuntimeError):
-    """A database error that is not an outage, with what the statement was for."""
+class StoreError(KdsearchError, RuntimeError):
+    """A database error that is not an outage, with what the statement was for.
+
+    ``Fault.TRIAL``: an integrity or programming error, or a column the code expects and the database lacks, is a
+    bug (kdsearch's, or a schema out of step); retrying cannot help and would hide it, so the trial fails with the
+    traceback in the log. (A schema at another revision is ``SchemaMismatch``, raised before any work.)"""
+
+    fault = Fault.TRIAL
 
     def __init__(self, purpose: str, exc: BaseException) -> None:
         orig = getattr(exc, "orig", None) or exc.__cause__ or exc
         first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
         super().__init__(f"{purpose}: {type(orig).__name__}: {first}")
         self.purpose = purpose
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a database error is an outage (retry it) rather than a bug or a schema mismatch (surface it)."""
-    if isinstance(exc, StorageInternalError):  # Optuna's wrapper: judge what it wraps
-        cause = exc.__cause__ or exc.__context__
-        return cause is None or is_transient(cause)
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, InterfaceError):
-        return True
-    if isinstance(exc, OperationalError):
-        dialect_sqlite = type(exc.orig).__module__.startswith("sqlite3")
-        return not dialect_sqlite or any(word in str(exc.orig).lower() for word in _SQLITE_TRANSIENT)
-    return False
 
 
 def _pause(seconds: float) -> None:
@@ -155,18 +150,16 @@ def retry_operational(fn: Callable[[], T], *, attempts: int = 8, first_delay_s: 
                       purpose: str | None = None) -> T:
     """Run ``fn`` again with exponential backoff (about 40 s in all) while the database is down or locked.
 
-    Any other database error is raised at once, as a ``StoreError`` naming ``purpose`` when one is given."""
-    delay = first_delay_s
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (DBAPIError, StorageInternalError) as exc:
-            if not is_transient(exc):
-                if purpose is not None:
-                    raise StoreError(purpose, exc) from exc
-                raise
-            if attempt == attempts - 1:
-                raise
-            _pause(delay)
-            delay = min(delay * 2, 10.0)
-    raise AssertionError("unreachable")
+    Any other database error is raised at once, as a ``StoreError`` naming ``purpose`` when one is given. The last
+    transient error is raised as itself once ``attempts`` calls have failed."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient), stop=tenacity.stop_after_attempt(attempts),
+        wait=exponential_wait(first_delay_s, MAX_RETRY_DELAY_S),
+        sleep=lambda seconds: _pause(seconds),  # looked up per wait: tests replace _pause
+        reraise=True)  # the last outage itself, not tenacity's RetryError
+    try:
+        return retrying(fn)
+    except (DBAPIError, StorageInternalError) as exc:
+        if purpose is not None and not is_transient(exc):
+            raise StoreError(purpose, exc) from exc
+        raise

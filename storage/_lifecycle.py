@@ -19,6 +19,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy import CursorResult, Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from kdsearch.errors import Fault, KdsearchError
 from storage._artifacts import ArtifactLayout
 from storage._db import db_now, retry_operational, session_scope
 from storage._models import (
@@ -33,12 +34,22 @@ from storage._models import (
 from storage._optuna import optuna_study_exists
 
 
-class StudyBusyError(RuntimeError):
-    """The study is queued or running, or a trial of it has not stopped yet: it cannot be deleted now."""
+class StudyBusyError(KdsearchError, RuntimeError):
+    """The study is queued or running, or a trial of it has not stopped yet: it cannot be deleted now.
+
+    ``Fault.USER``: the request comes at the wrong time (cancel the study first); refused with the reason (the
+    API's 409), nothing is retried. A ``RuntimeError`` still, for callers that catch that."""
+
+    fault = Fault.USER
 
 
-class NothingToRetryError(RuntimeError):
-    """The study has no failed trial to queue again."""
+class NothingToRetryError(KdsearchError, RuntimeError):
+    """The study has no failed trial to queue again.
+
+    ``Fault.USER``: the request asks for something the study does not have; refused with the reason (the API's
+    409). A ``RuntimeError`` still, for callers that catch that."""
+
+    fault = Fault.USER
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,13 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from kdsearch.retry import backoff_delay
 from storage._db import db_now, session_scope
 from storage._models import NotificationRow, StudyRow
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+# The longest a failed delivery waits before the next try (the delay doubles from the retry delay up to this).
+MAX_RETRY_DELAY_S = 600.0
 
 
 def enqueue(session: Session, study: StudyRow, event: str, payload: dict[str, Any] | None = None) -> None:
@@ -80,7 +83,8 @@ def settle_notification(engine: Engine, notification_id: int, deliverer: str, *,
             if row.attempts >= max_attempts:
                 row.state = FAILED
             else:
-                row.next_attempt_at = now + timedelta(seconds=min(retry_delay_s * 2 ** (row.attempts - 1), 600.0))
+                delay_s = backoff_delay(retry_delay_s, row.attempts, MAX_RETRY_DELAY_S)
+                row.next_attempt_at = now + timedelta(seconds=delay_s)
         return row.state
 
 

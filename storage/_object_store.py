@@ -39,6 +39,7 @@ from optuna.artifacts import Boto3ArtifactStore
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
+from kdsearch.errors import Fault, KdsearchError
 from storage._artifacts import ENTRY_FILES, ArtifactLayout
 
 log = logging.getLogger("kdsearch.artifacts")
@@ -90,8 +91,13 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-class ManifestRefused(ValueError):
-    """A manifest that must not be acted on: malformed, naming files an entry never has, or not signed by us."""
+class ManifestRefused(KdsearchError, ValueError):
+    """A manifest that must not be acted on: malformed, naming files an entry never has, or not signed by us.
+
+    ``Fault.INFRASTRUCTURE``: the artifact store holds a damaged or foreign entry (the user's spec and the trial
+    are not to blame); the reader removes it and the entry is built again, never charging a trial for it."""
+
+    fault = Fault.INFRASTRUCTURE
 
 
 def _manifest_signature(signing_key: bytes, key: str, files: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kdsearch.retry import backoff_delay
 from storage._db import db_now, session_scope
 from storage._models import PreparationRow, SlotState, TrialSlotRow
 
@@ -59,15 +60,15 @@ def preparation_succeeded(engine: Engine, study_id: int, build_seconds: float | 
 
 def preparation_failed(engine: Engine, study_id: int, reason: str, *, retry_delay_s: float,
                        max_delay_s: float = 300.0, now: datetime | None = None) -> int:
-    """Count one more consecutive failure and hold the study back (``retry_delay_s * 2^(n-1)``, capped); returns
-    the number of consecutive failures so far."""
+    """Count one more consecutive failure and hold the study back (``backoff_delay``: ``retry_delay_s * 2^(n-1)``,
+    at most ``max_delay_s``); returns the number of consecutive failures so far."""
     with session_scope(engine, write_lock=True) as session:
         now = now or db_now(session)
         row = _row(session, study_id)
         row.attempts += 1
         row.last_error = reason
         row.stage = None
-        row.retry_at = now + timedelta(seconds=min(retry_delay_s * 2 ** (row.attempts - 1), max_delay_s))
+        row.retry_at = now + timedelta(seconds=backoff_delay(retry_delay_s, row.attempts, max_delay_s))
         return row.attempts
 
 

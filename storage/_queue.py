@@ -22,13 +22,17 @@ from sqlalchemy import ColumnElement, CursorResult, Engine, Select, Table, and_,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kdsearch.errors import UserError
 from storage._db import db_now, session_scope
 from storage._models import PreparationRow, SlotState, StudyRow, StudyStatus, TrialSlotRow, WorkerRow
 from storage._notifications import enqueue
 
 
-class StudyExistsError(ValueError):
-    """A study with that name already exists."""
+class StudyExistsError(UserError):
+    """A study with that name already exists.
+
+    ``Fault.USER``: the request names a study that is taken; only another name (or deleting the old study) helps,
+    so it is refused with the reason (the API's 409), never retried."""
 
 
 @dataclasses.dataclass(frozen=True)

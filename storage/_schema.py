@@ -27,6 +27,7 @@ from alembic.script import ScriptDirectory
 from filelock import FileLock
 from sqlalchemy import Engine, inspect, text
 
+from kdsearch.errors import Fault, KdsearchError
 from storage._db import retry_operational
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -35,8 +36,14 @@ BASELINE = "0001"
 _SCHEMA_LOCK = 748_201_517  # pg_advisory_lock key: one schema change at a time on a server
 
 
-class SchemaMismatch(RuntimeError):
-    """The database's schema revision is not this release's."""
+class SchemaMismatch(KdsearchError, RuntimeError):
+    """The database's schema revision is not this release's.
+
+    ``Fault.INFRASTRUCTURE``: the deployment is out of step (the database not upgraded yet, or upgraded by a newer
+    release); neither the user's spec nor a trial is to blame, and no trial may be spent on it. The process says so
+    and stops (``kdsearch db upgrade`` or a matching release is the way out)."""
+
+    fault = Fault.INFRASTRUCTURE
 
 
 def alembic_config() -> Config:

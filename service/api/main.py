@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import request_validation_error
+from kdsearch.errors import KdsearchError
+from service.api.errors import kdsearch_error, request_validation_error
 from service.api.routes import health, hyperparameters, metrics, objectives, studies, trials, workers
 from service.dashboard import mount_dashboard
 from service.metrics import StoreCollector
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, bind_host: str | None = None) -
     app.state.metrics_registry = metrics.metrics_registry(app)
     mount_dashboard(app)
     app.add_exception_handler(RequestValidationError, request_validation_error)
+    app.add_exception_handler(KdsearchError, kdsearch_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: a request for a host this server is not known by is refused before anything reads it.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_host_names(settings, bind_host),
