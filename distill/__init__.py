@@ -17,13 +17,13 @@ from distill.engine import (
     PreparedStudy,
     TrialEngine,
     TrialOutcome,
-    load_engine,
+    load_trial_engine,
     resolve_device,
     save_checkpoint,
 )
-from distill.metrics import compute_metrics
 from distill.models import load_teacher, split_revision
 from distill.student import build_student, truncated_layer_indices
+from distill.task_metrics import compute_metrics
 from distill.teacher import TeacherCache, build_or_load_cache, cache_key, predict_logits
 from distill.train import EpochResult, TrainConfig, TrainResult, evaluate, predict, train_student
 from distill.transfer import TransferSet, build_or_load_transfer_set, transfer_key
@@ -51,9 +51,9 @@ __all__ = [
     "concat_splits",
     "evaluate",
     "length_bucketed_batches",
-    "load_engine",
     "load_split",
     "load_teacher",
+    "load_trial_engine",
     "predict",
     "predict_logits",
     "read_split",

@@ -194,7 +194,7 @@ def deploy(export_dir: Path, *, eval_split: TokenizedSplit, texts: Sequence[str]
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from distill.metrics import compute_metrics
+    from distill.task_metrics import compute_metrics
     from distill.train import predict
 
     model = AutoModelForSequenceClassification.from_pretrained(export_dir).eval()

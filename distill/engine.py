@@ -359,7 +359,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     (directory / TRIAL_RECORD).write_text(json.dumps(record, indent=2))
 
 
-def load_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
+def load_trial_engine(dotted: str | None, *, artifacts: str | Path | ArtifactLayout, device: str | None,
                 log: Callable[[str], None] = print, precision: str = "auto", pack_step: str = "auto") -> TrialEngine:
     """``package.module:ClassName`` → an engine instance (tests plug in a fast fake this way); None → the
     distillation engine, training in ``precision`` (``distill.precision``), packs stepping as ``pack_step``

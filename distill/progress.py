@@ -1,6 +1,6 @@
 """Progress of the long, once-per-study preparation steps: the teacher labelling the train and eval rows, then the
 transfer set. An engine calls ``progress(stage, rows_done, rows_total)`` after every batch; the worker decides how
-often to tell anyone (``service.progress``)."""
+often to tell anyone (``service.preparation_progress``)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ import torch
 
 from distill.cache import CACHE_FORMAT, Entry, build_once, split_from_tensors, split_tensors
 from distill.data import DataError, TextSplit, TokenizedSplit, load_split, subsample, tokenize
-from distill.metrics import compute_metrics
 from distill.models import fingerprint, load_teacher
 from distill.progress import TEACHER_STAGE, Progress
+from distill.task_metrics import compute_metrics
 from distill.train import RowsDone, predict
 from search_space import StudySpec, TaskInfo
 from storage import ArtifactLayout

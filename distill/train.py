@@ -24,8 +24,8 @@ import torch
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data import TokenizedSplit, length_bucketed_batches
-from distill.metrics import compute_metrics
 from distill.precision import Precision, autocast
+from distill.task_metrics import compute_metrics
 from kdsearch.errors import TrialError
 from kdsearch.terms import StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
 from search_space import TaskInfo, resolve_task

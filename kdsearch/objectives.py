@@ -4,8 +4,8 @@
 Every reader derives from ``OBJECTIVES``/``COSTS``: the spec's schema (``objectives``, ``constraints: {"max_<cost>":
 ...}``, ``search_space.schema``), feasibility (``search_space.objectives``), the API (the profile it returns, the
 pareto endpoint's ``?cost=``, ``GET /api/objectives``, which the dashboard draws from), ``export-best``'s selectors
-(``--max-<cost>``, ``service.exporting`` and ``service.cli``), the CLI's tables and the model card
-(``distill.export``).
+(``--max-<cost>``, ``service.export_best`` and ``service.cli``), the CLI's tables and the model card
+(``distill.hub_model``).
 
 A new cost is two files: its entry in ``COSTS`` below, and its measurement in ``distill.profile.profile_model``
 (which records it in the profile under the entry's name). Dependency-free (the standard library only), so the

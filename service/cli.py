@@ -98,18 +98,18 @@ def _check_database() -> str | None:
 
     url = get_settings().database_url
     try:
-        engine = make_engine(url)
+        db = make_engine(url)
     except (ArgumentError, ValueError, ImportError) as exc:
         return scrub_database_error(f"KDSEARCH_DATABASE_URL {mask_database_url(url)!r} is not a database URL ({exc})",
                                     url)
     try:
-        ping(engine)
+        ping(db)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         return scrub_database_error(f"cannot reach the database at {mask_database_url(url)}: "
                                     f"{reason[0] if reason else exc}", url)
     finally:
-        engine.dispose()
+        db.dispose()
     return None
 
 
@@ -119,11 +119,11 @@ def _upgrade_database() -> str:
     from service.settings import get_settings
     from storage import make_engine, upgrade_schema
 
-    engine = make_engine(get_settings().database_url)
+    db = make_engine(get_settings().database_url)
     try:
-        return upgrade_schema(engine)
+        return upgrade_schema(db)
     finally:
-        engine.dispose()
+        db.dispose()
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -142,11 +142,11 @@ def cmd_db(args: argparse.Namespace) -> int:
             return _fail(str(exc), 2)
         print(f"kdsearch schema at revision {revision}")
         return 0
-    engine = make_engine(url)
+    db = make_engine(url)
     try:
-        current = current_revision(engine)
+        current = current_revision(db)
     finally:
-        engine.dispose()
+        db.dispose()
     print(f"database: {current or 'no kdsearch schema version'}; this kdsearch: {head_revision()}")
     return 0 if current == head_revision() else 1
 
@@ -277,13 +277,13 @@ def _check_schema() -> str | None:
     from service.settings import get_settings
     from storage import SchemaMismatch, check_schema, make_engine
 
-    engine = make_engine(get_settings().database_url)
+    db = make_engine(get_settings().database_url)
     try:
-        check_schema(engine)
+        check_schema(db)
     except SchemaMismatch as exc:
         return str(exc)
     finally:
-        engine.dispose()
+        db.dispose()
     return None
 
 
@@ -497,8 +497,8 @@ def print_front(console: Any, pareto: dict[str, Any], columns: list[str]) -> Non
 def cmd_export_best(args: argparse.Namespace) -> int:
     from distill.data import DataError
     from distill.deploy import DeployError
-    from distill.export import ExportError
-    from service.exporting import check_deploy_options, export_best
+    from distill.hub_model import ExportError
+    from service.export_best import check_deploy_options, export_best
     from service.settings import get_settings
 
     try:
@@ -530,7 +530,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
 
 def print_deployment(deployment: dict[str, Any]) -> None:
     """The exported variants' metric and CPU latency, and the teacher's, as the model card's table has them."""
-    from distill.export import VARIANT_LABELS
+    from distill.hub_model import VARIANT_LABELS
 
     metric = deployment["metric"]
     print(f"verified: ONNX fp32 logits within atol {deployment['tolerance']['atol']:g} + rtol "

@@ -24,10 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from distill.deploy import DeployError
-from distill.export import VARIANT_LABELS, ExportError
+from distill.hub_model import VARIANT_LABELS, ExportError
 from kdsearch.testing.processes import free_port
-from service.exporting import export_best
-from service.progress import eta_text
+from service.export_best import export_best
+from service.preparation_progress import eta_text
 from service.redaction import mask_database_url
 from service.settings import get_settings
 

@@ -153,9 +153,9 @@ def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:
     storage = make_optuna_storage(db_url)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     study_id = study._study_id
-    engine = make_engine(db_url)
-    init_db(engine)
-    create_study(engine, name=name, spec=spec.model_dump(mode="json"), n_trials=n_trials, priority=0, timeout_s=None)
+    db = make_engine(db_url)
+    init_db(db)
+    create_study(db, name=name, spec=spec.model_dump(mode="json"), n_trials=n_trials, priority=0, timeout_s=None)
     dists = {"learning_rate": FloatDistribution(1e-5, 1e-3, log=True), "temperature": FloatDistribution(2, 30),
              "alpha": FloatDistribution(0, 1), "num_train_epochs": IntDistribution(2, 10)}
     dist_json = {k: distribution_to_json(d) for k, d in dists.items()}
@@ -164,8 +164,8 @@ def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:
     rows: dict[str, list[dict]] = {"trials": [], "trial_values": [], "trial_params": [],
                                    "trial_intermediate_values": [], "trial_user_attributes": []}
     meta = sa.MetaData()
-    meta.reflect(engine, only=list(rows))
-    with engine.begin() as conn:
+    meta.reflect(db, only=list(rows))
+    with db.begin() as conn:
         first_id = (conn.scalar(sa.select(sa.func.max(meta.tables["trials"].c.trial_id))) or 0) + 1
     for number in range(n_trials):
         trial_id = first_id + number
@@ -190,8 +190,8 @@ def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:
                  "epochs": [{"epoch": e, "score": v, "metrics": {"accuracy": v}} for e, v in curve.items()]}
         rows["trial_user_attributes"] += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
                                           for k, v in attrs.items()]
-    with engine.begin() as conn:
+    with db.begin() as conn:
         for table, values in rows.items():
             conn.execute(meta.tables[table].insert(), values)
-    engine.dispose()
+    db.dispose()
     storage.engine.dispose()

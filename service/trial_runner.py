@@ -65,7 +65,7 @@ from search_space import (
 )
 from search_space.objectives import constraint_violations, infeasible_reason, same_shape_should_prune
 from service.heartbeat import SlotHeartbeat
-from service.progress import PreparationReporter
+from service.preparation_progress import PreparationReporter
 from service.settings import Settings
 from service.trial_log import TrialLog
 from storage import (

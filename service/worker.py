@@ -30,7 +30,7 @@ from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
-from distill import TrialEngine, load_engine
+from distill import TrialEngine, load_trial_engine
 from distill.packed import resolve_pack
 from kdsearch.errors import is_transient
 from kdsearch.retry import backoff_delay
@@ -84,7 +84,7 @@ class Worker:
             import torch
 
             torch.set_num_threads(settings.threads)
-        self.trial_engine = trial_engine or load_engine(
+        self.trial_engine = trial_engine or load_trial_engine(
             settings.engine, artifacts=self.layout, device=device, log=log.info, precision=settings.precision,
             pack_step=settings.pack_step)
         # Trials trained together per claim (distill.packed): 1 runs each trial alone, as without packing.

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 import storage
 from distill.data import DataError, SampleProblem
 from distill.deploy import DeployError
-from distill.export import ExportError
+from distill.hub_model import ExportError
 from distill.train import MemberDiverged, TrainingDiverged
 from kdsearch.errors import (
     Fault,

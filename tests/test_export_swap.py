@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from distill.export import ExportError, write_export
+from distill.hub_model import ExportError, write_export
 from kdsearch.testing import tiny_spec
 from service.api import create_app
-from service.exporting import export_best
+from service.export_best import export_best
 from service.settings import Settings
 from service.worker import Worker
 

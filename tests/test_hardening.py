@@ -153,7 +153,7 @@ def test_body_size_limit(tmp_path: Path, tiny_assets) -> None:  # type: ignore[n
 
 
 def test_export_refuses_to_overwrite_a_file(tmp_path: Path) -> None:
-    from distill.export import ExportError, write_export
+    from distill.hub_model import ExportError, write_export
 
     target = tmp_path / "model"
     target.write_text("not a directory")

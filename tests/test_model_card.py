@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from distill.export import model_card, model_reference, teacher_card_data
+from distill.hub_model import model_card, model_reference, teacher_card_data
 
 HISTORY = [{"epoch": 1, "step": 10, "train_loss": 0.5, "eval_loss": 0.4, "score": 0.8,
             "metrics": {"accuracy": 0.8, "f1": 0.79, "macro_f1": 0.78, "matthews_correlation": 0.6}}]

@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from distill import DataError, DistillationEngine
-from distill.export import ExportError
+from distill.hub_model import ExportError
 from distill.teacher import check_finite_outputs
 from distill.train import TrainingDiverged, check_finite
 from kdsearch.errors import Fault, fault_of
 from kdsearch.testing import KDSEARCH, ROOT, tiny_spec
 from search_space import StudySpec
 from service.api import create_app
-from service.exporting import export_best
+from service.export_best import export_best
 from service.settings import Settings
 from service.worker import Worker
 

@@ -12,14 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from distill.export import front_lines, size_lines
+from distill.hub_model import front_lines, size_lines
 from kdsearch.objectives import COST_OBJECTIVES, COSTS, METRIC, OBJECTIVES, registry_json
 from search_space import Constraints, StudySpec
 from search_space.objectives import constraint_violations, infeasible_reason
 from service.api.main import create_app
 from service.api.schemas import StudentProfileOut
 from service.cli import build_parser, print_front
-from service.exporting import LIMIT_FLAGS, cost_limits
+from service.export_best import LIMIT_FLAGS, cost_limits
 from service.settings import Settings
 
 STATIC = Path(__file__).parents[1] / "service" / "dashboard" / "static"

@@ -134,7 +134,7 @@ def test_refusals_are_one_line(studies) -> None:  # type: ignore[no-untyped-def]
 
 def test_exporter_failure_names_the_step_and_keeps_the_hf_export(studies, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from distill.deploy import DeployError
-    from service.exporting import export_best
+    from service.export_best import export_best
 
     def refuse(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("unsupported operator aten::mystery\nmore detail")

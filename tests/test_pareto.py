@@ -18,12 +18,12 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from distill.data import TokenizedSplit
-from distill.export import ExportError
+from distill.hub_model import ExportError
 from kdsearch.testing import tiny_spec
 from search_space import JOINT_ATTENTION, SpecError, StudentSpec, StudySpec, student_space
 from search_space.objectives import pareto_front, same_shape_should_prune
 from service.api import create_app
-from service.exporting import select_trial
+from service.export_best import select_trial
 from service.settings import Settings
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdsearch.errors import KdsearchError
 from service.api.errors import kdsearch_error, request_validation_error
-from service.api.routes import health, hyperparameters, metrics, objectives, studies, trials, workers
+from service.api.routes import health, hyperparameters, objectives, prometheus, studies, trials, workers
 from service.dashboard import mount_dashboard
-from service.metrics import StoreCollector
 from service.notifier import Notifier
+from service.prometheus import StoreCollector
 from service.settings import Settings, get_settings
 from storage import init_db, make_engine, make_optuna_storage
 
@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None, bind_host: str | None = None) -
     api.include_router(trials.router)
     api.include_router(workers.router)
     app.include_router(api)
-    app.include_router(metrics.router)
-    app.state.metrics_registry = metrics.metrics_registry(app)
+    app.include_router(prometheus.router)
+    app.state.metrics_registry = prometheus.metrics_registry(app)
     mount_dashboard(app)
     app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_exception_handler(KdsearchError, kdsearch_error)

@@ -25,8 +25,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Engine, inspect
 
-from distill.engine import TRIAL_RECORD, load_engine
-from distill.export import (
+from distill.engine import TRIAL_RECORD, load_trial_engine
+from distill.hub_model import (
     ExportError,
     check_export_target,
     fill_export,
@@ -198,19 +198,19 @@ def retrain_seeds(settings: Settings, db: Engine, study: optuna.Study, study_id:
         done = {seed: (row.best_score, row.checkpoint_artifact_id)
                 for seed, row in seed_runs(session, study_id, trial.number).items()}
     params: dict[str, Any] = trial.user_attrs.get("params", trial.params)
-    engine = None
+    trial_engine = None
     metric = study_metric({"metric": spec.metric}, study.user_attrs) or "accuracy"
     for seed in seeds:
         if seed in done:
             log(f"seed {seed}: already retrained, eval {metric} {done[seed][0]:.4f}")
             continue
-        if engine is None:
-            engine = load_engine(settings.engine, artifacts=layout, device=device, log=log,
-                                 precision=settings.precision)
-            prepared = engine.prepare(spec)  # the study's cached teacher logits (and transfer set)
+        if trial_engine is None:
+            trial_engine = load_trial_engine(settings.engine, artifacts=layout, device=device, log=log,
+                                             precision=settings.precision)
+            prepared = trial_engine.prepare(spec)  # the study's cached teacher logits (and transfer set)
         with tempfile.TemporaryDirectory(prefix="kdsearch-seed-") as tmp:
             checkpoint = Path(tmp) / "checkpoint"
-            outcome = engine.run_trial(prepared, params, seed, None, checkpoint)
+            outcome = trial_engine.run_trial(prepared, params, seed, None, checkpoint)
             artifact_id = layout.store_checkpoint(checkpoint, study)
         record_seed_run(db, study_id=study_id, trial_number=trial.number, seed=seed, best_score=outcome.best_score,
                         best_epoch=outcome.best_epoch, checkpoint_artifact_id=artifact_id)
