@@ -10,6 +10,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url ${TORCH_INDEX} "torch>=2.4,<3"
 
 COPY pyproject.toml README.md ./
+COPY kdsearch ./kdsearch
 COPY service ./service
 COPY search_space ./search_space
 COPY storage ./storage
