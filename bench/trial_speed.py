@@ -247,6 +247,9 @@ def against_main(revision: str, reps: int) -> None:
                          check=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                      text=True, check=True).stdout.strip():
+        head += "+uncommitted"  # the runs use the working tree as it is
     with tempfile.TemporaryDirectory(prefix="kdsearch-against-") as tmp:
         other = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), sha], check=True,
