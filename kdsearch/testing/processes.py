@@ -30,8 +30,14 @@ class Stack:
     """An API server and any number of workers sharing one database and artifacts directory."""
 
     def __init__(self, db_url: str, root: Path, **env: str) -> None:
+        # The stack's own folder (where its datasets and models are written) is an allowed root, beside the caller's
+        # (or the default's: the processes' working directory, ROOT, and ../shared); ``env`` may say otherwise.
+        given = os.environ.get("KDSEARCH_ALLOWED_ROOTS", "").split(os.pathsep)
+        allowed = [*filter(None, given)] or [str(ROOT), str(ROOT.parent / "shared")]
+        allowed.append(str(root.resolve()))
         self.env = {**os.environ, "KDSEARCH_DATABASE_URL": db_url, "KDSEARCH_ARTIFACTS": str(root / "artifacts"),
-                    "KDSEARCH_POLL_INTERVAL": "0.2", "HF_HUB_OFFLINE": "1", **env}
+                    "KDSEARCH_POLL_INTERVAL": "0.2", "HF_HUB_OFFLINE": "1",
+                    "KDSEARCH_ALLOWED_ROOTS": os.pathsep.join(allowed), **env}
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
