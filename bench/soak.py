@@ -133,7 +133,15 @@ def run(args: argparse.Namespace, aws: dict[str, str]) -> None:
                 lost += sum(t.state == TrialState.COMPLETE and "checkpoint_artifact_id" not in t.user_attrs
                             for t in trials)
                 lost += sum(t.state == TrialState.RUNNING for t in trials)
+                for t in trials:  # what was lost, named, so a FAIL can be traced in the worker logs
+                    if t.state == TrialState.RUNNING or (t.state == TrialState.COMPLETE
+                                                         and "checkpoint_artifact_id" not in t.user_attrs):
+                        print(f"lost: study {name} trial {t.number} (id {t._trial_id}) {t.state.name}, params "
+                              f"{t.params}, user attrs {sorted(t.user_attrs)}, started {t.datetime_start}",
+                              flush=True)
             logs = stack.worker_logs()
+            (ROOT / "bench" / ".cache").mkdir(parents=True, exist_ok=True)
+            (ROOT / "bench" / ".cache" / "soak-worker.log").write_text(logs)  # the last soak's, for tracing
             errors = [line for line in logs.splitlines() if " ERROR " in line]
             if errors:
                 print(f"{len(errors)} ERROR lines in the worker logs; the first: {errors[:3]}", flush=True)

@@ -40,11 +40,12 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 
@@ -130,6 +131,38 @@ def pack_groups(params: list[dict[str, Any]], shape_names: set[str] | frozenset[
                          sort_keys=True, default=str)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
+
+
+class _SlotRecordingSampler(optuna.samplers.BaseSampler):
+    """The slot's sampler, telling the slot about its trial the moment Optuna creates it (``before_trial``), before
+    any parameter is sampled: a worker killed inside ``ask`` leaves a slot that names its trial (the reaper fails
+    it), never a RUNNING trial nobody knows. Everything else is the wrapped sampler's."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, on_trial: Callable[[int], None]) -> None:
+        self.inner, self.on_trial = inner, on_trial
+
+    def infer_relative_search_space(self, study: optuna.Study,
+                                    trial: optuna.trial.FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.on_trial(trial._trial_id)
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def describe_error(exc: BaseException) -> str:
@@ -302,6 +335,17 @@ class TrialRunner:
         shapes only), recorded on the slot. ``params`` holds the hyperparameters and the shape's searched dimensions
         by name: what ``distill.train.TrainConfig.from_params`` reads, and ``export-best --seeds`` retrains."""
         kd_distributions = optuna_distributions(spec.search_space, task.ignored_params)
+        asked: list[int] = []  # the trials this slot's ask created (more than one if an outage cut an ask short)
+
+        def on_trial(trial_id: int) -> None:
+            # An ask cut short by an outage left its trial RUNNING: back to WAITING (a later ask runs it), never
+            # orphaned. Then the slot names its new trial before anything else happens to it.
+            for earlier in asked:
+                retry_operational(functools.partial(self._requeue_trial, earlier))
+            asked.append(trial_id)
+            retry_operational(lambda: record_slot_trial(self.db, claim.slot_id, trial_id))
+
+        study.sampler = _SlotRecordingSampler(study.sampler, on_trial)
         # Retried while the database is down, like every write of this claim before training: an outage here must
         # not leave the slot claimed for the reaper (an attempt spent on the infrastructure's fault).
         trial = retry_operational(lambda: study.ask({**kd_distributions, **space.distributions}))
@@ -545,7 +589,7 @@ class TrialRunner:
             return
         try:
             trial_log.save()
-            state = retry_operational(lambda: self._requeue_trial(trial))
+            state = retry_operational(lambda: self._requeue_trial(trial._trial_id))
             if state in (TrialState.COMPLETE, TrialState.PRUNED):
                 self._finish_slot(member, SlotState.DONE, None)
                 return
@@ -555,14 +599,14 @@ class TrialRunner:
             log.warning("slot %d could not be given back (the database is unreachable); it is retried once its "
                         "heartbeat is stale", claim.slot_id, exc_info=True)
 
-    def _requeue_trial(self, trial: optuna.Trial) -> TrialState:
+    def _requeue_trial(self, trial_id: int) -> TrialState:
         """A RUNNING trial back to WAITING (Optuna's queue: the next ``ask`` pops it, parameters kept); returns the
         trial's state after (a finished trial is left as it is)."""
         storage = self.services.optuna_storage
-        state = storage.get_trial(trial._trial_id).state
+        state = storage.get_trial(trial_id).state
         if state != TrialState.RUNNING:
             return state
-        storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        storage.set_trial_state_values(trial_id, TrialState.WAITING)
         return TrialState.WAITING
 
     def _fail_trial(self, member: _Member, exc: BaseException) -> str:

@@ -173,3 +173,46 @@ def test_a_database_outage_before_training_spends_no_attempt(sqlite_url: str, tm
             assert [(s.state, s.attempts) for s in session.query(TrialSlotRow).all()] == [("done", 1)] * 3
     finally:
         db.dispose()
+
+
+def test_an_ask_cut_short_leaves_no_running_trial_behind(sqlite_url: str, tmp_path: Path, tiny_assets,  # type: ignore[no-untyped-def]
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database drops inside ``ask``, after Optuna created the trial and before its parameters are sampled (the
+    soak's PostgreSQL restarts and SIGKILLs landed there): the retried ask makes a new trial, and the one cut short
+    goes back to WAITING, where a later ask runs it. No trial is left RUNNING with no slot naming it, and every slot
+    is done on its first attempt."""
+    import sqlite3
+
+    import optuna
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import Worker
+
+    settings = Settings(database_url=sqlite_url, artifacts=tmp_path / "artifacts", poll_interval=0.1,
+                        engine="service.testing:SleepEngine")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/studies", json=_spec(tiny_assets, "ask-cut")).status_code == 201
+    outage = {"suggest": 1}
+    real_suggest = optuna.trial.Trial._suggest
+
+    def suggest(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if outage["suggest"]:
+            outage["suggest"] -= 1
+            raise OperationalError("suggest", {}, sqlite3.OperationalError("database is locked"))
+        return real_suggest(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.trial.Trial, "_suggest", suggest)
+    Worker(settings, device="cpu", exit_when_idle=True).run()
+    assert outage == {"suggest": 0}, "the outage met the worker"
+    study = optuna.load_study(study_name="ask-cut", storage=sqlite_url)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3, [t.state for t in study.trials]
+    db = make_engine(sqlite_url)
+    try:
+        with session_scope(db) as session:
+            slots = session.query(TrialSlotRow).all()
+            assert [(s.state, s.attempts) for s in slots] == [("done", 1)] * 3
+            assert sorted(s.optuna_trial_id for s in slots) == sorted(t._trial_id for t in study.trials)
+    finally:
+        db.dispose()
