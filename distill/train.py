@@ -337,6 +337,13 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
         raise ValueError(f"a pack shares one batch size and bucketing, not {sorted(batch_sizes)} / "
                          f"{sorted(bucket_batches)}")
     batch_size, buckets = batch_sizes.pop(), bucket_batches.pop()
+    for member in members:
+        needs = needs_of(member.cfg.terms)
+        if needs.teacher_hidden_states or needs.teacher_attentions:
+            # The teacher cache holds the teacher's logits only (distill.teacher): a term that reads its internals
+            # needs them cached or computed live first.
+            raise ValueError("a distillation term needs the teacher's hidden states or attentions, which this "
+                             "engine does not provide yet: " + ", ".join(t.name for t in member.cfg.terms))
     device = train.input_ids.device
     steps_per_epoch = math.ceil(len(train) / batch_size)
     generator = torch.Generator().manual_seed(batch_seed)  # the batch order

@@ -149,3 +149,19 @@ def test_tables_and_charts_show_every_term_parameter(tmp_path: Path) -> None:
     assert [h["name"] for h in shown] == ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"]
     assert {h["name"]: h["symbol"] for h in shown}["temperature"] == "T"
     assert next(h for h in shown if h["name"] == "temperature")["classification_only"] is True
+
+
+def test_a_term_needing_the_teachers_internals_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher cache holds logits only: a term that declares it reads the teacher's hidden states is refused
+    before any step, naming the terms, rather than failing inside its loss."""
+
+    class HiddenNeeds(LogitL2):
+        name = "hidden_needs"
+        needs = Needs(teacher_hidden_states=True)
+
+    monkeypatch.setitem(TERMS, HiddenNeeds.name, HiddenNeeds())
+    train, eval_split = tiny_split(16, seed=0), tiny_split(8, seed=2)
+    cfg = TrainConfig.from_params({"learning_rate": 1e-3, "num_train_epochs": 1, "batch_size": 8}, regression=False,
+                                  seed=1)
+    with pytest.raises(ValueError, match=r"teacher's hidden states or attentions.*: logits, hidden_needs$"):
+        train_student(tiny_student(1, 0.0), train, torch.zeros(len(train), 2), eval_split, cfg, task=TASK)
