@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from distill.precision import autocast
 from distill.train import TrainConfig, linear_schedule, takes_weight_decay
-from kdsearch.terms import StudentOutputs, TeacherOutputs, needs_of, total_loss
+from kdsearch.terms import StudentOutputs, TeacherOutputs, total_loss
 from search_space import TaskInfo
 
 # The parameters are [K, *shape] views with a row stride of P: autograd accumulates into their gradient views in
@@ -80,7 +80,7 @@ class StackedStudents:
         self.terms = cfgs[0].terms
         if any([t.name for t in cfg.terms] != [t.name for t in self.terms] for cfg in cfgs):
             raise ValueError("a stacked pack's members share their distillation terms")
-        self.needs = needs_of(self.terms)
+        self.needs = cfgs[0].needs
         self.term_values = [
             {name: self._column(setting.term.values(cfg.terms[index].config)[name] for cfg in cfgs)[:, 0]
              for name in setting.term.values(setting.config)}

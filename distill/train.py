@@ -15,6 +15,7 @@ The loop reads straight down: no Trainer, no DataLoader, one host sync per epoch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -27,7 +28,7 @@ from distill.data import TokenizedSplit, length_bucketed_batches
 from distill.precision import Precision, autocast
 from distill.task_metrics import compute_metrics
 from kdsearch.errors import TrialError
-from kdsearch.terms import StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
+from kdsearch.terms import Needs, StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
 from search_space import TaskInfo, resolve_task
 
 
@@ -59,6 +60,11 @@ class TrainConfig:
     fused_adamw: bool = True  # one kernel for all parameters: -13% trial time on CPU here, same results
     # The student's forward pass in bf16 autocast, or fp32 (distill.precision resolves KDSEARCH_PRECISION's auto).
     precision: Precision = "fp32"
+
+    @functools.cached_property
+    def needs(self) -> Needs:
+        """What the trial's terms read of the student and the teacher: worked out once, not at every step."""
+        return needs_of(self.terms)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, regression: bool, seed: int, batch_seed: int | None = None,
@@ -201,7 +207,7 @@ def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher:
                labels: torch.Tensor, cfg: TrainConfig, task: TaskInfo, device: torch.device) -> torch.Tensor:
     """One batch's loss for ``model``: the sum of the trial's distillation terms (``kdsearch.terms``), its forward
     pass in ``cfg.precision`` and asked for the internals the terms need, its loss in fp32."""
-    needs = needs_of(cfg.terms)
+    needs = cfg.needs
     with autocast(device, cfg.precision):
         # The costly line: the student's forward pass.
         out = model(**inputs, output_hidden_states=needs.student_hidden_states,
@@ -338,7 +344,7 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
                          f"{sorted(bucket_batches)}")
     batch_size, buckets = batch_sizes.pop(), bucket_batches.pop()
     for member in members:
-        needs = needs_of(member.cfg.terms)
+        needs = member.cfg.needs
         if needs.teacher_hidden_states or needs.teacher_attentions:
             # The teacher cache holds the teacher's logits only (distill.teacher): a term that reads its internals
             # needs them cached or computed live first.
