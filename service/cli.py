@@ -404,7 +404,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if (preparation := _preparation_line(study)) is not None:
             console.print(preparation, markup=False)
         ignored = set((study.get("task") or {}).get("ignored_params", []))
-        columns = [c for c in _tuned_hyperparameters(args.url) if c not in ignored]
+        tuned = _tuned_hyperparameters(args.url)  # one request, for the trials table and the front
+        columns = [c for c in tuned if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", *(cost.short for cost in COSTS),
                       "precision", "duration s")
         for t in page["trials"]:
@@ -416,8 +417,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           f"{t['duration_s']:.1f}" if t["duration_s"] else "")
         console.print(table)
         if len(study.get("objectives") or []) > 1:  # a single-objective study has one best trial, not a front
-            print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"),
-                        _tuned_hyperparameters(args.url))
+            print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"), tuned)
         return 0
     table = Table("id", "name", "status", "priority", "finished", "running", "failed", "metric", "best")
     for s in _request("GET", f"{args.url}/api/studies"):
