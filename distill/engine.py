@@ -49,6 +49,7 @@ from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
 from distill.packed import PackStepName, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
+from distill.predistill import Predistilled, build_or_load_predistilled
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
 from distill.student import build_student, student_config
@@ -67,12 +68,14 @@ from search_space import (
     MetricMismatch,
     SpecError,
     StudentSpace,
+    StudentSpec,
     StudySpec,
     TaskInfo,
     resolve_task,
     student_space,
     teacher_dims,
     tokenizers_compatible,
+    values_of,
 )
 from storage import ArtifactLayout, make_layout
 
@@ -165,6 +168,9 @@ class PreparedStudy:
     teacher_state: dict[str, torch.Tensor] | None  # only for students built from the teacher's weights
     space: StudentSpace  # the student shapes this study samples (valid for this teacher)
     teacher_profile: dict[str, Any] | None = None  # measured on first use
+    # Pre-distilled encoder weights by student shape (its spec's JSON), loaded or built on first use.
+    predistilled: dict[str, Predistilled] = dataclasses.field(default_factory=dict)
+    progress: Progress | None = None  # told of a pre-distillation built on a trial's first use of its shape
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -240,9 +246,23 @@ class DistillationEngine(TrialEngine):
             teacher_config=teacher_config,
             teacher_state=teacher_state,
             space=space,
+            progress=progress,
         )
+        if 1 in values_of(spec.search_space.predistilled) and not space.shape_names:
+            # One student shape: its pre-distilled weights are built (or loaded) now, with the preparation's progress.
+            self._predistilled(prepared, space.student_for(spec.student, {}))
+        prepared.progress = None  # a shape first used by a trial reports to the trial's log only
         self._prepared = (fingerprint, prepared)
         return prepared
+
+    def _predistilled(self, prepared: PreparedStudy, student: StudentSpec) -> Predistilled:
+        """The pre-distilled encoder weights of one student shape (``distill.predistill``), built once per key."""
+        shape = student.model_dump_json()
+        if shape not in prepared.predistilled:
+            prepared.predistilled[shape] = build_or_load_predistilled(
+                self.layout, prepared.spec, student, prepared.teacher_config, self.device, self.precision,
+                teacher_state=prepared.teacher_state, log=self.log, progress=prepared.progress)
+        return prepared.predistilled[shape]
 
     def task(self, prepared: PreparedStudy) -> TaskInfo:
         return prepared.task
@@ -272,8 +292,16 @@ class DistillationEngine(TrialEngine):
                                        precision=self.precision)
 
     def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
+        """The trial's student: its shape (a searched one: the trial's), its head initialised from ``seed``, its
+        encoder from the shape's pre-distilled weights when the trial's ``predistilled`` is 1."""
         student = prepared.space.student_for(prepared.spec.student, params)  # a searched shape: the trial's
-        return build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
+        model = build_student(student, prepared.teacher_config, seed=seed, teacher_state=prepared.teacher_state)
+        if self.train_config(prepared, params, seed).predistilled:
+            weights = self._predistilled(prepared, student).weights
+            _missing, unexpected = model.load_state_dict(weights, strict=False)  # missing: the head, the pooler
+            if unexpected:
+                raise RuntimeError(f"pre-distilled weights do not fit the student: unexpected {unexpected[:5]}")
+        return model
 
     def _store(self, prepared: PreparedStudy, model: PreTrainedModel, result: TrainResult, params: dict[str, Any],
                seed: int, checkpoint_dir: Path, extra: dict[str, Any] | None = None) -> TrialOutcome:
@@ -291,10 +319,21 @@ class DistillationEngine(TrialEngine):
             "teacher_metrics": prepared.cache.teacher_metrics,
             "stopped": result.stopped,
             "precision": self.precision,
+            **self._predistilled_record(prepared, params),
             **(extra or {}),
         })
         return TrialOutcome(result.history, result.best_epoch, result.best_score, result.stopped,
                             result.samples_per_second, self.precision)
+
+    def _predistilled_record(self, prepared: PreparedStudy, params: dict[str, Any]) -> dict[str, Any]:
+        """What the trial record (and the model card) says of a pre-distilled student's start."""
+        if not self.train_config(prepared, params, 0).predistilled:
+            return {}
+        built = self._predistilled(prepared, prepared.space.student_for(prepared.spec.student, params))
+        return {"predistilled": {"key": built.key, "sentences": built.meta["sentences"],
+                                 "epochs": built.meta["recipe"]["epochs"],
+                                 "relation_heads": built.meta["recipe"]["relation_heads"],
+                                 "build_seconds": built.meta["build_seconds"]}}
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,
                   on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:

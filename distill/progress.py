@@ -8,5 +8,6 @@ from collections.abc import Callable
 
 TEACHER_STAGE = "teacher_logits"
 TRANSFER_STAGE = "transfer_set"
+PREDISTILL_STAGE = "predistill"  # pre-distilling a student shape (rows: corpus examples x epochs)
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done, rows total)

@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     shape: dict[str, int] = dataclasses.field(default_factory=dict)  # the searched dimensions ({}: none searched)
+    predistilled: bool = False  # the student starts from its shape's pre-distilled weights (distill.predistill)
     seed: int = 33  # the student's dropout stream (its initialisation: build_student's seed, the same number)
     # The batch order's seed; None: ``seed``. A packed trial (distill.packed) shares its pack's batch order, and runs
     # alone the same with this set to the pack's.
@@ -80,6 +81,7 @@ class TrainConfig:
             weight_decay=float(params.get("weight_decay", 0.0)),
             warmup_ratio=float(params.get("warmup_ratio", 0.0)),
             shape={name: int(params[name]) for name in shape_names if name in params},
+            predistilled=bool(params.get("predistilled", 0)),
             seed=seed,
             batch_seed=batch_seed,
             precision=precision,

@@ -12,7 +12,8 @@ from kdsearch.terms import search_params
 from search_space.schema import ParamChoices, ParamRange, SearchSpace, StudySpec
 
 # Whole-number parameters: the schedule's, and any distillation term's that says so.
-INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", *(p.name for p in search_params() if p.integer)})
+INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", "predistilled",
+                            *(p.name for p in search_params() if p.integer)})
 
 
 def _typed(name: str, value: float) -> float | int:

@@ -142,6 +142,9 @@ class SearchSpace(_WithTerms):
     batch_size: ParamSpec = 128
     weight_decay: ParamSpec = 0.0
     warmup_ratio: ParamSpec = 0.0
+    # 1: the trial's student starts from its pre-distilled weights (``StudySpec.predistill``), 0: from its own
+    # initialisation; {"choices": [0, 1]} lets the search decide.
+    predistilled: ParamSpec = 0
 
     @field_validator("num_train_epochs")
     @classmethod
@@ -162,6 +165,20 @@ class SearchSpace(_WithTerms):
     @classmethod
     def _warmup(cls, v: Any) -> Any:
         return _check("warmup_ratio", v, lambda x: 0 <= x < 1, "within [0, 1)")
+
+    @field_validator("predistilled", mode="before")
+    @classmethod
+    def _predistilled(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # true / false read as 1 / 0
+            return int(v)
+        if isinstance(v, dict) and isinstance(v.get("choices"), list):
+            return {**v, "choices": [int(c) if isinstance(c, bool) else c for c in v["choices"]]}
+        return v
+
+    @field_validator("predistilled")
+    @classmethod
+    def _predistilled_flag(cls, v: Any) -> Any:
+        return _check("predistilled", v, lambda x: x in (0, 1), "0 or 1 (or true / false)", integer=True)
 
 
 
@@ -407,6 +424,55 @@ class AugmentSpec(_Strict):
         return self
 
 
+class CorpusSource(_Strict):
+    """More unlabelled text for pre-distillation: a local directory of split files (``path``) or a hub dataset
+    (``hub``, ``config``), the splits and text columns read. Labels are never read."""
+
+    hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+    config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: str | None = Field(None, min_length=1, max_length=1024)
+    splits: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]] = Field(
+        default_factory=lambda: ["train"], min_length=1, max_length=16)
+    text_columns: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["sentence"], min_length=1, max_length=8)
+    max_rows: int | None = Field(None, ge=1)  # per split
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusSource:
+        if (self.hub is None) == (self.path is None):
+            raise ValueError("give exactly one of hub, path")
+        if self.config is not None and self.hub is None:
+            raise ValueError("config is only for hub datasets")
+        return self
+
+
+class PredistillSpec(_Strict):
+    """How a pre-distilled student is made (``distill.predistill``), when the search space's ``predistilled`` is
+    1 (or among its choices): the teacher's self-attention relations (MiniLMv2: query, key and value relations of
+    ``teacher_layer``, split into ``relation_heads``) distilled into the student's last layer on unlabelled text,
+    for ``epochs`` passes. The corpus is the task's texts (every split, both sides of a pair; labels never read)
+    when ``task_texts``, plus ``corpus``'s sources. Built once per (teacher, student shape, corpus, recipe) and
+    shared by every study and trial with that key."""
+
+    task_texts: bool = True
+    corpus: list[CorpusSource] = Field(default_factory=list, max_length=16)
+    epochs: int = Field(3, ge=1, le=100)
+    learning_rate: float = Field(5e-4, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_seq_length: int = Field(128, ge=8)  # capped by KDSEARCH_MAX_SEQ_LENGTH
+    relation_heads: int = Field(8, ge=1, le=256)  # must divide both hidden sizes
+    teacher_layer: int | None = Field(None, ge=-64, le=64)  # a teacher layer index (negative: from the top); None: last
+    pair_share: float = Field(0.5, ge=0, le=1)  # examples made of two sentences in the pair encoding
+    max_sentences: int | None = Field(None, ge=1)  # a fixed random subset of the corpus
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _has_text(self) -> PredistillSpec:
+        if not self.task_texts and not self.corpus:
+            raise ValueError("a pre-distillation corpus needs task_texts or at least one corpus source")
+        return self
+
+
 NotifyEvent = Literal["finished", "failed", "new_best"]
 
 
@@ -480,6 +546,7 @@ class StudySpec(_Strict):
     student: StudentSpec
     dataset: DatasetSpec
     augment: AugmentSpec = AugmentSpec()
+    predistill: PredistillSpec = PredistillSpec()
     notify: NotifySpec | None = None
     card: CardSpec | None = None  # the exported model card's license and language (default: the teacher's)
     search_space: SearchSpace = SearchSpace()
@@ -522,6 +589,13 @@ class StudySpec(_Strict):
             raise ValueError("hyperband cannot rank trials on several objectives; use \"median\" (a trial is "
                              "compared with trials of the same student shape) or \"none\"")
         return v
+
+    @model_validator(mode="after")
+    def _predistillable(self) -> StudySpec:
+        if self.student.model is not None and 1 in values_of(self.search_space.predistilled):
+            raise ValueError("search_space.predistilled: a pretrained student (student.model) is not pre-distilled; "
+                             "pre-distillation makes a student of a config or truncate_teacher shape")
+        return self
 
     @property
     def multi_objective(self) -> bool:

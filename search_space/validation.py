@@ -124,6 +124,14 @@ def confine_local_paths(spec: StudySpec, allowed_roots: Sequence[Path]) -> None:
             found = split_file(directory, split)
             if found is not None:
                 _inside_roots(field, str(found), allowed_roots)
+    for index, source in enumerate(spec.predistill.corpus):
+        if source.path is not None:
+            field = f"predistill.corpus.{index}"
+            directory = _inside_roots(f"{field}.path", source.path, allowed_roots)
+            for split in source.splits:
+                found = split_file(directory, split)
+                if found is not None:
+                    _inside_roots(f"{field}.splits", str(found), allowed_roots)
 
 
 def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None) -> StudySpec:
@@ -149,6 +157,22 @@ def normalize_spec(spec: StudySpec, allowed_roots: Sequence[Path] | None = None)
             _inside_roots(field, str(found), allowed_roots)  # a split file may be a symlink out of the roots
         dataset = dataset.model_copy(update={"path": str(directory)})
     update["dataset"] = dataset
+    sources = []
+    for index, source in enumerate(spec.predistill.corpus):
+        if source.path is not None:
+            field = f"predistill.corpus.{index}"
+            directory = _inside_roots(f"{field}.path", source.path, allowed_roots)
+            if not directory.is_dir():
+                raise SpecError(f"{field}.path", f"directory {source.path!r} does not exist: no directory at "
+                                                 f"{directory}{_resolved_from(source.path)}")
+            for split in source.splits:
+                found = split_file(directory, split)
+                if found is None:
+                    raise SpecError(f"{field}.splits", f"no {split}{{{','.join(DATA_EXTENSIONS)}}} in {source.path!r}")
+                _inside_roots(f"{field}.splits", str(found), allowed_roots)
+            source = source.model_copy(update={"path": str(directory)})
+        sources.append(source)
+    update["predistill"] = spec.predistill.model_copy(update={"corpus": sources})
     return spec.model_copy(update=update)
 
 
