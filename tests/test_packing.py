@@ -224,8 +224,8 @@ def rescore(checkpoint: Path, prepared: Any) -> dict[str, float]:
 
     from distill.train import evaluate
 
-    metrics, _ = evaluate(AutoModelForSequenceClassification.from_pretrained(checkpoint), prepared.eval, 64,
-                          prepared.task)
+    metrics, _, _ = evaluate(AutoModelForSequenceClassification.from_pretrained(checkpoint), prepared.eval, 64,
+                             prepared.task)
     return metrics
 
 
