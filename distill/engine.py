@@ -97,6 +97,11 @@ class TrialOutcome:
     def best_metrics(self) -> dict[str, float]:
         return next((h.metrics for h in self.history if h.epoch == self.best_epoch), {})
 
+    @property
+    def degenerate(self) -> str | None:
+        """Why the best epoch's outputs are degenerate (``distill.task_metrics.degenerate_reason``); None when not."""
+        return next((h.degenerate for h in self.history if h.epoch == self.best_epoch), None)
+
 
 # Told each pack member's final result (its index in the pack, its outcome or the exception that failed it).
 MemberDone = Callable[[int, TrialOutcome | Exception], None]

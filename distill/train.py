@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data import TokenizedSplit, length_bucketed_batches
 from distill.precision import Precision, autocast
-from distill.task_metrics import compute_metrics
+from distill.task_metrics import compute_metrics, degenerate_reason
 from kdsearch.errors import TrialError
 from kdsearch.terms import Needs, StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
 from search_space import TaskInfo, resolve_task
@@ -97,6 +97,7 @@ class EpochResult:
     metrics: dict[str, float]  # every metric that fits the task, on the eval split
     score: float  # the study's metric: what the trial reports, prunes on and keeps its best epoch by
     seconds: float
+    degenerate: str | None = None  # why the eval outputs are degenerate (distill.task_metrics), None when not
 
 
 @dataclasses.dataclass
@@ -161,16 +162,17 @@ def predict(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
 
 
 def evaluate(model: PreTrainedModel, split: TokenizedSplit, batch_size: int,
-             task: TaskInfo) -> tuple[dict[str, float], float]:
-    """(every metric of the task, mean loss against the gold labels) on a split."""
+             task: TaskInfo) -> tuple[dict[str, float], float, str | None]:
+    """(every metric of the task, mean loss against the gold labels, why the outputs are degenerate or None) on a
+    split."""
     outputs = predict(model, split, batch_size)
     if task.is_regression:
         loss = torch.nn.functional.mse_loss(outputs[:, 0], split.labels.float())
     else:
         loss = torch.nn.functional.cross_entropy(outputs, split.labels)
     # The epoch's one host sync: metrics are computed on the CPU by scikit-learn and SciPy.
-    metrics = compute_metrics(task, outputs.cpu().numpy(), split.labels.cpu().numpy())
-    return metrics, loss.item()
+    outputs_np, labels_np = outputs.cpu().numpy(), split.labels.cpu().numpy()
+    return compute_metrics(task, outputs_np, labels_np), loss.item(), degenerate_reason(task, outputs_np, labels_np)
 
 
 def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -402,14 +404,14 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
                     on_done(i, diverged)
                 continue
             # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
-            metrics, eval_loss = evaluate(member.model, eval_split, cfg.eval_batch_size, task)
+            metrics, eval_loss, degenerate = evaluate(member.model, eval_split, cfg.eval_batch_size, task)
             # Each member's epoch took the pack's training time and its own evaluation.
             seconds = train_time + time.perf_counter() - eval_started
             record.train_seconds += seconds
             record.samples += len(train)
             score = metrics[task.metric]
             result = EpochResult(epoch, steps, loss_sums[position].item() / steps_per_epoch, eval_loss, metrics,
-                                 score, seconds)
+                                 score, seconds, degenerate)
             record.history.append(result)
             if score > record.best_score:
                 # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.

@@ -371,7 +371,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
                                        for k, v in t["params"].items())),
                       t.get("precision") or "", escape(t.get("worker") or ""),
                       f"{t['duration_s']:.1f}" if t["duration_s"] else "",
-                      escape(t.get("stop_reason") or t.get("fail_reason") or ""))
+                      escape(_trial_note(t)))
     _console().print(table)
     return 0
 
@@ -397,6 +397,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f" finished, best {escape(metric)} {best}")
         if study.get("teacher_metric") is not None:
             console.print(f"teacher {escape(metric)}: {study['teacher_metric']:.4f}")
+        if (best_trial := study.get("best_trial") or {}).get("degenerate"):
+            console.print(f"[yellow]the best trial ({best_trial['number']}) is {DEGENERATE}:[/] "
+                          f"{escape(best_trial['degenerate'])}; export-best refuses it without --force")
         for note in study.get("notes", []):
             console.print(f"[yellow]note:[/] {escape(note)}")
         if study.get("error"):
@@ -407,14 +410,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         tuned = _tuned_hyperparameters(args.url)  # one request, for the trials table and the front
         columns = [c for c in tuned if c not in ignored]
         table = Table("#", "state", metric, "epochs", *columns, "shape", *(cost.short for cost in COSTS),
-                      "precision", "duration s")
+                      "precision", "duration s", "note")
         for t in page["trials"]:
             p = t["params"]
             table.add_row(str(t["number"]), t["state"], f"{t['value']:.4f}" if t["value"] is not None else "",
                           str(len(t["epochs"])),
                           *(f"{p[c]:.3g}" if isinstance(p.get(c), int | float) else "" for c in columns),
                           *_size_cells(t.get("profile")), t.get("precision") or "",
-                          f"{t['duration_s']:.1f}" if t["duration_s"] else "")
+                          f"{t['duration_s']:.1f}" if t["duration_s"] else "",
+                          DEGENERATE if t.get("degenerate") else "")
         console.print(table)
         if len(study.get("objectives") or []) > 1:  # a single-objective study has one best trial, not a front
             print_front(console, _request("GET", f"{args.url}/api/studies/{args.study}/pareto"), tuned)
@@ -429,6 +433,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{s['best_value']:.4f}" if s["best_value"] is not None else "")
     console.print(table)
     return 0
+
+
+# How a trial whose best epoch's outputs are degenerate (distill.task_metrics.degenerate_reason) is marked.
+DEGENERATE = "degenerate"
+
+
+def _trial_note(trial: dict[str, Any]) -> str:
+    """A trial row's note: why it stopped or failed, and why it is degenerate."""
+    notes = [trial.get("stop_reason") or trial.get("fail_reason") or ""]
+    if trial.get("degenerate"):
+        notes.append(f"{DEGENERATE}: {trial['degenerate']}")
+    return "; ".join(n for n in notes if n)
 
 
 def _preparation_line(study: dict[str, Any]) -> str | None:
@@ -521,6 +537,9 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
     print(f"exported trial {result.trial_number}, {result.selection} (eval {result.metric} {result.score:.4f}"
           f"{'; ' + others if others else ''}) to {result.out_dir}")
+    if result.degenerate:
+        print(f"warning: trial {result.trial_number} is {DEGENERATE}: {result.degenerate} (exported with --force; "
+              "its model card says so)")
     if result.deployment is not None:
         print_deployment(result.deployment)
     # Uploading is huggingface_hub's job (its `hf` command, installed with kdsearch): the one command to run.
@@ -558,7 +577,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", help="study name or id")
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model into")
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a non-empty --out directory, and export a degenerate trial (one that "
+                             "predicts one class for every row, or whose MCC or Pearson is near 0)")
     parser.add_argument("--seeds", type=_seed_count, default=0, metavar="N",
                         help="retrain the best configuration with N fresh seeds, report mean ± std and export the "
                              "best seed (0: export the trial's own checkpoint)")

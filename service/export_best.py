@@ -5,6 +5,10 @@ limit given (``--max-params``, ``--max-flops``, ``--max-latency-ms``); else, for
 trial. A study with several objectives has no one best trial: without a selector it is refused with its Pareto front
 listed.
 
+A degenerate student (``distill.task_metrics.degenerate_reason``: its best epoch predicts one class for every row, or
+its MCC or Pearson is near 0) is refused, naming why, unless ``force``: the checkpoint about to be written is judged,
+the trial's own or, with ``seeds``, the best seed's. Exported with ``force``, its card carries a warning.
+
 Without ``seeds`` the best trial's own checkpoint is written out. With ``seeds=N`` its configuration is retrained
 with N fresh seeds (``spec.seed + 1 .. spec.seed + N``: none is the seed the search scored, so the mean is not
 inflated by the selection), each result recorded in ``kd_seed_runs`` with its checkpoint as it finishes (a rerun
@@ -32,6 +36,7 @@ from distill.hub_model import (
     fill_export,
     model_card,
     normalized_record,
+    record_degenerate,
     staged_export,
     teacher_card_data,
 )
@@ -68,6 +73,7 @@ class ExportResult:
     spread: SeedSpread | None = None
     deployment: dict[str, Any] | None = None  # the ONNX variants, their metrics and latency (--onnx)
     selection: str = "the best trial"  # how the trial was chosen, as the card says it
+    degenerate: str | None = None  # why the exported checkpoint is degenerate (exported with force); None: it is not
 
 
 @dataclass
@@ -339,6 +345,10 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
             unpack_directory(tar_path, checkpoint)
             check_finite_weights(checkpoint)
             record = normalized_record(json.loads((checkpoint / TRIAL_RECORD).read_text()))
+            # The checkpoint exported is judged (a retrained seed may be degenerate where the trial was not).
+            if (degenerate := record_degenerate(record)) and not force:
+                what = f"trial {best.number}" + (f" retrained with seed {spread.best_seed}" if spread else "")
+                raise ExportError(f"{what} is degenerate: {degenerate}; pass --force to export it anyway")
             card_args: dict[str, Any] = dict(
                 name=out_dir.resolve().name, spec=spec_json, record=record, trial_number=best.number,
                 n_trials_run=selection.n_trials_run, study_name=name,
@@ -361,7 +371,7 @@ def export_best(settings: Settings, study: str, out_dir: Path, *, force: bool = 
                                       "out_dir": str(out_dir.resolve()), "exported_at": utcnow().isoformat(),
                                       "deployment": deployment})
         return ExportResult(out_dir, best.number, record["metric"], float(record["score"]), record["metrics"], spread,
-                            deployment, selection.how)
+                            deployment, selection.how, degenerate)
     finally:
         db.dispose()
         storage.engine.dispose()

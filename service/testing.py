@@ -21,6 +21,10 @@ behaviour picked by the study's name:
 
 Counts live in files under the artifacts directory, so they hold across worker processes.
 
+``OneClassEngine`` (``KDSEARCH_ENGINE=service.testing:OneClassEngine``) is the real distillation engine whose every
+student is made to predict one class (``KDSEARCH_TEST_ONE_CLASS``, default 1) for every row: a degenerate student
+(``distill.task_metrics.degenerate_reason``), trained, stored and exported like any other.
+
 ``seed_study`` writes a study of thousands of finished trials straight into the store (the dashboard at scale).
 """
 
@@ -35,7 +39,7 @@ import random
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy as sa
@@ -43,11 +47,22 @@ import torch
 from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
 
 from distill import DataError
-from distill.engine import TRIAL_RECORD, MemberDone, PackedTrial, TrialEngine, TrialOutcome
+from distill.engine import (
+    TRIAL_RECORD,
+    DistillationEngine,
+    MemberDone,
+    PackedTrial,
+    PreparedStudy,
+    TrialEngine,
+    TrialOutcome,
+)
 from distill.progress import TEACHER_STAGE, Progress
 from distill.train import EpochCallback, EpochResult, MemberDiverged, TrainingDiverged
 from search_space import StudySpec, TaskInfo
 from storage import create_study, init_db, make_engine, make_optuna_storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class SleepEngine(TrialEngine):
@@ -139,6 +154,19 @@ class FlakyEngine(SleepEngine):
         if diverge:
             results[0] = MemberDiverged(float("nan"), 1, 3)
         return results
+
+
+class OneClassEngine(DistillationEngine):
+    # A classifier bias no training at a searched learning rate can undo: that class wins every row.
+    BIAS = 1000.0
+
+    def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
+        student = super()._student(prepared, params, seed)
+        head = student.classifier  # a BERT sequence classifier's output layer
+        assert isinstance(head, torch.nn.Linear)
+        with torch.no_grad():
+            head.bias[int(os.environ.get("KDSEARCH_TEST_ONE_CLASS", "1"))] = self.BIAS
+        return student
 
 
 def seed_study(db_url: str, name: str, n_trials: int, seed: int = 0) -> None:

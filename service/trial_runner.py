@@ -464,7 +464,7 @@ class TrialRunner:
                 retry_operational(lambda: trial.report(result.score, result.epoch))
             epochs.append({"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
                            "eval_loss": result.eval_loss, "score": result.score, "metrics": result.metrics,
-                           "seconds": round(result.seconds, 3)})
+                           "seconds": round(result.seconds, 3), "degenerate": result.degenerate})
             retry_operational(lambda: trial.set_user_attr("epochs", epochs))
             self._trial_log(trial).say(
                 logging.INFO, "  trial %d epoch %d: %s", trial.number, result.epoch,
@@ -514,6 +514,9 @@ class TrialRunner:
                       trial.number, artifact_id)
         trial_log.add(logging.INFO, "study %s trial %d %s: best %s %.4f at epoch %d", claim.study_name, trial.number,
                       outcome.stopped or "complete", task.metric, outcome.best_score, outcome.best_epoch)
+        if outcome.degenerate:
+            trial_log.add(logging.WARNING, "study %s trial %d is degenerate: %s", claim.study_name, trial.number,
+                          outcome.degenerate)
         retry_operational(lambda: self._record_outcome(study, trial, outcome, artifact_id, values))
         self._trial_logs.pop(trial._trial_id, None)
         self.report.stored = True
@@ -537,6 +540,7 @@ class TrialRunner:
         trial.set_user_attr("checkpoint_artifact_id", artifact_id)
         trial.set_user_attr("best_epoch", outcome.best_epoch)
         trial.set_user_attr("metrics", outcome.best_metrics)
+        trial.set_user_attr("degenerate", outcome.degenerate)  # why its best epoch is degenerate, else None
         trial.set_user_attr("train_samples_per_second", round(outcome.train_samples_per_second, 1))
         if outcome.precision is not None:
             trial.set_user_attr("precision", outcome.precision)

@@ -64,6 +64,7 @@ class BestTrial:
     epoch: int | None = None  # its best epoch
     metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task at that epoch
     precision: str | None = None
+    degenerate: str | None = None  # why its best epoch's outputs are degenerate (its ``degenerate`` attribute)
 
 
 def _feasible(constraints: Mapping[str, Any]) -> bool:
@@ -108,14 +109,15 @@ def best_trial(session: Session, study_name: str) -> BestTrial | None:
     attrs = {key: json.loads(value) for key, value in session.execute(
         sa.select(_trial_attrs.c.key, _trial_attrs.c.value_json)
         .where(_trial_attrs.c.trial_id == row.trial_id,
-               _trial_attrs.c.key.in_(["params", "best_epoch", "metrics", "precision"])))}
+               _trial_attrs.c.key.in_(["params", "best_epoch", "metrics", "precision", "degenerate"])))}
     params = attrs.get("params")
     if params is None:  # a trial recorded without kdsearch's attribute: Optuna's searched params
         params = {name: _external(dist, internal) for name, internal, dist in session.execute(
             sa.select(_params.c.param_name, _params.c.param_value, _params.c.distribution_json)
             .where(_params.c.trial_id == row.trial_id))}
     return BestTrial(number=row.number, value=float(row.value), params=params, epoch=attrs.get("best_epoch"),
-                     metrics=attrs.get("metrics") or {}, precision=attrs.get("precision"))
+                     metrics=attrs.get("metrics") or {}, precision=attrs.get("precision"),
+                     degenerate=attrs.get("degenerate"))
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

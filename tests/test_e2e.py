@@ -56,8 +56,9 @@ def test_launch_to_export(stack: Stack, tiny_assets, tmp_path: Path, db_url: str
     assert len(plain.trials) == 5 and plain.best_value == best["value"]
 
     out = tmp_path / "export"
+    # --force: the tiny fixtures' students predict one class (degenerate), which export-best refuses without it.
     export = subprocess.run([sys.executable, "-c", "from service.cli import export_best_main; "
-                             "raise SystemExit(export_best_main())", "e2e", "--out", str(out)],
+                             "raise SystemExit(export_best_main())", "e2e", "--out", str(out), "--force"],
                             env=stack.env, capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
     assert f"hf upload YOUR-USER/export {out}" in export.stdout  # the one command that uploads it

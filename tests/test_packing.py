@@ -224,8 +224,8 @@ def rescore(checkpoint: Path, prepared: Any) -> dict[str, float]:
 
     from distill.train import evaluate
 
-    metrics, _ = evaluate(AutoModelForSequenceClassification.from_pretrained(checkpoint), prepared.eval, 64,
-                          prepared.task)
+    metrics, _, _ = evaluate(AutoModelForSequenceClassification.from_pretrained(checkpoint), prepared.eval, 64,
+                             prepared.task)
     return metrics
 
 
@@ -373,7 +373,8 @@ def test_packed_worker_end_to_end(db_url: str, tiny_assets, tmp_path: Path) -> N
         assert trial.value == pytest.approx(alone.best_score, rel=1e-6)
 
         out = tmp_path / "export"
-        export = subprocess.run([*KDSEARCH, "export-best", "packed", "--out", str(out)], env=stack.env,
+        # --force: the tiny fixtures' students predict one class (degenerate), which export-best refuses without it.
+        export = subprocess.run([*KDSEARCH, "export-best", "packed", "--out", str(out), "--force"], env=stack.env,
                                 capture_output=True, text=True)
         assert export.returncode == 0, export.stderr
         assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
@@ -445,7 +446,8 @@ def test_stacked_worker_end_to_end(sqlite_url: str, tiny_assets, tmp_path: Path)
         assert len(packed) == 3 and all(t.user_attrs["pack"]["step"] == "stacked" for t in packed)
         assert all(len(t.user_attrs["pack"]["members"]) == 3 for t in packed)
         out = tmp_path / "export"
-        export = subprocess.run([*KDSEARCH, "export-best", "stacked", "--out", str(out)], env=stack.env,
+        # --force: the tiny fixtures' students predict one class (degenerate), which export-best refuses without it.
+        export = subprocess.run([*KDSEARCH, "export-best", "stacked", "--out", str(out), "--force"], env=stack.env,
                                 capture_output=True, text=True)
         assert export.returncode == 0, export.stderr
         assert (out / "model.safetensors").is_file()

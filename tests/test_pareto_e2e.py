@@ -61,8 +61,9 @@ def test_two_objective_study_end_to_end(stack: Stack, tiny_assets, tmp_path: Pat
     limit = max(p["profile"]["params"] for p in pareto["front"])
     chosen = max(pareto["front"], key=lambda p: (p["value"], -p["cost"]))
     out = tmp_path / "export"
-    done = subprocess.run([*KDSEARCH, "export-best", "front", "--out", str(out), "--max-params", str(limit)],
-                          env=stack.env, capture_output=True, text=True, cwd=ROOT)
+    # --force: the tiny fixtures' students predict one class (degenerate), which export-best refuses without it.
+    done = subprocess.run([*KDSEARCH, "export-best", "front", "--out", str(out), "--max-params", str(limit),
+                           "--force"], env=stack.env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert f"exported trial {chosen['number']}, the most accurate trial within --max-params {limit:,}" in done.stdout
     card = (out / "README.md").read_text()
@@ -77,6 +78,7 @@ def test_two_objective_study_end_to_end(stack: Stack, tiny_assets, tmp_path: Pat
     assert model.config.hidden_size == chosen["profile"]["shape"]["hidden_size"]
 
     picked = subprocess.run([*KDSEARCH, "export-best", "front", "--out", str(tmp_path / "by-number"), "--trial",
-                             str(complete[0]["number"])], env=stack.env, capture_output=True, text=True, cwd=ROOT)
+                             str(complete[0]["number"]), "--force"], env=stack.env, capture_output=True, text=True,
+                            cwd=ROOT)
     assert picked.returncode == 0, picked.stderr
     assert f"exported trial {complete[0]['number']}, chosen with --trial" in picked.stdout

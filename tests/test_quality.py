@@ -164,8 +164,9 @@ def test_export_best_over_seeds(db_url: str, tmp_path: Path, tiny_assets) -> Non
 
         env = {**os.environ, "KDSEARCH_DATABASE_URL": db_url, "KDSEARCH_ARTIFACTS": str(tmp_path / "artifacts")}
         out = tmp_path / "export"
+        # --force: the tiny fixtures' students predict one class (degenerate), which export-best refuses without it.
         done = subprocess.run([*KDSEARCH, "export-best", "seeds", "--out", str(out), "--seeds", "3",
-                               "--device", "cpu"], env=env, capture_output=True, text=True, cwd=ROOT)
+                               "--device", "cpu", "--force"], env=env, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr
         assert "retrained with 3 seeds" in done.stdout
 

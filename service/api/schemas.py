@@ -29,6 +29,7 @@ class BestTrial(BaseModel):
     epoch: int | None
     metrics: dict[str, float] = {}  # every metric of the task at the best epoch, scored in fp32
     precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
+    degenerate: str | None = None  # why its best epoch's outputs are degenerate (export-best refuses it); None: not
 
 
 class _ProfileDetails(BaseModel):
@@ -248,6 +249,7 @@ class EpochOut(BaseModel):
     train_loss: float | None = None
     eval_loss: float | None = None
     seconds: float | None = None
+    degenerate: str | None = None  # why this epoch's eval outputs are degenerate; None: not (or not recorded)
 
 
 class TrialOut(BaseModel):
@@ -268,6 +270,9 @@ class TrialOut(BaseModel):
     values: list[float] | None = None  # every objective's value (the metric, then the cost) of a COMPLETE trial
     profile: StudentProfileOut | None = None  # the student's shape, size, FLOPs and latency
     precision: str | None = None  # what the student's forward pass trained in: fp32 or bf16
+    # Why its best epoch's eval outputs are degenerate (one class for every row, MCC or Pearson near 0:
+    # distill.task_metrics), so export-best refuses it without --force; None: not (or trained before the check).
+    degenerate: str | None = None
 
 
 class TrialLogLineOut(BaseModel):

@@ -203,7 +203,8 @@ def _epoch_out(epoch: dict[str, Any]) -> EpochOut:
     score = cast(float, epoch.get("score", epoch.get("eval_accuracy")))
     return EpochOut(epoch=epoch["epoch"], score=score,
                     metrics=epoch.get("metrics") or legacy, train_loss=epoch.get("train_loss"),
-                    eval_loss=epoch.get("eval_loss"), seconds=epoch.get("seconds"))
+                    eval_loss=epoch.get("eval_loss"), seconds=epoch.get("seconds"),
+                    degenerate=epoch.get("degenerate"))
 
 
 def _objectives(row: StudyRow) -> list[str]:
@@ -259,7 +260,7 @@ def _trial_out(trial: FrozenTrial) -> TrialOut:
         duration_s=duration, worker=attrs.get("worker"), started_at=trial.datetime_start,
         completed_at=trial.datetime_complete, stop_reason=attrs.get("stop_reason"),
         fail_reason=attrs.get("fail_reason") or trial.system_attrs.get("fail_reason"),
-        precision=attrs.get("precision"),
+        precision=attrs.get("precision"), degenerate=attrs.get("degenerate"),
     )
 
 

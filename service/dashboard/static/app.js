@@ -220,6 +220,10 @@ const kd = (() => {
       <p>no one best trial: pick one with <code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-student ${flag} ${limit}</code> or <code>--trial N</code></p>`;
   }
 
+  // A trial whose best epoch's outputs are degenerate (one class for every row, MCC or Pearson near 0): marked, its
+  // reason on hover; export-best refuses it without --force.
+  const degenerateBadge = (reason) => (reason ? `<span class="badge degenerate" title="${esc(reason)}">degenerate</span> ` : "");
+
   function studyPage(name) {
     const base = `/api/studies/${encodeURIComponent(name)}`;
     const table = {offset: 0, limit: 50, sort: "number", order: "desc", state: ""};
@@ -238,7 +242,7 @@ const kd = (() => {
         <td class="wrap hyper">${esc(kdText(t.params))}</td><td class="num">${fmt(t.duration_s, 1)}</td>
         <td>${esc(shapeText(t.profile && t.profile.shape))}</td>${COSTS.map((c) => `<td class="num">${measured(t.profile, c) ? esc(c.is_count ? millions(t.profile[c.name]) : fmt(t.profile[c.name], c.decimals)) : ""}</td>`).join("")}
         <td>${esc(t.precision || "")}</td><td class="wrap">${esc(t.worker || "")}</td>
-        <td class="muted wrap">${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
+        <td class="muted wrap">${degenerateBadge(t.degenerate)}${esc(t.stop_reason || t.fail_reason || "")}</td></tr>`).join("");
     };
     document.querySelectorAll("#trials th[data-sort]").forEach((th) => (th.onclick = () => {
       table.order = table.sort === th.dataset.sort && table.order === "desc" ? "asc" : "desc";
@@ -291,6 +295,7 @@ const kd = (() => {
         const others = Object.entries(b.metrics || {}).filter(([k]) => k !== metric);
         document.getElementById("best").innerHTML = `<h2>Best trial</h2><div class="big">${fmt(b.value)} <span class="muted">${esc(metric)}</span></div>
           <p><a href="${trialHref(study.name, b.number)}">trial #${b.number}</a>, best epoch ${b.epoch ?? "?"}</p>
+          ${b.degenerate ? `<p class="warn" id="best-degenerate">${degenerateBadge(b.degenerate)}${esc(b.degenerate)}: export-best refuses it without --force</p>` : ""}
           ${others.length ? `<p class="muted" id="best-metrics">${others.map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")}</p>` : ""}
           <p>${Object.entries(b.params).map(([k, v]) => `${esc(k)}=<b>${esc(typeof v === "number" && !Number.isInteger(v) ? sci(v) : v)}</b>`).join(" · ")}</p>
           <p><code>kdsearch export-best ${esc(study.name)} --out ./${esc(study.name)}-best</code></p>`;
@@ -394,7 +399,7 @@ const kd = (() => {
         ["shape", shapeText(t.profile && t.profile.shape)],
         ...COSTS.map((c) => [c.title, measured(t.profile, c) ? costValue(c, t.profile[c.name]) : ""]),
         ["measured on", t.profile ? t.profile.machine : ""],
-        ["stop reason", t.stop_reason], ...Object.entries(t.metrics).map(([k, v]) => [`${k} (best epoch)`, fmt(v)])];
+        ["stop reason", t.stop_reason], ["degenerate", t.degenerate], ...Object.entries(t.metrics).map(([k, v]) => [`${k} (best epoch)`, fmt(v)])];
       document.querySelector("#facts tbody").innerHTML = facts.filter(([, v]) => v !== null && v !== undefined && v !== "")
         .map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("");
       document.getElementById("fail-reason").textContent = t.fail_reason || "";
