@@ -89,6 +89,16 @@ def _augment_sentence(augment: dict[str, Any], regression: bool = False) -> str:
             f"trained on the teacher's outputs alone ({target}).")
 
 
+def _predistilled_sentence(predistilled: dict[str, Any] | None) -> str:
+    """The card's word on a student whose encoder started from pre-distilled weights (``distill.predistill``)."""
+    if not predistilled:
+        return ""
+    return (f" Before task training, its encoder was pre-distilled from the teacher on {predistilled['sentences']:,} "
+            f"unlabelled sentences ({predistilled['epochs']} epochs): the teacher's self-attention query, key and "
+            f"value relations ({predistilled['relation_heads']} relation heads, MiniLMv2, Wang et al., 2021) "
+            "distilled into its last layer, no labels read.")
+
+
 def _teacher_link(teacher: str) -> str:
     if is_local_model(teacher):
         return f"`{model_reference(teacher)}` (a local model)"
@@ -403,7 +413,8 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
                         metric),
         "## Model description", "",
         f"Student: {student_desc}. Trained by {_objective(params, regression)}; "
-        "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset), "",
+        "the teacher's outputs were computed once and cached for every trial. " + _inputs_sentence(dataset)
+        + _predistilled_sentence(record.get("predistilled")), "",
         "## Training and evaluation data", "",
         f"Train split `{dataset['train_split']}`"
         + (f" (a fixed random subset of {n} rows)" if (n := dataset.get("max_train_samples")) else "")

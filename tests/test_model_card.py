@@ -92,3 +92,15 @@ def test_a_pair_task_gets_the_pair_form_and_no_one_text_widget(local_teacher: Pa
     front, card = _card(spec, widget_text="ignored for pairs")
     assert "widget" not in front
     assert 'classifier({"text": "first sentence", "text_pair": "second sentence"})' in card
+
+
+def test_a_pre_distilled_student_says_how_it_started(local_teacher: Path) -> None:
+    spec = _spec(str(local_teacher))
+    _, plain = _card(spec)
+    assert "pre-distilled" not in plain
+    record = _record(predistilled={"key": "pre-0123", "sentences": 88862, "epochs": 3, "relation_heads": 8,
+                                   "build_seconds": 900.0})
+    card = model_card(name="tiny-student", spec=spec, record=record, trial_number=3, n_trials_run=5,
+                      study_name="s", profile=PROFILE)
+    assert "its encoder was pre-distilled from the teacher on 88,862 unlabelled sentences (3 epochs)" in card
+    assert "8 relation heads" in card
