@@ -332,6 +332,11 @@ def test_a_trial_with_every_layer_term_end_to_end(tiny_assets: dict[str, Path], 
     weights = load_file(tmp_path / "trial" / "model.safetensors")
     assert not any("linear" in name or name.startswith(("hidden", "embedding.")) for name in weights)
     assert {tuple(v.shape) for k, v in weights.items() if k.endswith("classifier.weight")} == {(2, 16)}
+    from distill.hub_model import _objective
+
+    card_loss = _objective(params, False)
+    assert "hidden-state distillation" in card_loss and "layer mapping 2,4; first 1 epochs" in card_loss
+    assert "hidden-state" not in _objective({**params, "hidden_weight": 0.0}, False)
     classifier = pipeline("text-classification", model=str(tmp_path / "trial"), device="cpu")
     assert classifier("a good movie")[0]["label"] in {"negative", "positive"}
     # A logit-only trial of the same study leaves the loaded teacher alone and needs nothing of it.
