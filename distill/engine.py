@@ -41,13 +41,13 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from distill.data import DataError, TokenizedSplit, concat_splits
 from distill.models import load_config, load_tokenizer, split_revision
-from distill.packed import PackStepName, resolve_pack_step, train_pack
+from distill.packed import PackStepName, carried_step, resolve_pack_step, train_pack
 from distill.precision import Precision, native_bf16, resolve_precision
 from distill.predistill import Predistilled, build_or_load_predistilled
 from distill.profile import architecture, profile_model
@@ -176,6 +176,9 @@ class PreparedStudy:
     # Pre-distilled encoder weights by student shape (its spec's JSON), loaded or built on first use.
     predistilled: dict[str, Predistilled] = dataclasses.field(default_factory=dict)
     progress: Progress | None = None  # told of a pre-distillation built on a trial's first use of its shape
+    # The teacher itself, on the training device: loaded on the first trial whose terms read its internals
+    # (hidden states, attention relations: run live, once per batch), then kept for the study's later trials.
+    teacher_model: Any = None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -296,6 +299,19 @@ class DistillationEngine(TrialEngine):
                                        batch_seed=batch_seed, shape_names=prepared.space.shape_names,
                                        precision=self.precision)
 
+    def live_teacher(self, prepared: PreparedStudy, cfgs: list[TrainConfig]) -> PreTrainedModel | None:
+        """The teacher model for trials whose terms read its internals (loaded once per prepared study), else None:
+        a term whose weight is 0 needs nothing, and a logit-only trial never loads it."""
+        if not any(cfg.needs.teacher_internals for cfg in cfgs):
+            return None
+        if prepared.teacher_model is None:
+            from transformers import AutoModelForSequenceClassification
+
+            name, revision = split_revision(prepared.spec.teacher)
+            teacher = AutoModelForSequenceClassification.from_pretrained(name, revision=revision)
+            prepared.teacher_model = teacher.to(self.device).eval()
+        return cast("PreTrainedModel", prepared.teacher_model)
+
     def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
         """The trial's student: its shape (a searched one: the trial's), its head initialised from ``seed``, its
         encoder from the shape's pre-distilled weights when the trial's ``predistilled`` is 1."""
@@ -345,7 +361,7 @@ class DistillationEngine(TrialEngine):
         cfg = self.train_config(prepared, params, seed)
         model = self._student(prepared, params, seed)
         result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
-                               task=prepared.task)
+                               task=prepared.task, teacher=self.live_teacher(prepared, [cfg]))
         outcome = self._store(prepared, model, result, params, seed, checkpoint_dir)
         del model
         if self.device.type == "cuda":
@@ -363,19 +379,20 @@ class DistillationEngine(TrialEngine):
                            self.train_config(prepared, m.params, m.seed, batch_seed), m.on_epoch_end)
                 for m in members]
         outcomes: dict[int, TrialOutcome | Exception] = {}
+        pack_step = carried_step(self.pack_step, pack)  # a pack with layer-wise terms steps in the loop
 
         def done(index: int, result: TrainResult | MemberDiverged) -> None:
             """A member left the pack: its checkpoint is written now, while the others train on."""
             member = members[index]
             outcome: TrialOutcome | Exception = result if isinstance(result, Exception) else self._store(
                 prepared, pack[index].model, result, member.params, member.seed, member.checkpoint_dir,
-                {"batch_seed": batch_seed, "pack_size": len(members), "pack_step": self.pack_step})
+                {"batch_seed": batch_seed, "pack_size": len(members), "pack_step": pack_step})
             outcomes[index] = outcome
             if on_member_done is not None:
                 on_member_done(index, outcome)
 
         train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
-                   self.pack_step, done)
+                   pack_step, done, self.live_teacher(prepared, [m.cfg for m in pack]))
         pack.clear()  # the members' models: free before the cache is emptied
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

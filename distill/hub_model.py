@@ -164,9 +164,18 @@ def _inputs_sentence(dataset: dict[str, Any]) -> str:
 
 
 def _objective(params: dict[str, Any], regression: bool) -> str:
-    """The trial's loss as its distillation terms describe themselves (``kdsearch.terms``), with its settings."""
-    terms = [setting.term.describe(setting.config, regression) for setting in resolve_terms(params, regression)]
-    return "; plus ".join(terms)
+    """The trial's loss as its distillation terms that are on describe themselves (``kdsearch.terms``), with its
+    settings, the layer mapping and the two-stage schedule where a layer-wise term is on."""
+    settings = [s for s in resolve_terms(params, regression) if s.term.active(s.config)]
+    terms = [setting.term.describe(setting.config, regression) for setting in settings]
+    text = "; plus ".join(terms)
+    if any(s.term.intermediate for s in settings):
+        text += f" (layer mapping {params.get('layer_map', 'uniform')}"
+        if int(params.get("intermediate_epochs", 0)):
+            text += (f"; first {int(params['intermediate_epochs'])} epochs on the layer-wise terms alone, then the "
+                     "others")
+        text += ")"
+    return text
 
 
 VARIANT_LABELS = {"pytorch_fp32": "PyTorch fp32", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8 (dynamic)"}

@@ -18,6 +18,9 @@ step on it is ``step`` (``KDSEARCH_PACK_STEP``, ``resolve_pack_step``):
   clipping, temperature and alpha as in the loop; equal to the solo runs with dropout off, and in distribution only
   with dropout on (one dropout stream for the pack, seeded from ``batch_seed``).
 
+The layer-wise terms (hidden states, attention relations, embeddings) travel in the ``loop`` only: a pack with one
+of them on steps in the loop whatever ``step`` says (``carried_step``).
+
 ``auto`` is ``stacked`` on CUDA and ``loop`` on CPU, where ``bench/pack_step.py`` measured stacking no faster
 (bench/results/pack-step-cpu.md); ``resolve_pack``'s ``auto`` (K) stays 1 until ``bench/throughput.py`` shows
 packing faster on a device.
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from transformers import PreTrainedModel
 
 from distill.data import TokenizedSplit
 from distill.train import (
@@ -91,21 +95,34 @@ def resolve_pack_step(setting: str, device: torch.device | str) -> PackStepName:
     return "stacked" if setting == "stacked" else "loop"
 
 
+def carried_step(step: PackStepName, members: list[PackMember]) -> PackStepName:
+    """The step a pack really takes: ``stacked`` cannot carry the layer-wise terms (``distill.stacked.layer_terms``),
+    so a pack with one of them on steps in the ``loop``, each member equal to its solo run."""
+    if step == "stacked":
+        from distill.stacked import layer_terms
+
+        if layer_terms([m.cfg for m in members]):
+            return "loop"
+    return step
+
+
 def train_pack(members: list[PackMember], train: TokenizedSplit, train_logits: torch.Tensor,
                eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo,
                step: PackStepName = "loop",
                on_done: Callable[[int, TrainResult | MemberDiverged], None] | None = None,
+               teacher: PreTrainedModel | None = None,
                ) -> list[TrainResult | MemberDiverged]:
     """Train every member on the same batches (order from ``batch_seed``) in the one epoch loop
     (``distill.train.train_members``), ``step`` choosing how one batch's step is taken (``loop``: one by one;
-    ``stacked``: ``distill.stacked``). One result per member, in order: its ``TrainResult``, or
-    ``MemberDiverged``; ``on_done(index, result)`` as soon as a member leaves."""
+    ``stacked``: ``distill.stacked``; a pack with layer-wise terms on steps in the loop, ``carried_step``). One
+    result per member, in order: its ``TrainResult``, or ``MemberDiverged``; ``on_done(index, result)`` as soon as a
+    member leaves. ``teacher`` runs live for the terms on its internals."""
     make_step: MakeStep = LoopStep
-    if step == "stacked":
+    if carried_step(step, members) == "stacked":
         from distill.stacked import StackedStudents
 
         def make_step(members: list[PackMember], train_rows: int, task: TaskInfo,
                       device: torch.device) -> PackStep:
             torch.manual_seed(batch_seed)  # the pack's one dropout stream (vmap's randomness="different" splits it)
             return StackedStudents([m.model for m in members], [m.cfg for m in members], train_rows, task, device)
-    return train_members(members, train, train_logits, eval_split, batch_seed, task, make_step, on_done)
+    return train_members(members, train, train_logits, eval_split, batch_seed, task, make_step, on_done, teacher)

@@ -14,6 +14,10 @@ K students of one shape run as one vectorised model instead of K small ones. How
   element-wise kernels per step for the whole pack.
 - A member whose loss turns NaN poisons only its own row (its clipping norm is NaN, not the others').
 
+It does not carry the layer-wise terms (``kdsearch.terms.hidden``, ``attention``, ``embedding``): each member would
+need its own learned projections under vmap, and its own two-stage schedule. A pack with one of them on is refused
+(``layer_terms``), and ``distill.packed.train_pack`` steps such a pack in the loop instead.
+
 What it cannot do: give each member the dropout masks of its solo run. ``vmap(randomness="different")`` draws one
 stream for the pack (seeded from the pack's batch seed: reproducible), so with dropout on a member matches its solo
 run in distribution, not number for number; with dropout off it matches within float tolerance. The one-by-one
@@ -45,11 +49,22 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which the one-by-one step uses
 
 
+def layer_terms(cfgs: list[TrainConfig]) -> list[str]:
+    """The terms of these trials a stacked pack cannot carry (those on the student's internals that are on: their
+    trainable state is per member, and vmap runs one template over the members), by name."""
+    return sorted({t.name for cfg in cfgs for t in cfg.terms if t.term.active(t.config)
+                   and (t.term.intermediate or t.term.needs_for(t.config).teacher_internals)})
+
+
 class StackedStudents:
     """K students of one shape as ``[K, P]`` tensors; ``step`` trains all of them on one batch."""
 
     def __init__(self, models: list[PreTrainedModel], cfgs: list[TrainConfig], train_rows: int, task: TaskInfo,
                  device: torch.device) -> None:
+        if layered := layer_terms(cfgs):
+            raise ValueError(f"a stacked pack cannot carry the layer-wise distillation terms ({', '.join(layered)}): "
+                             "their learned projections, the teacher's live internals and the two-stage schedule "
+                             "are per member; train these trials with the loop pack step (KDSEARCH_PACK_STEP=loop)")
         precisions = {cfg.precision for cfg in cfgs}
         if len(precisions) != 1:
             raise ValueError(f"a stacked pack trains in one precision, not {sorted(precisions)}")

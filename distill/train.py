@@ -14,26 +14,44 @@ The loop reads straight down: no Trainer, no DataLoader, one host sync per epoch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 import torch
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data import TokenizedSplit, length_bucketed_batches
+from distill.internals import as_qkv, capture_qkv, teacher_internals
 from distill.precision import Precision, autocast
 from distill.task_metrics import compute_metrics, degenerate_reason
 from kdsearch.errors import TrialError
 from kdsearch.terms import Needs, StudentOutputs, TeacherOutputs, TermSetting, needs_of, resolve_terms, total_loss
+from kdsearch.terms.layers import align_teacher, resolve_layer_map
 from search_space import TaskInfo, resolve_task
 
 
 def _logit_kd_only() -> tuple[TermSetting, ...]:
     return resolve_terms({}, regression=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A run of epochs on one set of terms, with its own AdamW and learning-rate schedule (``TrainConfig.stages``).
+    An unreported stage (TinyBERT's intermediate-layer stage) is not evaluated: its head is untrained, so its
+    metric must not drive pruning or pick the best epoch."""
+
+    terms: tuple[TermSetting, ...]
+    epochs: int
+    reported: bool = True
+
+    @functools.cached_property
+    def needs(self) -> Needs:
+        return needs_of(self.terms)
 
 
 @dataclasses.dataclass
@@ -61,11 +79,36 @@ class TrainConfig:
     fused_adamw: bool = True  # one kernel for all parameters: -13% trial time on CPU here, same results
     # The student's forward pass in bf16 autocast, or fp32 (distill.precision resolves KDSEARCH_PRECISION's auto).
     precision: Precision = "fp32"
+    # The layer-wise terms' layer mapping (kdsearch.terms.layers), and the epochs of a first stage on the
+    # intermediate terms alone (TinyBERT's; 0: one stage, every term together).
+    layer_map: str = "uniform"
+    intermediate_epochs: int = 0
 
     @functools.cached_property
     def needs(self) -> Needs:
-        """What the trial's terms read of the student and the teacher: worked out once, not at every step."""
+        """What the trial's terms read of the student and the teacher (those that are on: a term whose weight is 0
+        needs nothing): worked out once, not at every step."""
         return needs_of(self.terms)
+
+    @functools.cached_property
+    def stages(self) -> tuple[Stage, ...]:
+        """The trial's stages, in order. One stage of ``num_train_epochs`` on every term that is on; or, with
+        ``intermediate_epochs`` > 0 and an intermediate term on (hidden, attention, embedding), first
+        ``intermediate_epochs`` on those alone (not evaluated), then ``num_train_epochs`` on the others (the
+        logits'), each stage with its own AdamW and linear schedule (warm-up ratio of its own steps, decay to 0),
+        as TinyBERT's two distillation runs. With no intermediate term on, ``intermediate_epochs`` is ignored."""
+        active = tuple(t for t in self.terms if t.term.active(t.config))
+        intermediate = tuple(t for t in active if t.term.intermediate)
+        if self.intermediate_epochs > 0 and intermediate:
+            prediction = tuple(t for t in active if not t.term.intermediate)
+            return (Stage(intermediate, self.intermediate_epochs, reported=False),
+                    Stage(prediction, self.num_train_epochs))
+        return (Stage(active, self.num_train_epochs),)
+
+    @property
+    def unreported_epochs(self) -> int:
+        """The epochs before the first evaluated one (the intermediate stage's), 0 for a one-stage trial."""
+        return sum(stage.epochs for stage in self.stages if not stage.reported)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, regression: bool, seed: int, batch_seed: int | None = None,
@@ -85,6 +128,8 @@ class TrainConfig:
             seed=seed,
             batch_seed=batch_seed,
             precision=precision,
+            layer_map=str(params.get("layer_map", "uniform")),
+            intermediate_epochs=int(params.get("intermediate_epochs", 0)),
         )
 
 
@@ -180,27 +225,34 @@ def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
     return not (param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower())
 
 
-def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def _adamw(model: PreTrainedModel, cfg: TrainConfig, device: torch.device,
+           extra: Iterable[tuple[str, torch.nn.Parameter]] = ()) -> torch.optim.AdamW:
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *extra]:
         (decay if takes_weight_decay(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_adamw)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    train_rows: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The trial's learning-rate schedule: linear warm-up, then linear decay to 0 over its own epochs."""
-    total_steps = math.ceil(train_rows / cfg.batch_size) * cfg.num_train_epochs
+def linear_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, train_rows: int,
+                    epochs: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The trial's learning-rate schedule: linear warm-up, then linear decay to 0 over its own epochs (``epochs``:
+    one stage's, default ``num_train_epochs``)."""
+    total_steps = math.ceil(train_rows / cfg.batch_size) * (cfg.num_train_epochs if epochs is None else epochs)
     return get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
 def optimizer_and_schedule(model: PreTrainedModel, cfg: TrainConfig, train_rows: int, device: torch.device,
+                           stage: Stage | None = None, trainable: torch.nn.ModuleDict | None = None,
                            ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The trial's AdamW (Trainer's groups) and its linear schedule (``linear_schedule``)."""
-    optimizer = _adamw(model, cfg, device)
-    return optimizer, linear_schedule(optimizer, cfg, train_rows)
+    """The trial's AdamW (Trainer's groups) and its linear schedule (``linear_schedule``); for one ``stage``, over
+    its epochs, its terms' trainable state (``trainable``, by term name) trained with the student."""
+    names = {t.name for t in stage.terms} if stage is not None else set()
+    extra = [(f"{name}.{param_name}", param) for name, module in (trainable or {}).items() if name in names
+             for param_name, param in module.named_parameters()]
+    optimizer = _adamw(model, cfg, device, extra)
+    return optimizer, linear_schedule(optimizer, cfg, train_rows, None if stage is None else stage.epochs)
 
 
 class MemberDiverged(TrainingDiverged):
@@ -208,26 +260,34 @@ class MemberDiverged(TrainingDiverged):
 
 
 def batch_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
-               labels: torch.Tensor, cfg: TrainConfig, task: TaskInfo, device: torch.device) -> torch.Tensor:
-    """One batch's loss for ``model``: the sum of the trial's distillation terms (``kdsearch.terms``), its forward
-    pass in ``cfg.precision`` and asked for the internals the terms need, its loss in fp32."""
-    needs = cfg.needs
-    with autocast(device, cfg.precision):
+               labels: torch.Tensor, cfg: TrainConfig, task: TaskInfo, device: torch.device,
+               stage: Stage | None = None, trainable: torch.nn.ModuleDict | None = None) -> torch.Tensor:
+    """One batch's loss for ``model``: the sum of the stage's distillation terms (``kdsearch.terms``; default: the
+    trial's last stage, every term that is on for a one-stage trial), its forward pass in ``cfg.precision`` and
+    asked for the internals the terms need, its loss in fp32. ``teacher`` is aligned to the student's layers."""
+    stage = cfg.stages[-1] if stage is None else stage
+    needs = stage.needs
+    with autocast(device, cfg.precision), contextlib.ExitStack() as stack:
+        captured = stack.enter_context(capture_qkv(model)) if needs.student_qkv else None
         # The costly line: the student's forward pass.
         out = model(**inputs, output_hidden_states=needs.student_hidden_states,
                     output_attentions=needs.student_attentions)
-    student = StudentOutputs(out.logits, out.hidden_states, out.attentions)
-    return total_loss(cfg.terms, student, teacher, labels, task.is_regression)
+    student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
+                             None if captured is None else as_qkv(captured), inputs.get("attention_mask"),
+                             {} if trainable is None else dict(trainable.items()))
+    return total_loss(stage.terms, student, teacher, labels, task.is_regression)
 
 
 def check_finite(model: PreTrainedModel, epoch: int, bad_step: int, bad_value: float, steps_per_epoch: int,
-                 diverged: type[TrainingDiverged] = TrainingDiverged) -> None:
+                 diverged: type[TrainingDiverged] = TrainingDiverged, stage: str = "") -> None:
     """After an epoch: ``diverged`` naming the first step whose loss or gradient went non-finite (0: none), or the
-    epoch's last step when only the weights did (an infinite update); one host sync."""
+    epoch's last step when only the weights did (an infinite update); one host sync. ``stage`` prefixes what
+    diverged ("intermediate-stage ": an epoch of the first stage, numbered within it)."""
     if bad_step:
-        raise diverged(bad_value, epoch, bad_step, what="loss" if not math.isfinite(bad_value) else "gradient")
+        what = "loss" if not math.isfinite(bad_value) else "gradient"
+        raise diverged(bad_value, epoch, bad_step, what=stage + what)
     if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
-        raise diverged(math.nan, epoch, steps_per_epoch, what="weights")
+        raise diverged(math.nan, epoch, steps_per_epoch, what=stage + "weights")
 
 
 @dataclasses.dataclass
@@ -237,6 +297,10 @@ class PackMember:
     model: PreTrainedModel
     cfg: TrainConfig  # in a pack, its batch_size must be the pack's; its batch_seed is ignored (the pack's is used)
     on_epoch_end: EpochCallback | None = None
+    # Set by train_members: its terms' trainable state (kdsearch.terms' learned projections, by term name; never
+    # part of the student), and the teacher layer matched with each of its layers (the layer mapping).
+    trainable: torch.nn.ModuleDict = dataclasses.field(default_factory=torch.nn.ModuleDict)
+    teacher_layers: tuple[int, ...] = ()
 
 
 class PackStep(Protocol):
@@ -270,35 +334,73 @@ def _set_rng(device: torch.device, states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
+@dataclasses.dataclass
+class _LoopMember:
+    member: PackMember
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stage: int = 0  # its stage (TrainConfig.stages) and the steps left in it
+    steps_left: int = 0
+
+
 class LoopStep:
     """Each member in turn: forward, backward, its own clip and fused AdamW. With several members, each one's random
     streams are swapped in around its step (so its dropout masks are its solo run's); one member (a solo trial) keeps
-    the global stream, which nothing else draws from between its steps."""
+    the global stream, which nothing else draws from between its steps.
+
+    Each member goes through its own stages (``TrainConfig.stages``), counted in steps: a fresh AdamW and schedule
+    at each, its terms' trainable state trained with the student while its terms are on, and the teacher's
+    internals aligned to its own layer mapping."""
 
     def __init__(self, members: list[PackMember], train_rows: int, task: TaskInfo, device: torch.device) -> None:
-        self.task, self.device = task, device
+        self.task, self.device, self.train_rows = task, device, train_rows
         self.swap_rng = len(members) > 1
-        self.members: list[tuple[PackMember, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]] = []
+        self.members: list[_LoopMember] = []
         self.rngs: list[list[torch.Tensor]] = []
         for member in members:
             torch.manual_seed(member.cfg.seed)  # its dropout stream
             self.rngs.append(_get_rng(device))
-            self.members.append((member, *optimizer_and_schedule(member.model, member.cfg, train_rows, device)))
+            self.members.append(_LoopMember(member, *self._optimizer(member, 0), stage=0,
+                                            steps_left=self._stage_steps(member, 0)))
+
+    def _stage_steps(self, member: PackMember, stage: int) -> int:
+        return math.ceil(self.train_rows / member.cfg.batch_size) * member.cfg.stages[stage].epochs
+
+    def _optimizer(self, member: PackMember, stage: int,
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        cfg = member.cfg
+        if len(cfg.stages) == 1 and not member.trainable:
+            return optimizer_and_schedule(member.model, cfg, self.train_rows, self.device)  # as it always was
+        return optimizer_and_schedule(member.model, cfg, self.train_rows, self.device, cfg.stages[stage],
+                                      member.trainable)
 
     def step(self, inputs: dict[str, torch.Tensor], teacher: TeacherOutputs,
              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses, norms = [], []
-        for position, (member, optimizer, scheduler) in enumerate(self.members):
+        for position, state in enumerate(self.members):
+            member = state.member
+            if state.steps_left == 0 and state.stage + 1 < len(member.cfg.stages):  # the next stage starts afresh
+                state.stage += 1
+                state.optimizer, state.scheduler = self._optimizer(member, state.stage)
+                state.steps_left = self._stage_steps(member, state.stage)
+            stage = member.cfg.stages[state.stage]
             if self.swap_rng:
                 _set_rng(self.device, self.rngs[position])
-            loss = batch_loss(member.model, inputs, teacher, labels, member.cfg, self.task, self.device)
+            aligned = (align_teacher(teacher, member.teacher_layers)
+                       if stage.needs.teacher_internals and member.teacher_layers else teacher)
+            loss = batch_loss(member.model, inputs, aligned, labels, member.cfg, self.task, self.device, stage,
+                              member.trainable)
             loss.backward()  # the other costly line
             if self.swap_rng:
                 self.rngs[position] = _get_rng(self.device)
-            norms.append(torch.nn.utils.clip_grad_norm_(member.model.parameters(), member.cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            parameters = [*member.model.parameters(),
+                          *(p for t in stage.terms if t.name in member.trainable
+                            for p in member.trainable[t.name].parameters())]
+            norms.append(torch.nn.utils.clip_grad_norm_(parameters, member.cfg.max_grad_norm))
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.steps_left -= 1
             losses.append(loss.detach())
         return torch.stack(losses), torch.stack(norms)
 
@@ -326,9 +428,41 @@ class _Record:
     samples: int = 0
 
 
+def _width_and_depth(model: Any) -> tuple[int, int]:
+    config = model.config
+    return int(config.hidden_size), int(config.num_hidden_layers)
+
+
+def _prepare_layer_terms(member: PackMember, teacher: PreTrainedModel | None, device: torch.device) -> None:
+    """The member's terms' trainable state (built from its seed, on ``device``) and its layer mapping, when a term
+    of it is on that needs them; ValueError (naming the terms, or ``layer_map``) when it cannot."""
+    cfg = member.cfg
+    layered = [t for t in cfg.terms if t.term.active(t.config) and t.term.intermediate]
+    if not layered and not cfg.needs.teacher_internals:
+        return
+    names = ", ".join(t.name for t in cfg.terms if t.term.active(t.config))
+    if teacher is None:
+        raise ValueError("a distillation term needs the teacher's hidden states or attentions, and no teacher model "
+                         "was given to run live: " + names)
+    student_width, student_depth = _width_and_depth(member.model)
+    teacher_width, teacher_depth = _width_and_depth(teacher)
+    if cfg.needs.teacher_internals:
+        member.teacher_layers = resolve_layer_map(cfg.layer_map, student_depth, teacher_depth)
+    trainable = torch.nn.ModuleDict()
+    # Built from the member's seed without touching the global stream (its dropout stream is seeded after).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for setting in layered:
+            module = setting.term.trainable(setting.config, student_width, teacher_width)
+            if module is not None:
+                trainable[setting.name] = module
+    member.trainable = cast(torch.nn.ModuleDict, cast(torch.nn.Module, trainable).to(device))
+
+
 def train_members(members: list[PackMember], train: TokenizedSplit, train_logits: torch.Tensor,
                   eval_split: TokenizedSplit, batch_seed: int, task: TaskInfo, make_step: MakeStep = LoopStep,
                   on_done: Callable[[int, TrainResult | MemberDiverged], None] | None = None,
+                  teacher: PreTrainedModel | None = None,
                   ) -> list[TrainResult | MemberDiverged]:
     """The epoch loop, for one trial or a pack of them: every member trains on the same batches (their order drawn
     from ``batch_seed``), ``make_step`` choosing how one batch's step is taken. One result per member, in order: its
@@ -338,7 +472,13 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
 
     Per member at every epoch boundary: a divergence check (loss, gradient, weights), evaluation in fp32, then its
     ``on_epoch_end`` callback (report, prune, stop); a member that is stopped, diverged or has run its epochs
-    leaves, and the rest go on."""
+    leaves, and the rest go on.
+
+    A member with a two-stage schedule (``TrainConfig.stages``) first runs its intermediate epochs: checked for
+    divergence, but neither evaluated nor reported (its head is untrained); its reported epochs are then numbered
+    1..``num_train_epochs`` (``EpochResult.epoch``), their ``step`` counting every step since the start, and its
+    ``train_seconds`` covering both stages. Terms on the teacher's internals run ``teacher`` live, once per batch
+    for the whole pack, in the first member's precision (its logits stay the cached ones)."""
     if not members:
         return []
     batch_sizes = {m.cfg.batch_size for m in members}
@@ -347,14 +487,11 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
         raise ValueError(f"a pack shares one batch size and bucketing, not {sorted(batch_sizes)} / "
                          f"{sorted(bucket_batches)}")
     batch_size, buckets = batch_sizes.pop(), bucket_batches.pop()
-    for member in members:
-        needs = member.cfg.needs
-        if needs.teacher_hidden_states or needs.teacher_attentions:
-            # The teacher cache holds the teacher's logits only (distill.teacher): a term that reads its internals
-            # needs them cached or computed live first.
-            raise ValueError("a distillation term needs the teacher's hidden states or attentions, which this "
-                             "engine does not provide yet: " + ", ".join(t.name for t in member.cfg.terms))
     device = train.input_ids.device
+    for member in members:
+        _prepare_layer_terms(member, teacher, device)
+    if teacher is not None and any(m.cfg.needs.teacher_internals for m in members):
+        teacher.eval()
     steps_per_epoch = math.ceil(len(train) / batch_size)
     generator = torch.Generator().manual_seed(batch_seed)  # the batch order
     for member in members:
@@ -372,6 +509,9 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
         started = time.perf_counter()
         for i in active:
             members[i].model.train()
+        # What the teacher must compute this epoch: the union of the members' current stages' needs.
+        stages = [_stage_at(members[i].cfg, epoch) for i in active]
+        teacher_needs = needs_of(t for stage in stages for t in stage.terms)
         loss_sums = torch.zeros(len(active), device=device)
         # Per member, the epoch's first step whose loss or gradient was not finite (0: none) and its loss, kept on
         # the device: no host sync per step.
@@ -381,7 +521,12 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
         batches = length_bucketed_batches(train.lengths, batch_size, generator, buckets)
         for epoch_step, idx in enumerate(batches, start=1):
             idx = idx.to(device, non_blocking=True)
-            losses, grad_norms = stepper.step(train.batch(idx), TeacherOutputs(train_logits[idx]), train.labels[idx])
+            inputs = train.batch(idx)
+            teacher_out = (teacher_internals(teacher, inputs, train_logits[idx], teacher_needs,
+                                             members[active[0]].cfg.precision)
+                           if teacher is not None and teacher_needs.teacher_internals
+                           else TeacherOutputs(train_logits[idx]))
+            losses, grad_norms = stepper.step(inputs, teacher_out, train.labels[idx])
             steps += 1
             loss_sums += losses  # no .item(): that would sync the device every step
             # A non-finite gradient makes this step's weights non-finite, whatever its loss was.
@@ -395,13 +540,21 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
             record, cfg, member = records[i], members[i].cfg, members[i]
             eval_started = time.perf_counter()
             stepper.sync(position)
+            skipped = cfg.unreported_epochs
+            intermediate = epoch <= skipped
             try:
-                check_finite(member.model, epoch, bad_steps[position], bad_values[position], steps_per_epoch,
-                             MemberDiverged)
+                check_finite(member.model, epoch if intermediate else epoch - skipped, bad_steps[position],
+                             bad_values[position], steps_per_epoch, MemberDiverged,
+                             "intermediate-stage " if intermediate else "")
             except MemberDiverged as diverged:
                 results[i] = diverged
                 if on_done is not None:
                     on_done(i, diverged)
+                continue
+            if intermediate:  # not evaluated: its head is untrained, so its metric must not drive pruning
+                record.train_seconds += train_time
+                record.samples += len(train)
+                staying.append(position)
                 continue
             # Evaluated in fp32 whatever the training precision: the recorded metric is the exported fp32 model's.
             metrics, eval_loss, degenerate = evaluate(member.model, eval_split, cfg.eval_batch_size, task)
@@ -410,15 +563,15 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
             record.train_seconds += seconds
             record.samples += len(train)
             score = metrics[task.metric]
-            result = EpochResult(epoch, steps, loss_sums[position].item() / steps_per_epoch, eval_loss, metrics,
-                                 score, seconds, degenerate)
+            result = EpochResult(epoch - skipped, steps, loss_sums[position].item() / steps_per_epoch, eval_loss,
+                                 metrics, score, seconds, degenerate)
             record.history.append(result)
             if score > record.best_score:
                 # Keep the best epoch's weights, not the last: that is the checkpoint the trial is scored by.
-                record.best_score, record.best_epoch = score, epoch
+                record.best_score, record.best_epoch = score, epoch - skipped
                 record.best_state = {k: v.detach().to("cpu", copy=True) for k, v in member.model.state_dict().items()}
             stopped = member.on_epoch_end(result) if member.on_epoch_end is not None else None
-            if stopped or epoch >= cfg.num_train_epochs:
+            if stopped or epoch - skipped >= cfg.num_train_epochs:
                 trained = TrainResult(record.history, record.best_epoch, record.best_score, record.best_state,
                                       stopped or None, record.train_seconds, record.samples)
                 results[i] = trained
@@ -434,16 +587,26 @@ def train_members(members: list[PackMember], train: TokenizedSplit, train_logits
     return [r for r in results if r is not None]
 
 
+def _stage_at(cfg: TrainConfig, epoch: int) -> Stage:
+    """The stage a member trains in during ``epoch`` (counted from 1 over all its stages)."""
+    for stage in cfg.stages:
+        if epoch <= stage.epochs:
+            return stage
+        epoch -= stage.epochs
+    return cfg.stages[-1]
+
+
 def train_student(model: PreTrainedModel, train: TokenizedSplit, train_logits: torch.Tensor,
                   eval_split: TokenizedSplit, cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
-                  task: TaskInfo | None = None) -> TrainResult:
+                  task: TaskInfo | None = None, teacher: PreTrainedModel | None = None) -> TrainResult:
     """Train ``model`` on ``train`` against the teacher's ``train_logits``: the epoch loop with one member
     (``train_members``). ``task`` (default: read off the model's config, scored by its default metric) picks the
-    metrics; a loss, gradient or weights gone non-finite raise ``TrainingDiverged``."""
+    metrics; a loss, gradient or weights gone non-finite raise ``TrainingDiverged``. ``teacher`` runs live for terms
+    on its internals (needed only then)."""
     task = task or resolve_task(model.config, None)
     torch.manual_seed(cfg.seed)  # dropout (and LoopStep seeds its one member's stream the same way)
     (result,) = train_members([PackMember(model, cfg, on_epoch_end)], train, train_logits, eval_split,
-                              cfg.seed if cfg.batch_seed is None else cfg.batch_seed, task)
+                              cfg.seed if cfg.batch_seed is None else cfg.batch_seed, task, teacher=teacher)
     if isinstance(result, MemberDiverged):
         raise TrainingDiverged(result.value, result.epoch, result.step, what=result.what) from None
     return result

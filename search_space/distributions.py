@@ -9,14 +9,16 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from kdsearch.terms import search_params
-from search_space.schema import ParamChoices, ParamRange, SearchSpace, StudySpec
+from search_space.schema import ParamChoices, ParamRange, SearchSpace, StrChoices, StudySpec
 
 # Whole-number parameters: the schedule's, and any distillation term's that says so.
-INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", "predistilled",
+INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", "predistilled", "intermediate_epochs",
                             *(p.name for p in search_params() if p.integer)})
 
 
-def _typed(name: str, value: float) -> float | int:
+def _typed(name: str, value: float | str) -> float | int | str:
+    if isinstance(value, str):  # a word (layer_map)
+        return value
     return int(value) if name in INTEGER_PARAMS else float(value)
 
 
@@ -33,17 +35,18 @@ def optuna_distributions(space: SearchSpace, ignored: Collection[str] = ()) -> d
                                               step=int(spec.step or 1))
             else:
                 dists[name] = FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
-        elif isinstance(spec, ParamChoices):
+        elif isinstance(spec, ParamChoices | StrChoices):
             dists[name] = CategoricalDistribution([_typed(name, c) for c in spec.choices])
     return dists
 
 
-def fixed_params(space: SearchSpace, ignored: Collection[str] = ()) -> dict[str, float | int]:
+def fixed_params(space: SearchSpace, ignored: Collection[str] = ()) -> dict[str, float | int | str]:
     return {name: _typed(name, spec) for name, spec in space
-            if not isinstance(spec, ParamRange | ParamChoices) and name not in ignored}
+            if not isinstance(spec, ParamRange | ParamChoices | StrChoices) and name not in ignored}
 
 
-def trial_params(space: SearchSpace, sampled: dict[str, Any], ignored: Collection[str] = ()) -> dict[str, float | int]:
+def trial_params(space: SearchSpace, sampled: dict[str, Any],
+                 ignored: Collection[str] = ()) -> dict[str, float | int | str]:
     """Every hyperparameter of a trial: the fixed ones and the sampled ones (``ignored`` ones left out)."""
     params = fixed_params(space, ignored)
     params.update({k: _typed(k, v) for k, v in sampled.items()})

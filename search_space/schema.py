@@ -24,6 +24,7 @@ from pydantic import (
 
 from kdsearch.objectives import COST_OBJECTIVES, COSTS, OBJECTIVES, ObjectiveInfo
 from kdsearch.terms import SearchParam, search_params
+from kdsearch.terms.layers import layer_map_problem
 from search_space.tasks import MetricName
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -56,12 +57,18 @@ class ParamChoices(_Strict):
     choices: list[float] = Field(min_length=1)
 
 
+class StrChoices(_Strict):
+    """Choices of a parameter whose values are words (``layer_map``): an Optuna categorical over strings."""
+
+    choices: list[str] = Field(min_length=1)
+
+
 def _spec_kind(value: Any) -> str:
     """The tag of a value / range / choices spec (search-space parameters and student dimensions alike), from a raw
     dict or an already-built model."""
     if isinstance(value, dict):
         return "choices" if "choices" in value else "range"
-    if isinstance(value, ParamChoices | ShapeChoices):
+    if isinstance(value, ParamChoices | ShapeChoices | StrChoices):
         return "choices"
     if isinstance(value, ParamRange | ShapeRange):
         return "range"
@@ -71,6 +78,13 @@ def _spec_kind(value: Any) -> str:
 # A fixed value, a range or a list of choices; dispatched on shape, so an error names one alternative only.
 ParamSpec = Annotated[
     Annotated[float, Tag("value")] | Annotated[ParamRange, Tag("range")] | Annotated[ParamChoices, Tag("choices")],
+    Discriminator(_spec_kind),
+]
+
+
+# A parameter whose values are words: a fixed one, or choices (no range).
+StrParamSpec = Annotated[
+    Annotated[str, Tag("value")] | Annotated[StrChoices, Tag("choices")],
     Discriminator(_spec_kind),
 ]
 
@@ -145,6 +159,11 @@ class SearchSpace(_WithTerms):
     # 1: the trial's student starts from its pre-distilled weights (``StudySpec.predistill``), 0: from its own
     # initialisation; {"choices": [0, 1]} lets the search decide.
     predistilled: ParamSpec = 0
+    # The layer-wise terms (hidden, attention: ``kdsearch.terms``): which teacher layer each student layer learns
+    # from (``kdsearch.terms.layers``), and the epochs of a first stage on those terms alone (TinyBERT's two
+    # stages; 0: one stage, every term together). Neither matters while the layer terms' weights are 0.
+    layer_map: StrParamSpec = "uniform"
+    intermediate_epochs: ParamSpec = 0
 
     @field_validator("num_train_epochs")
     @classmethod
@@ -179,6 +198,19 @@ class SearchSpace(_WithTerms):
     @classmethod
     def _predistilled_flag(cls, v: Any) -> Any:
         return _check("predistilled", v, lambda x: x in (0, 1), "0 or 1 (or true / false)", integer=True)
+
+    @field_validator("intermediate_epochs")
+    @classmethod
+    def _intermediate_epochs(cls, v: Any) -> Any:
+        return _check("intermediate_epochs", v, lambda x: x >= 0, ">= 0", integer=True)
+
+    @field_validator("layer_map")
+    @classmethod
+    def _layer_map(cls, v: Any) -> Any:
+        for text in v.choices if isinstance(v, StrChoices) else [v]:
+            if (problem := layer_map_problem(text)) is not None:
+                raise ValueError(f"layer_map {problem}")
+        return v
 
 
 

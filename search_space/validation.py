@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search_space.errors import SpecError
-from search_space.schema import StudySpec
+from search_space.schema import StrChoices, StudySpec
 from search_space.shapes import student_space, teacher_dims
 from search_space.tasks import MetricMismatch, TaskInfo, resolve_task
 
@@ -278,6 +278,28 @@ def check_student_shapes(spec: StudySpec, teacher_config: Any | None) -> None:
     student_space(spec.student, hidden, layers)
 
 
+def check_layer_map(spec: StudySpec, teacher_config: Any | None) -> None:
+    """Each explicit ``layer_map`` names one teacher layer per student layer (when the student's depth is fixed) and
+    only layers the teacher has (when its config is known here); raises ``SpecError`` naming the field."""
+    from kdsearch.terms.layers import NAMED_MAPPINGS, resolve_layer_map
+
+    layer_map = spec.search_space.layer_map
+    explicit = [t for t in (layer_map.choices if isinstance(layer_map, StrChoices) else [layer_map])
+                if t not in NAMED_MAPPINGS]
+    if not explicit:
+        return
+    student = spec.student
+    depth = (student.config.num_hidden_layers if student.config is not None
+             else student.truncate_teacher.num_layers if student.truncate_teacher is not None else None)
+    _, teacher_layers = teacher_dims(teacher_config) if teacher_config is not None else (None, None)
+    for text in explicit:
+        named = len(text.split(","))
+        try:
+            resolve_layer_map(text, depth if isinstance(depth, int) else named, teacher_layers or 10**6)
+        except ValueError as exc:
+            raise SpecError("search_space.layer_map", str(exc)) from exc
+
+
 def validate_spec(spec: StudySpec,
                   allowed_roots: Sequence[Path] | None = None) -> tuple[StudySpec, TaskInfo | None]:
     """The spec with local paths checked and made absolute, and its task when the teacher is local.
@@ -292,6 +314,7 @@ def validate_spec(spec: StudySpec,
     teacher_config = _local_teacher_config(spec)
     task = local_task(spec, teacher_config)
     check_student_shapes(spec, teacher_config)
+    check_layer_map(spec, teacher_config)
     check_tokenizers(spec)
     check_mask_token(spec)
     return spec, task

@@ -54,7 +54,9 @@ def test_a_trial_config_holds_each_term_typed() -> None:
     params = {"learning_rate": 1e-3, "num_train_epochs": 2, "temperature": 4.0, "alpha": 0.3, "batch_size": 8,
               "num_hidden_layers": 2}
     cfg = TrainConfig.from_params(params, regression=False, seed=5, shape_names=("num_hidden_layers",))
-    (logits,) = cfg.terms
+    logits = cfg.terms[0]
+    assert [t.name for t in cfg.terms] == list(TERMS)  # every registered term, the layer-wise ones off by default
+    assert not any(t.term.active(t.config) for t in cfg.terms[1:])
     assert logits.term is TERMS["logits"] and logits.config == LogitKDConfig(alpha=0.3, temperature=4.0)
     assert (cfg.learning_rate, cfg.num_train_epochs, cfg.batch_size, cfg.seed) == (1e-3, 2, 8, 5)
     assert cfg.shape == {"num_hidden_layers": 2}
@@ -108,7 +110,7 @@ def plugged(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_a_plugged_term_is_summed_into_the_loss(plugged: Any) -> None:
     settings = resolve_terms({"alpha": 0.5, "temperature": 2.0, "logit_l2_weight": 0.5}, regression=False)
-    assert [s.name for s in settings] == ["logits", "logit_l2"]
+    assert [s.name for s in settings] == ["logits", "hidden", "attention", "embedding", "logit_l2"]
     student, teacher, labels = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([0])
     alone = LogitKD().loss(StudentOutputs(student), TeacherOutputs(teacher), labels, settings[0].config, False)
     both = total_loss(settings, StudentOutputs(student), TeacherOutputs(teacher), labels, False)
@@ -123,7 +125,7 @@ def test_a_plugged_term_trains_the_same_solo_looped_and_stacked(plugged: Any) ->
     cfgs = [TrainConfig.from_params({"learning_rate": 3e-3, "alpha": 0.5, "temperature": 2.0, "num_train_epochs": 2,
                                      "batch_size": 16, "logit_l2_weight": weight}, regression=False, seed=seed)
             for seed, weight in ((7, 0.0), (8, 0.7))]
-    assert [s.config for s in cfgs[1].terms][1] == LogitL2Config(0.7)
+    assert [s.config for s in cfgs[1].terms][-1] == LogitL2Config(0.7)
     alone = [train_student(tiny_student(c.seed, 0.0), train, logits, eval_split, dataclasses.replace(c, batch_seed=3),
                            task=TASK) for c in cfgs]
     for step in ("loop", "stacked"):
@@ -146,14 +148,15 @@ def test_tables_and_charts_show_every_term_parameter(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db'}", artifacts=tmp_path / "a")
     with TestClient(create_app(settings)) as client:
         shown = client.get("/api/hyperparameters").json()
-    assert [h["name"] for h in shown] == ["learning_rate", "temperature", "alpha", "num_train_epochs", "batch_size"]
+    assert [h["name"] for h in shown] == ["learning_rate", "temperature", "alpha", "hidden_weight", "attention_weight",
+                                          "embedding_weight", "num_train_epochs", "batch_size"]
     assert {h["name"]: h["symbol"] for h in shown}["temperature"] == "T"
     assert next(h for h in shown if h["name"] == "temperature")["classification_only"] is True
 
 
 def test_a_term_needing_the_teachers_internals_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The teacher cache holds logits only: a term that declares it reads the teacher's hidden states is refused
-    before any step, naming the terms, rather than failing inside its loss."""
+    """The teacher cache holds logits only: a term that reads the teacher's hidden states, trained with no teacher
+    model to run live, is refused before any step, naming the terms, rather than failing inside its loss."""
 
     class HiddenNeeds(LogitL2):
         name = "hidden_needs"
@@ -163,5 +166,5 @@ def test_a_term_needing_the_teachers_internals_is_refused_by_name(monkeypatch: p
     train, eval_split = tiny_split(16, seed=0), tiny_split(8, seed=2)
     cfg = TrainConfig.from_params({"learning_rate": 1e-3, "num_train_epochs": 1, "batch_size": 8}, regression=False,
                                   seed=1)
-    with pytest.raises(ValueError, match=r"teacher's hidden states or attentions.*: logits, hidden_needs$"):
+    with pytest.raises(ValueError, match=r"no teacher model was given to run live: logits, hidden_needs$"):
         train_student(tiny_student(1, 0.0), train, torch.zeros(len(train), 2), eval_split, cfg, task=TASK)

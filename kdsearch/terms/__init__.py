@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kdsearch.terms.attention import AttentionRelations, AttentionRelationsConfig
 from kdsearch.terms.base import (
     NO_LABEL,
     DistillationTerm,
@@ -21,12 +22,17 @@ from kdsearch.terms.base import (
     StudentOutputs,
     TeacherOutputs,
 )
+from kdsearch.terms.embedding import EmbeddingConfig, EmbeddingKD
+from kdsearch.terms.hidden import HiddenStates, HiddenStatesConfig
 from kdsearch.terms.logits import LogitKD, LogitKDConfig, distillation_loss, regression_distillation_loss
 
 # The registry: a term's name -> the term. Every trial runs every registered term (a term is off when its weight is
 # 0, which a spec may fix or search).
 TERMS: dict[str, DistillationTerm[Any]] = {term.name: term for term in (
     LogitKD(),
+    HiddenStates(),
+    AttentionRelations(),
+    EmbeddingKD(),
 )}
 
 
@@ -62,28 +68,37 @@ def resolve_terms(values: dict[str, Any], regression: bool) -> tuple[TermSetting
 
 
 def needs_of(terms: Iterable[TermSetting]) -> Needs:
-    """What a set of terms needs together."""
-    needs = [t.term.needs for t in terms]
+    """What a set of terms needs together, with their configs (a term that is off needs nothing)."""
+    needs = [t.term.needs_for(t.config) for t in terms]
     return Needs(**{field: any(getattr(n, field) for n in needs) for field in Needs.__dataclass_fields__})
 
 
 def total_loss(terms: Sequence[TermSetting], student: StudentOutputs, teacher: TeacherOutputs,
                labels: torch.Tensor, regression: bool, configs: Sequence[Any] | None = None) -> torch.Tensor:
-    """The trial's loss on one batch: the sum of its terms' losses. ``configs`` overrides each term's config (a
-    stacked pack passes its members' numbers as 0-d tensors under vmap)."""
+    """The trial's loss on one batch: the sum of its terms' losses, those that are off (their setting's config:
+    weight 0) left out. ``configs`` overrides each term's config (a stacked pack passes its members' numbers as 0-d
+    tensors under vmap)."""
     loss: torch.Tensor | None = None
     for index, setting in enumerate(terms):
+        if not setting.term.active(setting.config):
+            continue
         config = setting.config if configs is None else configs[index]
         term_loss = setting.term.loss(student, teacher, labels, config, regression)
         loss = term_loss if loss is None else loss + term_loss
-    assert loss is not None, "a trial has at least one distillation term"
+    assert loss is not None, "a trial has at least one distillation term that is on"
     return loss
 
 
 __all__ = [
     "NO_LABEL",
     "TERMS",
+    "AttentionRelations",
+    "AttentionRelationsConfig",
     "DistillationTerm",
+    "EmbeddingConfig",
+    "EmbeddingKD",
+    "HiddenStates",
+    "HiddenStatesConfig",
     "LogitKD",
     "LogitKDConfig",
     "Needs",

@@ -18,6 +18,24 @@ rest of kdsearch needs from it:
   ``F.kl_div`` (it has no vmap rule). The same method serves a solo trial, a looped pack and a stacked pack.
 - ``describe(config, regression)``: the sentence the model card gives for it (its formula and its settings).
 
+Optional, for terms on the student's internals (``kdsearch.terms.hidden``, ``attention``, ``embedding``):
+
+- ``active(config)`` / ``needs_for(config)``: a term whose weight is 0 is off, and costs nothing: it is not called,
+  and asks for no hidden states and no teacher forward (``needs_for`` is what a trial reads; ``needs`` is what the
+  term reads when on). Defaults: always on, ``needs``.
+- ``intermediate``: the term matches the student's internals (TinyBERT's intermediate layers), not its predictions.
+  With ``intermediate_epochs`` > 0 a trial first trains on its intermediate terms alone, then on the others
+  (``distill.train.TrainConfig.stages``).
+- ``trainable(config, student_width, teacher_width)``: trainable state the term needs (a learned projection of the
+  student's width onto the teacher's), a ``torch.nn.Module`` built once per trial, trained by the trial's optimizer
+  with the student, and handed to ``loss`` in ``student.trainable[term.name]``. It is never part of the student:
+  its checkpoint, best state and export hold the student's weights alone. Default: None (nothing to train).
+
+The teacher's internals reach ``loss`` already aligned to the student's layers by the trial's layer mapping
+(``kdsearch.terms.layers``): ``teacher.hidden_states[i]`` is the teacher layer matched with the student's layer i
+(0: the embeddings' output), ``teacher.qkv[i - 1]`` that layer's self-attention queries, keys and values. The batch's
+attention mask (1 on real tokens, 0 on padding) is ``student.attention_mask``.
+
 A term may ignore some of its hyperparameters for a task (``SearchParam.classification_only``: the temperature has no
 meaning for a regression head); they are then neither searched nor shown.
 """
@@ -26,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -61,6 +79,14 @@ class Needs:
     student_attentions: bool = False
     teacher_hidden_states: bool = False
     teacher_attentions: bool = False
+    # Each layer's self-attention queries, keys and values (before the heads are split): MiniLM's relations.
+    student_qkv: bool = False
+    teacher_qkv: bool = False
+
+    @property
+    def teacher_internals(self) -> bool:
+        """Whether the teacher must run on the batch (its logits alone are cached)."""
+        return self.teacher_hidden_states or self.teacher_attentions or self.teacher_qkv
 
 
 @dataclasses.dataclass
@@ -70,15 +96,21 @@ class StudentOutputs:
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None  # per layer
+    attention_mask: torch.Tensor | None = None  # [B, T]: 1 on real tokens
+    # The terms' trainable state by term name (``DistillationTerm.trainable``): learned projections.
+    trainable: Mapping[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class TeacherOutputs:
-    """The teacher's outputs for one batch's rows (cached, or computed live)."""
+    """The teacher's outputs for one batch's rows (cached logits; internals computed live), its internals aligned to
+    the student's layers (see the module's docstring)."""
 
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None  # per (mapped) layer
 
 
 Config = TypeVar("Config")
@@ -91,6 +123,7 @@ class DistillationTerm(ABC, Generic[Config]):
     config_class: ClassVar[type[Any]]
     search: ClassVar[tuple[SearchParam, ...]] = ()
     needs: ClassVar[Needs] = Needs()
+    intermediate: ClassVar[bool] = False  # on the student's internals: the first stage of a two-stage schedule
 
     @abstractmethod
     def loss(self, student: StudentOutputs, teacher: TeacherOutputs, labels: torch.Tensor, config: Config,
@@ -101,6 +134,18 @@ class DistillationTerm(ABC, Generic[Config]):
     @abstractmethod
     def describe(self, config: Config, regression: bool) -> str:
         """The model card's sentence for this term: its formula and its settings."""
+
+    def active(self, config: Config) -> bool:
+        """Whether the term contributes at all (a term with weight 0 is off: not called, nothing computed for it)."""
+        return True
+
+    def needs_for(self, config: Config) -> Needs:
+        """What the term reads with this config: nothing when it is off."""
+        return self.needs if self.active(config) else Needs()
+
+    def trainable(self, config: Config, student_width: int, teacher_width: int) -> torch.nn.Module | None:
+        """The term's trainable state for one trial (a learned projection), or None; never part of the student."""
+        return None
 
     def config(self, values: dict[str, Any], regression: bool) -> Config:
         """The term's typed config from a trial's parameters (its own names; the rest ignored). A parameter the task
