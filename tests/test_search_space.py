@@ -37,7 +37,7 @@ def test_defaults_are_the_seed_search() -> None:
     assert dists["num_train_epochs"] == IntDistribution(2, 10)
     assert fixed_params(spec.search_space) == {"batch_size": 128, "weight_decay": 0.0, "warmup_ratio": 0.0,
                                                "hidden_weight": 0.0, "attention_weight": 0.0, "embedding_weight": 0.0,
-                                               "layer_map": "uniform", "intermediate_epochs": 0}
+                                               "layer_map": "uniform", "intermediate_epochs": 0, "predistilled": 0}
     assert isinstance(fixed_params(spec.search_space)["batch_size"], int)
     assert (spec.n_trials, spec.sampler, spec.pruner, spec.seed, spec.priority) == (20, "tpe", "median", 33, 0)
     assert spec.dataset.max_seq_length == 128 and spec.dataset.text_column == "sentence"
