@@ -335,3 +335,12 @@ def test_tiny_pair_study_searches_transfer_copies(pair_assets, tmp_path: Path) -
     for t in trials:
         members = t.user_attrs.get("pack", {}).get("members", [t.number])
         assert {by_number[m].params["transfer_copies"] for m in members} == {t.params["transfer_copies"]}
+
+
+def test_model_card_names_the_pair_strategies() -> None:
+    from distill.hub_model import _augment_sentence
+
+    mixed = _augment_sentence(AugmentSpec(copies=3, pairs={"hard_negatives": 0.25, "perturbed": 0.4}).model_dump())
+    assert "0.25 paired the first sentence with a lexically close sentence" in mixed
+    assert "0.4 were perturbed copies" in mixed and "sentence order swapped p=0.5" in mixed
+    assert "hard negatives" not in _augment_sentence(AugmentSpec(copies=3).model_dump())
