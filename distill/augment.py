@@ -78,31 +78,42 @@ class Augmenter:
                 return new
         return new
 
+    def side_variant(self, words: list[str], second: list[str] | None,
+                     rng: np.random.Generator) -> tuple[list[str], list[str] | None]:
+        """One variant of a row: a sentence, or a pair augmented side by side, each side on its own and redrawn
+        while both sides come out unchanged."""
+        if second is None:
+            return self._fresh_variant(words, rng), None
+        for _ in range(_RETRIES):
+            new, new_second = self.variant(words, rng), self.variant(second, rng)
+            if new != words or new_second != second:
+                break
+        return new, new_second
+
     def transfer_set(self, texts: list[str],
                      pairs: list[str] | None = None) -> tuple[list[str], list[str] | None, np.ndarray]:
         """``copies`` variants per row: (variant texts, variant pair texts or None, the row each came from).
 
-        A sentence pair is augmented side by side, each side on its own, and redrawn while both sides come out
-        unchanged.
+        In rounds (``round_rng``): one variant of every row, then the next, so that the first k rounds are the
+        k-copy set whatever ``copies`` is. A row whose first text has no words gets none.
         """
-        rng = np.random.default_rng(self.spec.seed)
         variants: list[str] = []
         variant_pairs: list[str] | None = None if pairs is None else []
         sources: list[int] = []
-        for row, text in enumerate(texts):
-            words = text.split()
-            if not words:
-                continue
-            for _ in range(self.spec.copies):
-                if pairs is None or variant_pairs is None:
-                    new = self._fresh_variant(words, rng)
-                else:
-                    second = pairs[row].split()
-                    for _ in range(_RETRIES):
-                        new, new_second = self.variant(words, rng), self.variant(second, rng)
-                        if new != words or new_second != second:
-                            break
-                    variant_pairs.append(" ".join(new_second))
+        for round_no in range(self.spec.copies):
+            rng = round_rng(self.spec.seed, round_no)
+            for row, text in enumerate(texts):
+                words = text.split()
+                if not words:
+                    continue
+                new, new_second = self.side_variant(words, None if pairs is None else pairs[row].split(), rng)
                 variants.append(" ".join(new))
+                if variant_pairs is not None and new_second is not None:
+                    variant_pairs.append(" ".join(new_second))
                 sources.append(row)
         return variants, variant_pairs, np.asarray(sources, dtype=np.int64)
+
+
+def round_rng(seed: int, round_no: int) -> np.random.Generator:
+    """The random stream of one round of a transfer set: the same whatever the number of rounds, on every host."""
+    return np.random.default_rng([seed, round_no])

@@ -220,6 +220,12 @@ class TokenizedSplit:
         return dataclasses.replace(self, input_ids=self.input_ids.to(device), lengths=self.lengths.to(device),
                                    labels=self.labels.to(device), token_type_ids=types)
 
+    def head(self, n: int) -> TokenizedSplit:
+        """The first ``n`` rows (views, no copy)."""
+        types = None if self.token_type_ids is None else self.token_type_ids[:n]
+        return dataclasses.replace(self, input_ids=self.input_ids[:n], lengths=self.lengths[:n],
+                                   labels=self.labels[:n], token_type_ids=types)
+
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model inputs of rows ``idx``, trimmed to their longest row."""
         width = int(self.lengths[idx].max())

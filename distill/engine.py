@@ -167,6 +167,8 @@ class PreparedStudy:
     cache: TeacherCache
     train: TokenizedSplit  # on the training device; train rows, then the transfer set's (label NO_LABEL) if any
     train_logits: torch.Tensor
+    # len(train) when a trial trains on k = 0, 1, ... copies of the transfer set (its first k rounds); one entry: none.
+    train_rows: tuple[int, ...]
     eval: TokenizedSplit
     tokenizer: Any
     teacher_config: Any
@@ -225,9 +227,11 @@ class DistillationEngine(TrialEngine):
         cache = build_or_load_cache(self.layout, spec, task, self.device, log=self.log, progress=progress)
         transfer = build_or_load_transfer_set(self.layout, spec, task, self.device, log=self.log, progress=progress)
         train, train_logits = cache.train, cache.train_logits
+        train_rows: tuple[int, ...] = (len(train),)
         if transfer is not None:  # one epoch = every train row and every teacher-labelled variant, shuffled together
             train = concat_splits(train, transfer.split)
             train_logits = torch.cat([train_logits, transfer.logits])
+            train_rows += tuple(train_rows[0] + end for end in transfer.round_ends)
         teacher_state = None
         if spec.student.needs_teacher_weights:
             name, revision = split_revision(spec.teacher)
@@ -249,6 +253,7 @@ class DistillationEngine(TrialEngine):
             cache=cache,
             train=train.to(self.device),
             train_logits=train_logits.to(self.device),
+            train_rows=train_rows,
             eval=cache.eval.to(self.device),
             tokenizer=tokenizer,
             teacher_config=teacher_config,
@@ -312,6 +317,17 @@ class DistillationEngine(TrialEngine):
             prepared.teacher_model = teacher.to(self.device).eval()
         return cast("PreTrainedModel", prepared.teacher_model)
 
+    def train_split(self, prepared: PreparedStudy, cfg: TrainConfig) -> tuple[TokenizedSplit, torch.Tensor]:
+        """The trial's train split and teacher outputs: the train rows and the transfer set's first
+        ``cfg.transfer_copies`` rounds (None: all of it)."""
+        copies = cfg.transfer_copies
+        if copies is None:
+            return prepared.train, prepared.train_logits
+        if not 0 <= copies < len(prepared.train_rows):
+            raise ValueError(f"transfer_copies {copies}: the transfer set has {len(prepared.train_rows) - 1} copies")
+        rows = prepared.train_rows[copies]
+        return prepared.train.head(rows), prepared.train_logits[:rows]
+
     def _student(self, prepared: PreparedStudy, params: dict[str, Any], seed: int) -> PreTrainedModel:
         """The trial's student: its shape (a searched one: the trial's), its head initialised from ``seed``, its
         encoder from the shape's pre-distilled weights when the trial's ``predistilled`` is 1."""
@@ -360,8 +376,9 @@ class DistillationEngine(TrialEngine):
                   on_epoch_end: EpochCallback | None, checkpoint_dir: Path) -> TrialOutcome:
         cfg = self.train_config(prepared, params, seed)
         model = self._student(prepared, params, seed)
-        result = train_student(model, prepared.train, prepared.train_logits, prepared.eval, cfg, on_epoch_end,
-                               task=prepared.task, teacher=self.live_teacher(prepared, [cfg]))
+        train, train_logits = self.train_split(prepared, cfg)
+        result = train_student(model, train, train_logits, prepared.eval, cfg, on_epoch_end, task=prepared.task,
+                               teacher=self.live_teacher(prepared, [cfg]))
         outcome = self._store(prepared, model, result, params, seed, checkpoint_dir)
         del model
         if self.device.type == "cuda":
@@ -370,14 +387,17 @@ class DistillationEngine(TrialEngine):
 
     def run_pack(self, prepared: PreparedStudy, members: list[PackedTrial], batch_seed: int,
                  on_member_done: MemberDone | None = None) -> list[TrialOutcome | Exception]:
-        """The members trained together (``distill.packed.train_pack``); they must share the student's shape and
-        the batch size (ValueError otherwise)."""
+        """The members trained together (``distill.packed.train_pack``); they must share the student's shape, the
+        batch size and the transfer copies (ValueError otherwise)."""
         shapes = {prepared.space.student_for(prepared.spec.student, m.params).model_dump_json() for m in members}
         if len(shapes) > 1:
             raise ValueError(f"a pack trains one student shape, not {len(shapes)}")
-        pack = [PackMember(self._student(prepared, m.params, m.seed),
-                           self.train_config(prepared, m.params, m.seed, batch_seed), m.on_epoch_end)
-                for m in members]
+        configs = [self.train_config(prepared, m.params, m.seed, batch_seed) for m in members]
+        if len({cfg.transfer_copies for cfg in configs}) > 1:
+            raise ValueError("a pack trains on one train split: its members' transfer_copies differ")
+        train, train_logits = self.train_split(prepared, configs[0])
+        pack = [PackMember(self._student(prepared, m.params, m.seed), cfg, m.on_epoch_end)
+                for m, cfg in zip(members, configs, strict=True)]
         outcomes: dict[int, TrialOutcome | Exception] = {}
         pack_step = carried_step(self.pack_step, pack)  # a pack with layer-wise terms steps in the loop
 
@@ -391,8 +411,8 @@ class DistillationEngine(TrialEngine):
             if on_member_done is not None:
                 on_member_done(index, outcome)
 
-        train_pack(pack, prepared.train, prepared.train_logits, prepared.eval, batch_seed, prepared.task,
-                   pack_step, done, self.live_teacher(prepared, [m.cfg for m in pack]))
+        train_pack(pack, train, train_logits, prepared.eval, batch_seed, prepared.task, pack_step, done,
+                   self.live_teacher(prepared, [m.cfg for m in pack]))
         pack.clear()  # the members' models: free before the cache is emptied
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -86,7 +86,19 @@ def _augment_sentence(augment: dict[str, Any], regression: bool = False) -> str:
             f"(word masking p={augment['p_mask']}, same-context word replacement p={augment['p_replace']}, "
             f"n-gram sampling p={augment['p_ngram']} with n up to {augment['max_ngram']}; seed {augment['seed']}, "
             "after Tang et al., 2019; a pair is augmented side by side); the variants have no gold label and were "
-            f"trained on the teacher's outputs alone ({target}).")
+            f"trained on the teacher's outputs alone ({target})." + _pairs_sentence(augment.get("pairs") or {}))
+
+
+def _pairs_sentence(pairs: dict[str, Any]) -> str:
+    """What the pair strategies of ``augment.pairs`` (``distill.pair_corpus``) added, if any."""
+    hard, rand, perturbed = (pairs.get(k) or 0 for k in ("hard_negatives", "random_pairs", "perturbed"))
+    if not (hard or rand or perturbed):
+        return ""
+    return (f" Of the variant rows, a share of {hard:g} paired the first sentence with a lexically close sentence of "
+            f"another pair (TF-IDF hard negatives), {rand:g} with a random one, and {perturbed:g} were perturbed "
+            f"copies of the pair (words replaced by the teacher's embedding-space neighbours p={pairs['p_neighbour']}, "
+            f"deleted p={pairs['p_delete']}, swapped p={pairs['p_swap']}; sentence order swapped "
+            f"p={pairs['p_order']}); the rest were augmented side by side.")
 
 
 def _predistilled_sentence(predistilled: dict[str, Any] | None) -> str:

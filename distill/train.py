@@ -83,6 +83,8 @@ class TrainConfig:
     # intermediate terms alone (TinyBERT's; 0: one stage, every term together).
     layer_map: str = "uniform"
     intermediate_epochs: int = 0
+    # The transfer set's copies (rounds) the trial trains on beside the train rows; None: all built (the engine's).
+    transfer_copies: int | None = None
 
     @functools.cached_property
     def needs(self) -> Needs:
@@ -130,6 +132,7 @@ class TrainConfig:
             precision=precision,
             layer_map=str(params.get("layer_map", "uniform")),
             intermediate_epochs=int(params.get("intermediate_epochs", 0)),
+            transfer_copies=None if params.get("transfer_copies") is None else int(params["transfer_copies"]),
         )
 
 

@@ -1,6 +1,7 @@
-"""The augmented transfer set: teacher-labelled variants of the train rows (``distill.augment``), built once per
-(teacher, dataset, task, augment) and cached like the teacher logits. A sentence pair is augmented side by side;
-the teacher labels the pair."""
+"""The augmented transfer set: teacher-labelled variants of the train rows (``distill.augment``; for sentence pairs
+also recombined and perturbed pairs, ``distill.pair_corpus``), built once per (teacher, dataset, task, augment) and
+cached like the teacher logits; the teacher labels the pair. It is built in rounds of one row per train row, so a
+trial that trains on k copies (``search_space.transfer_copies``) takes its first ``round_ends[k - 1]`` rows."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Any
 
 import torch
 
-from distill.augment import Augmenter
 from distill.cache import CACHE_FORMAT, Entry, build_once, split_from_tensors, split_tensors
 from distill.data import DataError, TextSplit, TokenizedSplit, tokenize, unlabelled_like
 from distill.models import load_teacher
+from distill.pair_corpus import build_corpus
 from distill.progress import TRANSFER_STAGE, Progress
 from distill.teacher import cache_key, load_train_texts, predict_logits
 from search_space import StudySpec, TaskInfo
@@ -34,9 +35,21 @@ class TransferSet:
     sources: torch.Tensor  # [N] the train row each variant came from
     meta: dict[str, Any]
 
+    @property
+    def round_ends(self) -> list[int]:
+        """Rows of the first 1, 2, ... ``copies`` rounds: ``round_ends[k - 1]`` rows are the k-copy set."""
+        return [int(n) for n in self.meta["round_ends"]]
+
+
+# Bumped whenever the transfer set's rows change for the same spec: 2 built it in rounds (distill.pair_corpus).
+TRANSFER_FORMAT = 2
+
 
 def transfer_key(spec: StudySpec, task: TaskInfo) -> str:
-    payload = {"format": CACHE_FORMAT, "cache": cache_key(spec, task), "augment": spec.augment.model_dump()}
+    """Everything that changes the transfer set: the teacher-logit cache's key (teacher, dataset, task) and the whole
+    ``augment`` block; not ``search_space.transfer_copies`` (a trial's prefix of it)."""
+    payload = {"format": CACHE_FORMAT, "transfer_format": TRANSFER_FORMAT, "cache": cache_key(spec, task),
+               "augment": spec.augment.model_dump()}
     return "aug-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -53,14 +66,16 @@ def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, task: Ta
         started = time.perf_counter()
         model, tokenizer = load_teacher(spec.teacher)
         train = load_train_texts(spec, task)
+        pairs = spec.augment.pairs
+        # Word replacement by the teacher's embedding-space neighbours reads the teacher's input embeddings.
+        embeddings = model.get_input_embeddings().weight if pairs.perturbed and pairs.p_neighbour else None
         try:
-            augmenter = Augmenter([*train.texts, *(train.text_pairs or [])], spec.augment, tokenizer.mask_token)
+            corpus = build_corpus(train.texts, train.text_pairs, spec.augment, tokenizer, embeddings)
         except ValueError as exc:
             raise DataError(str(exc)) from exc
-        variants, variant_pairs, sources = augmenter.transfer_set(train.texts, train.text_pairs)
-        if not variants:
+        if not corpus.texts:
             raise DataError("the augmented transfer set is empty (no words in the train texts)")
-        text = TextSplit(variants, unlabelled_like(len(variants), task.is_regression), variant_pairs)
+        text = TextSplit(corpus.texts, unlabelled_like(len(corpus.texts), task.is_regression), corpus.pairs)
         split = tokenize(tokenizer, text, spec.dataset.max_seq_length)
         augmented_s = time.perf_counter() - started
         # The costly part: the teacher labels every variant, once for all trials and workers.
@@ -72,13 +87,18 @@ def build_or_load_transfer_set(layout: ArtifactLayout, spec: StudySpec, task: Ta
             "pad_id": split.pad_id,
             "n_rows": len(split),
             "n_source_rows": len(train.texts),
+            "round_ends": corpus.round_ends,
+            "strategy_rows": corpus.strategy_rows(),
             "augment_seconds": round(augmented_s, 2),
+            "generate_seconds": corpus.seconds,
             "build_seconds": round(time.perf_counter() - started, 2),
             "device": str(device),
         }
         log(f"transfer set {key}: {meta['n_rows']} rows from {meta['n_source_rows']} train rows in "
-            f"{meta['build_seconds']} s")
-        return split_tensors("", split, logits) | {"sources": torch.from_numpy(sources)}, meta
+            f"{meta['build_seconds']} s (generated in {corpus.seconds['total']} s; rows by strategy "
+            f"{meta['strategy_rows']})")
+        return split_tensors("", split, logits) | {"sources": torch.from_numpy(corpus.sources),
+                                                   "strategies": torch.from_numpy(corpus.strategies)}, meta
 
     tensors, meta = build_once(layout, key, build)
     return TransferSet(key, split_from_tensors("", tensors, meta["pad_id"]), tensors["teacher_logits"],

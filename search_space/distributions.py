@@ -11,8 +11,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from kdsearch.terms import search_params
 from search_space.schema import ParamChoices, ParamRange, SearchSpace, StrChoices, StudySpec
 
-# Whole-number parameters: the schedule's, and any distillation term's that says so.
-INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", "predistilled", "intermediate_epochs",
+# Whole-number parameters: the schedule's, the transfer set's copies, and any distillation term's that says so.
+INTEGER_PARAMS = frozenset({"num_train_epochs", "batch_size", "predistilled", "intermediate_epochs", "transfer_copies",
                             *(p.name for p in search_params() if p.integer)})
 
 
@@ -41,8 +41,9 @@ def optuna_distributions(space: SearchSpace, ignored: Collection[str] = ()) -> d
 
 
 def fixed_params(space: SearchSpace, ignored: Collection[str] = ()) -> dict[str, float | int | str]:
-    return {name: _typed(name, spec) for name, spec in space
-            if not isinstance(spec, ParamRange | ParamChoices | StrChoices) and name not in ignored}
+    return {name: _typed(name, spec) for name, spec in space  # None: unset (transfer_copies: all copies built)
+            if spec is not None and not isinstance(spec, ParamRange | ParamChoices | StrChoices)
+            and name not in ignored}
 
 
 def trial_params(space: SearchSpace, sampled: dict[str, Any],

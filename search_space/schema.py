@@ -164,6 +164,9 @@ class SearchSpace(_WithTerms):
     # stages; 0: one stage, every term together). Neither matters while the layer terms' weights are 0.
     layer_map: StrParamSpec = "uniform"
     intermediate_epochs: ParamSpec = 0
+    # Teacher-labelled copies of the train set a trial trains on: the first k rounds of the transfer set (``augment``);
+    # None: all ``augment.copies``. At most ``augment.copies``.
+    transfer_copies: ParamSpec | None = None
 
     @field_validator("num_train_epochs")
     @classmethod
@@ -211,6 +214,11 @@ class SearchSpace(_WithTerms):
             if (problem := layer_map_problem(text)) is not None:
                 raise ValueError(f"layer_map {problem}")
         return v
+
+    @field_validator("transfer_copies")
+    @classmethod
+    def _transfer_copies(cls, v: Any) -> Any:
+        return v if v is None else _check("transfer_copies", v, lambda x: x >= 0, ">= 0", integer=True)
 
 
 
@@ -431,13 +439,61 @@ class DatasetSpec(_Strict):
         return self
 
 
+class PairAugmentSpec(_Strict):
+    """How a sentence-pair transfer set teaches the relation, not only each side (``distill.pair_corpus``; only for a
+    dataset with ``text_pair_column``: set on a single-text dataset, the spec is refused).
+
+    Each transfer row is drawn, per train pair, by one strategy: ``hard_negatives`` the pair's first sentence with a
+    lexically close sentence of another pair (TF-IDF cosine, one of its ``hard_negative_pool`` nearest, never its
+    own partner); ``random_pairs`` with a random sentence of the corpus; ``perturbed`` a perturbed copy of the pair
+    (each word replaced with ``p_neighbour`` by one of its ``neighbours`` nearest whole words in the teacher's
+    input-embedding space, else deleted with ``p_delete``; each word swapped with another of its sentence with
+    ``p_swap``; the two sentences swapped with ``p_order``); the rest (1 minus the three) today's per-side
+    augmentation (``p_mask``, ``p_replace``, ``p_ngram``). The defaults (all 0) keep per-side augmentation alone.
+    """
+
+    hard_negatives: float = Field(0.0, ge=0, le=1)
+    random_pairs: float = Field(0.0, ge=0, le=1)
+    perturbed: float = Field(0.0, ge=0, le=1)
+    p_neighbour: float = Field(0.15, ge=0, le=1)
+    p_delete: float = Field(0.1, ge=0, le=1)
+    p_swap: float = Field(0.1, ge=0, le=1)
+    p_order: float = Field(0.5, ge=0, le=1)
+    neighbours: int = Field(10, ge=1, le=100)
+    hard_negative_pool: int = Field(5, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _shares(self) -> PairAugmentSpec:
+        if self.hard_negatives + self.random_pairs + self.perturbed > 1:
+            raise ValueError("hard_negatives + random_pairs + perturbed must be <= 1 (got "
+                             f"{self.hard_negatives + self.random_pairs + self.perturbed:g}); per-side augmentation "
+                             "takes the rest")
+        if self.p_neighbour + self.p_delete > 1:
+            raise ValueError(f"p_neighbour + p_delete must be <= 1 (got {self.p_neighbour + self.p_delete:g})")
+        if self.perturbed and not (self.p_neighbour or self.p_delete or self.p_swap or self.p_order):
+            raise ValueError("perturbed > 0 needs at least one of p_neighbour, p_delete, p_swap, p_order above 0")
+        return self
+
+    @property
+    def side_share(self) -> float:
+        """The share of rows augmented side by side (what the pair strategies leave)."""
+        return max(0.0, 1.0 - (self.hard_negatives + self.random_pairs + self.perturbed))
+
+    @property
+    def active(self) -> bool:
+        """Whether any pair strategy is used (else the transfer set is per-side augmentation alone)."""
+        return bool(self.hard_negatives or self.random_pairs or self.perturbed)
+
+
 class AugmentSpec(_Strict):
     """A teacher-labelled transfer set built from the training texts (Tang et al., 2019, without extra models).
 
     Each of ``copies`` variants of a training sentence applies, word by word, masking (``p_mask``: the tokenizer's
     mask token) or replacement (``p_replace``: a word seen between the same neighbours in the training texts, else a
     random frequent word), then with ``p_ngram`` keeps only a random n-gram (n in 1..``max_ngram``). Variants carry
-    no gold label: the teacher's logits are their only target. ``copies`` 0 turns augmentation off.
+    no gold label: the teacher's logits are their only target. ``copies`` 0 turns augmentation off. Sentence pairs
+    may mix in recombined and perturbed pairs (``pairs``). The set is built in rounds of one row per train row: its
+    first k rounds are the k-copy set (what ``search_space.transfer_copies`` trains on).
     """
 
     copies: int = Field(0, ge=0)  # capped by KDSEARCH_MAX_AUGMENT_COPIES
@@ -446,12 +502,13 @@ class AugmentSpec(_Strict):
     p_ngram: float = Field(0.25, ge=0, le=1)
     max_ngram: int = Field(5, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    pairs: PairAugmentSpec = PairAugmentSpec()
 
     @model_validator(mode="after")
     def _probabilities(self) -> AugmentSpec:
         if self.p_mask + self.p_replace > 1:
             raise ValueError(f"p_mask + p_replace must be <= 1 (got {self.p_mask + self.p_replace})")
-        if self.copies and not (self.p_mask or self.p_replace or self.p_ngram):
+        if self.copies and self.pairs.side_share > 0 and not (self.p_mask or self.p_replace or self.p_ngram):
             raise ValueError("copies > 0 needs at least one of p_mask, p_replace, p_ngram above 0")
         return self
 
@@ -595,6 +652,26 @@ class StudySpec(_Strict):
     pruner: Literal["median", "hyperband", "none"] = "median"
     seed: int = Field(33, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-1000, le=1000)
+
+    @field_validator("augment")
+    @classmethod
+    def _pairs_need_pairs(cls, v: AugmentSpec, info: ValidationInfo) -> AugmentSpec:
+        dataset = info.data.get("dataset")
+        if v.pairs.active and dataset is not None and dataset.text_pair_column is None:
+            raise ValueError("pairs.hard_negatives, pairs.random_pairs and pairs.perturbed need sentence pairs "
+                             "(dataset.text_pair_column); set them to 0 for a single-text dataset")
+        return v
+
+    @field_validator("search_space")
+    @classmethod
+    def _transfer_copies_built(cls, v: SearchSpace, info: ValidationInfo) -> SearchSpace:
+        augment = info.data.get("augment")
+        if v.transfer_copies is not None and augment is not None:
+            most = max(values_of(v.transfer_copies))
+            if most > augment.copies:
+                raise ValueError(f"transfer_copies must be <= augment.copies ({augment.copies}), the copies built "
+                                 f"(got {most:g})")
+        return v
 
     @field_validator("objectives")
     @classmethod

@@ -11,12 +11,12 @@ hands them to a ``TrialRunner``. A solo claim is a pack of one; both take the sa
 2. **ask**: each slot asks Optuna for its trial with its own slot's sampler (TPE with ``constant_liar`` sees the
    pack's earlier members running, so the K trials differ), then is profiled and checked against the constraints
    (an infeasible one is recorded, untrained, and leaves).
-3. **train**: members are grouped by (student shape, batch size); each group is one ``TrialEngine.run_pack`` call
-   (a solo claim: ``run_trial``), groups one after another. A member's initial weights and dropout come from the
-   study's seed and its batch order from the pack's ``batch_seed`` (the study's seed too), exactly as a solo
-   trial's: a packed trial equals the same trial run alone. Its ``pack`` user attribute says so. At every epoch
-   boundary each member's callback reports, prunes and stops it (pruned, study cancelled or expired, shutdown,
-   lost claim).
+3. **train**: members are grouped by (student shape, batch size, transfer copies); each group is one
+   ``TrialEngine.run_pack`` call (a solo claim: ``run_trial``), groups one after another. A member's initial weights
+   and dropout come from the study's seed and its batch order from the pack's ``batch_seed`` (the study's seed too),
+   exactly as a solo trial's: a packed trial equals the same trial run alone. Its ``pack`` user attribute says so. At
+   every epoch boundary each member's callback reports, prunes and stops it (pruned, study cancelled or expired,
+   shutdown, lost claim).
 4. **store, tell, finish**: as soon as a member leaves (its epochs done, stopped or diverged), its checkpoint is
    stored and its trial told (COMPLETE or PRUNED: only once the checkpoint is stored), and its slot closed, while
    the others train on. A failure is sorted by ``fault_of``: the infrastructure's (a full disk, the artifact store,
@@ -123,12 +123,12 @@ class _Member:
 
 
 def pack_groups(params: list[dict[str, Any]], shape_names: set[str] | frozenset[str]) -> list[list[int]]:
-    """Indices of ``params`` grouped by (searched shape, batch size), in order of first appearance: trials that
-    differ in either cannot share a pack."""
+    """Indices of ``params`` grouped by (searched shape, batch size, transfer copies), in order of first appearance:
+    trials that differ in any cannot share a pack (one batch order over one train split)."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(params):
-        key = json.dumps({**{n: p.get(n) for n in sorted(shape_names)}, "batch_size": p.get("batch_size")},
-                         sort_keys=True, default=str)
+        key = json.dumps({**{n: p.get(n) for n in sorted(shape_names)}, "batch_size": p.get("batch_size"),
+                          "transfer_copies": p.get("transfer_copies")}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -263,7 +263,8 @@ def test_pair_augmentation_is_deterministic_and_side_by_side() -> None:
     spec = AugmentSpec(copies=3, p_mask=0.3, p_replace=0.0, p_ngram=0.0, seed=5)
     one = Augmenter(firsts + seconds, spec, "[MASK]").transfer_set(firsts, seconds)
     two = Augmenter(firsts + seconds, spec, "[MASK]").transfer_set(firsts, seconds)
-    assert one[0] == two[0] and one[1] == two[1] and one[2].tolist() == [0, 0, 0, 1, 1, 1]
+    # In rounds: one variant of every row, then the next (the first k rounds are the k-copy set).
+    assert one[0] == two[0] and one[1] == two[1] and one[2].tolist() == [0, 1, 0, 1, 0, 1]
     for a, b, source in zip(one[0], one[1] or [], one[2], strict=True):
         # Masking keeps each side's length: the two sides were augmented separately.
         assert len(a.split()) == len(firsts[source].split()) and len(b.split()) == len(seconds[source].split())
