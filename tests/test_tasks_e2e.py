@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 from pathlib import Path
 
@@ -149,3 +150,49 @@ def test_bad_task_input_fails_the_study_and_the_worker_goes_on(stack: Stack, pai
         assert "'label'" in failed["error"] or "sentence2" in failed["error"]
     assert stack.wait_status("fine")["status"] == "finished"
     assert stack.workers[0].poll() is None, "the worker keeps running"
+
+
+@pytest.mark.parametrize("precision", ["fp32"])
+def test_a_pair_study_with_every_lever_end_to_end(stack: Stack, pair_assets, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                  precision: str) -> None:
+    """Issue 25's levers together through the REST API, a real worker and export-best: a pre-distilled student, a
+    pair corpus (hard negatives, random pairs, perturbed copies) of a searched size, and the layer-wise terms in two
+    stages; the export re-scores to the recorded metric through ``transformers.pipeline``."""
+    spec = pair_spec(
+        pair_assets, "sts", name="levers", n_trials=3,
+        augment={"copies": 2, "pairs": {"hard_negatives": 0.3, "random_pairs": 0.2, "perturbed": 0.3}},
+        predistill={"epochs": 30},
+        search_space={"num_train_epochs": 2, "batch_size": 32, "learning_rate": {"low": 1e-3, "high": 1e-2,
+                                                                                 "log": True},
+                      "predistilled": 1, "transfer_copies": {"low": 1, "high": 2}, "hidden_weight": 1.0,
+                      "attention_weight": 1.0, "embedding_weight": 0.5, "intermediate_epochs": 1})
+    stack.submit(spec)
+    study = stack.wait_status("levers")
+    assert study["status"] == "finished", study
+    trials = stack.trials("levers")
+    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    for trial in trials:
+        assert trial["params"]["predistilled"] == 1 and trial["params"]["transfer_copies"] in (1, 2)
+        assert trial["params"]["intermediate_epochs"] == 1
+        assert [e["epoch"] for e in trial["epochs"]] == [1, 2]  # the intermediate stage is not reported
+    logs = stack.worker_logs()
+    # The pre-distillation is built once, with its progress reported as a preparation stage (API, dashboard, log).
+    assert logs.count("pre-distilling pre-") == 1
+    assert re.search(r"study levers: predistill [\d,]+ / [\d,]+ rows \(100%\)", logs), logs[-2000:]
+
+    out = tmp_path / "levers-export"
+    _export(stack, "levers", out)
+    card = (out / "README.md").read_text()
+    assert "its encoder was pre-distilled from the teacher" in card
+    assert "hidden-state distillation" in card and "TF-IDF hard negatives" in card
+    from safetensors.torch import load_file
+
+    assert not any("projection" in k for k in load_file(str(out / "model.safetensors")))  # never exported
+    from transformers import pipeline
+
+    rows = _rows(pair_assets["sts_data"])
+    regressor = pipeline("text-classification", model=str(out), device="cpu")
+    outputs = regressor([{"text": r["sentence1"], "text_pair": r["sentence2"]} for r in rows], batch_size=16)
+    rescored = compute_metrics(TaskInfo("regression", 1, "pearson"), np.array([[o["score"]] for o in outputs]),
+                               np.array([float(r["label"]) for r in rows]))
+    assert rescored["pearson"] == pytest.approx(study["best_trial"]["value"], abs=1e-4)
