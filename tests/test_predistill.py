@@ -312,3 +312,52 @@ def test_a_pretrained_student_is_not_pre_distilled(assets: dict[str, Path]) -> N
     spec = StudySpec.model_validate(tiny_spec(assets, search_space={"predistilled": {"choices": [False, True]}}))
     assert spec.search_space.predistilled.choices == [0, 1]  # type: ignore[union-attr]
 
+
+
+def test_each_searched_shape_gets_its_own_pre_distilled_student(assets: dict[str, Path], tmp_path: Path) -> None:
+    spec = _spec(assets, student={"config": {"num_hidden_layers": 1, "hidden_size": {"choices": [16, 32]},
+                                             "num_attention_heads": 2, "intermediate_size": 32}})
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", precision="fp32", log=lambda _: None)
+    prepared = engine.prepare(spec)
+    assert prepared.predistilled == {}  # a searched shape: built on a trial's first use of it, not while preparing
+    params = {"learning_rate": 1e-2, "temperature": 2.0, "alpha": 0.5, "num_train_epochs": 1, "batch_size": 32,
+              "predistilled": 1}
+    narrow = engine._student(prepared, {**params, "hidden_size": 16}, seed=1)
+    wide = engine._student(prepared, {**params, "hidden_size": 32}, seed=1)
+    engine._student(prepared, {**params, "hidden_size": 16}, seed=2)  # the same shape again: no new build
+    assert narrow.config.hidden_size == 16 and wide.config.hidden_size == 32
+    keys = {built.key for built in prepared.predistilled.values()}
+    assert len(keys) == 2
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "cache").iterdir() if p.is_dir()
+                  and p.name.startswith("pre-")) == sorted(keys)
+
+
+def test_a_corrupt_object_in_the_bucket_is_rebuilt(assets: dict[str, Path], tmp_path: Path) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from storage import ENTRY_TENSORS, ObjectStoreLayout
+
+    spec = _spec(assets)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="kdsearch-predistill")
+
+        def build(host: str) -> tuple[Any, list[str]]:
+            lines: list[str] = []
+            layout = ObjectStoreLayout("s3://kdsearch-predistill/team", tmp_path / host, client=client)
+            return build_or_load_predistilled(layout, spec, spec.student, load_config(spec.teacher),
+                                              torch.device("cpu"), "fp32", log=lines.append), lines
+
+        first, lines = build("host-a")
+        assert any("pre-distilling" in line for line in lines)
+        data_key = f"team/cache/{first.key}/{ENTRY_TENSORS}"
+        whole = client.get_object(Bucket="kdsearch-predistill", Key=data_key)["Body"].read()
+        client.put_object(Bucket="kdsearch-predistill", Key=data_key, Body=whole[: len(whole) // 2])  # truncated, manifest unchanged
+        second, lines = build("host-b")  # an empty local cache: downloads, finds the checksum wrong, rebuilds
+        assert any("pre-distilling" in line for line in lines), lines
+        assert len(client.get_object(Bucket="kdsearch-predistill", Key=data_key)["Body"].read()) == len(whole)
+        for name, weight in first.weights.items():
+            assert torch.equal(second.weights[name], weight), name  # the same recipe, the same weights
+        third, lines = build("host-c")
+        assert lines == [] and third.key == first.key  # a good entry is only downloaded
