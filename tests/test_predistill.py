@@ -353,7 +353,8 @@ def test_a_corrupt_object_in_the_bucket_is_rebuilt(assets: dict[str, Path], tmp_
         assert any("pre-distilling" in line for line in lines)
         data_key = f"team/cache/{first.key}/{ENTRY_TENSORS}"
         whole = client.get_object(Bucket="kdsearch-predistill", Key=data_key)["Body"].read()
-        client.put_object(Bucket="kdsearch-predistill", Key=data_key, Body=whole[: len(whole) // 2])  # truncated, manifest unchanged
+        # Truncated, its manifest unchanged.
+        client.put_object(Bucket="kdsearch-predistill", Key=data_key, Body=whole[: len(whole) // 2])
         second, lines = build("host-b")  # an empty local cache: downloads, finds the checksum wrong, rebuilds
         assert any("pre-distilling" in line for line in lines), lines
         assert len(client.get_object(Bucket="kdsearch-predistill", Key=data_key)["Body"].read()) == len(whole)
