@@ -71,6 +71,10 @@ CORPUS = [
      "text_columns": ["sentence1", "sentence2"]},
 ]
 PREDISTILL = {"task_texts": True, "corpus": CORPUS, "epochs": 3}
+# The pair corpus of the bench: 8 teacher-labelled rows per train pair, 20% with a TF-IDF hard negative as second
+# sentence, 10% a random one, 40% perturbed copies (teacher-embedding neighbours, deletions, swaps, order), the rest
+# each side augmented on its own (distill.pair_corpus).
+PAIR_CORPUS = {"copies": 8, "pairs": {"hard_negatives": 0.2, "random_pairs": 0.1, "perturbed": 0.4}}
 # A cell's recipe: its label, the spec's augment block, whether the student is pre-distilled, its parameters over
 # the student's defaults, and its epochs. The first six are the grid before pre-distillation (issue 25's baseline).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -81,6 +85,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "pdaug10": {"label": "pre-distilled + KD + per-side transfer set, 10 copies", "predistilled": 1,
                 "augment": {"copies": 10}, "params": {"learning_rate": 2e-4}},
     "aug10": {"label": "KD + per-side transfer set, 10 copies", "augment": {"copies": 10}},
+    "pdpair": {"label": "pre-distilled + KD + pair corpus, 8 copies", "predistilled": 1, "augment": PAIR_CORPUS,
+               "params": {"learning_rate": 2e-4}},
+    "pair": {"label": "KD + pair corpus, 8 copies", "augment": PAIR_CORPUS},
+    "pdpairL": {"label": "pre-distilled + KD + pair corpus, 8 copies + layer terms (hidden 1, attention 1)",
+                "predistilled": 1, "augment": PAIR_CORPUS,
+                "params": {"learning_rate": 2e-4, "hidden_weight": 1.0, "attention_weight": 1.0}},
 }
 # Small data sets: batch 32. The 128-wide students train from scratch at a student learning rate; the truncated one
 # starts from the fine-tuned teacher and takes a fine-tuning rate. T 4 (classification only), alpha 0.5.
@@ -97,12 +107,14 @@ EPOCHS = {("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh", "aug5"): 3,
           ("pca", "pd"): 8, ("mid", "pd"): 8, ("mid", "kd"): 8}
 # Run order: per task, the levers first, so a bench cut short still answers the main questions; then the old grid.
 CELL_ORDER = [f"{task}-{cell}" for task in TASKS for cell in (
-    "pca-pd", "pca-pdaug10", "pca-aug10", "mid-pd", "mid-pdaug10", "mid-kd",
-    "pca-kd", "trunc2-kd", "trunc2-aug5", "pca-aug5", "trunc2-ft", "pca-ft", "fresh-kd", "fresh-ft", "fresh-aug5")]
+    "pca-pd", "pca-pdpair", "pca-pdpairL", "pca-pair", "pca-pdaug10", "pca-aug10", "mid-pd", "mid-pdpair", "mid-kd",
+    "pca-kd", "trunc2-kd", "trunc2-aug5", "pca-aug5", "trunc2-ft", "pca-ft", "fresh-kd", "fresh-ft", "fresh-aug5") if not (task == "sst2" and "pair" in cell)]
 
 
 def epochs_of(cell: str) -> int:
-    _task, student, recipe = cell.split("-")
+    task, student, recipe = cell.split("-")
+    if task == "sst2":  # 67k rows: 3 epochs at most
+        return min(EPOCHS.get((student, recipe), 3), 3)
     return EPOCHS.get((student, recipe), 3)
 
 
@@ -122,10 +134,14 @@ def spec_for(cell: str) -> dict[str, Any]:
     return spec
 
 
+# SST-2's 67k rows: batch 128 (the quality bench's), and a rate to match.
+TASK_PARAMS: dict[str, dict[str, Any]] = {"sst2": {"batch_size": 128, "learning_rate": 5e-4}}
+
+
 def params_for(cell: str, epochs: int) -> dict[str, Any]:
-    _, student, recipe = cell.split("-")
-    return {**KD_PARAMS[student], **RECIPES[recipe].get("params", {}), "num_train_epochs": epochs,
-            "predistilled": RECIPES[recipe].get("predistilled", 0)}
+    task, student, recipe = cell.split("-")
+    return {**KD_PARAMS[student], **RECIPES[recipe].get("params", {}), **TASK_PARAMS.get(task, {}),
+            "num_train_epochs": epochs, "predistilled": RECIPES[recipe].get("predistilled", 0)}
 
 
 def _key(run: dict[str, Any]) -> tuple[str, int, int]:
@@ -297,8 +313,11 @@ SMALL_STUDENTS = ("pca", "fresh")  # <= 4.4M parameters
 THIRD_STUDENTS = ("pca", "fresh", "mid")  # <= 7.6M parameters (a third of the teacher)
 NEAR_TEACHER = {"mrpc": ("accuracy", "f1"), "stsb": ("pearson",)}
 # Each lever on and off: (task, student, recipe without, recipe with, the lever).
-LEVERS = [("pca", "kd", "pd", "pre-distillation"), ("pca", "pd", "pdaug10", "a 10-copy transfer set, on a "
-           "pre-distilled student"), ("pca", "kd", "aug10", "a 10-copy transfer set, without pre-distillation"),
+LEVERS = [("pca", "kd", "pd", "pre-distillation"), ("pca", "pair", "pdpair", "pre-distillation, with the pair corpus"),
+          ("pca", "pd", "pdpair", "the 8-copy pair corpus, on a pre-distilled student"),
+          ("pca", "kd", "pair", "the 8-copy pair corpus, without pre-distillation"),
+          ("pca", "pdpair", "pdpairL", "layer terms (hidden, attention), on top"),
+          ("pca", "pd", "pdaug10", "a 10-copy per-side transfer set, on a pre-distilled student"),
           ("mid", "kd", "pd", "pre-distillation")]
 
 
