@@ -14,7 +14,7 @@ the student also sees segment ids and the longer inputs a pair task feeds it.
 The entry is built like the teacher cache (``distill.cache.build_once``: the artifact store, local or S3, one
 builder in the cluster under the build lock). The builder saves its progress after every epoch beside the entry
 (``<key>.resume``): a worker killed mid-build leaves it, and the next builder on that host goes on from the last
-finished epoch rather than from scratch.
+finished epoch rather than from scratch. The builder uses every core of its host while it builds.
 
     weights = build_or_load_predistilled(layout, spec, student, teacher_config, device, "fp32")
     model.load_state_dict(weights, strict=False)  # the encoder; the classifier head stays the trial's own
@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +267,18 @@ def encoder_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
             if not k.startswith(_HEAD_PREFIXES) and "position_ids" not in k}
 
 
+@contextmanager
+def _every_core() -> Iterator[None]:
+    """Torch on every core this process may use while inside: a build is paid once and every trial of its key waits
+    for it, so the worker building it (single-threaded per core otherwise) takes the host's other cores too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclasses.dataclass
 class Predistilled:
     """A pre-distilled student shape: its cache key, encoder weights and the build's record (``meta.json``)."""
@@ -309,7 +322,8 @@ def build_or_load_predistilled(layout: ArtifactLayout, spec: StudySpec, student:
             torch.save(state, tmp)
             tmp.replace(resume_path)
 
-        result = predistill(model, teacher, examples, recipe, device, precision, progress, resume, save_progress)
+        with _every_core():
+            result = predistill(model, teacher, examples, recipe, device, precision, progress, resume, save_progress)
         meta = {
             "format": PREDISTILL_FORMAT,
             "teacher": spec.teacher,
