@@ -82,6 +82,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kd": {"label": "KD"},
     "aug5": {"label": "KD + transfer set, 5 copies", "augment": {"copies": 5}},
     "pd": {"label": "pre-distilled + KD", "predistilled": 1, "params": {"learning_rate": 2e-4}},
+    "pdrel": {"label": "pre-distilled on the relations alone (no hidden-state MSE) + KD", "predistilled": 1,
+              "predistill": {"hidden_weight": 0.0}, "params": {"learning_rate": 2e-4}},
     "pdaug10": {"label": "pre-distilled + KD + per-side transfer set, 10 copies", "predistilled": 1,
                 "augment": {"copies": 10}, "params": {"learning_rate": 2e-4}},
     "aug10": {"label": "KD + per-side transfer set, 10 copies", "augment": {"copies": 10}},
@@ -101,13 +103,14 @@ KD_PARAMS = {
     "trunc2": {"learning_rate": 5e-5, "temperature": 4.0, "alpha": 0.5, "batch_size": 32},
 }
 # Epochs per (student, recipe); a k-copy epoch is k + 1 times the train split. Cells not listed: 3 epochs.
-EPOCHS = {("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh", "aug5"): 3,
+EPOCHS = {("pca", "pdrel"): 8, ("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh", "aug5"): 3,
           ("pca", "ft"): 8, ("pca", "kd"): 8, ("pca", "aug5"): 3,
           ("trunc2", "ft"): 4, ("trunc2", "kd"): 4, ("trunc2", "aug5"): 2,
           ("pca", "pd"): 8, ("mid", "pd"): 8, ("mid", "kd"): 8}
 # Run order: per task, the levers first, so a bench cut short still answers the main questions; then the old grid.
 CELL_ORDER = [f"{task}-{cell}" for task in TASKS for cell in (
-    "pca-pd", "pca-pdpair", "pca-pdpairL", "pca-pair", "pca-pdaug10", "pca-aug10", "mid-pd", "mid-pdpair", "mid-kd",
+    "pca-pd", "pca-pdrel", "pca-pdpair", "pca-pdpairL", "pca-pair", "pca-pdaug10", "pca-aug10", "mid-pd",
+    "mid-pdpair", "mid-kd",
     "pca-kd", "trunc2-kd", "trunc2-aug5", "pca-aug5", "trunc2-ft", "pca-ft", "fresh-kd", "fresh-ft", "fresh-aug5")
     if not (task == "sst2" and "pair" in cell)]  # SST-2 has single sentences: no pair corpus
 
@@ -127,7 +130,7 @@ def spec_for(cell: str) -> dict[str, Any]:
         "name": f"tasks-{task}", "teacher": str(SHARED / "models" / conf["teacher"]), "student": STUDENTS[student],
         "dataset": {"path": str(SHARED / "data" / conf["data"]), "text_column": first,
                     "text_pair_column": second, "max_seq_length": 128},
-        "metric": conf["metric"], "predistill": PREDISTILL,
+        "metric": conf["metric"], "predistill": {**PREDISTILL, **settings.get("predistill", {})},
         "search_space": {"predistilled": settings.get("predistilled", 0)},
     }
     if "augment" in settings:
@@ -314,7 +317,8 @@ SMALL_STUDENTS = ("pca", "fresh")  # <= 4.4M parameters
 THIRD_STUDENTS = ("pca", "fresh", "mid")  # <= 7.6M parameters (a third of the teacher)
 NEAR_TEACHER = {"mrpc": ("accuracy", "f1"), "stsb": ("pearson",)}
 # Each lever on and off: (task, student, recipe without, recipe with, the lever).
-LEVERS = [("pca", "kd", "pd", "pre-distillation"), ("pca", "pair", "pdpair", "pre-distillation, with the pair corpus"),
+LEVERS = [("pca", "kd", "pd", "pre-distillation"), ("pca", "pdrel", "pd", "the hidden-state MSE in pre-distillation"),
+          ("pca", "pair", "pdpair", "pre-distillation, with the pair corpus"),
           ("pca", "pd", "pdpair", "the 8-copy pair corpus, on a pre-distilled student"),
           ("pca", "kd", "pair", "the 8-copy pair corpus, without pre-distillation"),
           ("pca", "pdpair", "pdpairL", "layer terms (hidden, attention), on top"),

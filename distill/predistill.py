@@ -5,7 +5,9 @@ The method is MiniLMv2's (Wang et al., 2021): the queries, keys and values of on
 default) and of the student's last layer are split into the same number of relation heads, and the student learns
 the teacher's query-query, key-key and value-value relations (``kdsearch.terms.relations``), a KL divergence per
 token. The relations are [tokens x tokens] whatever the widths, so a 128-wide student learns from a 384-wide teacher
-with no projection to learn and throw away. No labels are read: the corpus is text only (by default every split of
+with no projection to learn and throw away. Beside them (``hidden_weight``, TinyBERT's general distillation), the
+student's last hidden states go through a learned linear projection onto the teacher's width and are matched to the
+teacher's by MSE; the projection is thrown away after. No labels are read: the corpus is text only (by default every split of
 the task, both sides of a pair), and the result serves every study and trial of the same key.
 
 An example is one corpus sentence, or (``pair_share`` of them) two sentences in the tokenizer's pair encoding, so
@@ -51,6 +53,7 @@ from distill.models import fingerprint, load_teacher
 from distill.precision import Precision, autocast
 from distill.progress import PREDISTILL_STAGE, Progress
 from distill.student import build_student
+from kdsearch.terms.layers import Projection, masked_mse
 from kdsearch.terms.relations import relation_loss
 from search_space import CorpusSource, DatasetSpec, PredistillSpec, StudentSpec, StudySpec
 from storage import ArtifactLayout
@@ -207,7 +210,12 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
     student_qkv = _layer(student, None, "student")
     teacher.eval().to(device)
     student.train().to(device)
+    # TinyBERT's hidden-state loss beside the relations: the student's last layer through a learned projection onto
+    # the teacher's width (trained here, thrown away after), MSE to the teacher's last layer.
+    project = Projection(student.config.hidden_size, teacher.config.hidden_size).to(device)
     params = [p for name, p in student.named_parameters() if not name.startswith(_HEAD_PREFIXES)]
+    if recipe.hidden_weight > 0:
+        params += list(project.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(corpus) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
@@ -216,6 +224,7 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
     first_epoch = 1
     if resume is not None:
         student.load_state_dict(resume["student"])
+        project.load_state_dict(resume["projection"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
@@ -233,11 +242,14 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
                 inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
                 mask = inputs["attention_mask"]
                 with torch.no_grad(), autocast(device, precision):
-                    teacher.base_model(**inputs)  # the costly line: the teacher's forward, every step
+                    # The costly line: the teacher's forward, every step.
+                    teacher_last = teacher.base_model(**inputs).last_hidden_state
                 with autocast(device, precision):
-                    student.base_model(**inputs)
+                    student_last = student.base_model(**inputs).last_hidden_state
                 loss = sum((relation_loss(teacher_out[p], student_out[p], recipe.relation_heads, mask)
                             for p in PROJECTIONS), torch.zeros((), device=device))
+                if recipe.hidden_weight > 0:
+                    loss = loss + recipe.hidden_weight * masked_mse(project(student_last), teacher_last, mask)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -252,6 +264,7 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
             raise ArithmeticError(f"pre-distillation diverged at epoch {epoch} (loss {mean_loss})")
         if on_epoch is not None:
             on_epoch({"epoch": epoch, "loss": mean_loss, "student": student.state_dict(),
+                      "projection": project.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "generator": generator.get_state()})
     return PredistillResult(len(corpus), recipe.epochs, mean_loss, time.perf_counter() - started)

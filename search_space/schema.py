@@ -538,7 +538,8 @@ class CorpusSource(_Strict):
 class PredistillSpec(_Strict):
     """How a pre-distilled student is made (``distill.predistill``), when the search space's ``predistilled`` is
     1 (or among its choices): the teacher's self-attention relations (MiniLMv2: query, key and value relations of
-    ``teacher_layer``, split into ``relation_heads``) distilled into the student's last layer on unlabelled text,
+    ``teacher_layer``, split into ``relation_heads``), and with ``hidden_weight`` the last hidden states through a
+    learned projection (TinyBERT), distilled into the student's last layer on unlabelled text,
     for ``epochs`` passes. The corpus is the task's texts (every split, both sides of a pair; labels never read)
     when ``task_texts``, plus ``corpus``'s sources. Built once per (teacher, student shape, corpus, recipe) and
     shared by every study and trial with that key."""
@@ -550,6 +551,8 @@ class PredistillSpec(_Strict):
     batch_size: int = Field(64, ge=1, le=4096)
     max_seq_length: int = Field(128, ge=8)  # capped by KDSEARCH_MAX_SEQ_LENGTH
     relation_heads: int = Field(8, ge=1, le=256)  # must divide both hidden sizes
+    # TinyBERT's hidden-state MSE on the last layer (through a learned projection) beside the relations; 0: off.
+    hidden_weight: float = Field(1.0, ge=0, le=100)
     teacher_layer: int | None = Field(None, ge=-64, le=64)  # a teacher layer index (negative: from the top); None: last
     pair_share: float = Field(0.5, ge=0, le=1)  # examples made of two sentences in the pair encoding
     max_sentences: int | None = Field(None, ge=1)  # a fixed random subset of the corpus
