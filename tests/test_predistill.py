@@ -144,6 +144,8 @@ def test_the_key_covers_what_changes_the_weights_and_nothing_else(assets: dict[s
                        spec.student, corpus),
         predistill_key(spec.model_copy(update={"predistill": spec.predistill.model_copy(
             update={"relation_heads": 4})}), spec.student, corpus),
+        predistill_key(spec.model_copy(update={"predistill": spec.predistill.model_copy(
+            update={"hidden_weight": 0.0})}), spec.student, corpus),
     ]
     assert key not in changed and len(set(changed)) == len(changed)
     # Not the study: its name, metric, search, trials or seed.
@@ -178,6 +180,31 @@ def test_predistillation_brings_the_students_relations_to_the_teachers(assets: d
     assert math.isfinite(result.final_loss) and result.examples == len(split)
     assert torch.equal(student.state_dict()["classifier.weight"], head)  # the head is not pre-distilled
     assert not any(k.startswith("classifier.") for k in encoder_state(student))
+
+
+def test_the_hidden_state_loss_brings_the_last_layer_to_the_teachers(assets: dict[str, Path]) -> None:
+    spec = _spec(assets, predistill={"epochs": 15, "learning_rate": 5e-3, "batch_size": 16})
+    teacher, tokenizer = load_teacher(spec.teacher)
+    split = corpus_split(tokenizer, corpus_texts(spec), spec.predistill)
+    inputs = split.batch(torch.arange(len(split)))
+
+    def fitted_error(model: Any) -> float:
+        """The least-squares error of the teacher's last layer from the student's (the best projection)."""
+        with torch.no_grad():
+            s = model.eval().base_model(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+            t = teacher.base_model(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+        s = torch.cat([s, torch.ones(len(s), 1)], dim=1)
+        solution = torch.linalg.lstsq(s, t).solution
+        return float(((s @ solution - t) ** 2).mean())
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        recipe = spec.predistill.model_copy(update={"hidden_weight": weight})
+        student = build_student(spec.student, load_config(spec.teacher), seed=0)
+        predistill(student, teacher, split, recipe, torch.device("cpu"), "fp32")
+        errors[weight] = fitted_error(student)
+    # With the MSE on, the student's last layer carries more of the teacher's (about 10% less error here).
+    assert errors[1.0] < 0.95 * errors[0.0], errors
 
 
 def test_a_trial_starts_from_the_pre_distilled_encoder(assets: dict[str, Path], tmp_path: Path) -> None:
