@@ -303,14 +303,20 @@ def _local_path(value: Any, cwd: Path) -> Any:
 
 
 def absolute_paths(spec: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """The spec with its local paths (teacher, student model, dataset directory) resolved from ``cwd``, where the
-    user stands: the server would resolve them from its own working directory."""
+    """The spec with its local paths (teacher, student model, dataset directory, pre-distillation corpus
+    directories) resolved from ``cwd``, where the user stands: the server would resolve them from its own working
+    directory."""
     spec = dict(spec)
     if "teacher" in spec:
         spec["teacher"] = _local_path(spec["teacher"], cwd)
     for section, key in (("student", "model"), ("dataset", "path")):
         if isinstance(spec.get(section), dict) and key in spec[section]:
             spec[section] = {**spec[section], key: _local_path(spec[section][key], cwd)}
+    predistill = spec.get("predistill")
+    if isinstance(predistill, dict) and isinstance(predistill.get("corpus"), list):
+        spec["predistill"] = {**predistill, "corpus": [
+            {**source, "path": _local_path(source["path"], cwd)} if isinstance(source, dict) and "path" in source
+            else source for source in predistill["corpus"]]}
     return spec
 
 

@@ -389,3 +389,13 @@ def test_a_corrupt_object_in_the_bucket_is_rebuilt(assets: dict[str, Path], tmp_
             assert torch.equal(second.weights[name], weight), name  # the same recipe, the same weights
         third, lines = build("host-c")
         assert lines == [] and third.key == first.key  # a good entry is only downloaded
+
+
+def test_submit_sends_corpus_directories_as_absolute_paths(tmp_path: Path) -> None:
+    from service.cli import absolute_paths
+
+    (tmp_path / "texts").mkdir()
+    spec = {"predistill": {"corpus": [{"path": "texts"}, {"path": "not-here"}, {"hub": "glue", "config": "sst2"}]}}
+    sent = absolute_paths(spec, tmp_path)
+    assert sent["predistill"]["corpus"] == [{"path": str(tmp_path / "texts")}, {"path": "not-here"},
+                                            {"hub": "glue", "config": "sst2"}]
