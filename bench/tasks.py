@@ -257,9 +257,11 @@ def _values(group: list[dict[str, Any]], metric: str) -> list[float]:
 
 
 def _cost(group: list[dict[str, Any]]) -> str:
-    """CPU minutes per run (training and evaluation), with the machine and precision of its runs."""
+    """Wall minutes per run on the machine's 2 cores (training and evaluation), and what the cell's first run paid
+    once to prepare (teacher cache, transfer set, pre-distillation: whichever it built)."""
     minutes = statistics.fmean(r["train_seconds"] for r in group) / 60
-    return f"{minutes:.1f}"
+    built = max((r.get("prepare_seconds", 0.0) for r in group), default=0.0) / 60
+    return f"{minutes:.1f}" + (f" (+ {built:.1f} once)" if built else "")
 
 
 def _task_section(task: str, payload: dict[str, Any], groups: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -275,7 +277,7 @@ def _task_section(task: str, payload: dict[str, Any], groups: dict[str, list[dic
         + ", ".join(f"{m} **{teacher[m]:.4f}**" for m in report if m in teacher) + ". Runs are scored (best epoch) "
         f"by {conf['metric']}.", "",
         "| student | recipe | " + " | ".join(f"{m} (mean ± std)" for m in report)
-        + " | seeds | per seed | train rows x epochs | CPU min per run | machine, precision |",
+        + " | seeds | per seed | train rows x epochs | min per run (wall, 2 cores) | machine, precision |",
         "|---|---|" + "---:|" * len(report) + "---:|---|---:|---:|---|",
     ]
     for cell in CELL_ORDER:
@@ -295,7 +297,7 @@ def _task_section(task: str, payload: dict[str, Any], groups: dict[str, list[dic
             lines += ["", f"Pre-distillation of {STUDENT_LABELS[meta['student']]} from this teacher (entry `{key}`): "
                       f"{meta['sentences']:,} sentences, {meta['examples']:,} examples x {meta['epochs']} epochs in "
                       f"**{meta['build_seconds'] / 60:.1f} CPU min** on {meta['machine']} ({meta['precision']}), "
-                      f"final relation loss {meta['final_loss']:.3f}; paid once per (teacher, shape, corpus, recipe)."]
+                      f"final loss {meta['final_loss']:.3f}; paid once per (teacher, shape, corpus, recipe)."]
     if models:
         t = models["teacher"]
         lines += ["", f"Size and CPU inference latency per pair on {payload.get('latency_machine', 'this CPU')} "
@@ -405,7 +407,8 @@ def write_report() -> None:
         "5e-4 for the 128/192-wide students from their own initialisation, 2e-4 from pre-distilled weights, 5e-5 for "
         "the truncated teacher.",
         "- Pre-distillation (`predistill`): MiniLMv2 query/key/value self-attention relations (8 relation heads) of "
-        "the teacher's last layer into the student's last layer, on the three shared tasks' texts (every split, "
+        "the teacher's last layer into the student's last layer, plus the last hidden states through a learned "
+        "projection (MSE, weight 1; `pdrel`: relations alone), on the three shared tasks' texts (every split, "
         "both sides of a pair, labels never read; half the examples two sentences in the pair encoding), 3 epochs, "
         "lr 5e-4, batch 64; one build per teacher and student shape.",
         "- Transfer set (`augment.copies` k): k teacher-labelled variants per train row, no gold label; an epoch is "
