@@ -364,7 +364,8 @@ def _targets(payload: dict[str, Any], groups: dict[str, list[dict[str, Any]]]) -
                      f" Closest cell: {_label(cell)}: {gaps}.")
     lines += ["", "## What each lever adds, and costs", "",
               "The study metric, mean over seeds, with against without; measurable when the difference exceeds twice "
-              "its standard error (Welch, from the seed spreads). Cost: CPU minutes per run, with against without.",
+              "its standard error (Welch, from the seed spreads). Cost: wall minutes per run on the 2 cores, with against "
+              "without (and what the cell paid once to prepare).",
               ""]
     for task, conf in TASKS.items():
         for student, off, on, lever in LEVERS:
@@ -376,7 +377,7 @@ def _targets(payload: dict[str, Any], groups: dict[str, list[dict[str, Any]]]) -
             se = (statistics.variance(va) / len(va) + statistics.variance(vb) / len(vb)) ** 0.5
             verdict = "measurable gain" if diff > 2 * se else ("measurable loss" if diff < -2 * se else "within noise")
             lines.append(f"- {task}, {STUDENT_LABELS[student]}, {lever}: {conf['metric']} {diff * 100:+.2f} points "
-                         f"(± {2 * se * 100:.2f} at 2 SE): {verdict}; {_cost(a)} -> {_cost(b)} CPU min per run.")
+                         f"(± {2 * se * 100:.2f} at 2 SE): {verdict}; {_cost(a)} -> {_cost(b)} min per run.")
     return lines
 
 
