@@ -364,8 +364,8 @@ def _targets(payload: dict[str, Any], groups: dict[str, list[dict[str, Any]]]) -
                      f" Closest cell: {_label(cell)}: {gaps}.")
     lines += ["", "## What each lever adds, and costs", "",
               "The study metric, mean over seeds, with against without; measurable when the difference exceeds twice "
-              "its standard error (Welch, from the seed spreads). Cost: wall minutes per run on the 2 cores, with against "
-              "without (and what the cell paid once to prepare).",
+              "its standard error (Welch, from the seed spreads). Cost: wall minutes per run on the 2 cores, with "
+              "against without (and what the cell paid once to prepare).",
               ""]
     for task, conf in TASKS.items():
         for student, off, on, lever in LEVERS:
