@@ -7,8 +7,8 @@ the teacher's query-query, key-key and value-value relations (``kdsearch.terms.r
 token. The relations are [tokens x tokens] whatever the widths, so a 128-wide student learns from a 384-wide teacher
 with no projection to learn and throw away. Beside them (``hidden_weight``, TinyBERT's general distillation), the
 student's last hidden states go through a learned linear projection onto the teacher's width and are matched to the
-teacher's by MSE; the projection is thrown away after. No labels are read: the corpus is text only (by default every split of
-the task, both sides of a pair), and the result serves every study and trial of the same key.
+teacher's by MSE; the projection is thrown away after. No labels are read: the corpus is text only (by default
+every split of the task, both sides of a pair), and the result serves every study and trial of the same key.
 
 An example is one corpus sentence, or (``pair_share`` of them) two sentences in the tokenizer's pair encoding, so
 the student also sees segment ids and the longer inputs a pair task feeds it.
