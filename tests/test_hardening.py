@@ -126,6 +126,9 @@ def test_caps_from_settings(tmp_path: Path, tiny_assets) -> None:  # type: ignor
         assert "dataset.max_seq_length" in fields(post(dataset={"path": str(tiny_assets["data"]),
                                                                 "max_seq_length": 128}))
         assert "search_space.batch_size" in fields(post(search_space={"batch_size": {"choices": [64, 512]}}))
+        # Pre-distillation's own length cap applies when it runs (its default, 128, is no fault of a study without).
+        assert "predistill.max_seq_length" in fields(post(search_space={"predistilled": 1}))
+        assert post(name="pd", search_space={"predistilled": 1}, predistill={"max_seq_length": 64}).status_code == 201
         assert post(n_trials=50, timeout_s=3600).status_code == 201
     # Each cap is defined once, in the settings: raising one there is all it takes.
     (tmp_path / "more").mkdir()

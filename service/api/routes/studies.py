@@ -117,10 +117,11 @@ def check_limits(spec: StudySpec, settings: Settings) -> None:
         raise SpecError("dataset.max_seq_length", f"at most {settings.max_seq_length} on this server")
     if max(values_of(spec.search_space.batch_size)) > settings.max_batch_size:
         raise SpecError("search_space.batch_size", f"at most {settings.max_batch_size} on this server")
-    if spec.predistill.max_seq_length > settings.max_seq_length:
-        raise SpecError("predistill.max_seq_length", f"at most {settings.max_seq_length} on this server")
-    if spec.predistill.epochs > settings.max_epochs:
-        raise SpecError("predistill.epochs", f"at most {settings.max_epochs} on this server")
+    if 1 in values_of(spec.search_space.predistilled):  # the pre-distillation's own caps, when it runs
+        if spec.predistill.max_seq_length > settings.max_seq_length:
+            raise SpecError("predistill.max_seq_length", f"at most {settings.max_seq_length} on this server")
+        if spec.predistill.epochs > settings.max_epochs:
+            raise SpecError("predistill.epochs", f"at most {settings.max_epochs} on this server")
     if spec.augment.copies > settings.max_augment_copies:
         raise SpecError("augment.copies", f"at most {settings.max_augment_copies} on this server")
     if max_epochs(spec.search_space) > settings.max_epochs:
