@@ -370,6 +370,7 @@ class DistillationEngine(TrialEngine):
         return {"predistilled": {"key": built.key, "sentences": built.meta["sentences"],
                                  "epochs": built.meta["recipe"]["epochs"],
                                  "relation_heads": built.meta["recipe"]["relation_heads"],
+                                 "hidden_weight": built.meta["recipe"].get("hidden_weight", 0.0),
                                  "build_seconds": built.meta["build_seconds"]}}
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,

@@ -105,10 +105,12 @@ def _predistilled_sentence(predistilled: dict[str, Any] | None) -> str:
     """The card's word on a student whose encoder started from pre-distilled weights (``distill.predistill``)."""
     if not predistilled:
         return ""
+    hidden = (", and its last hidden states matched to the teacher's through a learned projection (TinyBERT, MSE "
+              f"weight {predistilled['hidden_weight']:g})" if predistilled.get("hidden_weight") else "")
     return (f" Before task training, its encoder was pre-distilled from the teacher on {predistilled['sentences']:,} "
             f"unlabelled sentences ({predistilled['epochs']} epochs): the teacher's self-attention query, key and "
             f"value relations ({predistilled['relation_heads']} relation heads, MiniLMv2, Wang et al., 2021) "
-            "distilled into its last layer, no labels read.")
+            f"distilled into its last layer{hidden}; no labels read.")
 
 
 def _teacher_link(teacher: str) -> str:

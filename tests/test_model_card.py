@@ -99,8 +99,8 @@ def test_a_pre_distilled_student_says_how_it_started(local_teacher: Path) -> Non
     _, plain = _card(spec)
     assert "pre-distilled" not in plain
     record = _record(predistilled={"key": "pre-0123", "sentences": 88862, "epochs": 3, "relation_heads": 8,
-                                   "build_seconds": 900.0})
+                                   "hidden_weight": 1.0, "build_seconds": 900.0})
     card = model_card(name="tiny-student", spec=spec, record=record, trial_number=3, n_trials_run=5,
                       study_name="s", profile=PROFILE)
     assert "its encoder was pre-distilled from the teacher on 88,862 unlabelled sentences (3 epochs)" in card
-    assert "8 relation heads" in card
+    assert "8 relation heads" in card and "last hidden states matched to the teacher's" in card
