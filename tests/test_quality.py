@@ -45,7 +45,8 @@ def test_augmenter_is_deterministic_and_seeded() -> None:
     assert first[0] != other[0]
     variants, sources = first
     assert len(variants) == 4 * len(TEXTS)
-    assert sources.tolist() == [i for i in range(len(TEXTS)) for _ in range(4)]
+    # In rounds of one variant per row (its first k rounds are the k-copy set: search_space.transfer_copies).
+    assert sources.tolist() == [i for _ in range(4) for i in range(len(TEXTS))]
 
 
 def test_each_operation_alone() -> None:
