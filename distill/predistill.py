@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +48,7 @@ from distill.data import (
     read_split,
     tokenize,
 )
+from distill.internals import attention_projections, capture_qkv
 from distill.models import fingerprint, load_teacher
 from distill.precision import Precision, autocast
 from distill.progress import PREDISTILL_STAGE, Progress
@@ -59,8 +59,6 @@ from search_space import CorpusSource, DatasetSpec, PredistillSpec, StudentSpec,
 from storage import ArtifactLayout
 
 PREDISTILL_FORMAT = 1  # bumped whenever the method or the stored weights change meaning
-PROJECTIONS = ("query", "key", "value")  # the relations distilled: Q-Q, K-K and V-V
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 def corpus_texts(spec: StudySpec) -> list[str]:
@@ -144,40 +142,22 @@ def corpus_split(tokenizer: Any, corpus: list[str], recipe: PredistillSpec) -> T
     return split
 
 
-def attention_projections(model: torch.nn.Module) -> dict[int, dict[str, torch.nn.Module]]:
-    """Each transformer layer's query, key and value projections, by layer index (BERT-style encoders: BERT,
-    RoBERTa, ELECTRA, MiniLM...)."""
-    layers: dict[int, dict[str, torch.nn.Module]] = {}
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        match = _LAYER.search(name)
-        if leaf in PROJECTIONS and match is not None and isinstance(module, torch.nn.Linear):
-            layers.setdefault(int(match.group(1)), {})[leaf] = module
-    return {i: found for i, found in sorted(layers.items()) if len(found) == len(PROJECTIONS)}
+def _teacher_layer(teacher: torch.nn.Module, index: int | None) -> int:
+    """The teacher layer whose relations are distilled (``predistill.teacher_layer``; None: the last)."""
+    depth = len(_projections(teacher, "teacher"))
+    if index is None:
+        return depth - 1
+    if not -depth <= index < depth:
+        raise DataError(f"predistill.teacher_layer {index} is outside the teacher's {depth} layers")
+    return index % depth
 
 
-@contextmanager
-def captured(projections: dict[str, torch.nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """The projections' outputs of each forward pass, by name, while inside."""
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-               for name, module in projections.items()]
+def _projections(model: torch.nn.Module, what: str) -> list[Any]:
     try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _layer(model: torch.nn.Module, index: int | None, what: str) -> dict[str, torch.nn.Module]:
-    layers = attention_projections(model)
-    if not layers:
-        raise DataError(f"pre-distillation needs a BERT-style {what} (query, key and value projections per layer)")
-    indices = list(layers)
-    chosen = indices[-1] if index is None else indices[index] if -len(indices) <= index < len(indices) else None
-    if chosen is None:
-        raise DataError(f"predistill.teacher_layer {index} is outside the teacher's {len(indices)} layers")
-    return layers[chosen]
+        return attention_projections(model)
+    except ValueError as exc:
+        raise DataError(f"pre-distillation needs a BERT-style {what} (query, key and value projections per layer)"
+                        ) from exc
 
 
 def check_relation_heads(recipe: PredistillSpec, student_config: PretrainedConfig,
@@ -206,8 +186,8 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
     """Train ``student``'s encoder to the teacher's relations on ``corpus`` (in place). ``resume`` (a state
     ``on_epoch`` was given) goes on after its epoch; ``on_epoch(state)`` hears each finished epoch's state."""
     started = time.perf_counter()
-    teacher_qkv = _layer(teacher, recipe.teacher_layer, "teacher")
-    student_qkv = _layer(student, None, "student")
+    teacher_layer = _teacher_layer(teacher, recipe.teacher_layer)
+    _projections(student, "student")
     teacher.eval().to(device)
     student.train().to(device)
     # TinyBERT's hidden-state loss beside the relations: the student's last layer through a learned projection onto
@@ -236,7 +216,7 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
         loss_sum.zero_()
         batches = length_bucketed_batches(corpus.lengths, recipe.batch_size, generator)
         done = 0
-        with captured(teacher_qkv) as teacher_out, captured(student_qkv) as student_out:
+        with capture_qkv(teacher) as teacher_out, capture_qkv(student) as student_out:
             for idx in batches:
                 inputs = corpus.batch(idx.to(corpus.input_ids.device))
                 inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -246,8 +226,10 @@ def predistill(student: PreTrainedModel, teacher: PreTrainedModel, corpus: Token
                     teacher_last = teacher.base_model(**inputs).last_hidden_state
                 with autocast(device, precision):
                     student_last = student.base_model(**inputs).last_hidden_state
-                loss = sum((relation_loss(teacher_out[p], student_out[p], recipe.relation_heads, mask)
-                            for p in PROJECTIONS), torch.zeros((), device=device))
+                # Q-Q, K-K and V-V relations of the chosen teacher layer and the student's last layer.
+                loss = sum((relation_loss(t, s, recipe.relation_heads, mask)
+                            for t, s in zip(teacher_out[teacher_layer], student_out[-1], strict=True)),
+                           torch.zeros((), device=device))
                 if recipe.hidden_weight > 0:
                     loss = loss + recipe.hidden_weight * masked_mse(project(student_last), teacher_last, mask)
                 loss.backward()

@@ -157,14 +157,15 @@ def test_the_key_covers_what_changes_the_weights_and_nothing_else(assets: dict[s
 
 
 def _relation_loss_on(model: Any, teacher: Any, split: Any, heads: int) -> float:
-    from distill.predistill import PROJECTIONS, _layer, captured
+    from distill.internals import capture_qkv
 
     idx = torch.arange(len(split))
     inputs = split.batch(idx)
-    with torch.no_grad(), captured(_layer(teacher, None, "teacher")) as t, captured(_layer(model, None, "s")) as s:
+    with torch.no_grad(), capture_qkv(teacher) as t, capture_qkv(model) as s:
         teacher.base_model(**inputs)
         model.base_model(**inputs)
-        return sum(relation_loss(t[p], s[p], heads, inputs["attention_mask"]).item() for p in PROJECTIONS)
+        return sum(relation_loss(a, b, heads, inputs["attention_mask"]).item() for a, b in zip(t[-1], s[-1],
+                                                                                                  strict=True))
 
 
 def test_predistillation_brings_the_students_relations_to_the_teachers(assets: dict[str, Path]) -> None:
