@@ -226,6 +226,12 @@ class TokenizedSplit:
         return dataclasses.replace(self, input_ids=self.input_ids[:n], lengths=self.lengths[:n],
                                    labels=self.labels[:n], token_type_ids=types)
 
+    def take(self, idx: torch.Tensor) -> TokenizedSplit:
+        """Rows ``idx``, in that order (copies)."""
+        types = None if self.token_type_ids is None else self.token_type_ids[idx]
+        return dataclasses.replace(self, input_ids=self.input_ids[idx], lengths=self.lengths[idx],
+                                   labels=self.labels[idx], token_type_ids=types)
+
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model inputs of rows ``idx``, trimmed to their longest row."""
         width = int(self.lengths[idx].max())

@@ -52,7 +52,7 @@ from distill.precision import Precision, native_bf16, resolve_precision
 from distill.predistill import Predistilled, build_or_load_predistilled
 from distill.profile import architecture, profile_model
 from distill.progress import Progress
-from distill.student import build_student, student_config
+from distill.student import build_student, fit_pair_head, student_config
 from distill.teacher import TeacherCache, build_or_load_cache
 from distill.train import (
     EpochCallback,
@@ -338,6 +338,8 @@ class DistillationEngine(TrialEngine):
             _missing, unexpected = model.load_state_dict(weights, strict=False)  # missing: the head, the pooler
             if unexpected:
                 raise RuntimeError(f"pre-distilled weights do not fit the student: unexpected {unexpected[:5]}")
+        if student.pair_encoding == "siamese":  # its cosine head starts fitted to the teacher (about a second)
+            fit_pair_head(model, prepared.train, prepared.train_logits)
         return model
 
     def _store(self, prepared: PreparedStudy, model: PreTrainedModel, result: TrainResult, params: dict[str, Any],
@@ -371,6 +373,10 @@ class DistillationEngine(TrialEngine):
                                  "epochs": built.meta["recipe"]["epochs"],
                                  "relation_heads": built.meta["recipe"]["relation_heads"],
                                  "hidden_weight": built.meta["recipe"].get("hidden_weight", 0.0),
+                                 "task_pairs": built.meta.get("task_pairs", 0),
+                                 "task_pair_copies": built.meta["recipe"].get("task_pairs", 0),
+                                 "task_pair_splits": built.meta.get("task_pair_splits", []),
+                                 "scored_split": prepared.spec.dataset.eval_split,
                                  "build_seconds": built.meta["build_seconds"]}}
 
     def run_trial(self, prepared: PreparedStudy, params: dict[str, Any], seed: int,

@@ -107,10 +107,19 @@ def _predistilled_sentence(predistilled: dict[str, Any] | None) -> str:
         return ""
     hidden = (", and its last hidden states matched to the teacher's through a learned projection (TinyBERT, MSE "
               f"weight {predistilled['hidden_weight']:g})" if predistilled.get("hidden_weight") else "")
+    pairs = ""
+    if predistilled.get("task_pairs"):
+        splits = predistilled.get("task_pair_splits") or []
+        pairs = (f" The examples also held the task's own {predistilled['task_pairs']:,} pairs ({', '.join(splits)} "
+                 f"split{'s' if len(splits) > 1 else ''}, {predistilled.get('task_pair_copies', 1)} times each).")
+        if predistilled.get("scored_split") in splits:
+            pairs += (f" Those include the {predistilled['scored_split']} split it is scored on: the score above is "
+                      "transductive (the student was fitted to the teacher's internals on those very pairs) and says "
+                      "nothing of pairs it has not seen.")
     return (f" Before task training, its encoder was pre-distilled from the teacher on {predistilled['sentences']:,} "
             f"unlabelled sentences ({predistilled['epochs']} epochs): the teacher's self-attention query, key and "
             f"value relations ({predistilled['relation_heads']} relation heads, MiniLMv2, Wang et al., 2021) "
-            f"distilled into its last layer{hidden}; no labels read.")
+            f"distilled into its last layer{hidden}; no labels read.{pairs}")
 
 
 def _teacher_link(teacher: str) -> str:
@@ -298,21 +307,27 @@ def front_lines(front: list[dict[str, Any]], trial_number: int, metric: str, cos
     return [*lines, ""]
 
 
-def _how_to_use(name: str, pair: bool, regression: bool) -> list[str]:
+def _how_to_use(name: str, pair: bool, regression: bool, siamese: bool = False) -> list[str]:
     call = ('classifier({"text": "first sentence", "text_pair": "second sentence"})' if pair
             else 'classifier("a sentence to classify")')
     note = ("# a regression head: pass function_to_apply=\"none\" for the raw score"
             if regression else "# [{'label': ..., 'score': ...}]")
-    return [
+    remote = ", trust_remote_code=True" if siamese else ""
+    lines = [
         "## How to use", "",
         "```python",
         "from transformers import pipeline",
         "",
-        f'classifier = pipeline("text-classification", model="{name}")  # this folder, or the Hub repo it is '
-        "uploaded to",
+        f'classifier = pipeline("text-classification", model="{name}"{remote})  # this folder, or the Hub repo '
+        "it is uploaded to",
         f"{call}  {note}",
         "```", "",
     ]
+    if siamese:
+        lines += ["A siamese student: each sentence is encoded on its own and the pair scored by the cosine of the two "
+                  "mean encodings (`modeling_siamese.py`, beside the weights, is its code; `trust_remote_code=True` "
+                  "runs it). It takes the tokenizer's pair encoding, like the teacher.", ""]
+    return lines
 
 
 def _intended_uses(task_desc: str, dataset_name: str, teacher_name: str, metric: str) -> list[str]:
@@ -364,6 +379,9 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
                 if isinstance(v, dict)]
     if searched:
         student_desc += f" (shape searched: {', '.join(searched)})"
+    siamese = student.get("pair_encoding") == "siamese"
+    if siamese:
+        student_desc += ", siamese (each sentence encoded alone, the pair scored by the cosine of their mean encodings)"
     chosen_how = selection if selection and selection != "the best trial" else None
     teacher_name = model_reference(spec["teacher"])
     card_spec = spec.get("card") or {}
@@ -431,7 +449,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         *(front_lines(front, trial_number, metric, (spec.get("objectives") or ["metric", "cost"])[-1],
                       chosen_how or "chosen by number") if front is not None else []),
         *(deployment_lines(deployment) if deployment else []),
-        *_how_to_use(name, pair, regression),
+        *_how_to_use(name, pair, regression, siamese),
         *_intended_uses(task_desc, f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''}", teacher_name,
                         metric),
         "## Model description", "",

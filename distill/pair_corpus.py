@@ -51,8 +51,13 @@ class Corpus:
     seconds: dict[str, float]  # what each stage took
 
     def strategy_rows(self) -> dict[str, int]:
-        counts = np.bincount(self.strategies, minlength=len(STRATEGIES))
-        return {name: int(n) for name, n in zip(STRATEGIES, counts, strict=True)}
+        return strategy_rows(self.strategies)
+
+
+def strategy_rows(strategies: np.ndarray) -> dict[str, int]:
+    """Rows per strategy name."""
+    counts = np.bincount(strategies, minlength=len(STRATEGIES))
+    return {name: int(n) for name, n in zip(STRATEGIES, counts, strict=True)}
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -63,6 +68,15 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
         candidates = candidates[scores[candidates] >= kth]
     order = np.lexsort((candidates, -scores[candidates]))
     return candidates[order[:k]]
+
+
+def tfidf_rows(sentences: list[str]) -> Any:
+    """The sentences' TF-IDF rows (sparse CSR, L2-normalised: a dot product is the cosine), words of any length:
+    the one lexical similarity of the pair corpus's hard negatives and pre-distillation's related partners."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True, dtype=np.float64)
+    return vectorizer.fit_transform(sentences).tocsr()
 
 
 class LexicalNeighbours:
@@ -88,11 +102,7 @@ class LexicalNeighbours:
         """Every anchor's hard negatives (once)."""
         if self._nearest is not None:
             return self._nearest
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True,
-                                     dtype=np.float64)
-        matrix = vectorizer.fit_transform(self.sentences).tocsr()  # rows L2-normalised: a dot product is the cosine
+        matrix = tfidf_rows(self.sentences)
         transposed = matrix.T.tocsc()
         anchors = np.unique(self.anchor_of_row)
         nearest: dict[int, np.ndarray] = {}

@@ -62,16 +62,14 @@ PREDISTILL_FORMAT = 1  # bumped whenever the method or the stored weights change
 
 
 def corpus_texts(spec: StudySpec) -> list[str]:
-    """The pre-distillation corpus: the task's texts (its train and eval splits, both sides of a pair; labels never
-    read) when ``predistill.task_texts``, and every extra source's: each distinct non-empty sentence once, sorted
-    (the same corpus on every host)."""
+    """The pre-distillation corpus: the task's texts (``predistill.task_splits``, by default its train and eval
+    splits; both sides of a pair; labels never read) when ``predistill.task_texts``, and every extra source's: each
+    distinct non-empty sentence once, sorted (the same corpus on every host)."""
     recipe = spec.predistill
     texts: list[str] = []
     if recipe.task_texts:
-        pair = spec.dataset.text_pair_column
-        columns = [spec.dataset.text_column, *([pair] if pair else [])]
-        for split in dict.fromkeys((spec.dataset.train_split, spec.dataset.eval_split)):
-            texts.extend(_column_texts(spec.dataset, split, columns))
+        for split in _task_splits(spec):
+            texts.extend(_column_texts(spec.dataset, split, _task_columns(spec)))
     for index, source in enumerate(recipe.corpus):
         for split in source.splits:
             try:
@@ -86,6 +84,47 @@ def corpus_texts(spec: StudySpec) -> list[str]:
         keep = np.sort(np.random.default_rng(recipe.seed).permutation(len(unique))[: recipe.max_sentences])
         unique = [unique[i] for i in keep]
     return unique
+
+
+def _task_columns(spec: StudySpec) -> list[str]:
+    """The task's text columns: both sides of a pair."""
+    pair = spec.dataset.text_pair_column
+    return [spec.dataset.text_column, *([pair] if pair else [])]
+
+
+def _task_splits(spec: StudySpec) -> list[str]:
+    """The task's splits pre-distillation reads: ``predistill.task_splits``, else the train and the eval split."""
+    return list(dict.fromkeys(spec.predistill.task_splits or (spec.dataset.train_split, spec.dataset.eval_split)))
+
+
+def scored_texts(spec: StudySpec) -> frozenset[str]:
+    """The eval split's texts when the corpus holds them and ``pair_partners`` is "lexical": never paired with each
+    other (their nearest neighbours are often their own pairs, which the study is scored on). Empty otherwise."""
+    recipe = spec.predistill
+    if recipe.pair_partners != "lexical" or not recipe.task_texts or spec.dataset.eval_split not in _task_splits(spec):
+        return frozenset()
+    texts = _column_texts(spec.dataset, spec.dataset.eval_split, _task_columns(spec))
+    return frozenset(t.strip() for t in texts if t.strip())
+
+
+def task_pair_splits(spec: StudySpec) -> list[str]:
+    """The task's splits whose pairs pre-distillation reads: ``predistill.task_pair_splits``, else the train split
+    alone (the eval split's pairs would fit the student to what it is scored on)."""
+    return list(dict.fromkeys(spec.predistill.task_pair_splits or (spec.dataset.train_split,)))
+
+
+def task_pairs(spec: StudySpec) -> list[tuple[str, str]]:
+    """A pair task's own pairs, split by split in file order (labels never read), when ``predistill.task_pairs``;
+    those with an empty side left out."""
+    pair = spec.dataset.text_pair_column
+    if not spec.predistill.task_pairs or pair is None:
+        return []
+    out: list[tuple[str, str]] = []
+    for split in task_pair_splits(spec):
+        firsts = _column_texts(spec.dataset, split, [spec.dataset.text_column])
+        seconds = _column_texts(spec.dataset, split, [pair])
+        out.extend((a.strip(), b.strip()) for a, b in zip(firsts, seconds, strict=True) if a.strip() and b.strip())
+    return out
 
 
 def _as_dataset(source: CorpusSource) -> DatasetSpec:
@@ -106,40 +145,92 @@ def _column_texts(dataset: DatasetSpec, split: str, columns: list[str], max_rows
     return out
 
 
-def predistill_key(spec: StudySpec, student: StudentSpec, corpus: list[str]) -> str:
+def predistill_key(spec: StudySpec, student: StudentSpec, corpus: list[str],
+                   pairs: list[tuple[str, str]] | None = None, apart: frozenset[str] = frozenset()) -> str:
     """Everything that changes the pre-distilled weights: the teacher, the student's fixed shape and initialisation,
-    the corpus's sentences (their hash: the same text from other files or sources shares the entry) and the recipe.
-    Not the task, its labels or the study's search: every study of that teacher and shape shares it."""
-    recipe = spec.predistill.model_dump(exclude={"task_texts", "corpus", "max_sentences"})  # the corpus says those
+    the corpus's sentences (their hash: the same text from other files or sources shares the entry), the task's
+    pairs with their copies, and the recipe. Not the task, its labels or the study's search: every study of that
+    teacher and shape shares it."""
+    # The corpus and the pairs say the rest (task_pairs only when there are pairs, so that other keys stay).
+    recipe = spec.predistill.model_dump(exclude={"task_texts", "corpus", "max_sentences", "task_pairs",
+                                                 "task_splits", "task_pair_splits", "pair_partners"})
+    if spec.predistill.pair_partners != "random":  # (in the key only when not the default, so that other keys stay)
+        recipe["pair_partners"] = {"kind": spec.predistill.pair_partners, "pool": LEXICAL_POOL,
+                                   "apart": hashlib.sha256("\n".join(sorted(apart)).encode()).hexdigest()}
+    if pairs:
+        recipe["task_pairs"] = {"copies": spec.predistill.task_pairs,
+                                "sha": hashlib.sha256("\n".join(f"{a}\t{b}" for a, b in pairs).encode()).hexdigest()}
     payload = {
         "format": PREDISTILL_FORMAT,
         "teacher": fingerprint(spec.teacher),
-        "student": student.model_dump(mode="json"),
+        # Not the pair encoding: the encoder is pre-distilled alone (a cross and a siamese student share it).
+        "student": student.model_dump(mode="json", exclude={"pair_encoding"}),
         "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
         "recipe": recipe,
     }
     return "pre-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def corpus_split(tokenizer: Any, corpus: list[str], recipe: PredistillSpec) -> TokenizedSplit:
-    """The corpus as training examples: every sentence once, ``pair_share`` of them joined two by two (a random
-    partner) in the tokenizer's pair encoding. Deterministic for (corpus, recipe)."""
+LEXICAL_POOL = 5  # pair_partners "lexical": a partner is one of a sentence's this many nearest by TF-IDF cosine
+
+
+def corpus_split(tokenizer: Any, corpus: list[str], recipe: PredistillSpec,
+                 pairs: list[tuple[str, str]] | None = None, apart: frozenset[str] = frozenset()) -> TokenizedSplit:
+    """The corpus as training examples: every sentence once, ``pair_share`` of them joined two by two in the
+    tokenizer's pair encoding (``pair_partners``: a random partner, or with "lexical" one of the sentence's
+    ``LEXICAL_POOL`` nearest corpus sentences by TF-IDF cosine, never two of ``apart``), then each of the task's
+    ``pairs`` ``recipe.task_pairs`` times. Deterministic for (corpus, pairs, recipe, apart)."""
     rng = np.random.default_rng(recipe.seed)
     order = rng.permutation(len(corpus))
     n_pairs = int(len(corpus) * recipe.pair_share) // 2
-    paired, single = order[: 2 * n_pairs], order[2 * n_pairs:]
+    if recipe.pair_partners == "lexical":  # every sentence once, n_pairs of them first of a related pair
+        firsts, single = order[:n_pairs], order[n_pairs:]
+        seconds = lexical_partners(corpus, firsts, apart, rng)
+    else:
+        paired, single = order[: 2 * n_pairs], order[2 * n_pairs:]
+        firsts, seconds = paired[0::2], paired[1::2]
     parts = []
     if len(single):
         parts.append(tokenize(tokenizer, TextSplit([corpus[i] for i in single], np.zeros(len(single), np.int64)),
                               recipe.max_seq_length))
     if n_pairs:
-        firsts, seconds = paired[0::2], paired[1::2]
         parts.append(tokenize(tokenizer, TextSplit([corpus[i] for i in firsts], np.zeros(n_pairs, np.int64),
                                                    [corpus[i] for i in seconds]), recipe.max_seq_length))
+    if pairs and recipe.task_pairs:
+        repeated = pairs * recipe.task_pairs
+        parts.append(tokenize(tokenizer, TextSplit([a for a, _ in repeated], np.zeros(len(repeated), np.int64),
+                                                   [b for _, b in repeated]), recipe.max_seq_length))
     split = parts[0]
     for part in parts[1:]:
         split = concat_splits(split, part)
     return split
+
+
+def lexical_partners(corpus: list[str], anchors: np.ndarray, apart: frozenset[str],
+                     rng: np.random.Generator) -> np.ndarray:
+    """A partner for each of ``anchors`` (corpus indices): one of its ``LEXICAL_POOL`` nearest other sentences by
+    TF-IDF cosine, picked by ``rng``; never a sentence of ``apart`` for an anchor of ``apart`` (the eval split's
+    texts: their own pairs would come back). A random sentence under that rule when none shares a word with it."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from distill.pair_corpus import tfidf_rows
+
+    matrix = tfidf_rows(corpus)
+    pool = min(LEXICAL_POOL + 1 + (4 * LEXICAL_POOL if apart else 0), len(corpus))
+    # The costly step: the anchors against the whole corpus, brute force on the sparse rows (chunked by sklearn).
+    distances, nearest = NearestNeighbors(n_neighbors=pool, metric="cosine", algorithm="brute").fit(
+        matrix).kneighbors(matrix[anchors])
+    in_apart = np.fromiter((text in apart for text in corpus), bool, len(corpus))
+    partners = np.empty(len(anchors), np.int64)
+    for row, anchor in enumerate(anchors):
+        candidates = [int(j) for j, d in zip(nearest[row], distances[row], strict=True)
+                      if j != anchor and d < 1.0 and not (in_apart[anchor] and in_apart[j])][:LEXICAL_POOL]
+        if not candidates:  # a random partner under the same rule; the sentence itself when none is left
+            allowed = ~in_apart if in_apart[anchor] else np.ones(len(corpus), bool)
+            allowed[anchor] = False
+            candidates = np.flatnonzero(allowed).tolist() or [int(anchor)]
+        partners[row] = candidates[int(rng.integers(len(candidates)))]
+    return partners
 
 
 def _teacher_layer(teacher: torch.nn.Module, index: int | None) -> int:
@@ -290,17 +381,20 @@ def build_or_load_predistilled(layout: ArtifactLayout, spec: StudySpec, student:
                                progress: Progress | None = None) -> Predistilled:
     """The pre-distilled encoder of ``student`` (a fixed shape), built once per key in the cluster."""
     corpus = corpus_texts(spec)
-    key = predistill_key(spec, student, corpus)
+    pairs = task_pairs(spec)
+    apart = scored_texts(spec)
+    key = predistill_key(spec, student, corpus, pairs, apart)
     recipe = spec.predistill
     resume_path = layout.cache_root / f"{key}.resume"
 
     def build() -> Entry:
         from distill.student import student_config
 
-        model = build_student(student, teacher_config, seed=recipe.seed, teacher_state=teacher_state)
-        check_relation_heads(recipe, student_config(student, teacher_config), teacher_config)
+        encoder = student.model_copy(update={"pair_encoding": "cross"})  # the key's student: its encoder alone
+        model = build_student(encoder, teacher_config, seed=recipe.seed, teacher_state=teacher_state)
+        check_relation_heads(recipe, student_config(encoder, teacher_config), teacher_config)
         teacher, tokenizer = load_teacher(spec.teacher)
-        examples = corpus_split(tokenizer, corpus, recipe)
+        examples = corpus_split(tokenizer, corpus, recipe, pairs, apart)
         resume = None
         if resume_path.is_file():
             try:
@@ -309,7 +403,8 @@ def build_or_load_predistilled(layout: ArtifactLayout, spec: StudySpec, student:
             except Exception as exc:  # noqa: BLE001 - a torn save: start again
                 log(f"pre-distillation {key}: cannot resume ({type(exc).__name__}), starting again")
                 resume = None
-        log(f"pre-distilling {key}: {len(corpus)} sentences, {len(examples)} examples, {recipe.epochs} epochs")
+        log(f"pre-distilling {key}: {len(corpus)} sentences and {len(pairs)} task pairs, {len(examples)} examples, "
+            f"{recipe.epochs} epochs")
 
         def save_progress(state: dict[str, Any]) -> None:
             tmp = resume_path.with_suffix(".tmp")
@@ -325,6 +420,8 @@ def build_or_load_predistilled(layout: ArtifactLayout, spec: StudySpec, student:
             "student": student.model_dump(mode="json"),
             "recipe": recipe.model_dump(mode="json"),
             "sentences": len(corpus),
+            "task_pairs": len(pairs),
+            "task_pair_splits": task_pair_splits(spec) if pairs else [],
             "examples": result.examples,
             "final_loss": result.final_loss,
             "build_seconds": round(result.seconds, 2),

@@ -6,12 +6,19 @@ import copy
 import re
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from distill.data import DataError
+from distill.data import DataError, TokenizedSplit
+from distill.modeling_siamese import MODEL_TYPE, SiameseBertConfig, SiameseBertForSequenceClassification
 from distill.models import split_revision
 from search_space import StudentSpec, task_type_of
+
+# In this process a siamese student's config and model load by their model_type (an exported one elsewhere with
+# trust_remote_code=True, from the modeling file save_pretrained copies beside it).
+AutoConfig.register(MODEL_TYPE, SiameseBertConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(SiameseBertConfig, SiameseBertForSequenceClassification, exist_ok=True)
 
 _LAYER_KEY = re.compile(r"^(.*\.(?:layer|layers)\.)(\d+)(\..*)$")
 
@@ -91,12 +98,17 @@ def student_config(spec: StudentSpec, teacher_config: PretrainedConfig) -> Pretr
     config.update({k: v for k, v in labels.items() if k == "problem_type"})
     if spec.config is not None:
         config.update(spec.config.fixed_shape())
-        return config
-    assert spec.truncate_teacher is not None
-    if not isinstance(spec.truncate_teacher.num_layers, int):
-        raise ValueError("truncate_teacher.num_layers is still searched: fix it for the trial first")
-    config.num_hidden_layers = len(truncated_layer_indices(teacher_config.num_hidden_layers,
-                                                           spec.truncate_teacher.num_layers))
+    else:
+        assert spec.truncate_teacher is not None
+        if not isinstance(spec.truncate_teacher.num_layers, int):
+            raise ValueError("truncate_teacher.num_layers is still searched: fix it for the trial first")
+        config.num_hidden_layers = len(truncated_layer_indices(teacher_config.num_hidden_layers,
+                                                               spec.truncate_teacher.num_layers))
+    if spec.pair_encoding == "siamese":
+        if config.model_type != "bert":
+            raise DataError(f"student.pair_encoding siamese needs a BERT teacher, this one is {config.model_type!r}")
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+        config = SiameseBertConfig(**fields)
     return config
 
 
@@ -136,7 +148,53 @@ def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int
             state[key] = value  # embeddings, pooler, classifier
         elif int(match.group(2)) in new_index:
             state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
+    if spec.pair_encoding == "siamese":  # no pooler, and its own head (fitted at the trial's start)
+        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "bert.pooler."))}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "position_ids" not in k]:
+    if unexpected or [k for k in missing if "position_ids" not in k and not k.startswith("pair_head.")]:
         raise DataError(f"cannot truncate this teacher: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+@torch.no_grad()
+def fit_pair_head(model: PreTrainedModel, train: TokenizedSplit, teacher_logits: torch.Tensor,
+                  rows: int = 1024, batch_size: int = 128) -> None:
+    """A siamese student's ``pair_head`` set to the best affine map of its starting cosine to the teacher's outputs
+    on the first ``rows`` train rows: least squares for a regression teacher, a logistic regression on the
+    teacher's classes otherwise (scikit-learn). The cosine of a narrow student's mean encodings spans a sliver
+    (about 0.97 ± 0.02 on STS-B), so a default head would start every pair on one class, or a regression head
+    far from the teacher's scale, and spend its first epochs (or, at lr 3e-4, all of them) getting there."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    assert isinstance(model, SiameseBertForSequenceClassification)
+    n = min(rows, len(train))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [train.batch(torch.arange(start, min(start + batch_size, n), device=train.input_ids.device))
+               for start in range(0, n, batch_size)]
+    cosines = torch.cat([model.pair_cosine(**{k: v.to(device) for k, v in batch.items()})[0]
+                         for batch in batches]).float().cpu().numpy()[:, None]
+    model.train(was_training)
+    targets = teacher_logits[:n].float().cpu().numpy()
+    if model.num_labels == 1:
+        fitted = LinearRegression().fit(cosines, targets[:, 0])
+        weight, bias = fitted.coef_.reshape(1, 1), fitted.intercept_.reshape(1)
+    else:
+        classes = targets.argmax(1)
+        present = sorted(set(classes.tolist()))
+        if len(present) < 2:
+            return  # the teacher gives one class on these rows: nothing to fit, the default head stays
+        # A weak penalty: the cosines span a sliver, so the fitted slopes are large.
+        fitted = LogisticRegression(C=1e4, max_iter=1000).fit(cosines, classes)
+        if len(present) == 2:  # one slope for the second class against the first: split it between their logits
+            coef, intercept = np.concatenate([-fitted.coef_, fitted.coef_]) / 2, np.concatenate(
+                [-fitted.intercept_, fitted.intercept_]) / 2
+        else:
+            coef, intercept = fitted.coef_, fitted.intercept_
+        weight = np.zeros((model.num_labels, 1))
+        bias = np.full(model.num_labels, intercept.min() - 10.0)  # a class the teacher never gave here starts unlikely
+        weight[present], bias[present] = coef, intercept
+    head = model.pair_head
+    head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+    head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))

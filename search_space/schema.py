@@ -378,12 +378,18 @@ class StudentSpec(_Strict):
     A fresh ``config`` student's embeddings start random, or with ``embedding_init: "teacher_pca"`` as the
     teacher's word, position and type embeddings projected onto their top ``hidden_size`` principal directions
     (same vocabulary; no wider than the teacher): a narrow student then starts with the teacher's word geometry.
+
+    ``pair_encoding`` (pair tasks): ``cross`` reads the pair as one sequence (a cross-encoder, like the teacher);
+    ``siamese`` encodes each sentence alone and scores the cosine of their mean encodings through an affine head
+    (``distill.modeling_siamese``; a BERT teacher; exported with its modeling file, loaded with
+    ``trust_remote_code=True``).
     """
 
     model: str | None = Field(None, min_length=1, max_length=1024)
     config: StudentArchitecture | None = None
     truncate_teacher: TruncateTeacher | None = None
     embedding_init: Literal["random", "teacher_pca"] = "random"
+    pair_encoding: Literal["cross", "siamese"] = "cross"
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentSpec:
@@ -392,6 +398,8 @@ class StudentSpec(_Strict):
             raise ValueError(f"give exactly one of model, config, truncate_teacher (got {given or 'none'})")
         if self.embedding_init != "random" and self.config is None:
             raise ValueError("embedding_init applies to a fresh config student only")
+        if self.pair_encoding != "cross" and self.model is not None:
+            raise ValueError("pair_encoding siamese applies to a config or truncate_teacher student only")
         return self
 
     @property
@@ -503,6 +511,10 @@ class AugmentSpec(_Strict):
     max_ngram: int = Field(5, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pairs: PairAugmentSpec = PairAugmentSpec()
+    # Classification only: after the teacher labels the set, each round keeps a seeded sample of its rows whose
+    # teacher-predicted class mix is the train split's gold mix (every row of the class scarcest for its share).
+    # Recombined pairs are mostly "not equivalent" to a teacher: without it the student's prior follows them.
+    match_label_mix: bool = False
 
     @model_validator(mode="after")
     def _probabilities(self) -> AugmentSpec:
@@ -513,6 +525,9 @@ class AugmentSpec(_Strict):
         return self
 
 
+SplitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
 class CorpusSource(_Strict):
     """More unlabelled text for pre-distillation: a local directory of split files (``path``) or a hub dataset
     (``hub``, ``config``), the splits and text columns read. Labels are never read."""
@@ -520,8 +535,7 @@ class CorpusSource(_Strict):
     hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
     config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     path: str | None = Field(None, min_length=1, max_length=1024)
-    splits: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]] = Field(
-        default_factory=lambda: ["train"], min_length=1, max_length=16)
+    splits: list[SplitName] = Field(default_factory=lambda: ["train"], min_length=1, max_length=16)
     text_columns: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["sentence"], min_length=1, max_length=8)
     max_rows: int | None = Field(None, ge=1)  # per split
@@ -540,9 +554,10 @@ class PredistillSpec(_Strict):
     1 (or among its choices): the teacher's self-attention relations (MiniLMv2: query, key and value relations of
     ``teacher_layer``, split into ``relation_heads``), and with ``hidden_weight`` the last hidden states through a
     learned projection (TinyBERT), distilled into the student's last layer on unlabelled text,
-    for ``epochs`` passes. The corpus is the task's texts (every split, both sides of a pair; labels never read)
-    when ``task_texts``, plus ``corpus``'s sources. Built once per (teacher, student shape, corpus, recipe) and
-    shared by every study and trial with that key."""
+    for ``epochs`` passes. The corpus is the task's texts (``task_splits``, by default the train and eval splits;
+    both sides of a pair; labels never read) when ``task_texts``, plus ``corpus``'s sources; with ``task_pairs`` a
+    pair task's own pairs (its train split's unless ``task_pair_splits`` says otherwise) are examples too.
+    Built once per (teacher, student shape, corpus, recipe) and shared by every study and trial with that key."""
 
     task_texts: bool = True
     corpus: list[CorpusSource] = Field(default_factory=list, max_length=16)
@@ -555,6 +570,21 @@ class PredistillSpec(_Strict):
     hidden_weight: float = Field(1.0, ge=0, le=100)
     teacher_layer: int | None = Field(None, ge=-64, le=64)  # a teacher layer index (negative: from the top); None: last
     pair_share: float = Field(0.5, ge=0, le=1)  # examples made of two sentences in the pair encoding
+    # How those examples find their second sentence: "random", or "lexical": one of its 5 nearest corpus sentences
+    # by TF-IDF cosine (related pairs, on which the teacher's attention across the two sentences says something);
+    # two texts of the eval split are never paired (their neighbours are often their own, scored, pairs).
+    pair_partners: Literal["random", "lexical"] = "random"
+    # A pair task's own pairs (``task_pair_splits``; labels never read), each this many times more examples as they
+    # come: the teacher's internals on related sentences, which random partners (pair_share) seldom are. 0: none.
+    task_pairs: int = Field(0, ge=0, le=16)
+    # Which of the task's splits pre-distillation reads texts from; None: the train and the eval split.
+    # ["train"] keeps every text the study is scored on out of it.
+    task_splits: list[SplitName] | None = Field(None, min_length=1, max_length=16)
+    # Which of the task's splits ``task_pairs`` come from; None: the train split alone. Naming the eval split is
+    # transductive: the student is then fitted to the teacher's internals on the very pairs it is scored on, and
+    # the study metric says nothing of unseen pairs (bench/results/tasks.md: STS-B 0.64 on such pairs, 0.23 held
+    # out). For when the inputs the student will serve are all known in advance.
+    task_pair_splits: list[SplitName] | None = Field(None, min_length=1, max_length=16)
     max_sentences: int | None = Field(None, ge=1)  # a fixed random subset of the corpus
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -562,6 +592,8 @@ class PredistillSpec(_Strict):
     def _has_text(self) -> PredistillSpec:
         if not self.task_texts and not self.corpus:
             raise ValueError("a pre-distillation corpus needs task_texts or at least one corpus source")
+        if self.task_pair_splits is not None and not self.task_pairs:
+            raise ValueError("task_pair_splits names where task_pairs come from: set task_pairs too")
         return self
 
 
@@ -656,6 +688,14 @@ class StudySpec(_Strict):
     seed: int = Field(33, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-1000, le=1000)
 
+    @field_validator("dataset")
+    @classmethod
+    def _siamese_needs_pairs(cls, v: DatasetSpec, info: ValidationInfo) -> DatasetSpec:
+        student = info.data.get("student")
+        if student is not None and student.pair_encoding == "siamese" and v.text_pair_column is None:
+            raise ValueError("student.pair_encoding siamese needs a sentence-pair dataset (dataset.text_pair_column)")
+        return v
+
     @field_validator("augment")
     @classmethod
     def _pairs_need_pairs(cls, v: AugmentSpec, info: ValidationInfo) -> AugmentSpec:
@@ -663,6 +703,14 @@ class StudySpec(_Strict):
         if v.pairs.active and dataset is not None and dataset.text_pair_column is None:
             raise ValueError("pairs.hard_negatives, pairs.random_pairs and pairs.perturbed need sentence pairs "
                              "(dataset.text_pair_column); set them to 0 for a single-text dataset")
+        return v
+
+    @field_validator("predistill")
+    @classmethod
+    def _task_pairs_need_pairs(cls, v: PredistillSpec, info: ValidationInfo) -> PredistillSpec:
+        dataset = info.data.get("dataset")
+        if v.task_pairs and dataset is not None and dataset.text_pair_column is None:
+            raise ValueError("task_pairs needs a sentence-pair dataset (dataset.text_pair_column); set it to 0")
         return v
 
     @field_validator("search_space")

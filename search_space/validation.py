@@ -313,6 +313,8 @@ def validate_spec(spec: StudySpec,
         check_hub_model_offline("student.model", spec.student.model)
     teacher_config = _local_teacher_config(spec)
     task = local_task(spec, teacher_config)
+    if task is not None and task.is_regression and spec.augment.match_label_mix:
+        raise SpecError("augment.match_label_mix", "applies to classification tasks; this teacher is a regressor")
     check_student_shapes(spec, teacher_config)
     check_layer_map(spec, teacher_config)
     check_tokenizers(spec)

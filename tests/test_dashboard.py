@@ -225,8 +225,13 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
         # Size and latency columns in the trials table: one per cost of the registry, and the cost axes the same.
         header = [h.lower() for h in page.locator("#trials thead th").all_inner_texts()]
         assert "shape" in header and all(cost.short.lower() in header for cost in COSTS)
-        for cost in COSTS:
-            column = header.index(cost.short.lower()) + 1
+        # The table may be a poll behind the API (a row drawn while its trial ran has no cost yet): wait for the poll
+        # that draws the finished trials, then every cost cell holds a figure.
+        columns = [header.index(cost.short.lower()) + 1 for cost in COSTS]
+        page.wait_for_function(f"{columns}.every((c) => [...document.querySelectorAll("
+                               f"`#trials tbody tr td:nth-child(${{c}})`)].every((td) => td.textContent.trim() !== ''))",
+                               timeout=30_000)
+        for column in columns:
             assert all(page.locator(f"#trials tbody tr td:nth-child({column})").all_inner_texts())
         assert page.eval_on_selector_all("#pareto-cost option", "(os) => os.map((o) => o.value)") == [
             cost.name for cost in COSTS]

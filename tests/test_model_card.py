@@ -104,3 +104,18 @@ def test_a_pre_distilled_student_says_how_it_started(local_teacher: Path) -> Non
                       study_name="s", profile=PROFILE)
     assert "its encoder was pre-distilled from the teacher on 88,862 unlabelled sentences (3 epochs)" in card
     assert "8 relation heads" in card and "last hidden states matched to the teacher's" in card
+
+
+def test_a_student_pre_distilled_on_the_scored_pairs_says_its_score_is_transductive(local_teacher: Path) -> None:
+    spec = _spec(str(local_teacher))
+    base = {"key": "pre-0123", "sentences": 88862, "epochs": 3, "relation_heads": 8, "hidden_weight": 1.0,
+            "build_seconds": 900.0, "task_pairs": 7249, "task_pair_copies": 2, "scored_split": "validation"}
+    held_out = model_card(name="s", spec=spec, record=_record(predistilled={**base, "task_pair_splits": ["train"]}),
+                          trial_number=3, n_trials_run=5, study_name="s", profile=PROFILE)
+    assert "the task's own 7,249 pairs (train split, 2 times each)" in held_out
+    assert "transductive" not in held_out
+    seen = model_card(name="s", spec=spec, record=_record(predistilled={
+        **base, "task_pair_splits": ["train", "validation"]}), trial_number=3, n_trials_run=5, study_name="s",
+        profile=PROFILE)
+    assert "(train, validation splits, 2 times each)" in seen
+    assert "include the validation split it is scored on: the score above is transductive" in seen

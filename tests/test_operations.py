@@ -75,11 +75,11 @@ def test_preparation_progress_is_visible(stack: Stack, tiny_assets) -> None:  # 
     stack.start_worker()
     seen: list[dict] = []
 
-    def mid_way() -> bool:
+    def mid_way() -> bool:  # two polls mid-way that saw the count move (two polls may see the same count)
         study = stack.study("slow-f")
         if study["preparing"] and 0 < study["preparing"]["done"] < study["preparing"]["total"]:
             seen.append(study)
-        return len(seen) >= 2
+        return len({s["preparing"]["done"] for s in seen}) >= 2
 
     stack.wait_for(mid_way, 60, "preparation progress")
     listed = next(s for s in httpx.get(f"{stack.url}/api/studies").json() if s["name"] == "slow-f")

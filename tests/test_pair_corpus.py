@@ -3,6 +3,7 @@ trials that train on a searched number of copies."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from distill import DistillationEngine, TrainConfig, load_teacher
+from distill.data import DataError
 from distill.pair_corpus import (
     HARD_NEGATIVE,
     PERTURBED,
@@ -23,7 +25,7 @@ from distill.pair_corpus import (
     WordNeighbours,
     build_corpus,
 )
-from distill.transfer import transfer_key
+from distill.transfer import label_mix_rows, transfer_key
 from kdsearch.testing import tiny_spec, write_tiny_model
 from kdsearch.testing.fixtures import NEGATIVE, NEUTRAL, POSITIVE
 from search_space import AugmentSpec, StudySpec, optuna_distributions, trial_params
@@ -246,6 +248,66 @@ def test_transfer_set_is_labelled_once_and_trials_take_its_rounds(pair_assets, t
     torch.testing.assert_close(first_logits, one.train_logits, rtol=1e-4, atol=1e-5)
 
 
+def test_label_mix_rows_keep_each_rounds_largest_sample_at_the_target_mix() -> None:
+    # Round 1 (rows 0-9): 8 of class 0, 2 of class 1; round 2 (rows 10-15): 3 and 3. Target 50/50.
+    predicted = np.array([0] * 8 + [1] * 2 + [0, 1, 0, 1, 0, 1])
+    keep, ends = label_mix_rows(predicted, [10, 16], np.array([0.5, 0.5]), seed=0)
+    assert ends == [4, 10]
+    assert set(keep[:4]) >= {8, 9} and np.bincount(predicted[keep[:4]]).tolist() == [2, 2]
+    assert keep[4:].tolist() == list(range(10, 16))  # already at the mix: every row, in order
+    assert keep.tolist() == sorted(keep.tolist())
+    again, _ = label_mix_rows(predicted, [10, 16], np.array([0.5, 0.5]), seed=0)
+    assert again.tolist() == keep.tolist()  # seeded
+    # 68/32 from a round of 50 class-0 and 50 class-1 rows: class 0 binds (50 / 0.68 = 73 rows).
+    keep, ends = label_mix_rows(np.repeat([0, 1], 50), [100], np.array([0.68, 0.32]), seed=1)
+    assert ends == [len(keep)] and np.bincount(np.repeat([0, 1], 50)[keep]).tolist() == [50, 23]
+    # A class the train split lacks is dropped; a round without a wanted class keeps nothing.
+    keep, ends = label_mix_rows(np.array([0, 1, 2, 0, 0]), [3, 5], np.array([0.5, 0.5, 0.0]), seed=0)
+    assert keep.tolist() == [0, 1] and ends == [2, 2]
+
+
+def test_transfer_set_matches_the_train_label_mix(pair_assets, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.transfer
+
+    # A teacher that calls 4 of every 6 transfer rows "contradiction" (class 2), whatever the train mix.
+    def skewed(model: Any, split: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        classes = torch.tensor([2, 2, 0, 2, 1, 2]).repeat(len(split) // 6 + 1)[:len(split)]
+        return torch.nn.functional.one_hot(classes, 3).float() * 5
+
+    monkeypatch.setattr(distill.transfer, "predict_logits", skewed)
+    augment = {"copies": 3, "seed": 4, "pairs": MIX}
+    plain = DistillationEngine(tmp_path / "art", device="cpu").prepare(
+        StudySpec.model_validate(pair_spec(pair_assets, "nli", augment=augment)))
+    spec = StudySpec.model_validate(pair_spec(pair_assets, "nli", augment={**augment, "match_label_mix": True}))
+    assert transfer_key(spec, plain.task) != transfer_key(StudySpec.model_validate(
+        pair_spec(pair_assets, "nli", augment=augment)), plain.task)
+    prepared = DistillationEngine(tmp_path / "art", device="cpu").prepare(spec)
+    n = prepared.cache.meta["n_train"]
+    gold = np.bincount(prepared.train.labels[:n].numpy(), minlength=3) / n
+    ends = prepared.train_rows
+    assert len(ends) == 4 and ends[0] == n and all(b > a for a, b in itertools.pairwise(ends))
+    assert ends[-1] - n < len(plain.train) - n  # rows were dropped
+    for start, end in itertools.pairwise(ends):  # each round at the train split's mix, within a row per class
+        counts = np.bincount(prepared.train_logits[start:end].argmax(-1).numpy(), minlength=3)
+        assert np.all(np.abs(counts - gold * (end - start)) <= 1.5), (counts, gold)
+    engine = DistillationEngine(tmp_path / "art", device="cpu")
+    cached = distill.transfer.build_or_load_transfer_set(engine.layout, spec, prepared.task, engine.device)
+    assert cached is not None and cached.round_ends == [end - n for end in ends[1:]]
+    mix = cached.meta["label_mix"]
+    assert mix["rows_kept"] == ends[-1] - n and mix["rows_before"] == len(plain.train) - n
+    assert mix["labelled"][2] == pytest.approx(4 / 6, abs=0.01) and mix["train"] == pytest.approx(gold, abs=1e-4)
+    assert sum(cached.meta["strategy_rows"].values()) == mix["rows_kept"]
+    # The kept rows are rows of the unbalanced set, with their logits.
+    plain_rows = {tuple(row.tolist()) for row in plain.train.input_ids[n:]}
+    assert all(tuple(row.tolist()) in plain_rows for row in prepared.train.input_ids[n:])
+
+    # Regression has no class mix: refused naming the field.
+    with pytest.raises(DataError, match="match_label_mix applies to classification"):
+        DistillationEngine(tmp_path / "art", device="cpu").prepare(StudySpec.model_validate(
+            pair_spec(pair_assets, "sts", augment={**augment, "match_label_mix": True})))
+
+
 def test_pair_options_are_validated_naming_the_field(tiny_assets, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
@@ -278,6 +340,12 @@ def test_pair_options_are_validated_naming_the_field(tiny_assets, pair_assets, t
         loc, msg = refused(pair_spec(pair_assets, "sts", augment={"copies": 2},
                                      search_space={**base, "transfer_copies": {"low": 0, "high": 1.5}}))
         assert loc == "search_space.transfer_copies" and "integer" in msg
+        loc, msg = refused(pair_spec(pair_assets, "sts", augment={"copies": 2, "match_label_mix": True}))
+        assert loc == "augment.match_label_mix" and "classification" in msg
+        loc, msg = refused(pair_spec(pair_assets, "sts", predistill={"task_pair_splits": ["train"]}))
+        assert loc == "predistill" and "set task_pairs too" in msg
+        loc, _ = refused(pair_spec(pair_assets, "sts", predistill={"task_pairs": 1, "task_pair_splits": ["a b"]}))
+        assert loc == "predistill.task_pair_splits.0"
         ok = client.post("/api/studies", json=pair_spec(pair_assets, "sts", name="ok", augment={
             "copies": 2, "p_mask": 0, "p_replace": 0, "p_ngram": 0, "pairs": {"hard_negatives": 0.5, "perturbed": 0.5}},
             search_space={**base, "transfer_copies": {"low": 0, "high": 2}}))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,8 +24,11 @@ from distill.predistill import (
     corpus_split,
     corpus_texts,
     encoder_state,
+    lexical_partners,
     predistill,
     predistill_key,
+    scored_texts,
+    task_pairs,
 )
 from distill.student import build_student
 from kdsearch.terms.relations import relation_log_probs, relation_loss
@@ -129,6 +133,78 @@ def test_pairs_are_joined_in_the_pair_encoding(assets: dict[str, Path]) -> None:
     assert paired == n_pairs and len(split) == len(corpus) - n_pairs
 
 
+def test_a_pair_tasks_own_pairs_join_the_examples_and_the_key(assets: dict[str, Path]) -> None:
+    pair_dataset = {"path": str(assets["pairs"]), "text_column": "sentence1", "text_pair_column": "sentence2",
+                    "max_seq_length": 16}
+    # By default the train split's pairs alone: the eval split's would fit the student to what it is scored on.
+    default = _spec(assets, dataset=pair_dataset, predistill={"task_pairs": 2, "pair_share": 0.0})
+    assert task_pairs(default) == [(a, b) for a, b, _ in PAIRS[:3]]
+    spec = _spec(assets, dataset=pair_dataset, predistill={"task_pairs": 2, "pair_share": 0.0,
+                                                           "task_pair_splits": ["train", "validation"]})
+    pairs = task_pairs(spec)
+    assert pairs == [(a, b) for a, b, _ in PAIRS]  # the splits named, in file order; labels never read
+    assert predistill_key(default, spec.student, corpus_texts(default), task_pairs(default)) != predistill_key(
+        spec, spec.student, corpus_texts(spec), pairs)
+    corpus = corpus_texts(spec)
+    _, tokenizer = load_teacher(spec.teacher)
+    split = corpus_split(tokenizer, corpus, spec.predistill, pairs)
+    assert len(split) == len(corpus) + 2 * len(pairs) and split.token_type_ids is not None
+    assert int((split.token_type_ids.sum(1) > 0).sum()) == 2 * len(pairs)  # only the task's pairs are pairs
+    first = tokenizer(pairs[0][0], pairs[0][1])["input_ids"]
+    assert split.input_ids[len(corpus), :len(first)].tolist() == first
+    # The key follows the pairs and their copies; without pairs, task_pairs leaves the key as it was.
+    none = spec.model_copy(update={"predistill": spec.predistill.model_copy(update={"task_pairs": 0})})
+    assert task_pairs(none) == []
+    keys = {predistill_key(spec, spec.student, corpus, pairs),
+            predistill_key(spec.model_copy(update={"predistill": spec.predistill.model_copy(
+                update={"task_pairs": 3})}), spec.student, corpus, pairs),
+            predistill_key(spec, spec.student, corpus, pairs[:-1]),
+            predistill_key(none, spec.student, corpus, [])}
+    assert len(keys) == 4
+    assert predistill_key(none, spec.student, corpus, []) == predistill_key(none, spec.student, corpus)
+    # task_splits ["train"] with the default pair splits: nothing the study is scored on (texts or pairs) is read.
+    train_only = default.model_copy(update={"predistill": default.predistill.model_copy(
+        update={"task_splits": ["train"]})})
+    assert task_pairs(train_only) == [(a, b) for a, b, _ in PAIRS[:3]]
+    assert corpus_texts(train_only) == sorted({t for a, b, _ in PAIRS[:3] for t in (a, b)})
+    assert predistill_key(train_only, spec.student, corpus_texts(train_only), task_pairs(train_only)) not in keys
+    with pytest.raises(ValueError, match="task_pair_splits names where task_pairs come from"):
+        _spec(assets, dataset=pair_dataset, predistill={"task_pair_splits": ["train"]})
+    # A single-text dataset has no pairs to add: refused naming the field.
+    with pytest.raises(ValueError, match="task_pairs needs a sentence-pair dataset"):
+        _spec(assets, predistill={"task_pairs": 1})
+
+
+def test_lexical_partners_are_related_sentences_and_never_two_scored_texts(assets: dict[str, Path]) -> None:
+    corpus = ["a cat sat down", "dogs bark loudly", "quantum", "the cat sat", "the dogs bark", "zebra"]
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        partners = lexical_partners(corpus, np.array([3, 1, 5]), frozenset(), rng)
+        assert partners[0] in (0, 4)  # shares "cat sat" or "the"; never itself
+        assert partners[1] == 4  # the one sentence sharing a word
+        assert partners[2] != 5  # no shared word: a random other sentence
+        # The eval split's texts are never paired together, even when they are each other's nearest.
+        scored = frozenset({"dogs bark loudly", "the dogs bark"})
+        apart = lexical_partners(corpus, np.array([1, 4]), scored, np.random.default_rng(seed))
+        assert apart[0] not in (1, 4) and apart[1] in (3,)  # "the dogs bark" may pair with "the cat sat"
+    # In the examples: n_pairs first sentences with a partner, every sentence once; and a key of its own.
+    pair_dataset = {"path": str(assets["pairs"]), "text_column": "sentence1", "text_pair_column": "sentence2",
+                    "max_seq_length": 16}
+    spec = _spec(assets, dataset=pair_dataset, predistill={"pair_share": 1.0, "pair_partners": "lexical"})
+    corpus_of_task = corpus_texts(spec)
+    _, tokenizer = load_teacher(spec.teacher)
+    split = corpus_split(tokenizer, corpus_of_task, spec.predistill, [], scored_texts(spec))
+    n_pairs = len(corpus_of_task) // 2
+    assert len(split) == len(corpus_of_task) and split.token_type_ids is not None
+    assert int((split.token_type_ids.sum(1) > 0).sum()) == n_pairs
+    assert scored_texts(spec) == {"a boring story", "very charming and smart"}  # the validation split's texts
+    random_partners = spec.model_copy(update={"predistill": spec.predistill.model_copy(
+        update={"pair_partners": "random"})})
+    assert scored_texts(random_partners) == frozenset()
+    assert predistill_key(spec, spec.student, corpus_of_task, [], scored_texts(spec)) != predistill_key(
+        random_partners, spec.student, corpus_of_task)
+
+
 def test_the_key_covers_what_changes_the_weights_and_nothing_else(assets: dict[str, Path]) -> None:
     spec = _spec(assets)
     corpus = corpus_texts(spec)
@@ -151,6 +227,8 @@ def test_the_key_covers_what_changes_the_weights_and_nothing_else(assets: dict[s
     # Not the study: its name, metric, search, trials or seed.
     other_study = spec.model_copy(update={"name": "another", "n_trials": 9, "seed": 1, "metric": "f1"})
     assert predistill_key(other_study, spec.student, corpus) == key
+    # Nor the pair encoding: a siamese student of the shape starts from the same pre-distilled encoder.
+    assert predistill_key(spec, spec.student.model_copy(update={"pair_encoding": "siamese"}), corpus) == key
 
 
 # -- training and the build ------------------------------------------------------------------------------------------
@@ -230,6 +308,30 @@ def test_a_trial_starts_from_the_pre_distilled_encoder(assets: dict[str, Path], 
     record = json.loads((tmp_path / "ckpt" / "kdsearch_trial.json").read_text())
     assert record["predistilled"]["key"] == built.key and record["predistilled"]["sentences"] == built.meta[
         "sentences"]
+
+
+def test_a_siamese_trial_starts_from_the_same_pre_distilled_encoder(assets: dict[str, Path], tmp_path: Path) -> None:
+    """The encoder is pre-distilled alone: a siamese student of the shape loads the cross student's build (one key,
+    one build), keeps its own head, and trains."""
+    pair_dataset = {"path": str(assets["pairs"]), "text_column": "sentence1", "text_pair_column": "sentence2",
+                    "max_seq_length": 16}
+    cross = _spec(assets, dataset=pair_dataset)
+    siamese = _spec(assets, dataset=pair_dataset,
+                    student={**cross.student.model_dump(exclude_none=True), "pair_encoding": "siamese"})
+    engine = DistillationEngine(tmp_path / "artifacts", device="cpu", precision="fp32", log=lambda _: None)
+    (built_cross,) = engine.prepare(cross).predistilled.values()
+    prepared = engine.prepare(siamese)
+    (built,) = prepared.predistilled.values()
+    assert built.key == built_cross.key
+    params = {"learning_rate": 1e-2, "temperature": 2.0, "alpha": 0.5, "num_train_epochs": 1, "batch_size": 32,
+              "predistilled": 1}
+    model = engine._student(prepared, params, seed=3)
+    state = model.state_dict()
+    assert "pair_head.weight" in state and not any(k.startswith("classifier.") for k in state)
+    for name, weight in built.weights.items():
+        assert torch.equal(state[name], weight), name
+    outcome = engine.run_trial(prepared, params, 3, None, tmp_path / "ckpt")
+    assert math.isfinite(outcome.best_score)
 
 
 def test_relation_heads_that_do_not_divide_the_student_fail_the_study(assets: dict[str, Path],

@@ -313,12 +313,18 @@ def list_studies(session: SessionDep) -> list[StudyOut]:
     return _summaries(session, all_studies(session))
 
 
-def _notes(task: TaskInfo | None) -> list[str]:
-    if task is None or not task.ignored_params:
-        return []
-    names = ", ".join(task.ignored_params)
-    return [f"{names}: not searched and not used: a {task.type} study has no {names} (a value or range given in "
-            "the spec is ignored)"]
+def _notes(task: TaskInfo | None, spec: dict[str, Any]) -> list[str]:
+    """What the spec asked that the task ignores, or that fits the task poorly, and why."""
+    notes = []
+    if task is not None and task.ignored_params:
+        names = ", ".join(task.ignored_params)
+        notes.append(f"{names}: not searched and not used: a {task.type} study has no {names} (a value or range "
+                     "given in the spec is ignored)")
+    if task is not None and task.num_labels > 2 and (spec.get("student") or {}).get("pair_encoding") == "siamese":
+        notes.append(f"student.pair_encoding siamese scores a pair by one cosine, so its {task.num_labels} classes lie "
+                     "along one axis of similarity: classes that are not degrees of similarity (entailment, neutral, "
+                     "contradiction) need the cross-encoder (pair_encoding cross)")
+    return notes
 
 
 def _shown_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -351,7 +357,8 @@ def _detail(session: Session, storage: optuna.storages.RDBStorage, row: StudyRow
     return StudyDetailOut(
         **summary.model_dump(), spec=_shown_spec(row.spec), best_trial=best_out,
         task=None if task is None else TaskOut(**task.to_json()), teacher_metrics=teacher_metrics,
-        teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task), seed_retrain=seed_retrain,
+        teacher_metric=(teacher_metrics or {}).get(metric or ""), notes=_notes(task, row.spec),
+        seed_retrain=seed_retrain,
         exports=[ExportOut.model_validate(e) for e in attrs.get("exports", [])], objectives=objectives,
         constraints={k: v for k, v in (row.spec.get("constraints") or {}).items() if v is not None} or None,
         teacher_profile=_profile_out(attrs.get("teacher_profile")), front=front,
