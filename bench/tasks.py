@@ -147,10 +147,10 @@ EPOCHS = {("pca", "pdrel"): 8, ("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh",
           ("pca", "pdlexpairtrain"): 8,
           ("pca", "pdaug4"): 2, ("pca", "pdaug4train"): 2, ("mid", "pd"): 8, ("mid", "kd"): 8,
           ("sia", "kd"): 6, ("sia", "pd"): 6, ("sia", "pair2"): 3, ("sia", "pair4"): 3,
-          ("siamid", "kd"): 6}
+          ("siamid", "kd"): 6, ("siamid", "pair2"): 3}
 # Run order: per task, the levers first, so a bench cut short still answers the main questions; then the old grid.
 CELL_ORDER = [f"{task}-{cell}" for task in TASKS for cell in (
-    "sia-kd", "sia-pair2", "sia-pair4", "sia-pd", "siamid-kd",
+    "sia-kd", "sia-pair2", "sia-pair4", "sia-pd", "siamid-kd", "siamid-pair2",
     "pca-pd", "pca-pdtaskpair", "pca-pdtaskpairtrain", "pca-pdlexpairtrain", "pca-pdlr", "pca-pdrel", "pca-pdpair",
     "pca-pdpairbal", "pca-pdpairL", "pca-pair", "pca-pdaug4", "pca-pdaug4train", "pca-pdaug10", "pca-aug10",
     "mid-pd", "mid-pdpair", "mid-kd", "pca-kd", "trunc2-kd", "trunc2-aug5", "pca-aug5", "trunc2-ft", "pca-ft",
@@ -385,6 +385,7 @@ LEVERS = [
     ("sia-pair2", "sia-pair4", "4 copies of the pair corpus instead of 2, on a siamese student"),
     ("sia-kd", "sia-pd", "pre-distillation, on a siamese student"),
     ("sia-kd", "siamid-kd", "a 7.6M siamese student (L4-H192) instead of 4.4M"),
+    ("sia-pair2", "siamid-pair2", "a 7.6M siamese student (L4-H192) instead of 4.4M, both with 2 pair-corpus copies"),
     ("pca-kd", "pca-pd", "pre-distillation"),
     ("pca-pdrel", "pca-pd", "the hidden-state MSE in pre-distillation"),
     ("pca-pair", "pca-pdpair", "pre-distillation, with the pair corpus"),

@@ -19,7 +19,7 @@ from distill.engine import TRIAL_RECORD
 from kdsearch.errors import Fault, KdsearchError
 from kdsearch.objectives import COST_BY_NAME, COSTS, ObjectiveInfo
 from kdsearch.terms import resolve_terms, search_params
-from search_space import METRIC_TITLES
+from search_space import METRIC_TITLES, StudentSpec
 from search_space.tasks import HUB_METRIC_IDS
 
 
@@ -307,12 +307,19 @@ def front_lines(front: list[dict[str, Any]], trial_number: int, metric: str, cos
     return [*lines, ""]
 
 
-def _how_to_use(name: str, pair: bool, regression: bool, siamese: bool = False) -> list[str]:
+_PAIR_SCORING = {
+    "cosine": "the pair scored by the cosine of their mean encodings",
+    "interaction": "the pair scored from their mean encodings u and v by a linear head over "
+                   "(cos, u, v, |u - v|, u * v)",
+}
+
+
+def _how_to_use(name: str, pair: bool, regression: bool, siamese_scoring: str | None = None) -> list[str]:
     call = ('classifier({"text": "first sentence", "text_pair": "second sentence"})' if pair
             else 'classifier("a sentence to classify")')
     note = ("# a regression head: pass function_to_apply=\"none\" for the raw score"
             if regression else "# [{'label': ..., 'score': ...}]")
-    remote = ", trust_remote_code=True" if siamese else ""
+    remote = ", trust_remote_code=True" if siamese_scoring else ""
     lines = [
         "## How to use", "",
         "```python",
@@ -323,10 +330,10 @@ def _how_to_use(name: str, pair: bool, regression: bool, siamese: bool = False) 
         f"{call}  {note}",
         "```", "",
     ]
-    if siamese:
-        lines += ["A siamese student: each sentence is encoded on its own and the pair scored by the cosine of the two "
-                  "mean encodings (`modeling_siamese.py`, beside the weights, is its code; `trust_remote_code=True` "
-                  "runs it). It takes the tokenizer's pair encoding, like the teacher.", ""]
+    if siamese_scoring:
+        lines += [f"A siamese student: each sentence is encoded on its own, {siamese_scoring} "
+                  "(`modeling_siamese.py`, beside the weights, is its code; `trust_remote_code=True` runs it). It "
+                  "takes the tokenizer's pair encoding, like the teacher.", ""]
     return lines
 
 
@@ -379,9 +386,11 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
                 if isinstance(v, dict)]
     if searched:
         student_desc += f" (shape searched: {', '.join(searched)})"
-    siamese = student.get("pair_encoding") == "siamese"
-    if siamese:
-        student_desc += ", siamese (each sentence encoded alone, the pair scored by the cosine of their mean encodings)"
+    siamese_scoring = None
+    if student.get("pair_encoding") == "siamese":
+        features = StudentSpec.model_validate(student).pair_features(1 if regression else int(num_labels or 2))
+        siamese_scoring = _PAIR_SCORING[features]
+        student_desc += f", siamese (each sentence encoded alone, {siamese_scoring})"
     chosen_how = selection if selection and selection != "the best trial" else None
     teacher_name = model_reference(spec["teacher"])
     card_spec = spec.get("card") or {}
@@ -449,7 +458,7 @@ def model_card(*, name: str, spec: dict[str, Any], record: dict[str, Any], trial
         *(front_lines(front, trial_number, metric, (spec.get("objectives") or ["metric", "cost"])[-1],
                       chosen_how or "chosen by number") if front is not None else []),
         *(deployment_lines(deployment) if deployment else []),
-        *_how_to_use(name, pair, regression, siamese),
+        *_how_to_use(name, pair, regression, siamese_scoring),
         *_intended_uses(task_desc, f"{ds['name']}{'/' + ds['config'] if ds['config'] else ''}", teacher_name,
                         metric),
         "## Model description", "",

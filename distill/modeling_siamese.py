@@ -1,5 +1,7 @@
-"""A siamese (bi-encoder) BERT pair classifier: each sentence encoded on its own, the pair scored by the cosine of
-the two mean-pooled encodings through an affine head.
+"""A siamese (bi-encoder) BERT pair classifier: each sentence encoded on its own, the pair scored from the two
+mean-pooled encodings ``u`` and ``v`` through an affine head: of their cosine alone (``pair_features: "cosine"``,
+a score along one axis of similarity), or of the interaction features ``(cos, u, v, |u - v|, u * v)``
+(``"interaction"``, InferSent's, for classes that are not degrees of similarity, such as entailment).
 
 It takes the tokenizer's pair encoding, the same inputs as a cross-encoder (``BertForSequenceClassification``):
 ``token_type_ids`` mark the two segments, and a block attention mask keeps each segment's tokens from attending to
@@ -25,10 +27,25 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 MODEL_TYPE = "kdsearch-siamese-bert"
 
 
+PAIR_FEATURES = ("cosine", "interaction")
+
+
 class SiameseBertConfig(BertConfig):
-    """A BERT encoder's config; the model scores a pair by the cosine of its two segments' mean encodings."""
+    """A BERT encoder's config; the model scores a pair from its two segments' mean encodings, by their cosine
+    (``pair_features="cosine"``) or their interaction features (``"interaction"``)."""
 
     model_type = MODEL_TYPE
+
+    def __init__(self, pair_features: str = "cosine", **kwargs: Any) -> None:
+        if pair_features not in PAIR_FEATURES:
+            raise ValueError(f"pair_features must be one of {PAIR_FEATURES}, not {pair_features!r}")
+        self.pair_features = pair_features
+        super().__init__(**kwargs)
+
+    @property
+    def pair_feature_size(self) -> int:
+        """The width of the head's input: 1 (the cosine), or 1 + 4 * hidden_size (cos, u, v, |u - v|, u * v)."""
+        return 1 if self.pair_features == "cosine" else 1 + 4 * self.hidden_size
 
 
 def segment_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -46,8 +63,9 @@ def segment_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 class SiameseBertForSequenceClassification(BertPreTrainedModel):
-    """Cosine of the two segments' mean-pooled encodings, then ``pair_head`` (a ``Linear(1, num_labels)``): a
-    regression score, or class logits. A single segment (no second sentence) has cosine 0."""
+    """The two segments' mean-pooled encodings, their pair features (the cosine, or the interaction features), then
+    ``pair_head`` (a ``Linear(pair_feature_size, num_labels)``): a regression score, or class logits. A single
+    segment (no second sentence) has cosine 0 and a zero ``v``."""
 
     config_class = SiameseBertConfig
 
@@ -55,12 +73,28 @@ class SiameseBertForSequenceClassification(BertPreTrainedModel):
         super().__init__(config)
         self.num_labels = int(config.num_labels or 1)
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.pair_head = nn.Linear(1, self.num_labels)
+        self.pair_head = nn.Linear(config.pair_feature_size, self.num_labels)
         self.post_init()
 
     def pair_cosine(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """The [B] cosine of the two segments' mean encodings, and the encoder's output."""
+        u, v, out = self.pair_encodings(input_ids, attention_mask, token_type_ids, **kwargs)
+        return nn.functional.cosine_similarity(u, v, dim=-1, eps=1e-6), out
+
+    def pair_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The [B, pair_feature_size] input of ``pair_head`` (float32), and the encoder's output."""
+        u, v, out = self.pair_encodings(input_ids, attention_mask, token_type_ids, **kwargs)
+        cosine = nn.functional.cosine_similarity(u, v, dim=-1, eps=1e-6).unsqueeze(-1)
+        if self.config.pair_features == "cosine":
+            return cosine, out
+        return torch.cat([cosine, u, v, (u - v).abs(), u * v], dim=-1), out
+
+    def pair_encodings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The [B, H] mean encodings of the first and the second segment (float32), and the encoder's output."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -81,17 +115,16 @@ class SiameseBertForSequenceClassification(BertPreTrainedModel):
             weights = which.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-        cosine = nn.functional.cosine_similarity(mean(first).float(), mean(second).float(), dim=-1, eps=1e-6)
-        return cosine, out
+        return mean(first).float(), mean(second).float(), out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                 return_dict: bool | None = None, **kwargs: Any) -> SequenceClassifierOutput:
-        cosine, out = self.pair_cosine(input_ids, attention_mask, token_type_ids,
-                                       output_hidden_states=output_hidden_states,
-                                       output_attentions=output_attentions)
-        logits = self.pair_head(cosine.unsqueeze(-1).to(self.pair_head.weight.dtype))
+        features, out = self.pair_features(input_ids, attention_mask, token_type_ids,
+                                           output_hidden_states=output_hidden_states,
+                                           output_attentions=output_attentions)
+        logits = self.pair_head(features.to(self.pair_head.weight.dtype))
         loss = None
         if labels is not None:
             if self.num_labels == 1:

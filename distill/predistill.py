@@ -163,8 +163,8 @@ def predistill_key(spec: StudySpec, student: StudentSpec, corpus: list[str],
     payload = {
         "format": PREDISTILL_FORMAT,
         "teacher": fingerprint(spec.teacher),
-        # Not the pair encoding: the encoder is pre-distilled alone (a cross and a siamese student share it).
-        "student": student.model_dump(mode="json", exclude={"pair_encoding"}),
+        # Not the pair encoding or head: the encoder is pre-distilled alone (cross and siamese students share it).
+        "student": student.model_dump(mode="json", exclude={"pair_encoding", "pair_head"}),
         "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
         "recipe": recipe,
     }
@@ -390,7 +390,8 @@ def build_or_load_predistilled(layout: ArtifactLayout, spec: StudySpec, student:
     def build() -> Entry:
         from distill.student import student_config
 
-        encoder = student.model_copy(update={"pair_encoding": "cross"})  # the key's student: its encoder alone
+        # The key's student: its encoder alone.
+        encoder = student.model_copy(update={"pair_encoding": "cross", "pair_head": "auto"})
         model = build_student(encoder, teacher_config, seed=recipe.seed, teacher_state=teacher_state)
         check_relation_heads(recipe, student_config(encoder, teacher_config), teacher_config)
         teacher, tokenizer = load_teacher(spec.teacher)

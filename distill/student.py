@@ -107,8 +107,8 @@ def student_config(spec: StudentSpec, teacher_config: PretrainedConfig) -> Pretr
     if spec.pair_encoding == "siamese":
         if config.model_type != "bert":
             raise DataError(f"student.pair_encoding siamese needs a BERT teacher, this one is {config.model_type!r}")
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-        config = SiameseBertConfig(**fields)
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map", "pair_features")}
+        config = SiameseBertConfig(pair_features=spec.pair_features(config.num_labels or 1), **fields)
     return config
 
 
@@ -159,12 +159,17 @@ def build_student(spec: StudentSpec, teacher_config: PretrainedConfig, seed: int
 @torch.no_grad()
 def fit_pair_head(model: PreTrainedModel, train: TokenizedSplit, teacher_logits: torch.Tensor,
                   rows: int = 1024, batch_size: int = 128) -> None:
-    """A siamese student's ``pair_head`` set to the best affine map of its starting cosine to the teacher's outputs
-    on the first ``rows`` train rows: least squares for a regression teacher, a logistic regression on the
-    teacher's classes otherwise (scikit-learn). The cosine of a narrow student's mean encodings spans a sliver
-    (about 0.97 ± 0.02 on STS-B), so a default head would start every pair on one class, or a regression head
-    far from the teacher's scale, and spend its first epochs (or, at lr 3e-4, all of them) getting there."""
-    from sklearn.linear_model import LinearRegression, LogisticRegression
+    """A siamese student's ``pair_head`` set to the best affine map of its starting pair features to the teacher's
+    outputs on the first ``rows`` train rows (scikit-learn): least squares for a regression teacher, a logistic
+    regression on the teacher's classes otherwise. The cosine of a narrow student's mean encodings spans a sliver
+    (about 0.97 ± 0.02 on STS-B), so a default head would start every pair on one class, or a regression head far
+    from the teacher's scale, and spend its first epochs (or, at lr 3e-4, all of them) getting there.
+
+    The cosine alone is fitted almost unpenalised (its slopes are large). The interaction features (1 + 4 x hidden
+    of them, from about a thousand rows) are standardised and fitted with the default L2 penalty, and the scaling
+    folded back into the head's weights."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
 
     assert isinstance(model, SiameseBertForSequenceClassification)
     n = min(rows, len(train))
@@ -173,28 +178,39 @@ def fit_pair_head(model: PreTrainedModel, train: TokenizedSplit, teacher_logits:
     device = next(model.parameters()).device
     batches = [train.batch(torch.arange(start, min(start + batch_size, n), device=train.input_ids.device))
                for start in range(0, n, batch_size)]
-    cosines = torch.cat([model.pair_cosine(**{k: v.to(device) for k, v in batch.items()})[0]
-                         for batch in batches]).float().cpu().numpy()[:, None]
+    features = torch.cat([model.pair_features(**{k: v.to(device) for k, v in batch.items()})[0]
+                          for batch in batches]).float().cpu().numpy()
     model.train(was_training)
+    cosine_only = model.config.pair_features == "cosine"
+    scaler = StandardScaler(with_mean=not cosine_only, with_std=not cosine_only).fit(features)
+    scaled = scaler.transform(features)
     targets = teacher_logits[:n].float().cpu().numpy()
+    present: list[int] = []  # the classes the teacher gives on these rows
     if model.num_labels == 1:
-        fitted = LinearRegression().fit(cosines, targets[:, 0])
-        weight, bias = fitted.coef_.reshape(1, 1), fitted.intercept_.reshape(1)
+        regression = (LinearRegression() if cosine_only else Ridge(alpha=1.0)).fit(scaled, targets[:, 0])
+        coef, intercept = regression.coef_.reshape(1, -1), np.asarray(regression.intercept_).reshape(1)
     else:
         classes = targets.argmax(1)
         present = sorted(set(classes.tolist()))
         if len(present) < 2:
             return  # the teacher gives one class on these rows: nothing to fit, the default head stays
-        # A weak penalty: the cosines span a sliver, so the fitted slopes are large.
-        fitted = LogisticRegression(C=1e4, max_iter=1000).fit(cosines, classes)
+        fitted = LogisticRegression(C=1e4 if cosine_only else 1.0, max_iter=1000).fit(scaled, classes)
         if len(present) == 2:  # one slope for the second class against the first: split it between their logits
-            coef, intercept = np.concatenate([-fitted.coef_, fitted.coef_]) / 2, np.concatenate(
-                [-fitted.intercept_, fitted.intercept_]) / 2
+            fitted_coef = np.concatenate([-fitted.coef_, fitted.coef_]) / 2
+            fitted_intercept = np.concatenate([-fitted.intercept_, fitted.intercept_]) / 2
         else:
-            coef, intercept = fitted.coef_, fitted.intercept_
-        weight = np.zeros((model.num_labels, 1))
-        bias = np.full(model.num_labels, intercept.min() - 10.0)  # a class the teacher never gave here starts unlikely
-        weight[present], bias[present] = coef, intercept
+            fitted_coef, fitted_intercept = fitted.coef_, fitted.intercept_
+        coef, intercept = np.zeros((model.num_labels, features.shape[1])), np.zeros(model.num_labels)
+        coef[present], intercept[present] = fitted_coef, fitted_intercept
+    # Undo the standardisation: W (x - mean) / scale + b = (W / scale) x + (b - W (mean / scale)).
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(features.shape[1])
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(features.shape[1])
+    weight = coef / scale
+    bias = intercept - weight @ mean
+    absent = [c for c in range(model.num_labels) if present and c not in present]
+    if absent:
+        # A class the teacher never gave on these rows starts unlikely: 10 below every other logit on them.
+        bias[absent] = (features @ weight[present].T + bias[present]).min() - 10.0
     head = model.pair_head
     head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
     head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))

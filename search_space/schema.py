@@ -380,9 +380,12 @@ class StudentSpec(_Strict):
     (same vocabulary; no wider than the teacher): a narrow student then starts with the teacher's word geometry.
 
     ``pair_encoding`` (pair tasks): ``cross`` reads the pair as one sequence (a cross-encoder, like the teacher);
-    ``siamese`` encodes each sentence alone and scores the cosine of their mean encodings through an affine head
+    ``siamese`` encodes each sentence alone and scores the pair from their mean encodings through an affine head
     (``distill.modeling_siamese``; a BERT teacher; exported with its modeling file, loaded with
-    ``trust_remote_code=True``).
+    ``trust_remote_code=True``). ``pair_head`` (siamese only) is what that head reads: ``cosine`` (one axis of
+    similarity: paraphrase, similarity scores), ``interaction`` (the cosine, u, v, |u - v| and u * v: classes
+    that are not degrees of similarity, such as entailment), or ``auto``: interaction for more than two classes,
+    the cosine otherwise.
     """
 
     model: str | None = Field(None, min_length=1, max_length=1024)
@@ -390,6 +393,7 @@ class StudentSpec(_Strict):
     truncate_teacher: TruncateTeacher | None = None
     embedding_init: Literal["random", "teacher_pca"] = "random"
     pair_encoding: Literal["cross", "siamese"] = "cross"
+    pair_head: Literal["auto", "cosine", "interaction"] = "auto"
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentSpec:
@@ -400,7 +404,16 @@ class StudentSpec(_Strict):
             raise ValueError("embedding_init applies to a fresh config student only")
         if self.pair_encoding != "cross" and self.model is not None:
             raise ValueError("pair_encoding siamese applies to a config or truncate_teacher student only")
+        if self.pair_head != "auto" and self.pair_encoding != "siamese":
+            raise ValueError("pair_head applies to a siamese student only (pair_encoding siamese)")
         return self
+
+    def pair_features(self, num_labels: int) -> str:
+        """What a siamese student's head reads for a task of ``num_labels`` outputs (1: regression): the spec's
+        ``pair_head``, ``auto`` resolved (interaction for more than two classes, the cosine otherwise)."""
+        if self.pair_head != "auto":
+            return self.pair_head
+        return "interaction" if num_labels > 2 else "cosine"
 
     @property
     def searched(self) -> bool:

@@ -229,7 +229,8 @@ def test_pareto_chart(browser, sqlite_url: str, tmp_path: Path, tiny_assets) -> 
         # that draws the finished trials, then every cost cell holds a figure.
         columns = [header.index(cost.short.lower()) + 1 for cost in COSTS]
         page.wait_for_function(f"{columns}.every((c) => [...document.querySelectorAll("
-                               f"`#trials tbody tr td:nth-child(${{c}})`)].every((td) => td.textContent.trim() !== ''))",
+                               f"`#trials tbody tr td:nth-child(${{c}})`)]"
+                               ".every((td) => td.textContent.trim() !== ''))",
                                timeout=30_000)
         for column in columns:
             assert all(page.locator(f"#trials tbody tr td:nth-child({column})").all_inner_texts())

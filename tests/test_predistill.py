@@ -227,8 +227,10 @@ def test_the_key_covers_what_changes_the_weights_and_nothing_else(assets: dict[s
     # Not the study: its name, metric, search, trials or seed.
     other_study = spec.model_copy(update={"name": "another", "n_trials": 9, "seed": 1, "metric": "f1"})
     assert predistill_key(other_study, spec.student, corpus) == key
-    # Nor the pair encoding: a siamese student of the shape starts from the same pre-distilled encoder.
+    # Nor the pair encoding or head: a siamese student of the shape starts from the same pre-distilled encoder.
     assert predistill_key(spec, spec.student.model_copy(update={"pair_encoding": "siamese"}), corpus) == key
+    assert predistill_key(spec, spec.student.model_copy(update={"pair_encoding": "siamese",
+                                                                "pair_head": "interaction"}), corpus) == key
 
 
 # -- training and the build ------------------------------------------------------------------------------------------

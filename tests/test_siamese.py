@@ -31,9 +31,10 @@ SIAMESE = {"config": {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_
            "embedding_init": "teacher_pca", "pair_encoding": "siamese"}
 
 
-def _student(assets: dict[str, Path], kind: str = "sts", seed: int = 0) -> SiameseBertForSequenceClassification:
+def _student(assets: dict[str, Path], kind: str = "sts", seed: int = 0,
+             pair_head: str = "auto") -> SiameseBertForSequenceClassification:
     teacher = BertForSequenceClassification.from_pretrained(assets[f"{kind}_teacher"])
-    model = build_student(StudentSpec.model_validate(SIAMESE), teacher.config, seed=seed,
+    model = build_student(StudentSpec.model_validate({**SIAMESE, "pair_head": pair_head}), teacher.config, seed=seed,
                           teacher_state=teacher.state_dict())
     assert isinstance(model, SiameseBertForSequenceClassification)
     return model.eval()
@@ -109,7 +110,7 @@ def test_head_is_fitted_to_the_teacher(pair_assets) -> None:  # type: ignore[no-
     assert model.pair_head.weight.item() == pytest.approx(3.0, rel=1e-3)
     assert model.pair_head.bias.item() == pytest.approx(1.0, abs=1e-3)
 
-    classifier = _student(pair_assets, "nli")
+    classifier = _student(pair_assets, "nli", pair_head="cosine")
     with torch.no_grad():
         cosine, _ = classifier.pair_cosine(**split.batch(torch.arange(len(rows))))
     classes = (cosine > cosine.median()).long()  # the teacher's answer: class 1 above the median cosine
@@ -122,6 +123,46 @@ def test_head_is_fitted_to_the_teacher(pair_assets) -> None:  # type: ignore[no-
     assert 2 not in predicted.tolist()  # never the teacher's answer on these rows: starts unlikely
 
 
+def test_interaction_head_fits_classes_that_are_not_degrees_of_similarity(pair_assets) -> None:  # type: ignore[no-untyped-def]
+    """Three classes by where the difference of the two encodings falls along one direction (as entailment and
+    contradiction are not more or less similar): the interaction head (auto, for three classes) starts on the
+    teacher's answer for nearly every pair; a cosine head cannot, and a regression teacher of that kind is fitted
+    by least squares. The head's input is (cos, u, v, |u - v|, u * v)."""
+    tokenizer = AutoTokenizer.from_pretrained(pair_assets["nli_teacher"])
+    rows = _pairs(pair_assets, "sts") + _pairs(pair_assets, "nli")
+    split = _split(tokenizer, rows, torch.zeros(len(rows)))
+    batch = split.batch(torch.arange(len(rows)))
+    interaction = _student(pair_assets, "nli")
+    assert interaction.config.pair_features == "interaction"
+    assert interaction.pair_head.in_features == 1 + 4 * interaction.config.hidden_size
+    with torch.no_grad():
+        u, v, _ = interaction.pair_encodings(**batch)
+        features, _ = interaction.pair_features(**batch)
+    cosine = torch.nn.functional.cosine_similarity(u, v)
+    assert torch.allclose(features, torch.cat([cosine[:, None], u, v, (u - v).abs(), u * v], -1))
+    direction = (u - v)[:, 0]
+    low, high = direction.quantile(1 / 3), direction.quantile(2 / 3)
+    classes = (direction > low).long() + (direction > high).long()
+    assert abs(torch.corrcoef(torch.stack([cosine, classes.float()]))[0, 1]) < 0.5  # not an axis of similarity
+    teacher_logits = torch.nn.functional.one_hot(classes, 3).float() * 4
+
+    def agreement(model: SiameseBertForSequenceClassification) -> float:
+        fit_pair_head(model, split, teacher_logits, rows=len(rows))
+        with torch.no_grad():
+            return float((model(**batch).logits.argmax(-1) == classes).float().mean())
+
+    assert agreement(interaction) > 0.9
+    assert agreement(_student(pair_assets, "nli", pair_head="cosine")) < 0.7
+    regression = _student(pair_assets, "sts", pair_head="interaction")
+    with torch.no_grad():
+        u, v, _ = regression.pair_encodings(**batch)
+    score = 2 * (u - v)[:, 0] + 1
+    fit_pair_head(regression, split, score.unsqueeze(-1), rows=len(rows))
+    with torch.no_grad():
+        fitted = regression(**batch).logits[:, 0]
+    assert torch.corrcoef(torch.stack([fitted, score]))[0, 1] > 0.95
+
+
 def test_spec_rules(pair_assets, tiny_assets) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValidationError, match="pair_encoding siamese needs a sentence-pair dataset"):
         StudySpec.model_validate({"name": "s", "teacher": str(tiny_assets["teacher"]), "student": SIAMESE,
@@ -130,6 +171,14 @@ def test_spec_rules(pair_assets, tiny_assets) -> None:  # type: ignore[no-untype
         StudentSpec.model_validate({"model": "some/model", "pair_encoding": "siamese"})
     with pytest.raises(ValidationError, match="pair_encoding"):
         StudentSpec.model_validate({**SIAMESE, "pair_encoding": "bi"})
+    with pytest.raises(ValidationError, match="pair_head applies to a siamese student only"):
+        StudentSpec.model_validate({**SIAMESE, "pair_encoding": "cross", "pair_head": "interaction"})
+    with pytest.raises(ValidationError, match="pair_head"):
+        StudentSpec.model_validate({**SIAMESE, "pair_head": "concat"})
+    spec = StudentSpec.model_validate(SIAMESE)
+    assert [spec.pair_features(n) for n in (1, 2, 3)] == ["cosine", "cosine", "interaction"]
+    assert StudentSpec.model_validate({**SIAMESE, "pair_head": "cosine"}).pair_features(3) == "cosine"
+    assert StudentSpec.model_validate({**SIAMESE, "pair_head": "interaction"}).pair_features(1) == "interaction"
     truncated = build_student(StudentSpec.model_validate({"truncate_teacher": {"num_layers": 1},
                                                           "pair_encoding": "siamese"}),
                               AutoConfig.from_pretrained(pair_assets["sts_teacher"]), seed=0,
@@ -169,53 +218,68 @@ def test_stacked_pack_equals_solo_runs(pair_assets) -> None:  # type: ignore[no-
             assert got.metrics == pytest.approx(want.metrics, rel=1e-4, abs=1e-5)
 
 
-def test_siamese_study_end_to_end(stack: Stack, pair_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A siamese STS-style study through the API and a real worker; ``export-best --onnx`` writes the modeling file
-    beside the weights and an ONNX model verified against them, and a fresh interpreter (no kdsearch import)
-    re-scores the export to the recorded Pearson."""
-    stack.submit(pair_spec(pair_assets, "sts", name="sts-siamese", student=SIAMESE, n_trials=2,
+@pytest.mark.parametrize("kind", ["sts", "nli"])
+def test_siamese_study_end_to_end(stack: Stack, pair_assets, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """A siamese study through the API and a real worker, STS-style (a cosine head) and NLI-style (three named
+    classes: the interaction head); ``export-best --onnx`` writes the modeling file beside the weights and an ONNX
+    model verified against them, and a fresh interpreter (no kdsearch import) re-scores the export to the recorded
+    Pearson or accuracy."""
+    name = f"{kind}-siamese"
+    stack.submit(pair_spec(pair_assets, kind, name=name, student=SIAMESE, n_trials=2,
                            search_space={"num_train_epochs": 2, "batch_size": 32, "learning_rate": 3e-3}))
-    study = stack.wait_status("sts-siamese")
+    study = stack.wait_status(name)
     assert study["status"] == "finished", study
     out = tmp_path / "export"
-    done = subprocess.run([*KDSEARCH, "export-best", "sts-siamese", "--out", str(out), "--force", "--onnx"],
+    done = subprocess.run([*KDSEARCH, "export-best", name, "--out", str(out), "--force", "--onnx"],
                           env=stack.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "kdsearch-siamese-bert" and (out / "modeling_siamese.py").is_file()
     assert config["auto_map"]["AutoModelForSequenceClassification"] == (
         "modeling_siamese.SiameseBertForSequenceClassification")
+    assert config["pair_features"] == {"sts": "cosine", "nli": "interaction"}[kind]
     card = (out / "README.md").read_text()
     assert "trust_remote_code=True" in card and "siamese student" in card
     assert "siamese (each sentence encoded alone" in card  # the model description
+    assert ("(cos, u, v, |u - v|, u * v)" in card) == (kind == "nli")
     deployment = json.loads((out / "onnx" / "config.json").read_text()) if (out / "onnx").is_dir() else None
     assert deployment is not None and deployment["model_type"] == "kdsearch-siamese-bert"  # ONNX beside it
 
-    with open(pair_assets["sts_data"] / "validation.tsv", newline="") as f:
+    with open(pair_assets[f"{kind}_data"] / "validation.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     (tmp_path / "pairs.json").write_text(json.dumps([{"text": r["sentence1"], "text_pair": r["sentence2"]}
                                                      for r in rows]))
+    answer = "o['score']" if kind == "sts" else "o['label']"
+    raw = ", function_to_apply='none'" if kind == "sts" else ""  # a regression's raw score
     script = ("import json, sys\nfrom transformers import pipeline\n"
               f"p = pipeline('text-classification', model={str(out)!r}, trust_remote_code=True, device='cpu')\n"
-              f"out = p(json.load(open({str(tmp_path / 'pairs.json')!r})), batch_size=16, function_to_apply='none')\n"
-              "print(json.dumps([o['score'] for o in out]))\nassert 'kdsearch' not in sys.modules "
+              f"out = p(json.load(open({str(tmp_path / 'pairs.json')!r})), batch_size=16{raw})\n"
+              f"print(json.dumps([{answer} for o in out]))\nassert 'kdsearch' not in sys.modules "
               "and 'distill' not in sys.modules\n")
     scored = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                             env={**stack.env, "PYTHONPATH": ""})
     assert scored.returncode == 0, scored.stderr
-    predicted = np.array(json.loads(scored.stdout.strip().splitlines()[-1]))[:, None]
-    gold = np.array([float(r["label"]) for r in rows])
-    rescored = compute_metrics(TaskInfo("regression", 1, "pearson"), predicted, gold)
-    assert rescored["pearson"] == pytest.approx(study["best_trial"]["value"], abs=1e-4)
+    answers = json.loads(scored.stdout.strip().splitlines()[-1])
+    if kind == "sts":
+        gold = np.array([float(r["label"]) for r in rows])
+        rescored = compute_metrics(TaskInfo("regression", 1, "pearson"), np.array(answers)[:, None], gold)["pearson"]
+        assert rescored == pytest.approx(study["best_trial"]["value"], abs=1e-4)
+    else:
+        accuracy = float(np.mean([a == r["label"] for a, r in zip(answers, rows, strict=True)]))
+        assert accuracy == pytest.approx(study["best_trial"]["value"], abs=1e-6)
 
 
 def test_a_siamese_student_of_many_classes_is_noted() -> None:
-    """Three classes (NLI) scored by one cosine: the study says so; two classes or a regression say nothing."""
+    """Three classes (NLI): the study says what the siamese head reads (interaction, auto) and names the
+    cross-encoder; a cosine head asked for says the classes lie along one axis; two classes or a regression say
+    nothing."""
     from service.api.routes.studies import _notes
 
     siamese = {"student": SIAMESE}
     nli = TaskInfo("classification", 3, "accuracy", ("entailment", "neutral", "contradiction"))
-    assert any("pair_encoding siamese scores a pair by one cosine" in n for n in _notes(nli, siamese))
+    assert any("pair_head interaction" in n and "pair_encoding cross" in n for n in _notes(nli, siamese))
+    cosine = {"student": {**SIAMESE, "pair_head": "cosine"}}
+    assert any("student.pair_head cosine scores a pair by one cosine" in n for n in _notes(nli, cosine))
     assert _notes(nli, {"student": {**SIAMESE, "pair_encoding": "cross"}}) == []
     assert _notes(TaskInfo("classification", 2, "accuracy", ("no", "yes")), siamese) == []
-    assert not any("cosine" in n for n in _notes(TaskInfo("regression", 1, "pearson"), siamese))
+    assert not any("siamese" in n or "pair_head" in n for n in _notes(TaskInfo("regression", 1, "pearson"), siamese))

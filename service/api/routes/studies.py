@@ -320,10 +320,18 @@ def _notes(task: TaskInfo | None, spec: dict[str, Any]) -> list[str]:
         names = ", ".join(task.ignored_params)
         notes.append(f"{names}: not searched and not used: a {task.type} study has no {names} (a value or range "
                      "given in the spec is ignored)")
-    if task is not None and task.num_labels > 2 and (spec.get("student") or {}).get("pair_encoding") == "siamese":
-        notes.append(f"student.pair_encoding siamese scores a pair by one cosine, so its {task.num_labels} classes lie "
-                     "along one axis of similarity: classes that are not degrees of similarity (entailment, neutral, "
-                     "contradiction) need the cross-encoder (pair_encoding cross)")
+    student = spec.get("student") or {}
+    if task is not None and task.num_labels > 2 and student.get("pair_encoding") == "siamese":
+        if student.get("pair_head") == "cosine":
+            notes.append(f"student.pair_head cosine scores a pair by one cosine, so its {task.num_labels} classes lie "
+                         "along one axis of similarity: classes that are not degrees of similarity (entailment, "
+                         "neutral, contradiction) need pair_head interaction (the default for them) or the "
+                         "cross-encoder (pair_encoding cross)")
+        else:
+            notes.append(f"student.pair_encoding siamese on {task.num_labels} classes: its head reads the two "
+                         "sentences' encodings u and v as (cos, u, v, |u - v|, u * v) (pair_head interaction); the "
+                         "cross-encoder (pair_encoding cross) reads the pair jointly and may suit classes that are not "
+                         "degrees of similarity (entailment) better: a study of each compares them")
     return notes
 
 
