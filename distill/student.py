@@ -107,7 +107,8 @@ def student_config(spec: StudentSpec, teacher_config: PretrainedConfig) -> Pretr
     if spec.pair_encoding == "siamese":
         if config.model_type != "bert":
             raise DataError(f"student.pair_encoding siamese needs a BERT teacher, this one is {config.model_type!r}")
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map", "pair_features")}
+        dropped = ("model_type", "architectures", "auto_map", "pair_features")
+        fields = {k: v for k, v in config.to_dict().items() if k not in dropped}
         config = SiameseBertConfig(pair_features=spec.pair_features(config.num_labels or 1), **fields)
     return config
 
