@@ -56,6 +56,7 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "trunc2": {"truncate_teacher": {"num_layers": 2}},
     "sia": {"config": TINY, "embedding_init": "teacher_pca", "pair_encoding": "siamese"},
     "siamid": {"config": MID, "embedding_init": "teacher_pca", "pair_encoding": "siamese"},
+    "siaint": {"config": TINY, "embedding_init": "teacher_pca", "pair_encoding": "siamese", "pair_head": "interaction"},
 }
 STUDENT_LABELS = {
     "fresh": "L2-H128 fresh (random init)",
@@ -64,6 +65,7 @@ STUDENT_LABELS = {
     "trunc2": "2 teacher layers (truncate_teacher)",
     "sia": "L2-H128 siamese (each sentence alone, cosine head), embeddings = teacher PCA",
     "siamid": "L4-H192-I512 siamese, embeddings = teacher PCA",
+    "siaint": "L2-H128 siamese, interaction head (cos, u, v, |u - v|, u * v), embeddings = teacher PCA",
 }
 # The unlabelled pre-distillation corpus of every bench cell: the three shared tasks' texts, every split, both sides
 # (~90k distinct sentences); no label is read.
@@ -138,6 +140,7 @@ KD_PARAMS = {
     "trunc2": {"learning_rate": 5e-5, "temperature": 4.0, "alpha": 0.5, "batch_size": 32},
     "sia": {"learning_rate": 3e-4, "temperature": 4.0, "alpha": 0.5, "batch_size": 32},
     "siamid": {"learning_rate": 3e-4, "temperature": 4.0, "alpha": 0.5, "batch_size": 32},
+    "siaint": {"learning_rate": 3e-4, "temperature": 4.0, "alpha": 0.5, "batch_size": 32},
 }
 # Epochs per (student, recipe); a k-copy epoch is k + 1 times the train split. Cells not listed: 3 epochs.
 EPOCHS = {("pca", "pdrel"): 8, ("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh", "aug5"): 3,
@@ -147,10 +150,11 @@ EPOCHS = {("pca", "pdrel"): 8, ("fresh", "ft"): 8, ("fresh", "kd"): 8, ("fresh",
           ("pca", "pdlexpairtrain"): 8,
           ("pca", "pdaug4"): 2, ("pca", "pdaug4train"): 2, ("mid", "pd"): 8, ("mid", "kd"): 8,
           ("sia", "kd"): 6, ("sia", "pd"): 6, ("sia", "pair2"): 3, ("sia", "pair4"): 3,
-          ("siamid", "kd"): 6, ("siamid", "pair2"): 3}
+          ("siamid", "kd"): 6, ("siamid", "pair2"): 3, ("siamid", "pair4"): 3,
+          ("siaint", "pair2"): 3}
 # Run order: per task, the levers first, so a bench cut short still answers the main questions; then the old grid.
 CELL_ORDER = [f"{task}-{cell}" for task in TASKS for cell in (
-    "sia-kd", "sia-pair2", "sia-pair4", "sia-pd", "siamid-kd", "siamid-pair2",
+    "sia-kd", "sia-pair2", "sia-pair4", "sia-pd", "siamid-kd", "siamid-pair2", "siamid-pair4", "siaint-pair2",
     "pca-pd", "pca-pdtaskpair", "pca-pdtaskpairtrain", "pca-pdlexpairtrain", "pca-pdlr", "pca-pdrel", "pca-pdpair",
     "pca-pdpairbal", "pca-pdpairL", "pca-pair", "pca-pdaug4", "pca-pdaug4train", "pca-pdaug10", "pca-aug10",
     "mid-pd", "mid-pdpair", "mid-kd", "pca-kd", "trunc2-kd", "trunc2-aug5", "pca-aug5", "trunc2-ft", "pca-ft",
@@ -374,8 +378,8 @@ def _task_section(task: str, payload: dict[str, Any], groups: dict[str, list[dic
 # test; SST-2 the issue's own bar), per task and metric.
 BERT_TINY = {"mrpc": {"accuracy": 0.711, "f1": 0.811, "matthews_correlation": 0.30}, "stsb": {"pearson": 0.743},
              "sst2": {"accuracy": 0.850}}
-SMALL_STUDENTS = ("pca", "fresh", "sia")  # <= 4.4M parameters
-THIRD_STUDENTS = ("pca", "fresh", "mid", "sia", "siamid")  # <= 7.6M parameters (a third of the teacher)
+SMALL_STUDENTS = ("pca", "fresh", "sia", "siaint")  # <= 4.4M parameters
+THIRD_STUDENTS = ("pca", "fresh", "mid", "sia", "siamid", "siaint")  # <= 7.6M parameters (a third of the teacher)
 NEAR_TEACHER = {"mrpc": ("accuracy", "f1"), "stsb": ("pearson",)}
 # Each lever on and off: (cell without, cell with, the lever), a cell being "student-recipe" of each task.
 LEVERS = [
@@ -386,6 +390,8 @@ LEVERS = [
     ("sia-kd", "sia-pd", "pre-distillation, on a siamese student"),
     ("sia-kd", "siamid-kd", "a 7.6M siamese student (L4-H192) instead of 4.4M"),
     ("sia-pair2", "siamid-pair2", "a 7.6M siamese student (L4-H192) instead of 4.4M, both with 2 pair-corpus copies"),
+    ("siamid-pair2", "siamid-pair4", "4 copies of the pair corpus instead of 2, on a 7.6M siamese student"),
+    ("sia-pair2", "siaint-pair2", "the interaction head in place of the cosine head, both with 2 pair-corpus copies"),
     ("pca-kd", "pca-pd", "pre-distillation"),
     ("pca-pdrel", "pca-pd", "the hidden-state MSE in pre-distillation"),
     ("pca-pair", "pca-pdpair", "pre-distillation, with the pair corpus"),

@@ -187,8 +187,10 @@ def test_spec_rules(pair_assets, tiny_assets) -> None:  # type: ignore[no-untype
     assert isinstance(truncated, SiameseBertForSequenceClassification) and truncated.config.num_hidden_layers == 1
 
 
-def test_stacked_pack_equals_solo_runs(pair_assets) -> None:  # type: ignore[no-untyped-def]
-    """Siamese members step together under vmap (eager attention, the block mask) as they do alone."""
+@pytest.mark.parametrize("pair_head", ["cosine", "interaction"])
+def test_stacked_pack_equals_solo_runs(pair_assets, pair_head: str) -> None:  # type: ignore[no-untyped-def]
+    """Siamese members step together under vmap (eager attention, the block mask) as they do alone, with either
+    head."""
     tokenizer = AutoTokenizer.from_pretrained(pair_assets["sts_teacher"])
     rows = _pairs(pair_assets, "sts")
     gold = torch.tensor([float(r["label"]) for r in rows])
@@ -200,7 +202,7 @@ def test_stacked_pack_equals_solo_runs(pair_assets) -> None:  # type: ignore[no-
                                        regression=True, seed=seed) for lr, seed in ((3e-3, 1), (1e-3, 2))]
 
     def student(seed: int) -> SiameseBertForSequenceClassification:
-        model = _student(pair_assets, seed=seed)
+        model = _student(pair_assets, seed=seed, pair_head=pair_head)
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
