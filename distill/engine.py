@@ -338,7 +338,7 @@ class DistillationEngine(TrialEngine):
             _missing, unexpected = model.load_state_dict(weights, strict=False)  # missing: the head, the pooler
             if unexpected:
                 raise RuntimeError(f"pre-distilled weights do not fit the student: unexpected {unexpected[:5]}")
-        if student.pair_encoding == "siamese":  # its cosine head starts fitted to the teacher (about a second)
+        if student.pair_encoding == "siamese":  # its head starts fitted to the teacher (about a second)
             fit_pair_head(model, prepared.train, prepared.train_logits)
         return model
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from kdsearch.objectives import COST_BY_NAME, COSTS
 from search_space import (
     SpecError,
+    StudentSpec,
     StudySpec,
     TaskInfo,
     encoder_parameters,
@@ -320,9 +321,9 @@ def _notes(task: TaskInfo | None, spec: dict[str, Any]) -> list[str]:
         names = ", ".join(task.ignored_params)
         notes.append(f"{names}: not searched and not used: a {task.type} study has no {names} (a value or range "
                      "given in the spec is ignored)")
-    student = spec.get("student") or {}
-    if task is not None and task.num_labels > 2 and student.get("pair_encoding") == "siamese":
-        if student.get("pair_head") == "cosine":
+    siamese = (spec.get("student") or {}).get("pair_encoding") == "siamese"
+    if task is not None and task.num_labels > 2 and siamese:
+        if StudentSpec.model_validate(spec["student"]).pair_features(task.num_labels) == "cosine":
             notes.append(f"student.pair_head cosine scores a pair by one cosine, so its {task.num_labels} classes lie "
                          "along one axis of similarity: classes that are not degrees of similarity (entailment, "
                          "neutral, contradiction) need pair_head interaction (the default for them) or the "
